@@ -1,0 +1,123 @@
+"""The ``imgsim`` command: a thin map from subcommand to core function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from imgsim import config
+from imgsim.errors import ImgsimError
+from imgsim.extract import ExtractConfig
+from imgsim.split import SplitConfig
+from imgsim.train import TrainConfig
+
+MAIN_OVERRIDES = {"data_dir": ("split",), "epochs": ("train",), "max_train_items": ("train",),
+                  "seed": ("split", "train", "extract"), "n_trees": ("extract",), "register_name": ("train",)}
+
+
+def _split(ns):
+    from imgsim.workflow import run_split
+    print(f"split run: {run_split(config.from_namespace(SplitConfig, ns))}")
+
+
+def _train(ns):
+    from imgsim.workflow import run_train
+    run_id, model_uri = run_train(config.from_namespace(TrainConfig, ns))
+    if run_id:
+        print(f"train run: {run_id}\nmodel: {model_uri}")
+
+
+def _extract(ns):
+    from imgsim.workflow import run_extract
+    print(f"extract run: {run_extract(config.from_namespace(ExtractConfig, ns))}")
+
+
+def _main(ns):
+    from imgsim.workflow import run_main
+    sections = config._read_yaml(ns.config) if ns.config else {}
+    cfgs = {}
+    for name, cls in (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractConfig)):
+        overrides = {k: getattr(ns, k) for k, stages in MAIN_OVERRIDES.items() if name in stages}
+        cfgs[name] = config.resolve(cls, None, (sections.get(name) or {}) | {k: v for k, v in overrides.items() if v is not None})
+    result = run_main(cfgs["split"], cfgs["train"], cfgs["extract"])
+    print(json.dumps(result, indent=2))
+    if ns.result_file:
+        Path(ns.result_file).write_text(json.dumps(result, indent=2))
+
+
+def _prepare(ns):
+    from imgsim.fashion_mnist import prepare
+    print(f"image folder: {prepare(ns.out, source=ns.source, per_class=ns.per_class)}")
+
+
+def _export(ns):
+    from imgsim.export import export_bundle
+    from imgsim import tracking
+    tracking.setup()
+    uri = f"runs:/{ns.run}" if ns.run else ns.uri
+    if not uri:
+        raise ImgsimError("give --run <extract run id> or --uri <runs:/..., models:/..., folder>")
+    print(f"bundle written to {export_bundle(uri, ns.out)}")
+
+
+def _search(ns):
+    from imgsim import tracking
+    from imgsim.export import resolve_bundle
+    from imgsim.images import decode_image
+    from imgsim.search import Searcher
+    tracking.setup()
+    searcher = Searcher(resolve_bundle(ns.bundle))
+    for image in ns.images:
+        result = searcher.search_images([decode_image(Path(image).read_bytes())], ns.k)[0]
+        print(f"{image}: predicted {result.predicted_label} (p={result.probability:.3f})")
+        for n in result.neighbours:
+            print(f"  {n.rank:>3}  id={n.id:<7} {n.label:<14} score={n.score:.4f}  {n.path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgsim", description="Image similarity search: split, train, extract, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls, fn, help_ in (("split", SplitConfig, _split, "validate images and write a stratified manifest"),
+                                 ("train", TrainConfig, _train, "train the embedding model"),
+                                 ("extract", ExtractConfig, _extract, "embed the gallery, build and evaluate the index")):
+        p = sub.add_parser(name, help=help_)
+        config.add_arguments(p, cls)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("main", help="split -> train -> extract in one tracked run")
+    p.add_argument("--config", help="YAML file with optional split:, train:, extract: sections")
+    for key in MAIN_OVERRIDES:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
+    p.add_argument("--result-file", help="also write the run ids and URIs as JSON here")
+    p.set_defaults(fn=_main)
+    p = sub.add_parser("prepare", help="write Fashion-MNIST out as a class-per-folder image tree")
+    p.add_argument("--out", default="data/fashion-mnist")
+    p.add_argument("--source", help="folder with the IDX files (default: Debian's dataset-fashion-mnist)")
+    p.add_argument("--per-class", type=int, default=0, help="keep at most this many per class and part (0 = all)")
+    p.set_defaults(fn=_prepare)
+    p = sub.add_parser("export", help="write a verified serving bundle from an extract run")
+    p.add_argument("--run", help="extract run id")
+    p.add_argument("--uri", help="or any bundle URI: runs:/<id>/bundle, models:/name/version, models:/name@alias")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_export)
+    p = sub.add_parser("search", help="query a bundle in-process (no server)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--bundle", required=True, help="bundle folder or URI")
+    p.add_argument("-k", type=int, default=5)
+    p.set_defaults(fn=_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.fn(ns)
+    except ImgsimError as exc:
+        print(f"imgsim {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

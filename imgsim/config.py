@@ -1,0 +1,98 @@
+"""One source of defaults per stage: frozen dataclasses, overridable by a YAML file and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from imgsim.errors import ImgsimError
+
+C = TypeVar("C")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--field`` for every dataclass field (default None = keep the dataclass default) and ``--config``."""
+    parser.add_argument("--config", default=None, help="YAML file whose keys override this stage's defaults")
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if _base_type(cls, field.name) is bool:
+            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"(default: {field.default})")
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
+                                help=f"(default: {_show(field.default)})")
+
+
+def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Defaults < YAML file < overrides; values given as strings are converted to the field's type."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_read_yaml(config_file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and v != ""})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ImgsimError(f"unknown setting(s) {unknown} for {cls.__name__}; valid ones: {sorted(names)}")
+    try:
+        return cls(**{k: _convert(v, _base_type(cls, k), k) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        raise ImgsimError(f"invalid {cls.__name__}: {exc}") from None
+
+
+def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
+    """Build a config from parsed arguments made by :func:`add_arguments`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return resolve(cls, ns.config, {k: v for k, v in vars(ns).items() if k in names})
+
+
+def to_params(cfg: Any) -> dict[str, str]:
+    """Flat string params for MLflow."""
+    return {k: _show(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ImgsimError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ImgsimError(f"config file {path} must hold a mapping of setting: value")
+    return data
+
+
+def _base_type(cls: type, name: str) -> Any:
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_origin(hint) or hint
+
+
+def _convert(value: Any, kind: Any, name: str) -> Any:
+    if kind is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        parsed = [_number(str(x).strip()) for x in items if str(x).strip()]
+        return tuple(parsed)
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if kind in (int, float, str) and not isinstance(value, kind):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

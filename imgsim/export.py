@@ -1,0 +1,47 @@
+"""Find the serving bundle behind a local folder or MLflow URI, and export it for upload to S3 or a PVC."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from imgsim import tracking
+from imgsim.bundle import BUNDLE_JSON, verify_bundle
+from imgsim.errors import ImgsimError
+
+BUNDLE_ARTIFACT = "bundle"
+
+
+def bundle_uri(uri: str) -> str:
+    """Map a model or run URI onto the URI of its bundle artifact."""
+    if uri.startswith("runs:/") and uri.removeprefix("runs:/").strip("/").count("/") == 0:
+        return f"{uri.rstrip('/')}/{BUNDLE_ARTIFACT}"
+    if uri.startswith("models:/"):
+        ref = tracking.model_reference(uri)
+        if "version" not in ref:
+            raise ImgsimError(f"model {uri} is not in the model registry at {tracking.mlflow.get_tracking_uri()}; "
+                              "check the name, version or alias")
+        return f"runs:/{tracking.find_index_run(ref['name'], ref['version'])}/{BUNDLE_ARTIFACT}"
+    return uri
+
+
+def resolve_bundle(uri: str) -> Path:
+    """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...)."""
+    folder = tracking.download(bundle_uri(uri), "bundle")
+    if not (folder / BUNDLE_JSON).exists() and (folder / BUNDLE_ARTIFACT / BUNDLE_JSON).exists():
+        folder = folder / BUNDLE_ARTIFACT
+    return folder
+
+
+def export_bundle(uri: str, out: str | Path) -> Path:
+    """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically)."""
+    source = resolve_bundle(uri)
+    verify_bundle(source)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.export")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out

@@ -1,0 +1,46 @@
+"""Retrieval metrics: Precision@k, mAP@R and index recall against exact search."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+def exact_topk(queries: NDArray[np.float32], gallery: NDArray[np.float32], k: int,
+               chunk: int = 1024) -> NDArray[np.int64]:
+    """Indices of the ``k`` most cosine-similar gallery rows per query (unit vectors), best first."""
+    k = min(k, len(gallery))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ gallery.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(sims, part, 1).argsort(axis=1)[:, ::-1]
+        out[start:start + chunk] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def retrieval_metrics(queries: NDArray[np.float32], query_labels: NDArray[np.int64],
+                      gallery: NDArray[np.float32], gallery_labels: NDArray[np.int64], *,
+                      chunk: int = 512) -> dict[str, float]:
+    """Precision@1, Precision@10 and mAP@R (R = gallery items sharing the query's label)."""
+    counts = np.bincount(gallery_labels, minlength=int(max(query_labels.max(), gallery_labels.max())) + 1)
+    depth = max(int(counts[np.unique(query_labels)].max()), 10)
+    sums = np.zeros(3)
+    for start in range(0, len(queries), chunk):
+        labels = query_labels[start:start + chunk]
+        ranked = exact_topk(queries[start:start + chunk], gallery, depth)
+        relevant = gallery_labels[ranked] == labels[:, None]
+        r = counts[labels]
+        positions = np.arange(1, relevant.shape[1] + 1)
+        precision_at_i = np.cumsum(relevant, axis=1) / positions
+        hits_within_r = relevant & (positions[None, :] <= r[:, None])
+        sums += (relevant[:, 0].sum(), relevant[:, :10].mean(axis=1).sum(),
+                 ((precision_at_i * hits_within_r).sum(axis=1) / np.maximum(r, 1)).sum())
+    p1, p10, map_r = sums / len(queries)
+    return {"precision_at_1": float(p1), "precision_at_10": float(p10), "map_at_r": float(map_r)}
+
+
+def recall_at_k(approx: list[list[int]], exact: NDArray[np.int64], k: int = 10) -> float:
+    """Mean fraction of the exact top-``k`` that the approximate search also returned."""
+    hits = [len(set(a[:k]) & set(e[:k].tolist())) / min(k, len(e)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits)) if hits else float("nan")

@@ -1,0 +1,70 @@
+"""Pictures people would rather look at: embedding maps, query/neighbour grids, training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from numpy.typing import NDArray  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def embedding_map(embeddings: NDArray[np.float32], labels: Sequence[str], out: Path, *, max_points: int = 2000,
+                  seed: int = 42) -> Path:
+    """A t-SNE map of a sample of embeddings, coloured by class."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(len(embeddings))[:max_points])
+    points = TSNE(n_components=2, init="pca", random_state=seed,
+                  perplexity=min(30.0, max(2.0, (len(pick) - 1) / 3))).fit_transform(embeddings[pick])
+    names = np.array(labels)[pick]
+    fig, ax = plt.subplots(figsize=(8, 8))
+    for name in sorted(set(names)):
+        mask = names == name
+        ax.scatter(points[mask, 0], points[mask, 1], s=4, label=name)
+    ax.legend(markerscale=4, fontsize=8, loc="best")
+    ax.set_title(f"t-SNE of {len(pick)} embeddings")
+    ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, out)
+
+
+def neighbour_grid(rows: Sequence[tuple[Image.Image, str, list[tuple[Image.Image, str, float]]]], out: Path) -> Path:
+    """One row per query: the query image, then its neighbours with label and distance."""
+    cols = 1 + max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.8 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (query, label, neighbours) in enumerate(rows):
+        axes[r, 0].imshow(query, cmap="gray")
+        axes[r, 0].set_title(f"query\n{label}", fontsize=7, color="blue")
+        for c, (img, n_label, dist) in enumerate(neighbours, start=1):
+            axes[r, c].imshow(img, cmap="gray")
+            axes[r, c].set_title(f"{n_label}\nd={dist:.3f}", fontsize=7,
+                                 color="green" if n_label == label else "red")
+    return _save(fig, out)
+
+
+def training_curves(history: list[dict], out: Path) -> Path:
+    """Loss and accuracy by epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    left.set_xlabel("epoch"), left.set_ylabel("train loss")
+    right.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train")
+    right.plot(epochs, [h["eval_accuracy"] for h in history], marker="o", label="eval")
+    right.set_xlabel("epoch"), right.set_ylabel("accuracy"), right.legend()
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,78 @@
+"""Top-k similarity search over a bundle: the one code path both the pipeline and the server use."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgsim.bundle import load_bundle
+from imgsim.errors import BadInput
+from imgsim.index import cosine_from_angular
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbour:
+    """One ranked gallery item; ``score`` is cosine similarity, ``distance`` Annoy's angular distance."""
+
+    rank: int
+    id: int
+    path: str
+    label: str
+    distance: float
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+    """The neighbours of one query and the model's class prediction for it."""
+
+    neighbours: list[Neighbour]
+    predicted_label: str
+    probability: float
+
+
+class Searcher:
+    """Loads a verified bundle once; answers image and id queries."""
+
+    def __init__(self, folder: str | Path, *, search_k: int = -1) -> None:
+        self.meta, bundle, self.index = load_bundle(folder)
+        self.model = bundle.build()
+        self.preprocess = bundle.preprocess
+        self.classes = bundle.classes
+        self.search_k = search_k
+
+    @property
+    def size(self) -> int:
+        return len(self.index.items)
+
+    def embed(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and class probabilities for decoded images."""
+        batch = torch.from_numpy(self.preprocess.stack(images)).float().div_(255.0)
+        with torch.inference_mode():
+            embedding, logits = self.model.embed_and_classify(batch)
+        return embedding.numpy(), torch.softmax(logits, dim=1).numpy()
+
+    def search_images(self, images: Sequence[Image.Image], k: int) -> list[QueryResult]:
+        """Top-``k`` neighbours of each image."""
+        embeddings, probs = self.embed(images)
+        return [self._result(e, p, k) for e, p in zip(embeddings, probs)]
+
+    def search_id(self, item_id: int, k: int) -> QueryResult:
+        """"More like this": neighbours of a gallery item (the item itself ranks first)."""
+        if not 0 <= item_id < self.size:
+            raise BadInput(f"unknown gallery id {item_id}; ids run from 0 to {self.size - 1}")
+        label = self.index.items[item_id].label
+        probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)]
+        return self._result(np.asarray(self.index.embeddings[item_id]), probs, k)
+
+    def _result(self, embedding: np.ndarray, probs: np.ndarray, k: int) -> QueryResult:
+        ids, dists = self.index.search(embedding, k, self.search_k)
+        neighbours = [Neighbour(rank + 1, i, self.index.items[i].path, self.index.items[i].label, float(d),
+                                cosine_from_angular(d)) for rank, (i, d) in enumerate(zip(ids, dists))]
+        best = int(np.argmax(probs))
+        return QueryResult(neighbours, self.classes[best], float(probs[best]))

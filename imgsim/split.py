@@ -1,0 +1,139 @@
+"""Stage 1: validate every image in a class-per-folder tree and write a stratified manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from imgsim.errors import BadInput, ImgsimError
+from imgsim.images import DEFAULT_MAX_PIXELS, decode_image
+from imgsim.manifest import Item, Manifest, Rejected
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """Parameters of the split stage."""
+
+    data_dir: str = "data/fashion-mnist"
+    test_ratio: float = 0.2
+    eval_ratio: float = 0.05
+    seed: int = 42
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scanned:
+    path: str
+    label: str
+    sha256: str
+    width: int
+    height: int
+
+
+def split_dataset(cfg: SplitConfig) -> Manifest:
+    """Scan ``cfg.data_dir``, reject bad files with reasons, and split each class deterministically."""
+    _check_ratios(cfg)
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+        raise ImgsimError(f"image folder {root} does not exist or is not a folder; pass data_dir=<folder with one subfolder per class>")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.is_symlink())
+    if not classes:
+        raise ImgsimError(f"image folder {root} has no class subfolders; put each class's images in {root}/<class name>/")
+    candidates, rejected = _list_files(root.resolve(), classes)
+    scanned: list[_Scanned] = []
+    for rel, label in tqdm(candidates, desc="split: validating", unit="img", mininterval=1.0):
+        try:
+            scanned.append(_validate(root / rel, rel, label, cfg.max_pixels))
+        except BadInput as exc:
+            rejected.append(Rejected(rel, str(exc)))
+        except OSError as exc:
+            rejected.append(Rejected(rel, f"unreadable: {exc.strerror or exc}"))
+    items = _assign(scanned, classes, cfg)
+    params = dataclasses.asdict(cfg) | {"data_dir": str(root.resolve())}
+    return Manifest(str(root.resolve()), classes, items, sorted(rejected, key=lambda r: r.path), params)
+
+
+def _check_ratios(cfg: SplitConfig) -> None:
+    if not (0 <= cfg.test_ratio < 1 and 0 <= cfg.eval_ratio < 1 and cfg.test_ratio + cfg.eval_ratio < 1):
+        raise ImgsimError(
+            f"test_ratio={cfg.test_ratio} and eval_ratio={cfg.eval_ratio} must each be in [0, 1) and sum to "
+            "less than 1, so that some images remain for training"
+        )
+
+
+def _list_files(root: Path, classes: list[str]) -> tuple[list[tuple[str, str]], list[Rejected]]:
+    """Every visible file under each class folder (nested folders count for their top-level class)."""
+    found: list[tuple[str, str]] = []
+    rejected = [Rejected(p.name, "file directly in the image folder, not inside a class folder; move it into one")
+                for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    for label in classes:
+        for dirpath, dirnames, filenames in os.walk(root / label, followlinks=False):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for d in [d for d in dirnames if (here / d).is_symlink()]:
+                rejected.append(Rejected(str((here / d).relative_to(root)), "symlinked folder: not followed"))
+                dirnames.remove(d)
+            for name in sorted(f for f in filenames if not f.startswith(".")):
+                path = here / name
+                rel = str(path.relative_to(root))
+                if path.is_symlink() and not _inside(path.resolve(), root):
+                    rejected.append(Rejected(rel, "symlink pointing outside the image folder: not followed"))
+                elif not path.is_file():
+                    rejected.append(Rejected(rel, "not a regular file (broken link, device or pipe)"))
+                else:
+                    found.append((rel, label))
+    return found, rejected
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _validate(path: Path, rel: str, label: str, max_pixels: int) -> _Scanned:
+    data = path.read_bytes()
+    img = decode_image(data, max_pixels=max_pixels)
+    return _Scanned(rel, label, hashlib.sha256(data).hexdigest(), img.width, img.height)
+
+
+def _assign(scanned: list[_Scanned], classes: list[str], cfg: SplitConfig) -> list[Item]:
+    """Stratify by class over unique contents, so exact duplicates always share a split."""
+    split_of: dict[str, str] = {}
+    for label in classes:
+        hashes = sorted({s.sha256 for s in scanned if s.label == label})
+        _check_class_size(label, len(hashes), cfg)
+        n_test, n_eval = _quota(len(hashes), cfg)
+        forced = [h for h in hashes if h in split_of]  # duplicates already placed by another class
+        n_test -= sum(split_of[h] == "test" for h in forced)
+        n_eval -= sum(split_of[h] == "eval" for h in forced)
+        free = [h for h in hashes if h not in split_of]
+        random.Random(f"{cfg.seed}:{label}").shuffle(free)
+        n_test, n_eval = max(n_test, 0), max(n_eval, 0)
+        for i, h in enumerate(free):
+            split_of[h] = "test" if i < n_test else "eval" if i < n_test + n_eval else "train"
+    return [Item(s.path, s.label, split_of[s.sha256], s.sha256, s.width, s.height)
+            for s in sorted(scanned, key=lambda s: s.path)]
+
+
+def _quota(n: int, cfg: SplitConfig) -> tuple[int, int]:
+    n_test = max(1, round(n * cfg.test_ratio)) if cfg.test_ratio > 0 else 0
+    n_eval = max(1, round(n * cfg.eval_ratio)) if cfg.eval_ratio > 0 else 0
+    # Rounding up small classes must still leave at least one training image.
+    n_test = min(n_test, n - 1 - (cfg.eval_ratio > 0))
+    n_eval = min(n_eval, n - 1 - n_test)
+    return n_test, n_eval
+
+
+def _check_class_size(label: str, n: int, cfg: SplitConfig) -> None:
+    """Documented rule: a class needs one unique image for train and one for each non-empty split."""
+    needed = 1 + (cfg.test_ratio > 0) + (cfg.eval_ratio > 0)
+    if n < needed:
+        raise ImgsimError(
+            f"class {label!r} has {n} usable image(s) after rejecting bad files and merging exact duplicates; "
+            f"each class needs at least {needed} (one for train and one for each of test/eval). "
+            f"Add images to that class folder, remove the folder, or set test_ratio/eval_ratio to 0."
+        )

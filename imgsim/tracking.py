@@ -1,0 +1,80 @@
+"""MLflow glue: the default local store, experiments, and resolving artifact and model URIs to folders."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from imgsim.errors import ImgsimError
+
+EXPERIMENT = "imgsim"
+
+
+def setup(experiment: str | None = None) -> str:
+    """Use ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` with artifacts in ``./mlartifacts``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return uri  # `mlflow run` already chose the experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None if uri.startswith(("http", "databricks")) else Path("mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+    return uri
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri or uri.startswith(("runs:", "models:"))
+
+
+def download(uri: str, what: str) -> Path:
+    """A local folder holding ``uri``: a local path as is, anything MLflow knows downloaded to a temp dir."""
+    if not uri:
+        raise ImgsimError(f"no {what} given; pass a local path or an MLflow URI (runs:/<run id>/..., models:/name/version)")
+    if not is_remote(uri) or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.exists():
+            raise ImgsimError(f"{what} {uri} does not exist; check the path")
+        return path
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="imgsim-")))
+    except (MlflowException, OSError) as exc:
+        raise ImgsimError(f"{what} {uri} cannot be fetched from MLflow at {mlflow.get_tracking_uri()}: "
+                          f"{str(exc).splitlines()[0]}. Check the run id / model name and MLFLOW_TRACKING_URI.") from None
+
+
+def model_reference(uri: str) -> dict:
+    """Name, version and source run of a model URI, recorded in the index so mismatches are detectable."""
+    ref = {"uri": uri}
+    if uri.startswith("models:/"):
+        name, _, rest = uri.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
+        client = MlflowClient()
+        try:
+            version = client.get_model_version_by_alias(name, alias) if alias else \
+                client.get_model_version(name, rest) if rest.isdigit() else None
+        except MlflowException:
+            version = None
+        if version is not None:
+            ref |= {"name": version.name, "version": str(version.version), "run_id": version.run_id}
+    elif uri.startswith("runs:/"):
+        ref["run_id"] = uri.removeprefix("runs:/").split("/")[0]
+    return ref
+
+
+def find_index_run(name: str, version: str) -> str:
+    """The newest finished extract run that indexed registered model ``name`` version ``version``."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`imgsim.stage` = 'extract' and tags.`imgsim.model_name` = '{name}' and "
+                       f"tags.`imgsim.model_version` = '{version}' and attributes.status = 'FINISHED'"))
+    if not runs:
+        raise ImgsimError(f"no finished extract run has indexed model {name} version {version}; "
+                          f"run 'mlflow run . -e extract -P model_uri=models:/{name}/{version}' first")
+    return runs[0].info.run_id
