@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         if _base_type(cls, field.name) is bool:
-            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=f"(default: {field.default})")
+            parser.add_argument(flag, dest=field.name, default=None, nargs="?", const="true", metavar="BOOL",
+                                help=f"true/false; the flag alone means true (default: {field.default})")
         else:
             parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
                                 help=f"(default: {_show(field.default)})")
@@ -33,7 +33,7 @@ def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, A
     values: dict[str, Any] = {}
     if config_file:
         values.update(_read_yaml(config_file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and v != ""})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -60,7 +60,7 @@ class Searcher:
     def search_images(self, images: Sequence[Image.Image], k: int) -> list[QueryResult]:
         """Top-``k`` neighbours of each image."""
         embeddings, probs = self.embed(images)
-        return [self._result(e, p, k) for e, p in zip(embeddings, probs)]
+        return [self.rank(e, p, k) for e, p in zip(embeddings, probs)]
 
     def search_id(self, item_id: int, k: int) -> QueryResult:
         """"More like this": neighbours of a gallery item (the item itself ranks first)."""
@@ -68,9 +68,10 @@ class Searcher:
             raise BadInput(f"unknown gallery id {item_id}; ids run from 0 to {self.size - 1}")
         label = self.index.items[item_id].label
         probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)]
-        return self._result(np.asarray(self.index.embeddings[item_id]), probs, k)
+        return self.rank(np.asarray(self.index.embeddings[item_id]), probs, k)
 
-    def _result(self, embedding: np.ndarray, probs: np.ndarray, k: int) -> QueryResult:
+    def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int) -> QueryResult:
+        """The ``k`` nearest gallery items to one embedding, with the class prediction ``probs``."""
         ids, dists = self.index.search(embedding, k, self.search_k)
         neighbours = [Neighbour(rank + 1, i, self.index.items[i].path, self.index.items[i].label, float(d),
                                 cosine_from_angular(d)) for rank, (i, d) in enumerate(zip(ids, dists))]

@@ -162,7 +162,7 @@ def _train_epoch(model, optimizer, schedule, x, y, cfg: TrainConfig, epoch: int,
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(idx)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 

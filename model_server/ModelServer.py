@@ -1,0 +1,154 @@
+"""Seldon Core v1 adapter: turn REST/gRPC messages into imgsim service calls and back."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import grpc
+from flask import Blueprint, jsonify
+from google.protobuf import json_format
+from seldon_core import wrapper as seldon_wrapper
+from seldon_core.flask_utils import SeldonMicroserviceException
+from seldon_core.proto import prediction_pb2
+from seldon_core.utils import json_to_seldon_message
+from werkzeug.exceptions import HTTPException
+
+from imgsim.errors import BadInput, ImgsimError
+from imgsim.service import ServiceConfig, SimilarityService
+
+log = logging.getLogger(__name__)
+
+
+class ModelServer:
+    """Top-k image similarity over Seldon's protocols; configuration only here, loading in ``load()``."""
+
+    def __init__(self, model_uri=None, default_k=None, max_k=None, gallery_root=None, max_image_bytes=None,
+                 max_request_bytes=None, max_batch=None, search_k=None, torch_threads=None) -> None:
+        params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.service = SimilarityService(ServiceConfig.from_sources(**params))
+        self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes)
+
+    def load(self) -> None:
+        self.service.load()
+
+    def predict_raw(self, request: Any) -> Any:
+        is_proto = isinstance(request, prediction_pb2.SeldonMessage)
+        try:
+            json_data, bin_data, tags = _parse_proto(request) if is_proto else _parse_rest(request)
+            answer, timings = self.service.handle(json_data, bin_data, tags)
+        except BadInput as exc:
+            self.service.stats.reject()
+            raise SeldonMicroserviceException(str(exc), status_code=400, reason="BAD_REQUEST") from None
+        except ImgsimError as exc:
+            raise SeldonMicroserviceException(str(exc), status_code=503, reason="NOT_READY") from None
+        except Exception:  # noqa: BLE001 - the client gets a generic message; the log keeps the trace
+            log.exception("imgsim: unexpected failure while answering a request")
+            raise SeldonMicroserviceException("internal error; see the server log", status_code=500,
+                                              reason="INTERNAL_ERROR") from None
+        response = {"jsonData": answer, "meta": {"tags": self.tags(), "metrics": self._request_metrics(answer, timings)}}
+        return json_to_seldon_message(response) if is_proto else response
+
+    def health_status(self) -> dict:
+        if not self.service.ready:
+            raise SeldonMicroserviceException(f"not ready: {self.service.load_error or 'loading'}",
+                                              status_code=503, reason="NOT_READY")
+        return {"ready": True, **self.service.versions()}
+
+    def tags(self) -> dict:
+        return self.service.versions()
+
+    def metrics(self) -> list[dict]:
+        """Called by Seldon on health checks: flushes rejected-request counts and reports the index size."""
+        metrics = [{"type": "GAUGE", "key": "imgsim_index_size",
+                    "value": float(self.service.searcher.size if self.service.ready else 0)}]
+        rejected = self.service.stats.drain_rejected()
+        if rejected:
+            metrics.append({"type": "COUNTER", "key": "imgsim_rejected_requests_total", "value": rejected})
+        return metrics
+
+    def _request_metrics(self, answer: dict, timings: dict) -> list[dict]:
+        metrics = [{"type": "TIMER", "key": f"imgsim_{name}", "value": value} for name, value in timings.items()]
+        metrics.append({"type": "COUNTER", "key": "imgsim_queries_total", "value": len(answer["results"])})
+        return metrics + self.metrics()
+
+    def init_metadata(self) -> dict:
+        return {
+            "name": "imgsim", "versions": [self.service.versions().get("model_version", "unknown")],
+            "platform": "seldon", "inputs": [
+                {"messagetype": "binData"},
+                {"messagetype": "jsonData", "schema": {"type": "object", "properties": {
+                    "image": {"type": "string"}, "images": {"type": "array"}, "path": {"type": "string"},
+                    "id": {"type": "integer"}, "k": {"type": "integer"}}}}],
+            "outputs": [{"messagetype": "jsonData", "schema": {"type": "object", "properties": {
+                "results": {"type": "array"}, "model_version": {"type": "string"}}}}],
+        }
+
+
+def _parse_rest(request: Any) -> tuple[Any, bytes | None, dict]:
+    if not isinstance(request, dict):
+        raise BadInput("the body must be a JSON object with binData or jsonData")
+    tags = (request.get("meta") or {}).get("tags") or {} if isinstance(request.get("meta"), dict) else {}
+    bin_data = request.get("binData")
+    if bin_data is not None:
+        # Seldon passes a multipart file as base64 bytes and a JSON binData as a base64 string.
+        if not isinstance(bin_data, (str, bytes)):
+            raise BadInput("binData must be a base64 string")
+        try:
+            bin_data = base64.b64decode(bin_data, validate=True)
+        except ValueError:
+            raise BadInput("binData is not valid base64") from None
+    return request.get("jsonData"), bin_data, tags if isinstance(tags, dict) else {}
+
+
+def _parse_proto(request: prediction_pb2.SeldonMessage) -> tuple[Any, bytes | None, dict]:
+    kind = request.WhichOneof("data_oneof")
+    tags = json_format.MessageToDict(request.meta).get("tags", {})
+    if kind == "binData":
+        return None, request.binData, tags
+    if kind == "jsonData":
+        return json_format.MessageToDict(request.jsonData), None, tags
+    raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
+
+
+def _error_blueprint(max_request_bytes: int) -> Blueprint:
+    """Seldon registers this on its Flask app: a body-size limit, and HTTP errors as JSON with their own code."""
+    blueprint = Blueprint("imgsim_errors", __name__)
+    blueprint.record_once(lambda state: state.app.config.update(MAX_CONTENT_LENGTH=max_request_bytes))
+
+    @blueprint.app_errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        # Without this, Seldon's catch-all handler turns 404/405/413 into 500s.
+        body = {"status": {"status": 1, "code": exc.code, "reason": exc.name, "info": exc.description}}
+        return jsonify(body), exc.code
+
+    return blueprint
+
+
+def _grpc_status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, SeldonMicroserviceException):
+        codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE}
+        return codes.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _install_grpc_status_mapping() -> None:
+    """seldon-core 1.18's gRPC servicer lets every exception become UNKNOWN; map ours to proper status codes."""
+    servicer = seldon_wrapper.SeldonModelGRPC
+    if getattr(servicer.Predict, "_imgsim", False):
+        return
+    original = servicer.Predict
+
+    def predict(self, request_grpc, context):
+        try:
+            return original(self, request_grpc, context)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a status; none leaks a trace
+            code, message = _grpc_status_for(exc)
+            context.abort(code, message)
+
+    predict._imgsim = True
+    servicer.Predict = predict
+
+
+_install_grpc_status_mapping()

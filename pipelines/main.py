@@ -1,0 +1,8 @@
+"""MLflow entry point `main`: a thin wrapper over `imgsim main` (see imgsim/workflow.py)."""
+
+import sys
+
+from imgsim.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["main", *sys.argv[1:]]))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine: the Fashion-MNIST package (where apt-get exists), the project's
+# virtual environment with pinned packages, and the small side environment for Kubernetes schema checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian's dataset-fashion-mnist"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+    || echo "setup: apt-get could not install dataset-fashion-mnist; 'imgsim prepare' will try torchvision's download"
+fi
+
+stamp="$VENV/.imgsim-installed"
+want="$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: creating $VENV and installing pinned packages (torch is large: a minute or two)"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade "pip<26"
+  "$VENV/bin/pip" install -q -r requirements.txt -c constraints.txt
+  "$VENV/bin/pip" install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready ($VENV)"
