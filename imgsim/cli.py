@@ -62,6 +62,11 @@ def _export(ns):
     print(f"bundle written to {export_bundle(uri, ns.out)}")
 
 
+def _setup_tracking(ns):
+    from imgsim import tracking
+    print(f"MLflow tracking: {tracking.setup()} (experiment {tracking.EXPERIMENT!r} or $MLFLOW_EXPERIMENT_NAME)")
+
+
 def _search(ns):
     from imgsim import tracking
     from imgsim.export import resolve_bundle
@@ -74,6 +79,20 @@ def _search(ns):
         print(f"{image}: predicted {result.predicted_label} (p={result.probability:.3f})")
         for n in result.neighbours:
             print(f"  {n.rank:>3}  id={n.id:<7} {n.label:<14} score={n.score:.4f}  {n.path}")
+
+
+def _query(ns):
+    from imgsim import client
+    for image in ns.images:
+        data = Path(image).read_bytes()
+        answers = [("REST", client.query_rest(ns.url, data, ns.k))] if ns.url else []
+        answers += [("gRPC", client.query_grpc(ns.grpc, data, ns.k))] if ns.grpc else []
+        if not answers:
+            raise ImgsimError("give --url http://HOST:9000 and/or --grpc HOST:5000")
+        for protocol, answer in answers:
+            print(client.format_table(f"{image} via {protocol}", answer))
+        if ns.out:
+            print(f"picture: {client.draw(data, answers[0][1], ns.gallery_root, Path(ns.out))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,11 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", help="or any bundle URI: runs:/<id>/bundle, models:/name/version, models:/name@alias")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_export)
+    p = sub.add_parser("setup-tracking", help="create the local MLflow store and experiment (mlflow run needs it first)")
+    p.set_defaults(fn=_setup_tracking)
     p = sub.add_parser("search", help="query a bundle in-process (no server)")
     p.add_argument("images", nargs="+")
     p.add_argument("--bundle", required=True, help="bundle folder or URI")
     p.add_argument("-k", type=int, default=5)
     p.set_defaults(fn=_search)
+    p = sub.add_parser("query", help="ask a running server for the images most similar to IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--url", help="REST endpoint, e.g. http://127.0.0.1:9000")
+    p.add_argument("--grpc", help="gRPC endpoint, e.g. 127.0.0.1:5000")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--out", help="write a PNG of the query beside its neighbours")
+    p.add_argument("--gallery-root", help="local copy of the gallery, to draw the neighbours in --out")
+    p.set_defaults(fn=_query)
     return parser
 
 

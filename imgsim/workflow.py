@@ -139,5 +139,9 @@ def run_main(split_cfg: SplitConfig, train_cfg: TrainConfig, extract_cfg: Extrac
         train_id, model_uri = run_train(dataclasses.replace(train_cfg, manifest_uri=f"runs:/{split_id}/split"))
         extract_id = run_extract(dataclasses.replace(extract_cfg, model_uri=model_uri,
                                                      manifest_uri=f"runs:/{split_id}/split"))
+        metrics = mlflow.get_run(extract_id).data.metrics | {
+            "best_eval_accuracy": mlflow.get_run(train_id).data.metrics["best_eval_accuracy"]}
+        mlflow.log_metrics(metrics)  # the parent run shows the headline figures
         return {"main": parent.info.run_id, "split": split_id, "train": train_id, "extract": extract_id,
-                "model_uri": model_uri, "bundle_uri": f"runs:/{extract_id}/{BUNDLE_ARTIFACT}"}
+                "model_uri": model_uri, "bundle_uri": f"runs:/{extract_id}/{BUNDLE_ARTIFACT}",
+                "metrics": {k: round(v, 4) for k, v in sorted(metrics.items())}}

@@ -69,7 +69,9 @@ class ModelServer:
         return metrics
 
     def _request_metrics(self, answer: dict, timings: dict) -> list[dict]:
-        metrics = [{"type": "TIMER", "key": f"imgsim_{name}", "value": value} for name, value in timings.items()]
+        # Seldon takes TIMER values in milliseconds and exports them to Prometheus in seconds.
+        metrics = [{"type": "TIMER", "key": f"imgsim_{name.removesuffix('_ms')}_seconds", "value": value}
+                   for name, value in timings.items()]
         metrics.append({"type": "COUNTER", "key": "imgsim_queries_total", "value": len(answer["results"])})
         return metrics + self.metrics()
 
