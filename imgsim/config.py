@@ -79,12 +79,26 @@ def _convert(value: Any, kind: Any, name: str) -> Any:
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{name} must be true or false, got {value!r}")
         return value.lower() in ("true", "1", "yes")
+    if kind is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        # MLflow has no integer parameter type, so whole numbers may arrive as "12" or "12.0".
+        number = float(value) if _is_number(value) else None
+        if number is None or not number.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(number)
     if kind in (int, float, str) and not isinstance(value, kind):
         try:
             return kind(value)
         except ValueError:
             raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
     return value
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _number(text: str) -> int | float:

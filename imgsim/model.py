@@ -32,8 +32,11 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.depths) or not self.widths:
             raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
-        if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim < 2 or self.num_classes < 2:
-            raise ImgsimError("widths and depths must be >= 1, embedding_dim >= 2 and there must be >= 2 classes")
+        if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim < 2:
+            raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be >= 1 and "
+                              f"embedding_dim >= 2 (got {self.embedding_dim})")
+        if self.num_classes < 2:
+            raise ImgsimError(f"a classifier needs at least 2 classes, got {self.num_classes}; add class folders")
         if self.head not in ("cosine", "linear"):
             raise ImgsimError(f"head must be 'cosine' or 'linear', got {self.head!r}")
 

@@ -107,9 +107,10 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
             state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         state["epoch"] = epoch
         if distributed.is_main():
-            _save_checkpoint(ckpt_path, cfg, model, optimizer, schedule, state)
+            # Log before checkpointing: a crash in between re-runs the epoch rather than losing its metrics.
             if on_epoch:
                 on_epoch(epoch, metrics)
+            _save_checkpoint(ckpt_path, cfg, model, optimizer, schedule, state)
     if state["best_state"] is None:
         raise ImgsimError(f"nothing to train: epochs={cfg.epochs} and the checkpoint already has {state['epoch']}")
     bundle = ModelBundle(args, preprocess, list(manifest.classes), state["best_state"], config)

@@ -47,7 +47,11 @@ def run_split(cfg: SplitConfig) -> str:
 def run_train(cfg: TrainConfig) -> tuple[str, str]:
     """Train, log metrics per epoch and the best model; returns (run id, model URI). Rank 0 only logs."""
     distributed.init()
-    tracking.setup()
+    if distributed.is_main():  # one process creates the store; concurrent schema migrations would collide
+        tracking.setup()
+    distributed.barrier()
+    if not distributed.is_main():
+        tracking.setup()
     manifest = Manifest.load(tracking.download(cfg.manifest_uri, "manifest"))
     if not distributed.is_main():
         train_model(cfg, manifest)

@@ -1,0 +1,120 @@
+"""Shared fixtures: a small real image folder with every kind of bad file, and one real pipeline run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("circle", "square", "stripes")
+PER_CLASS = 12
+
+
+def _picture(label: str, i: int, size: int = 32) -> Image.Image:
+    """Class-typical synthetic images with per-image variation, so a tiny model can learn them."""
+    rng = np.random.default_rng(hash((label, i)) % 2**32)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2 + rng.uniform(-3, 3, 2)
+    if label == "circle":
+        arr = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < (size / 3.5) ** 2) * 220
+    elif label == "square":
+        arr = ((abs(yy - c[0]) < size / 4) & (abs(xx - c[1]) < size / 4)) * 220
+    else:
+        arr = ((xx + int(rng.integers(0, 4))) // 4 % 2) * 220
+    arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
+def make_image_folder(root: Path, per_class: int = PER_CLASS) -> dict[str, str]:
+    """Write a class-per-folder tree plus every awkward case; returns {relative path: expected rejection}."""
+    for label in CLASSES:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            _picture(label, i).save(root / label / f"{i:03d}.png")
+    circle = _picture("circle", 100)
+    circle.convert("RGBA").save(root / "circle" / "rgba.png")
+    circle.convert("P").save(root / "circle" / "palette.png")
+    circle.convert("CMYK").save(root / "circle" / "cmyk.jpg")
+    Image.fromarray(np.asarray(circle).astype(np.uint16) * 257).save(root / "circle" / "sixteen.png")
+    (root / "square" / "nested" / "deeper").mkdir(parents=True)
+    _picture("square", 101).convert("RGB").save(root / "square" / "nested" / "deeper" / "photo.webp")
+    _picture("square", 102).save(root / "square" / "nested" / "bitmap.bmp")
+    _picture("stripes", 103).save(root / "stripes" / "anim.gif", save_all=True,
+                                  append_images=[_picture("stripes", 104)])
+    (root / "stripes" / "duplicate.png").write_bytes((root / "stripes" / "000.png").read_bytes())
+    (root / "circle" / ".hidden.png").write_bytes((root / "circle" / "000.png").read_bytes())
+    (root / ".cache").mkdir()
+    (root / ".cache" / "junk.png").write_bytes(b"junk")
+    bad = {
+        "circle/empty.png": "empty file",
+        "circle/notes.txt": "not an image",
+        "square/truncated.png": "corrupt or truncated",
+        "square/bomb.png": "decompression bomb",
+        "stripes/outside.png": "symlink pointing outside",
+        "README.md": "not inside a class folder",
+    }
+    (root / "circle" / "empty.png").write_bytes(b"")
+    (root / "circle" / "notes.txt").write_text("hello, not an image")
+    buf = io.BytesIO()
+    _picture("square", 105).save(buf, format="PNG")
+    (root / "square" / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.new("1", (9000, 9000)).save(root / "square" / "bomb.png")  # 81 MP in a few kB
+    outside = root.parent / f"{root.name}-outside.png"
+    _picture("stripes", 106).save(outside)
+    (root / "stripes" / "outside.png").symlink_to(outside)
+    (root / "README.md").write_text("class folders live here")
+    return bad
+
+
+@contextlib.contextmanager
+def mlflow_store(folder: Path):
+    """A real MLflow sqlite store with local artifacts inside ``folder``, used from that folder."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
+    cwd = os.getcwd()
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> tuple[Path, dict[str, str]]:
+    root = tmp_path / "images"
+    return root, make_image_folder(root)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    """split -> train (2 epochs) -> extract once through the real MLflow store; shared by many tests."""
+    from imgsim.extract import ExtractConfig
+    from imgsim.split import SplitConfig
+    from imgsim.train import TrainConfig
+    from imgsim.workflow import run_main
+
+    work = tmp_path_factory.mktemp("pipeline")
+    root = work / "images"
+    bad = make_image_folder(root)
+    with mlflow_store(work):
+        result = run_main(
+            SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1),
+            TrainConfig(epochs=2, batch_size=16, widths=(8, 16), depths=(1, 1), embedding_dim=16, image_size=32,
+                        checkpoint_dir=str(work / "ckpt")),
+            ExtractConfig(n_trees=5, plot_points=40),
+        )
+        (work / "result.json").write_text(json.dumps(result))
+    return {"work": work, "root": root, "bad": bad, "result": result}

@@ -1,0 +1,35 @@
+"""Retrieval metrics against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from imgsim.metrics import exact_topk, recall_at_k, retrieval_metrics
+
+
+def unit(*rows):
+    arr = np.array(rows, dtype=np.float32)
+    return arr / np.linalg.norm(arr, axis=1, keepdims=True)
+
+
+def test_exact_topk_orders_by_cosine():
+    gallery = unit([1, 0], [0.9, 0.1], [0, 1], [-1, 0])
+    assert exact_topk(unit([1, 0]), gallery, 3).tolist() == [[0, 1, 2]]
+
+
+def test_map_at_r_and_precision_by_hand():
+    # Gallery: two of class 0 near (1, 0); eleven of class 1 near (0, 1), one of those close to the query.
+    gallery = unit([1, 0], [0.2, 1], [0.6, 0.4], *([[0.0, 1.0]] * 10))
+    labels = np.array([0, 1, 0] + [1] * 10)
+    m = retrieval_metrics(unit([1, 0.01]), np.array([0]), gallery, labels)
+    # ranking: 0 (rel), 2 (rel), 1 ... R = 2 -> AP@R = (1/1 + 2/2) / 2 = 1
+    assert m["precision_at_1"] == 1.0 and m["map_at_r"] == pytest.approx(1.0)
+    assert m["precision_at_10"] == pytest.approx(0.2)
+    # a query whose second relevant item ranks third: AP@R = (1 + 0) / 2
+    gallery2 = unit([1, 0], [0.9, 0.2], [0, 1])
+    m2 = retrieval_metrics(unit([1, 0]), np.array([0]), gallery2, np.array([0, 1, 0]))
+    assert m2["map_at_r"] == pytest.approx(0.5)
+
+
+def test_recall_at_k():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at_k([[1, 2, 9], [4, 5, 6]], exact, 3) == pytest.approx((2 / 3 + 1) / 2)
