@@ -93,7 +93,7 @@ def _run_batches(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: 
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
             batch = torch.from_numpy(images[start:start + batch_size]).float().div_(255.0)
-            emb, logit = model.embed_and_classify(batch.contiguous(memory_format=torch.channels_last))
+            emb, logit = model.embed_and_classify(batch)
             embeddings.append(emb.numpy())
             logits.append(logit.numpy())
     dim = model.args.embedding_dim

@@ -126,9 +126,12 @@ class SimilarityService:
         if bin_data is not None:
             images = [self._decode(bin_data)]
         elif isinstance(json_data, dict):
-            if "id" in json_data:
+            forms = [key for key in ("image", "images", "path", "id") if key in json_data]
+            if len(forms) != 1:
+                raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
+            if forms == ["id"]:
                 return self._answer([self.searcher.search_id(_integer(json_data["id"], "id"), k)]), timings
-            images = self._json_images(json_data)
+            images = self._json_images(json_data, forms[0])
         else:
             raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
         timings["decode_ms"] = _ms_since(started)
@@ -140,13 +143,10 @@ class SimilarityService:
         timings["search_ms"] = _ms_since(started)
         return self._answer(results), timings
 
-    def _json_images(self, data: dict) -> list:
-        forms = [key for key in ("image", "images", "path") if key in data]
-        if len(forms) != 1:
-            raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
-        if forms[0] == "image":
+    def _json_images(self, data: dict, form: str) -> list:
+        if form == "image":
             return [self._decode(_b64(data["image"], "image"))]
-        if forms[0] == "path":
+        if form == "path":
             return [self._decode(self._read_gallery_file(data["path"]))]
         batch = data["images"]
         if not isinstance(batch, list) or not batch:

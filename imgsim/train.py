@@ -44,6 +44,9 @@ class TrainConfig:
     image_size: int = 28
     channels: int = 1
     augment: bool = True
+    # Off by default: with torch 2.14.1's oneDNN on CPU, channels-last backward crashed (SIGSEGV)
+    # intermittently on small feature maps. bench/ measures whether it is worth it where it works.
+    channels_last: bool = False
     max_train_items: int = 0  # 0 = all; a smaller number trains on a stratified-by-order prefix for quick runs
     seed: int = 42
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -83,7 +86,8 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
     y_train, y_eval = label_ids(train_items, manifest.classes), label_ids(eval_items, manifest.classes)
     args = ModelArgs(num_classes=len(manifest.classes), widths=cfg.widths, depths=cfg.depths,
                      embedding_dim=cfg.embedding_dim, head=cfg.head, scale=cfg.scale)
-    model = EmbeddingResNet(args, preprocess).to(device).to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = EmbeddingResNet(args, preprocess).to(device).to(memory_format=memory_format)
     ddp_model = distributed.wrap(model)
     steps = math.ceil(distributed.shard_size(len(x_train)) / cfg.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
@@ -153,6 +157,8 @@ def _train_epoch(model, optimizer, schedule, x, y, cfg: TrainConfig, epoch: int,
         images = _to_float(torch.from_numpy(x[idx]), device)
         if cfg.augment:
             images = augment(images, epoch * 100003 + start)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(y[idx]).to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
@@ -175,12 +181,11 @@ def augment(images: torch.Tensor, seed: int, pad: int = 2) -> torch.Tensor:
     images = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
     padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]).contiguous(
-        memory_format=torch.channels_last)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def _to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return (batch.to(device, non_blocking=True).float() / 255.0).contiguous(memory_format=torch.channels_last)
+    return batch.to(device, non_blocking=True).float() / 255.0
 
 
 def _limit(items, n: int, seed: int):

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ PER_CLASS = 12
 
 def _picture(label: str, i: int, size: int = 32) -> Image.Image:
     """Class-typical synthetic images with per-image variation, so a tiny model can learn them."""
-    rng = np.random.default_rng(hash((label, i)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{label}-{i}".encode()))  # str hash() varies per process
     yy, xx = np.mgrid[:size, :size]
     c = size / 2 + rng.uniform(-3, 3, 2)
     if label == "circle":
@@ -75,9 +76,12 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS) -> dict[str, str]:
 @contextlib.contextmanager
 def mlflow_store(folder: Path):
     """A real MLflow sqlite store with local artifacts inside ``folder``, used from that folder."""
+    import mlflow
+
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
     cwd = os.getcwd()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # in-process clients ignore the env once set
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     os.chdir(folder)

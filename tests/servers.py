@@ -1,0 +1,78 @@
+"""Run the real seldon-core-microservice on free loopback ports for tests and benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen
+    rest: str
+    grpc: str
+    metrics: str
+    log: Path
+
+    def stop(self) -> None:
+        # The wrapper forks gunicorn and gRPC workers: end the whole process group.
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServer", wait_ready: bool = True,
+                 timeout: float = 120) -> Server:
+    """Start the wrapper with ``env`` added; wait until /health/ping answers (and /health/status is 200)."""
+    rest, grpc_port, metrics = free_port(), free_port(), free_port()
+    full_env = os.environ | {
+        "PREDICTIVE_UNIT_HTTP_SERVICE_PORT": str(rest), "PREDICTIVE_UNIT_GRPC_SERVICE_PORT": str(grpc_port),
+        "PREDICTIVE_UNIT_METRICS_SERVICE_PORT": str(metrics), "PYTHONPATH": str(REPO)} | env
+    binary = Path(sys.executable).parent / "seldon-core-microservice"
+    handle = open(log, "wb")
+    proc = subprocess.Popen([str(binary), interface, "--service-type", "MODEL"], cwd=REPO / "model_server",
+                            env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
+        try:
+            if requests.get(f"{server.rest}/health/ping", timeout=1).ok and _grpc_up(server.grpc) and (
+                    not wait_ready or requests.get(f"{server.rest}/health/status", timeout=5).ok):
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"server not up within {timeout}s:\n{server.logs()}")
+
+
+def _grpc_up(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, int(port))) == 0

@@ -1,0 +1,273 @@
+"""The real seldon-core-microservice serving a real bundle over REST and gRPC, good and bad requests."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import shutil
+
+import grpc
+import mlflow
+import numpy as np
+import pytest
+import requests
+from google.protobuf import json_format
+from PIL import Image
+from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+
+from imgsim.export import export_bundle
+from imgsim.images import decode_image
+from imgsim.search import Searcher
+from tests.conftest import mlflow_store
+from tests.servers import start_server
+
+pytestmark = pytest.mark.slow
+MAX_REQUEST = 2 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def bundle(pipeline_run, tmp_path_factory):
+    with mlflow_store(pipeline_run["work"]):
+        return export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path_factory.mktemp("serve") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def server(bundle, pipeline_run, tmp_path_factory):
+    # Parameters the way a SeldonDeployment passes them; limits from the environment.
+    params = [{"name": "model_uri", "value": str(bundle), "type": "STRING"},
+              {"name": "default_k", "value": "4", "type": "INT"},
+              {"name": "max_k", "value": "20", "type": "INT"}]
+    env = {"PREDICTIVE_UNIT_PARAMETERS": json.dumps(params), "IMGSIM_GALLERY_ROOT": str(pipeline_run["root"]),
+           "IMGSIM_MAX_REQUEST_BYTES": str(MAX_REQUEST), "GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2"}
+    srv = start_server(env, tmp_path_factory.mktemp("logs") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def gallery(bundle, pipeline_run):
+    searcher = Searcher(bundle)
+    item = searcher.index.items[0]
+    return {"searcher": searcher, "item": item, "bytes": (pipeline_run["root"] / item.path).read_bytes(),
+            "root": pipeline_run["root"]}
+
+
+def rest(server, body, **kw):
+    return requests.post(f"{server.rest}/api/v1.0/predictions", json=body, timeout=30, **kw)
+
+
+def grpc_predict(server, message):
+    with grpc.insecure_channel(server.grpc) as channel:
+        reply = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=30)
+    return json_format.MessageToDict(reply)
+
+
+def grpc_json(server, data, tags=None):
+    message = json_format.ParseDict({"jsonData": data, "meta": {"tags": tags or {}}}, prediction_pb2.SeldonMessage())
+    return grpc_predict(server, message)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def ids(answer) -> list[int]:
+    return [int(n["id"]) for n in answer["results"][0]["neighbours"]]
+
+
+# ---- every request form, over both protocols -------------------------------------------------------------
+
+def test_bin_data_rest_json_and_multipart(server, gallery):
+    answer = rest(server, {"binData": b64(gallery["bytes"])}).json()["jsonData"]
+    assert len(ids(answer)) == 4 and ids(answer)[0] == gallery["item"].id  # default_k from the parameters
+    assert answer["model_name"] == "imgsim" and answer["model_version"] == "1" and answer["index_sha256"]
+    first = answer["results"][0]["neighbours"][0]
+    assert set(first) == {"rank", "id", "path", "label", "distance", "score"} and first["path"] == gallery["item"].path
+    assert answer["results"][0]["predicted"]["label"] in ("circle", "square", "stripes")
+    multipart = requests.post(f"{server.rest}/api/v1.0/predictions", files={"binData": ("q.png", gallery["bytes"])},
+                              data={"meta": json.dumps({"tags": {"k": 3}})}, timeout=30)
+    assert multipart.status_code == 200 and ids(multipart.json()["jsonData"]) == ids(answer)[:3]
+
+
+def test_json_image_batch_id_and_path_over_rest(server, gallery):
+    item = gallery["item"]
+    single = rest(server, {"jsonData": {"image": b64(gallery["bytes"]), "k": 2}}).json()["jsonData"]
+    batch = rest(server, {"jsonData": {"images": [b64(gallery["bytes"])] * 3, "k": 2}}).json()["jsonData"]
+    by_id = rest(server, {"jsonData": {"id": item.id, "k": 2}}).json()["jsonData"]
+    by_path = rest(server, {"jsonData": {"path": item.path, "k": 2}}).json()["jsonData"]
+    assert ids(single)[0] == item.id and len(batch["results"]) == 3
+    assert all(r["neighbours"][0]["id"] == item.id for r in batch["results"])
+    assert ids(by_id)[0] == item.id and ids(by_path) == ids(single)
+
+
+def test_every_form_over_grpc(server, gallery):
+    item = gallery["item"]
+    message = prediction_pb2.SeldonMessage(binData=gallery["bytes"])
+    message.meta.tags["k"].number_value = 3
+    assert ids(grpc_predict(server, message)["jsonData"])[0] == item.id
+    for data in ({"image": b64(gallery["bytes"])}, {"id": item.id}, {"path": item.path},
+                 {"images": [b64(gallery["bytes"])] * 2}):
+        answer = grpc_json(server, data, {"k": 2})["jsonData"]
+        assert ids(answer) and ids(answer)[0] == item.id, data
+
+
+def test_answers_equal_in_process_search(server, gallery):
+    searcher, root = gallery["searcher"], gallery["root"]
+    for item in searcher.index.items[:5]:
+        data = (root / item.path).read_bytes()
+        expected = searcher.search_images([decode_image(data)], 5)[0]
+        got = rest(server, {"binData": b64(data), "meta": {"tags": {"k": 5}}}).json()["jsonData"]["results"][0]
+        assert [n["id"] for n in got["neighbours"]] == [n.id for n in expected.neighbours]
+        assert np.allclose([n["distance"] for n in got["neighbours"]], [n.distance for n in expected.neighbours],
+                           atol=1e-5)
+
+
+# ---- bad input: 4xx with a message, never a crash ----------------------------------------------------------
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_REQUESTS = [
+    ({"binData": "!!!not base64!!!"}, "not valid base64"),
+    ({"binData": b64(b"plain text, not an image")}, "not an image"),
+    ({"binData": b64(_png(Image.new("L", (64, 64), 3))[:50])}, "corrupt or truncated"),
+    ({"binData": b64(_png(Image.new("1", (9000, 9000))))}, "decompression bomb"),
+    ({"jsonData": {"image": "%%%"}}, "not valid base64"),
+    ({"jsonData": {"id": 0, "k": 0}}, "k must be between 1 and 20"),
+    ({"jsonData": {"id": 0, "k": 21}}, "k must be between 1 and 20"),
+    ({"jsonData": {"id": 0, "k": "5"}}, "k must be an integer"),
+    ({"jsonData": {"id": 0, "k": 2.5}}, "k must be an integer"),
+    ({"jsonData": {"id": 10**9}}, "unknown gallery id"),
+    ({"jsonData": {"id": "seven"}}, "id must be an integer"),
+    ({"jsonData": {"images": "not-a-list"}}, "must be a non-empty list"),
+    ({"jsonData": {"images": [b64(b"x")] * 40}}, "at most 32 per request"),
+    ({"jsonData": {"path": 42}}, "'path' must be a non-empty string"),
+    ({"jsonData": {"path": "../images-outside.png"}}, "outside the gallery root"),
+    ({"jsonData": {"path": "/etc/passwd"}}, "outside the gallery root"),
+    ({"jsonData": {"path": "stripes/outside.png"}}, "outside the gallery root"),  # symlink escaping the root
+    ({"jsonData": {"path": "square/nested"}}, "not a regular file"),
+    ({"jsonData": {"path": "circle/notes.txt"}}, "not an image"),
+    ({"jsonData": {"path": "circle/nope.png"}}, "does not exist"),
+    ({"jsonData": {"image": "aGk=", "id": 1}}, "exactly one of"),
+    ({"jsonData": [1, 2]}, "send an image as binData"),
+    ({"strData": "hello"}, "send an image as binData"),
+    ({"binData": 12}, "binData must be a base64 string"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_rest_requests_get_400_with_a_message(server, body, message):
+    response = rest(server, body)
+    assert response.status_code == 400, response.text
+    status = response.json()["status"]
+    assert message in status["info"] and "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("body, message", [b for b in BAD_REQUESTS if "jsonData" in b[0] and isinstance(b[0]["jsonData"], dict)],
+                         ids=[m for b, m in BAD_REQUESTS if "jsonData" in b and isinstance(b["jsonData"], dict)])
+def test_bad_grpc_requests_get_invalid_argument(server, body, message):
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_json(server, body["jsonData"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_bad_grpc_bin_data(server):
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_predict(server, prediction_pb2.SeldonMessage(binData=b"GIF89a truncated"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_oversized_bodies_and_wrong_methods_are_4xx_json(server):
+    big = rest(server, {"binData": b64(b"\0" * MAX_REQUEST)})
+    assert big.status_code == 413 and big.json()["status"]["code"] == 413
+    wrong = requests.put(f"{server.rest}/api/v1.0/predictions", timeout=10)
+    assert 400 <= wrong.status_code < 500 and "Traceback" not in wrong.text
+    not_json = requests.post(f"{server.rest}/api/v1.0/predictions", data="{oops", timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400
+
+
+def test_still_correct_after_bad_requests(server, gallery):
+    for body, _ in BAD_REQUESTS:
+        rest(server, body)
+    answer = rest(server, {"binData": b64(gallery["bytes"])}).json()["jsonData"]
+    assert ids(answer)[0] == gallery["item"].id
+
+
+# ---- health, metadata, metrics, concurrency -----------------------------------------------------------------
+
+def test_health_metadata_and_prometheus_metrics(server, gallery):
+    assert requests.get(f"{server.rest}/health/ping", timeout=5).text.strip().strip('"') == "pong"
+    status = requests.get(f"{server.rest}/health/status", timeout=5)
+    assert status.status_code == 200 and status.json()["jsonData"]["ready"] is True
+    metadata = requests.get(f"{server.rest}/api/v1.0/metadata", timeout=5).json()
+    assert {i["messagetype"] for i in metadata["inputs"]} == {"binData", "jsonData"}
+    rest(server, {"binData": b64(b"junk")})
+    rest(server, {"binData": b64(gallery["bytes"])})
+    for _ in range(4):  # both workers see a health check, which flushes their rejected-request counters
+        requests.get(f"{server.rest}/health/status", timeout=5)
+    text = requests.get(f"{server.metrics}/metrics", timeout=5).text
+    for name in ("imgsim_queries_total", "imgsim_decode_seconds_count", "imgsim_embed_seconds_count",
+                 "imgsim_search_seconds_count", "imgsim_index_size", "imgsim_rejected_requests_total"):
+        assert name in text, name
+
+
+def test_concurrent_clients_get_identical_answers(server, gallery):
+    searcher, root = gallery["searcher"], gallery["root"]
+    items = searcher.index.items[:8]
+    payloads = [(root / item.path).read_bytes() for item in items]
+    expected = [[n.id for n in searcher.search_images([decode_image(p)], 5)[0].neighbours] for p in payloads]
+
+    def client(worker: int) -> int:
+        errors = 0
+        for i in range(50):
+            j = (worker + i) % len(payloads)
+            if (worker + i) % 2:
+                got = rest(server, {"binData": b64(payloads[j]), "meta": {"tags": {"k": 5}}})
+                answer = got.json()["jsonData"] if got.ok else None
+            else:
+                message = prediction_pb2.SeldonMessage(binData=payloads[j])
+                message.meta.tags["k"].number_value = 5
+                answer = grpc_predict(server, message)["jsonData"]
+            errors += answer is None or ids(answer) != expected[j]
+        return errors
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client, range(8))) == 0
+
+
+# ---- loading: consistency checks and MLflow URIs ------------------------------------------------------------
+
+def test_mismatched_bundle_stays_not_ready(bundle, tmp_path, pipeline_run):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    embeddings = np.load(broken / "embeddings.npy")
+    np.save(broken / "embeddings.npy", embeddings[:, : embeddings.shape[1] // 2])
+    srv = start_server({"IMGSIM_MODEL_URI": str(broken)}, tmp_path / "broken.log", wait_ready=False)
+    try:
+        status = requests.get(f"{srv.rest}/health/status", timeout=5)
+        assert status.status_code == 503 and "embeddings.npy does not match" in status.json()["status"]["info"]
+        answer = rest(srv, {"jsonData": {"id": 0}})
+        assert answer.status_code == 503
+        with pytest.raises(grpc.RpcError) as err:
+            grpc_json(srv, {"id": 0})
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop()
+
+
+def test_serves_from_a_registry_alias(pipeline_run, tmp_path):
+    with mlflow_store(pipeline_run["work"]):
+        mlflow.tracking.MlflowClient().set_registered_model_alias("imgsim", "champion", "1")
+        env = {"IMGSIM_MODEL_URI": "models:/imgsim@champion", "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        srv = start_server(env, tmp_path / "alias.log")
+    try:
+        status = requests.get(f"{srv.rest}/health/status", timeout=5).json()["jsonData"]
+        assert status["model_version"] == "1" and int(status["index_size"]) > 0
+    finally:
+        srv.stop()
