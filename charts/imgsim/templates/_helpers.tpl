@@ -1,0 +1,70 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes allows in names. */}}
+{{- define "imgsim.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: release-chart, unless the release name already contains the chart name. */}}
+{{- define "imgsim.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "imgsim.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "imgsim.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "imgsim.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "imgsim.labels" -}}
+helm.sh/chart: {{ include "imgsim.chart" . }}
+{{ include "imgsim.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "imgsim.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "imgsim.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The graph node and its container share this name: Seldon matches them by name. */}}
+{{- define "imgsim.nodeName" -}}similarity{{- end }}
+
+{{/* The predictor's name; Seldon's REST/gRPC Service is <fullname>-<predictor>. */}}
+{{- define "imgsim.predictor" -}}default{{- end }}
+
+{{- define "imgsim.image" -}}
+{{- printf "%s:%s" .repository (default .appVersion .tag) }}
+{{- end }}
+
+{{/* Pod and container security settings shared by every pod of the chart. */}}
+{{- define "imgsim.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 8888
+runAsGroup: 8888
+fsGroup: 8888
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "imgsim.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
