@@ -15,13 +15,20 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
 fi
 
 stamp="$VENV/.imgsim-installed"
-want="$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: creating $VENV and installing pinned packages (torch is large: a minute or two)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade "pip<26"
-  "$VENV/bin/pip" install -q -r requirements.txt -c constraints.txt
+  "$VENV/bin/pip" install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
   "$VENV/bin/pip" install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
-echo "setup: ready ($VENV)"
+# kubernetes-validate needs jsonschema>=4.23 while seldon-core pins <4: a separate small environment.
+K8S_VENV=${K8S_VENV:-.venv-k8s}
+if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
+  echo "setup: creating $K8S_VENV for Kubernetes schema checks"
+  "$PYTHON" -m venv "$K8S_VENV"
+  "$K8S_VENV/bin/pip" install -q "pip<26" "kubernetes-validate==1.37.0" "jsonschema>=4.23,<5" "pyyaml>=6"
+fi
+echo "setup: ready ($VENV, $K8S_VENV)"

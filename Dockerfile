@@ -1,0 +1,71 @@
+# syntax=docker/dockerfile:1
+# imgsim images. Targets:
+#   serve     (the default, last stage) seldon-core-microservice ModelServer; CPU-only torch; uid 8888
+#   pipeline  split/train/extract (and `mlflow server` on the cluster) with the CUDA build of torch
+# Build:  docker build -t imgsim:0.1.0 .      docker build --target pipeline -t imgsim-pipeline:0.1.0 .
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build-base
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# annoy has no wheel for Python 3.11, so it compiles here; no compiler reaches the final stages.
+# Debian's point releases replace exact versions, so pinning them would break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/venv \
+ && pip install "pip<26"
+WORKDIR /src
+COPY requirements.txt constraints.txt ./
+
+FROM build-base AS build-serve
+# The CPU build of torch: a fraction of the CUDA build's size, and serving needs no GPU.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1 \
+ && pip install -r requirements.txt -c constraints.txt
+COPY pyproject.toml README.md ./
+COPY imgsim ./imgsim
+RUN pip install --no-deps .
+
+FROM build-base AS build-pipeline
+COPY requirements-cluster.txt ./
+RUN pip install -r requirements.txt -r requirements-cluster.txt -c constraints.txt
+COPY pyproject.toml README.md ./
+COPY imgsim ./imgsim
+RUN pip install --no-deps .
+
+FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="imgsim" \
+      org.opencontainers.image.description="Image-similarity search: ResNet embeddings, Annoy, MLflow, Seldon Core" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://example.invalid/imgsim"
+# libstdc++ for annoy's extension; uid/gid 8888 is Seldon's convention for non-root model images.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 8888 imgsim \
+ && useradd --system --uid 8888 --gid 8888 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin imgsim
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp MPLCONFIGDIR=/tmp/matplotlib
+
+FROM runtime AS pipeline
+COPY --from=build-pipeline /opt/venv /opt/venv
+WORKDIR /app
+COPY MLproject python_env.yaml ./
+COPY pipelines ./pipelines
+USER 8888:8888
+CMD ["imgsim", "--help"]
+
+FROM runtime AS serve
+COPY --from=build-serve /opt/venv /opt/venv
+WORKDIR /app/model_server
+COPY model_server/ModelServer.py ./
+USER 8888:8888
+# REST, gRPC, Prometheus metrics (Seldon's python wrapper defaults).
+EXPOSE 9000 5000 6000
+ENV IMGSIM_MODEL_URI=/mnt/models
+HEALTHCHECK NONE
+CMD ["seldon-core-microservice", "ModelServer", "--service-type", "MODEL"]

@@ -1,0 +1,282 @@
+"""The Helm chart, the k8s/ manifests and the Dockerfile, checked with the real Helm engine and schemas."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+from seldon_core import microservice
+from seldon_core.wrapper import get_rest_microservice
+
+from imgsim.cli import build_parser
+from imgsim.service import ServiceConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "imgsim"
+SELDON_SCHEMA = Path(os.environ.get("IMGSIM_SELDON_SCHEMA",
+                                    REPO.parent / "shared" / "reference" / "seldondeployment-v1.18.2.schema.json"))
+K8S_VENV = Path(os.environ.get("K8S_VENV", REPO / ".venv-k8s"))
+KUBE_VERSIONS = ("1.29.0", "1.31.0", "1.33.0")  # what the chart claims (kubeVersion >=1.29) and EKS runs
+VARIANTS = {
+    "defaults": {},
+    "no-autoscaling": {"autoscaling": {"enabled": False}, "replicas": 3, "podDisruptionBudget": {"enabled": False}},
+    "pvc-with-secret": {"model": {"uri": "pvc://imgsim-bundles/v1", "envSecretRefName": "imgsim-s3"},
+                        "serviceAccount": {"create": False, "name": "existing"}},
+    "s3-with-irsa": {"serviceAccount": {"annotations": {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/imgsim-bundle-reader"}}},
+    "training-gpu": {"training": {"enabled": True}, "networkPolicy": {"enabled": True}},
+    "training-cpu": {"training": {"enabled": True, "gpus": 0, "extraArgs": ["--max-train-items", "1000"]},
+                     "nodeSelector": {"imgsim.io/pool": "cpu"}, "imagePullSecrets": [{"name": "regcred"}]},
+}
+
+
+def render(values: dict, name: str = "sim") -> list[dict]:
+    manifests = helm.Chart.load(CHART).render(values, name=name, namespace="imgsim", is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def sdep(values: dict) -> dict:
+    (found,) = of_kind(render(values), "SeldonDeployment")
+    return found
+
+
+def kubernetes_validate(docs: list[dict], tmp_path: Path, version: str) -> subprocess.CompletedProcess:
+    path = tmp_path / f"objects-{version}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    return subprocess.run([str(K8S_VENV / "bin" / "kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
+                          capture_output=True, text=True)
+
+
+# ---- Helm engine ------------------------------------------------------------------------------------------
+
+def test_chart_lints_clean_in_strict_mode():
+    for values in VARIANTS.values():
+        report = helm.lint(CHART, values, strict=True, namespace="imgsim", kube_version="v1.31.0")
+        assert not report["errors"], report
+        assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_builtin_objects_validate_against_kubernetes_schemas(variant, version, tmp_path):
+    docs = [d for d in render(VARIANTS[variant]) if d["apiVersion"] != "machinelearning.seldon.io/v1"]
+    assert docs, "every variant renders at least a service account or a test pod"
+    result = kubernetes_validate(docs, tmp_path, version)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_seldondeployment_validates_against_the_operator_crd(variant, tmp_path):
+    if not SELDON_SCHEMA.exists():
+        pytest.skip(f"SeldonDeployment CRD schema not found at {SELDON_SCHEMA}; set IMGSIM_SELDON_SCHEMA to "
+                    "seldondeployment-v1.18.2.schema.json to run this check")
+    objects = tmp_path / "sdep.json"
+    objects.write_text(json.dumps([sdep(VARIANTS[variant])]))
+    result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
+                             str(SELDON_SCHEMA), str(objects)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_crd_check_catches_mistakes(tmp_path):
+    if not SELDON_SCHEMA.exists():
+        pytest.skip(f"SeldonDeployment CRD schema not found at {SELDON_SCHEMA}")
+    broken = sdep({})
+    broken["spec"]["predictors"][0]["graph"]["typo"] = 1
+    broken["spec"]["predictors"][0]["componentSpecs"][0]["hpaSpec"]["maxReplicas"] = "ten"
+    objects = tmp_path / "sdep.json"
+    objects.write_text(json.dumps([broken]))
+    result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
+                             str(SELDON_SCHEMA), str(objects)], capture_output=True, text=True)
+    assert result.returncode == 1 and "typo: unknown field" in result.stdout and "'ten' is not of type" in result.stdout
+
+
+# ---- what schemas cannot check ----------------------------------------------------------------------------
+
+def _predictor(values: dict) -> dict:
+    return sdep(values)["spec"]["predictors"][0]
+
+
+def _container(values: dict) -> dict:
+    (container,) = _predictor(values)["componentSpecs"][0]["spec"]["containers"]
+    return container
+
+
+def test_graph_node_name_equals_its_container_name():
+    for values in VARIANTS.values():
+        predictor = _predictor(values)
+        assert predictor["graph"]["name"] == _container(values)["name"]
+        assert predictor["graph"]["type"] == "MODEL"
+
+
+def test_probes_use_the_wrappers_real_paths_and_port():
+    app = get_rest_microservice(object(), None)
+    routes = {rule.rule for rule in app.url_map.iter_rules()}
+    container = _container({})
+    for probe, path in (("readinessProbe", "/health/status"), ("livenessProbe", "/health/ping"),
+                        ("startupProbe", "/health/ping")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path and path in routes
+        assert get["port"] == microservice.DEFAULT_HTTP_PORT  # what the operator gives the first container
+
+
+def test_graph_parameters_are_ones_model_server_accepts():
+    sys.path.insert(0, str(REPO / "model_server"))
+    from ModelServer import ModelServer
+
+    accepted = set(inspect.signature(ModelServer.__init__).parameters) - {"self"}
+    casts = {"INT": int, "FLOAT": float, "DOUBLE": float, "STRING": str, "BOOL": lambda v: v == "true"}
+    for values in VARIANTS.values():
+        params = _predictor(values)["graph"]["parameters"]
+        assert {p["name"] for p in params} <= accepted
+        parsed = {p["name"]: casts[p["type"]](p["value"]) for p in params}
+        cfg = ServiceConfig.from_sources(**parsed)  # the same validation the server runs at start
+        assert cfg.model_uri == "/mnt/models"  # where the storage initializer puts modelUri
+
+
+def test_storage_credentials_come_from_a_secret_or_the_service_account():
+    assert _predictor(VARIANTS["pvc-with-secret"])["graph"]["envSecretRefName"] == "imgsim-s3"
+    irsa = render(VARIANTS["s3-with-irsa"])
+    (account,) = of_kind(irsa, "ServiceAccount")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("imgsim-bundle-reader")
+    graph = of_kind(irsa, "SeldonDeployment")[0]["spec"]["predictors"][0]["graph"]
+    assert graph["serviceAccountName"] == account["metadata"]["name"] and "envSecretRefName" not in graph
+
+
+def test_annotations_timeouts_and_grace_period_are_always_set():
+    for values in VARIANTS.values():
+        spec = sdep(values)["spec"]
+        assert spec["annotations"]["seldon.io/rest-timeout"] == "10000"
+        assert spec["annotations"]["seldon.io/grpc-max-message-size"] == "16777216"
+        pod = spec["predictors"][0]["componentSpecs"][0]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= 10 + 30
+
+
+def test_autoscaling_and_disruption_budget():
+    component = _predictor({})["componentSpecs"][0]
+    metric = component["hpaSpec"]["metricsv2"][0]
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    assert component["pdbSpec"] == {"minAvailable": 1} and "replicas" not in _predictor({})
+    assert _container({})["resources"]["requests"]["cpu"]  # the HPA needs a CPU request
+    fixed = _predictor(VARIANTS["no-autoscaling"])
+    assert fixed["replicas"] == 3 and "hpaSpec" not in fixed["componentSpecs"][0]
+
+
+def test_pods_are_hardened():
+    docs = render(VARIANTS["training-gpu"])
+    pods = [of_kind(docs, "SeldonDeployment")[0]["spec"]["predictors"][0]["componentSpecs"][0]["spec"],
+            of_kind(docs, "Job")[0]["spec"]["template"]["spec"], of_kind(docs, "Pod")[0]["spec"]]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 8888
+        for container in pod["containers"]:
+            ctx = container["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] and not ctx["allowPrivilegeEscalation"]
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+
+
+def test_network_policy_keeps_metrics_internal():
+    (policy,) = of_kind(render(VARIANTS["training-gpu"]), "NetworkPolicy")
+    open_rule, metrics_rule = policy["spec"]["ingress"]
+    assert {p["port"] for p in open_rule["ports"]} == {8000, 5001} and "from" not in open_rule
+    assert metrics_rule["ports"] == [{"port": 6000, "protocol": "TCP"}] and metrics_rule["from"]
+    assert not of_kind(render({}), "NetworkPolicy")
+
+
+def test_training_job_runs_the_real_cli_on_gpu_nodes():
+    (job,) = of_kind(render(VARIANTS["training-gpu"]), "Job")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"imgsim.io/pool": "gpu"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert container["command"] == ["imgsim", "main"]
+    ns = build_parser().parse_args(["main", *container["args"]])
+    assert ns.data_dir == "/data/images" and ns.epochs == "12"
+    (cpu_job,) = of_kind(render(VARIANTS["training-cpu"]), "Job")
+    assert "nvidia.com/gpu" not in cpu_job["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    assert not of_kind(render({}), "Job")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"replicas": -1}, "/replicas': minimum: got -1"),
+    ({"server": {"gunicornWorkers": "two"}}, "/server/gunicornWorkers': got string, want integer"),
+    ({"model": {"uri": "ftp://bucket/x"}}, "/model/uri': 'ftp://bucket/x' does not match"),
+    ({"autoscaling": {"targetCPUUtilizationPercentage": 150}}, "maximum: got 150"),
+    ({"terminationGracePeriodSeconds": 5}, "minimum: got 5, want 45"),
+    ({"modle": {}}, "additional properties 'modle' not allowed"),
+])
+def test_values_schema_rejects_bad_values_clearly(values, message):
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(values)
+    assert message in str(err.value)
+
+
+def test_long_release_names_are_truncated_to_63_characters():
+    name = "r" * 70
+    for doc in render(VARIANTS["training-gpu"], name=name):
+        assert len(doc["metadata"]["name"]) <= 63
+
+
+# ---- helm test hook: its script really queries a server ---------------------------------------------------
+
+def test_helm_test_pod_sends_a_real_query(pipeline_run, tmp_path):
+    from imgsim.export import export_bundle
+    from tests.conftest import mlflow_store
+    from tests.servers import start_server
+
+    (pod,) = of_kind(render({"tests": {"k": 3}}), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["args"][0]
+    assert "http://sim-imgsim-default:8000/api/v1.0/predictions" in script  # Seldon's <sdep>-<predictor> service
+    with mlflow_store(pipeline_run["work"]):
+        bundle = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "bundle")
+    server = start_server({"IMGSIM_MODEL_URI": str(bundle)}, tmp_path / "server.log")
+    try:
+        local = script.replace("http://sim-imgsim-default:8000", server.rest)
+        result = subprocess.run([sys.executable, "-c", local], capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert result.returncode == 0 and result.stdout.startswith("3 neighbours"), result.stdout + result.stderr
+
+
+# ---- k8s/ manifests and the Dockerfile --------------------------------------------------------------------
+
+def test_k8s_manifests_validate(tmp_path):
+    docs = [d for f in sorted((REPO / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    builtin = [d for d in docs if "." not in d["apiVersion"].split("/")[0] or d["apiVersion"].split("/")[0].endswith(".k8s.io")]
+    assert {d["kind"] for d in builtin} >= {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim", "StorageClass"}
+    for version in KUBE_VERSIONS:
+        result = kubernetes_validate(builtin, tmp_path, version)
+        assert result.returncode == 0, result.stdout + result.stderr
+    (cluster,) = [d for d in docs if d["kind"] == "ClusterConfig"]
+    pools = {g["name"]: g for g in cluster["managedNodeGroups"]}
+    assert pools["gpu-training"]["labels"] == VARIANTS_GPU_SELECTOR
+    assert pools["gpu-training"]["taints"][0]["key"] == "nvidia.com/gpu" and pools["gpu-training"]["minSize"] == 0
+
+
+VARIANTS_GPU_SELECTOR = yaml.safe_load((CHART / "values.yaml").read_text())["training"]["nodeSelector"]
+
+
+def test_dockerfile_lints_clean_and_runs_the_wrapper_as_uid_8888():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (REPO / "Dockerfile").read_text()
+    final = text[text.rindex("\nFROM "):]
+    assert final.startswith("\nFROM runtime AS serve")
+    assert "USER 8888:8888" in final and "EXPOSE 9000 5000 6000" in final
+    assert 'CMD ["seldon-core-microservice", "ModelServer", "--service-type", "MODEL"]' in final
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M) and "AS pipeline" in text
+    assert "g++" not in final  # compilers stay in the build stages
