@@ -80,15 +80,16 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
 def extract_embeddings(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int = 512,
                        desc: str = "embedding") -> NDArray[np.float32]:
     """L2-normalised float32 embeddings (N x D) of uint8 images, in batches, with a progress bar."""
-    return _run_batches(model, images, batch_size, desc)[0]
+    return embed_batches(model, images, batch_size, desc)[0]
 
 
 def _embed_and_classify(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int):
-    return _run_batches(model, images, batch_size, "extract: embedding queries")
+    return embed_batches(model, images, batch_size, "extract: embedding queries")
 
 
-def _run_batches(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int,
-                 desc: str) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+def embed_batches(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int,
+                  desc: str) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Normalised embeddings and logits of uint8 images, in batches, with a progress bar."""
     embeddings, logits = [], []
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):

@@ -40,6 +40,21 @@ def retrieval_metrics(queries: NDArray[np.float32], query_labels: NDArray[np.int
     return {"precision_at_1": float(p1), "precision_at_10": float(p10), "map_at_r": float(map_r)}
 
 
+def mean_average_precision(queries: NDArray[np.float32], query_labels: NDArray[np.int64],
+                           gallery: NDArray[np.float32], gallery_labels: NDArray[np.int64], *,
+                           chunk: int = 256) -> float:
+    """mAP over the whole ranked gallery (every relevant item counts, wherever it ranks)."""
+    total = 0.0
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ gallery.T
+        order = np.argsort(-sims, axis=1, kind="stable")
+        relevant = gallery_labels[order] == query_labels[start:start + chunk, None]
+        hits = np.cumsum(relevant, axis=1)
+        precision = hits / np.arange(1, relevant.shape[1] + 1)
+        total += ((precision * relevant).sum(axis=1) / np.maximum(hits[:, -1], 1)).sum()
+    return float(total / len(queries))
+
+
 def recall_at_k(approx: list[list[int]], exact: NDArray[np.int64], k: int = 10) -> float:
     """Mean fraction of the exact top-``k`` that the approximate search also returned."""
     hits = [len(set(a[:k]) & set(e[:k].tolist())) / min(k, len(e)) for a, e in zip(approx, exact)]

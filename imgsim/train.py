@@ -68,8 +68,12 @@ EpochHook = Callable[[int, dict], None]
 
 
 def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | None = None,
-                extra_state: dict | None = None) -> TrainResult:
-    """Train on the manifest's train split, pick the best epoch on eval, checkpoint after every epoch."""
+                extra_state: dict | None = None,
+                epoch_metrics: Callable[[EmbeddingResNet], dict] | None = None) -> TrainResult:
+    """Train on the manifest's train split, pick the best epoch on eval, checkpoint after every epoch.
+
+    ``epoch_metrics`` adds figures computed from the model after each epoch (e.g. retrieval quality).
+    """
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -105,6 +109,8 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
         eval_acc = evaluate_accuracy(model, x_eval, y_eval, device)
         metrics = {"train_loss": loss, "train_accuracy": acc, "eval_accuracy": eval_acc,
                    "lr": schedule.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
+        if epoch_metrics and distributed.is_main():
+            metrics |= epoch_metrics(model.eval())
         state["history"].append({"epoch": epoch, **metrics})
         if eval_acc > state["best_acc"]:
             state["best_acc"] = eval_acc

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from imgsim.metrics import exact_topk, recall_at_k, retrieval_metrics
+from imgsim.metrics import exact_topk, mean_average_precision, recall_at_k, retrieval_metrics
 
 
 def unit(*rows):
@@ -33,3 +33,10 @@ def test_map_at_r_and_precision_by_hand():
 def test_recall_at_k():
     exact = np.array([[1, 2, 3], [4, 5, 6]])
     assert recall_at_k([[1, 2, 9], [4, 5, 6]], exact, 3) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_full_gallery_map_by_hand():
+    # ranking for the query: relevant, irrelevant, relevant -> AP = (1/1 + 2/3) / 2
+    gallery = unit([1, 0], [0.9, 0.3], [0.5, 0.8])
+    ap = mean_average_precision(unit([1, 0]), np.array([0]), gallery, np.array([0, 1, 0]))
+    assert ap == pytest.approx((1 + 2 / 3) / 2)

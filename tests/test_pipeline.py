@@ -50,6 +50,8 @@ def test_runs_log_metrics_params_plots_and_a_registered_model(pipeline_run):
         bundle = ModelBundle.load(tracking.download(result["model_uri"], "model"))
         assert bundle.classes == ["circle", "square", "stripes"] and bundle.preprocess.size == 32
         assert bundle.config["manifest_uri"] == f"runs:/{result['split']}/split"
+        by_run = ModelBundle.load(tracking.download(f"runs:/{result['train']}/model", "model"))
+        assert by_run.classes == bundle.classes
 
 
 def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run):

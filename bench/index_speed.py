@@ -1,0 +1,87 @@
+"""Bench 2: Annoy against exact search on the real Fashion-MNIST embeddings (60k x 128).
+
+python bench/index_speed.py    (after bench/quality.py, which saves the embeddings)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, save, table  # noqa: E402
+from imgsim.index import GalleryItem, IndexBundle  # noqa: E402
+from imgsim.metrics import exact_topk, recall_at_k  # noqa: E402
+
+K, N_QUERIES = 10, 1000
+
+
+def single_query_qps(search, queries) -> float:
+    started = time.perf_counter()
+    for q in queries:
+        search(q)
+    return len(queries) / (time.perf_counter() - started)
+
+
+def exact_single(gallery):
+    def search(q):
+        sims = gallery @ q
+        top = np.argpartition(-sims, K)[:K]
+        return top[np.argsort(-sims[top])]
+    return search
+
+
+def main() -> None:
+    gallery = np.load(RESULTS / "gallery_embeddings.npy")
+    queries = np.load(RESULTS / "query_embeddings.npy")[:N_QUERIES]
+    truth = exact_topk(queries, gallery, K)
+    exact_qps = single_query_qps(exact_single(gallery), queries[:300])
+    started = time.perf_counter()
+    exact_topk(np.load(RESULTS / "query_embeddings.npy"), gallery, K)
+    batched_qps = 10000 / (time.perf_counter() - started)
+    rows = [{"method": "exact numpy, one query at a time", "recall_at_10": 1.0, "qps": exact_qps, "speedup": 1.0},
+            {"method": "exact numpy, batched (10k queries)", "recall_at_10": 1.0, "qps": batched_qps,
+             "speedup": batched_qps / exact_qps}]
+    items = [GalleryItem(i, "", "", "train", "") for i in range(len(gallery))]
+    for n_trees in (10, 50, 100):
+        started = time.perf_counter()
+        index = IndexBundle.build(gallery, items, n_trees=n_trees)
+        build = time.perf_counter() - started
+        with tempfile.TemporaryDirectory() as tmp:
+            index.save(tmp)
+            size_mb = (Path(tmp) / "index.ann").stat().st_size / 2**20
+        for search_k in (-1, 2000, 5000, 10000, 20000):
+            approx = [index.search(q, K, search_k)[0] for q in queries]
+            qps = single_query_qps(lambda q: index.search(q, K, search_k), queries)
+            rows.append({"method": f"annoy n_trees={n_trees} search_k={search_k}", "n_trees": n_trees,
+                         "search_k": search_k, "recall_at_10": recall_at_k(approx, truth, K), "qps": qps,
+                         "speedup": qps / exact_qps, "build_seconds": build, "index_mb": size_mb})
+    print(f"gallery {gallery.shape}, {len(queries)} queries, k={K}")
+    print(table(rows, ["method", "recall_at_10", "qps", "speedup", "build_seconds", "index_mb"]))
+    _plot(rows, RESULTS / "recall_vs_qps.png")
+    print(f"wrote {save('index', {'gallery': list(gallery.shape), 'queries': len(queries), 'rows': rows})}")
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n_trees in (10, 50, 100):
+        pts = [r for r in rows if r.get("n_trees") == n_trees]
+        ax.plot([r["qps"] for r in pts], [r["recall_at_10"] for r in pts], marker="o", label=f"annoy, {n_trees} trees")
+    exact = rows[0]
+    ax.scatter([exact["qps"]], [1.0], marker="*", s=150, color="black", label="exact (numpy, single query)")
+    ax.set_xscale("log"), ax.set_xlabel("single-query queries/second (log)"), ax.set_ylabel("recall@10")
+    ax.grid(alpha=0.3), ax.legend(), ax.set_title("Annoy vs exact search, 60k x 128 embeddings")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

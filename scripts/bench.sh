@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every benchmark, in dependency order; each prints a table and writes bench/results/<name>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+$PY bench/quality.py                      # trains the default config (~15-20 min on 2 cores)
+$PY bench/quality.py --config demo        # the demo's 4 epochs
+$PY bench/index_speed.py
+$PY bench/extraction.py
+$PY bench/serving.py
+$PY bench/pipeline.py                     # `make demo` from a fresh clone, timed
