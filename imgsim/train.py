@@ -13,16 +13,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from imgsim import atomic, distributed
+from imgsim import checkpoint, distributed
 from imgsim.data import channel_stats, label_ids, load_items
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.manifest import Manifest
 from imgsim.model import EmbeddingResNet, ModelArgs, ModelBundle
-
-CHECKPOINT = "last.pt"
-# Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"epochs", "resume", "run_name"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +95,9 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                    pct_start=0.2)
     state = {"epoch": 0, "best_acc": -1.0, "best_state": None, "history": [], **(extra_state or {})}
-    ckpt_path = Path(cfg.checkpoint_dir) / CHECKPOINT
+    ckpt_path = Path(cfg.checkpoint_dir) / checkpoint.FILENAME
     if cfg.resume:
-        state = _restore(ckpt_path, cfg, model, optimizer, schedule)
+        state = checkpoint.restore(ckpt_path, dataclasses.asdict(cfg), model, optimizer, schedule)
     config = dataclasses.asdict(cfg)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -120,7 +116,7 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
             # Log before checkpointing: a crash in between re-runs the epoch rather than losing its metrics.
             if on_epoch:
                 on_epoch(epoch, metrics)
-            _save_checkpoint(ckpt_path, cfg, model, optimizer, schedule, state)
+            checkpoint.save(ckpt_path, dataclasses.asdict(cfg), model, optimizer, schedule, state)
     if state["best_state"] is None:
         raise ImgsimError(f"nothing to train: epochs={cfg.epochs} and the checkpoint already has {state['epoch']}")
     bundle = ModelBundle(args, preprocess, list(manifest.classes), state["best_state"], config)
@@ -129,10 +125,7 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
 
 def read_checkpoint(cfg: TrainConfig) -> dict | None:
     """The last checkpoint's bookkeeping (epoch, extra state such as the MLflow run id), if there is one."""
-    path = Path(cfg.checkpoint_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+    return checkpoint.read_state(Path(cfg.checkpoint_dir) / checkpoint.FILENAME)
 
 
 def evaluate_accuracy(model: EmbeddingResNet, x: np.ndarray, y: np.ndarray, device: torch.device,
@@ -199,28 +192,3 @@ def _limit(items, n: int, seed: int):
         return items
     keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
     return [items[i] for i in keep]
-
-
-def _save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, schedule, state: dict) -> None:
-    payload = {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "schedule": schedule.state_dict(), "state": state}
-    with atomic.atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def _restore(path: Path, cfg: TrainConfig, model, optimizer, schedule) -> dict:
-    if not path.exists():
-        raise ImgsimError(f"--resume was given but there is no checkpoint at {path}; run without --resume to start afresh")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    now, then = dataclasses.asdict(cfg), payload["config"]
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k))
-    if changed:
-        raise ImgsimError(f"cannot resume from {path}: settings {changed} differ from the interrupted run; "
-                          "resume with the same settings or use another checkpoint_dir")
-    if cfg.epochs != then["epochs"]:
-        raise ImgsimError(f"cannot resume with epochs={cfg.epochs}: the learning-rate schedule was built for "
-                          f"{then['epochs']}; resume with epochs={then['epochs']}")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    schedule.load_state_dict(payload["schedule"])
-    return payload["state"]

@@ -15,7 +15,7 @@ from imgsim import tracking
 from imgsim.manifest import Manifest
 from imgsim.model import ModelBundle
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import CHECKPOINT
+from imgsim.checkpoint import FILENAME as CHECKPOINT
 from tests.conftest import make_image_folder, mlflow_store
 
 pytestmark = pytest.mark.slow
