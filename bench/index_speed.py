@@ -18,6 +18,8 @@ from imgsim.index import GalleryItem, IndexBundle  # noqa: E402
 from imgsim.metrics import exact_topk, recall_at_k  # noqa: E402
 
 K, N_QUERIES = 10, 1000
+TREES = (10, 20, 50, 100)
+SEARCH_K = (-1, 500, 1000, 1500, 2000, 5000, 10000)
 
 
 def single_query_qps(search, queries) -> float:
@@ -47,14 +49,14 @@ def main() -> None:
             {"method": "exact numpy, batched (10k queries)", "recall_at_10": 1.0, "qps": batched_qps,
              "speedup": batched_qps / exact_qps}]
     items = [GalleryItem(i, "", "", "train", "") for i in range(len(gallery))]
-    for n_trees in (10, 50, 100):
+    for n_trees in TREES:
         started = time.perf_counter()
         index = IndexBundle.build(gallery, items, n_trees=n_trees)
         build = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
             index.save(tmp)
             size_mb = (Path(tmp) / "index.ann").stat().st_size / 2**20
-        for search_k in (-1, 2000, 5000, 10000, 20000):
+        for search_k in SEARCH_K:
             approx = [index.search(q, K, search_k)[0] for q in queries]
             qps = single_query_qps(lambda q: index.search(q, K, search_k), queries)
             rows.append({"method": f"annoy n_trees={n_trees} search_k={search_k}", "n_trees": n_trees,
@@ -71,7 +73,7 @@ def _plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n_trees in (10, 50, 100):
+    for n_trees in TREES:
         pts = [r for r in rows if r.get("n_trees") == n_trees]
         ax.plot([r["qps"] for r in pts], [r["recall_at_10"] for r in pts], marker="o", label=f"annoy, {n_trees} trees")
     exact = rows[0]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from imgsim.data import label_ids, load_items
 from imgsim.errors import ImgsimError
-from imgsim.index import GalleryItem, IndexBundle
+from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
 from imgsim.metrics import exact_topk, recall_at_k, retrieval_metrics
 from imgsim.model import EmbeddingResNet, ModelBundle
@@ -27,8 +27,8 @@ class ExtractConfig:
     data_dir: str = ""
     gallery_splits: str = "train"  # comma-separated splits to index
     query_split: str = "test"
-    n_trees: int = 50
-    search_k: int = -1  # Annoy's default: n_trees * k
+    n_trees: int = 20
+    search_k: int = DEFAULT_SEARCH_K
     batch_size: int = 512
     max_queries: int = 0  # 0 = the whole query split
     plot_points: int = 2000

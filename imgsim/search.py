@@ -12,7 +12,7 @@ from PIL import Image
 
 from imgsim.bundle import load_bundle
 from imgsim.errors import BadInput
-from imgsim.index import cosine_from_angular
+from imgsim.index import DEFAULT_SEARCH_K, cosine_from_angular
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class QueryResult:
 class Searcher:
     """Loads a verified bundle once; answers image and id queries."""
 
-    def __init__(self, folder: str | Path, *, search_k: int = -1) -> None:
+    def __init__(self, folder: str | Path, *, search_k: int = DEFAULT_SEARCH_K) -> None:
         self.meta, bundle, self.index = load_bundle(folder)
         self.model = bundle.build()
         self.preprocess = bundle.preprocess

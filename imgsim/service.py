@@ -17,6 +17,7 @@ import torch
 
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import DEFAULT_MAX_PIXELS, decode_image
+from imgsim.index import DEFAULT_SEARCH_K
 from imgsim.search import QueryResult, Searcher
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class ServiceConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     max_batch: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
-    search_k: int = -1
+    search_k: int = DEFAULT_SEARCH_K
     torch_threads: int = 1  # one per worker: several gunicorn workers must not oversubscribe the cores
 
     @classmethod
@@ -101,6 +102,9 @@ class SimilarityService:
         except ImgsimError as exc:
             self.searcher, self.load_error = None, str(exc)
             log.error("imgsim: NOT READY: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
+            self.searcher, self.load_error = None, f"unexpected error while loading: {exc!r}"
+            log.exception("imgsim: NOT READY")
 
     @property
     def ready(self) -> bool:
@@ -145,7 +149,7 @@ class SimilarityService:
 
     def _json_images(self, data: dict, form: str) -> list:
         if form == "image":
-            return [self._decode(_b64(data["image"], "image"))]
+            return [self._decode(decode_base64(data["image"], "image"))]
         if form == "path":
             return [self._decode(self._read_gallery_file(data["path"]))]
         batch = data["images"]
@@ -153,7 +157,7 @@ class SimilarityService:
             raise BadInput("'images' must be a non-empty list of base64 strings")
         if len(batch) > self.cfg.max_batch:
             raise BadInput(f"'images' has {len(batch)} entries; at most {self.cfg.max_batch} per request")
-        return [self._decode(_b64(b, f"images[{i}]")) for i, b in enumerate(batch)]
+        return [self._decode(decode_base64(b, f"images[{i}]")) for i, b in enumerate(batch)]
 
     def _decode(self, data: bytes):
         if len(data) > self.cfg.max_image_bytes:
@@ -205,8 +209,9 @@ def _integer(value: Any, name: str) -> int:
     return int(value)
 
 
-def _b64(value: Any, name: str) -> bytes:
-    if not isinstance(value, str):
+def decode_base64(value: Any, name: str) -> bytes:
+    """Strictly decode a base64 string (or bytes), naming the field in the error."""
+    if not isinstance(value, (str, bytes)):
         raise BadInput(f"{name} must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)

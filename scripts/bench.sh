@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 $PY bench/quality.py                      # trains the default config (~15-20 min on 2 cores)
-$PY bench/quality.py --config demo        # the demo's 4 epochs
 $PY bench/index_speed.py
 $PY bench/extraction.py
 $PY bench/serving.py
 $PY bench/pipeline.py                     # `make demo` from a fresh clone, timed
+$PY bench/report.py --write               # the README's results section

@@ -1,0 +1,85 @@
+"""Render bench/results/*.json as the README's results section (between the results markers).
+
+python bench/report.py            print the section
+python bench/report.py --write    replace it in README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, table  # noqa: E402
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def section() -> str:
+    parts = []
+    quality, index, extraction, serving, pipeline = (load(n) for n in
+                                                     ("quality", "index", "extraction", "serving", "pipeline"))
+    if quality:
+        m = quality["machine"]
+        parts.append(f"Measured on {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']}, {m['date']}.\n")
+        parts.append("**1. Quality on Fashion-MNIST** — 10,000 test images as queries against the 60,000 train "
+                     f"images; `python bench/quality.py` (training took {quality['train_seconds'] / 60:.1f} min wall "
+                     f"for {quality['config']['epochs']} epochs):\n")
+        parts.append(table(quality["rows"], ["embedding", "accuracy", "precision_at_1", "precision_at_10",
+                                             "map_at_r", "map_full"]))
+        parts.append("\n![accuracy and mAP by epoch](bench/results/accuracy_map_by_epoch.png)\n")
+    if pipeline:
+        mm = pipeline["metrics"]
+        parts.append(f"**Demo configuration** (`make demo`: 4 epochs, the 75/20/5 split of all 70k images): "
+                     f"accuracy {mm.get('accuracy', float('nan')):.4f}, Precision@10 "
+                     f"{mm.get('precision_at_10', float('nan')):.4f}, mAP@R {mm.get('map_at_r', float('nan')):.4f}, "
+                     f"Annoy recall@10 {mm.get('index_recall_at_10', float('nan')):.4f}.\n")
+    if index:
+        parts.append(f"**2. Index** — Annoy against exact search on the trained embeddings "
+                     f"({index['gallery'][0]:,} x {index['gallery'][1]}), {index['queries']} queries, k=10; "
+                     "`python bench/index_speed.py`:\n")
+        parts.append(table(index["rows"], ["method", "recall_at_10", "qps", "speedup", "build_seconds", "index_mb"]))
+        parts.append("\n![recall against queries per second](bench/results/recall_vs_qps.png)\n")
+    if serving:
+        parts.append("**3. Serving** — single-image `binData` queries against the real `seldon-core-microservice`, "
+                     "imgsim beside an echo model in the same wrapper and settings "
+                     f"({', '.join(f'{k}={v}' for k, v in serving['settings'].items())}); the load generator "
+                     "shares the same cores; `python bench/serving.py`:\n")
+        parts.append(table(serving["rows"], ["server", "protocol", "concurrency", "requests", "errors", "rps",
+                                             "p50_ms", "p99_ms", "of_echo"]))
+    if extraction:
+        parts.append(f"\n**4. Extraction** — {extraction['images']:,} images, batch {extraction['batch']}; "
+                     "`python bench/extraction.py`:\n")
+        parts.append(table(extraction["rows"], ["path", "images_per_second", "ratio"]))
+    if pipeline:
+        parts.append(f"\n**5. Whole pipeline** — `{pipeline['command']}` from a fresh clone"
+                     f"{' including the pip install' if pipeline['fresh_venv'] else ''}: "
+                     f"{pipeline['wall_seconds'] / 60:.1f} min wall (exit {pipeline['exit_code']}); "
+                     "`python bench/pipeline.py`.\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", action="store_true")
+    text = section()
+    if not parser.parse_args().write:
+        print(text)
+        return
+    readme = README.read_text()
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    main()
