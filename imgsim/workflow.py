@@ -10,12 +10,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from PIL import Image
 
 from imgsim import config, distributed, plots, tracking
 from imgsim.bundle import write_bundle
 from imgsim.export import BUNDLE_ARTIFACT
 from imgsim.extract import ExtractConfig, extract
+from imgsim.images import decode_image
 from imgsim.manifest import Manifest
 from imgsim.model import MODEL_JSON, WEIGHTS, ModelBundle
 from imgsim.split import SplitConfig, split_dataset
@@ -125,13 +125,18 @@ def _plot_extract(cfg: ExtractConfig, result, manifest: Manifest, out: Path) -> 
         rows = []
         for q in np.random.default_rng(cfg.seed).permutation(len(result.queries))[:8]:
             ids, dists = result.index.search(result.queries[q], 8, cfg.search_k)
-            neighbours = [(Image.open(root / result.index.items[i].path), result.index.items[i].label, d)
+            neighbours = [(_picture(root / result.index.items[i].path), result.index.items[i].label, d)
                           for i, d in zip(ids, dists)]
-            rows.append((Image.open(root / result.query_items[q].path), result.query_items[q].label, neighbours))
+            rows.append((_picture(root / result.query_items[q].path), result.query_items[q].label, neighbours))
         plots.neighbour_grid(rows, out / "query_neighbours.png")
     (out / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     return out
+
+
+def _picture(path: Path):
+    # The same decoding as training (transparency on white, 16-bit scaled), so the grid shows what the model saw.
+    return decode_image(path.read_bytes())
 
 
 def run_main(split_cfg: SplitConfig, train_cfg: TrainConfig, extract_cfg: ExtractConfig) -> dict[str, str]:
