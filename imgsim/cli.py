@@ -36,7 +36,7 @@ def _extract(ns):
 
 def _main(ns):
     from imgsim.workflow import run_main
-    sections = config._read_yaml(ns.config) if ns.config else {}
+    sections = config.read_yaml(ns.config) if ns.config else {}
     cfgs = {}
     for name, cls in (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractConfig)):
         overrides = {k: getattr(ns, k) for k, stages in MAIN_OVERRIDES.items() if name in stages}

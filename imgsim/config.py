@@ -32,7 +32,7 @@ def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, A
     """Defaults < YAML file < overrides; values given as strings are converted to the field's type."""
     values: dict[str, Any] = {}
     if config_file:
-        values.update(_read_yaml(config_file))
+        values.update(read_yaml(config_file))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -55,7 +55,8 @@ def to_params(cfg: Any) -> dict[str, str]:
     return {k: _show(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+    """A YAML mapping from ``path``, with a clear error for anything else."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:

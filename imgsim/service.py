@@ -89,13 +89,16 @@ class SimilarityService:
 
     def load(self) -> None:
         """Resolve, verify and load the bundle; on failure remember why, so health checks report not-ready."""
+        import mlflow
+
         from imgsim import tracking
         from imgsim.export import resolve_bundle
 
         torch.set_num_threads(max(1, self.cfg.torch_threads))
         try:
-            if "://" in self.cfg.model_uri or self.cfg.model_uri.startswith(("runs:", "models:")):
-                tracking.setup()
+            if self.cfg.model_uri.startswith(("runs:", "models:")):
+                # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
+                mlflow.set_tracking_uri(tracking.tracking_uri())
             self.searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k)
             self.load_error = None
             log.info("imgsim: loaded %d gallery items from %s", self.searcher.size, self.cfg.model_uri)

@@ -15,9 +15,14 @@ from imgsim.errors import ImgsimError
 EXPERIMENT = "imgsim"
 
 
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's local ``sqlite:///mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
 def setup(experiment: str | None = None) -> str:
-    """Use ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` with artifacts in ``./mlartifacts``."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    """Point MLflow at :func:`tracking_uri` and make sure the experiment exists (artifacts in ./mlartifacts)."""
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
