@@ -110,4 +110,6 @@ def _number(text: str) -> int | float:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -26,12 +26,19 @@ def _start(name: str):
     return mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None)
 
 
+def _log_params(params: dict[str, str]) -> None:
+    """Log the resolved config, except keys `mlflow run` already logged as typed (e.g. "7.0" for 7):
+    MLflow refuses to change a logged param, and the resolved values live in the artifacts too."""
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
 def run_split(cfg: SplitConfig) -> str:
     """Split and log the manifest under ``split/``; returns the run id."""
     tracking.setup()
     with _start("split") as run:
         mlflow.set_tag("imgsim.stage", "split")
-        mlflow.log_params(config.to_params(cfg))
+        _log_params(config.to_params(cfg))
         manifest = split_dataset(cfg)
         summary = manifest.summary()
         mlflow.log_metrics({f"{split}_items": n for split, n in summary["totals"].items()} |
@@ -63,7 +70,7 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         mlflow.set_tag("imgsim.stage", "train")
         mlflow.set_tag("imgsim.manifest_uri", cfg.manifest_uri)
         if run_id is None:
-            mlflow.log_params(config.to_params(cfg) | {"world_size": distributed.world()})
+            _log_params(config.to_params(cfg) | {"world_size": str(distributed.world())})
         result = train_model(cfg, manifest, on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
                              extra_state={"mlflow_run_id": run.info.run_id})
         result.bundle.config["manifest_uri"] = cfg.manifest_uri
@@ -100,7 +107,7 @@ def run_extract(cfg: ExtractConfig) -> str:
     tracking.setup()
     with _start("extract") as run:
         mlflow.set_tag("imgsim.stage", "extract")
-        mlflow.log_params(config.to_params(cfg))
+        _log_params(config.to_params(cfg))
         model_dir = tracking.download(cfg.model_uri, "model")
         bundle = ModelBundle.load(model_dir)
         manifest_uri = cfg.manifest_uri or bundle.config.get("manifest_uri", "")
