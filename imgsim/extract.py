@@ -71,7 +71,7 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
     queries = np.zeros((0, gallery.shape[1]), dtype=np.float32)
     if query_items:
         query_x = load_items(query_items, root, bundle.preprocess, desc="extract: loading queries")
-        queries, logits = _embed_and_classify(model, query_x, cfg.batch_size)
+        queries, logits = embed_batches(model, query_x, cfg.batch_size, "extract: embedding queries")
         metrics |= evaluate(queries, logits, label_ids(query_items, bundle.classes), gallery,
                             label_ids(gallery_items, bundle.classes), index, cfg.search_k)
     return ExtractResult(index, metrics, queries, query_items)
@@ -81,10 +81,6 @@ def extract_embeddings(model: EmbeddingResNet, images: NDArray[np.uint8], batch_
                        desc: str = "embedding") -> NDArray[np.float32]:
     """L2-normalised float32 embeddings (N x D) of uint8 images, in batches, with a progress bar."""
     return embed_batches(model, images, batch_size, desc)[0]
-
-
-def _embed_and_classify(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int):
-    return embed_batches(model, images, batch_size, "extract: embedding queries")
 
 
 def embed_batches(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int,

@@ -85,6 +85,7 @@ class SimilarityService:
         self.cfg = cfg
         self.searcher: Searcher | None = None
         self.load_error: str | None = None
+        self._versions: dict[str, str] = {}
         self.stats = Stats()
 
     def load(self) -> None:
@@ -100,13 +101,14 @@ class SimilarityService:
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
                 mlflow.set_tracking_uri(tracking.tracking_uri())
             self.searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k)
+            self._versions = self._identity()
             self.load_error = None
             log.info("imgsim: loaded %d gallery items from %s", self.searcher.size, self.cfg.model_uri)
         except ImgsimError as exc:
-            self.searcher, self.load_error = None, str(exc)
+            self.searcher, self.load_error, self._versions = None, str(exc), {}
             log.error("imgsim: NOT READY: %s", exc)
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
-            self.searcher, self.load_error = None, f"unexpected error while loading: {exc!r}"
+            self.searcher, self.load_error, self._versions = None, f"unexpected error while loading: {exc!r}", {}
             log.exception("imgsim: NOT READY")
 
     @property
@@ -114,9 +116,10 @@ class SimilarityService:
         return self.searcher is not None
 
     def versions(self) -> dict[str, str]:
-        """Model and index identity, for response tags and answers."""
-        if not self.searcher:
-            return {}
+        """Model and index identity, for response tags and answers (fixed once loaded)."""
+        return dict(self._versions)
+
+    def _identity(self) -> dict[str, str]:
         meta = self.searcher.meta
         model = meta["model"]
         return {"model_name": str(model.get("name", "")), "model_version": str(model.get("version", "")),

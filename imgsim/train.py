@@ -95,10 +95,9 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                    pct_start=0.2)
     state = {"epoch": 0, "best_acc": -1.0, "best_state": None, "history": [], **(extra_state or {})}
-    ckpt_path = Path(cfg.checkpoint_dir) / checkpoint.FILENAME
+    ckpt_path, config = Path(cfg.checkpoint_dir) / checkpoint.FILENAME, dataclasses.asdict(cfg)
     if cfg.resume:
-        state = checkpoint.restore(ckpt_path, dataclasses.asdict(cfg), model, optimizer, schedule)
-    config = dataclasses.asdict(cfg)
+        state = checkpoint.restore(ckpt_path, config, model, optimizer, schedule)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
         loss, acc = _train_epoch(ddp_model, optimizer, schedule, x_train, y_train, cfg, epoch, device)
@@ -116,7 +115,7 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
             # Log before checkpointing: a crash in between re-runs the epoch rather than losing its metrics.
             if on_epoch:
                 on_epoch(epoch, metrics)
-            checkpoint.save(ckpt_path, dataclasses.asdict(cfg), model, optimizer, schedule, state)
+            checkpoint.save(ckpt_path, config, model, optimizer, schedule, state)
     if state["best_state"] is None:
         raise ImgsimError(f"nothing to train: epochs={cfg.epochs} and the checkpoint already has {state['epoch']}")
     bundle = ModelBundle(args, preprocess, list(manifest.classes), state["best_state"], config)

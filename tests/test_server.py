@@ -271,3 +271,17 @@ def test_serves_from_a_registry_alias(pipeline_run, tmp_path):
         assert status["model_version"] == "1" and int(status["index_size"]) > 0
     finally:
         srv.stop()
+
+
+def test_an_unexpected_load_failure_leaves_the_service_not_ready(monkeypatch, bundle):
+    # No real part fails this way on demand, so the searcher is made to raise what a library bug would.
+    import imgsim.service as service_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated library bug")
+
+    monkeypatch.setattr(service_module, "Searcher", broken)
+    service = service_module.SimilarityService(service_module.ServiceConfig(model_uri=str(bundle)))
+    service.load()
+    assert not service.ready and service.versions() == {}
+    assert "unexpected error while loading" in service.load_error and "simulated library bug" in service.load_error
