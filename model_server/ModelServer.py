@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grpc
 from flask import Blueprint, jsonify
 from google.protobuf import json_format
-from seldon_core import wrapper as seldon_wrapper
 from seldon_core.flask_utils import SeldonMicroserviceException
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message
 from werkzeug.exceptions import HTTPException
 
+from imgsim import seldon_compat
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.service import ServiceConfig, SimilarityService, decode_base64
 
@@ -125,29 +124,4 @@ def _error_blueprint(max_request_bytes: int) -> Blueprint:
     return blueprint
 
 
-def _grpc_status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, SeldonMicroserviceException):
-        codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE}
-        return codes.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message
-    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
-
-
-def _install_grpc_status_mapping() -> None:
-    """seldon-core 1.18's gRPC servicer lets every exception become UNKNOWN; map ours to proper status codes."""
-    servicer = seldon_wrapper.SeldonModelGRPC
-    if getattr(servicer.Predict, "_imgsim", False):
-        return
-    original = servicer.Predict
-
-    def predict(self, request_grpc, context):
-        try:
-            return original(self, request_grpc, context)
-        except Exception as exc:  # noqa: BLE001 - every failure gets a status; none leaks a trace
-            code, message = _grpc_status_for(exc)
-            context.abort(code, message)
-
-    predict._imgsim = True
-    servicer.Predict = predict
-
-
-_install_grpc_status_mapping()
+seldon_compat.install()
