@@ -69,16 +69,17 @@ def _setup_tracking(ns):
 
 def _search(ns):
     from imgsim import tracking
-    from imgsim.export import resolve_bundle
+    from imgsim.export import fetched_bundle
     from imgsim.images import decode_image
     from imgsim.search import Searcher
     tracking.setup()
-    searcher = Searcher(resolve_bundle(ns.bundle))
-    for image in ns.images:
-        result = searcher.search_images([decode_image(Path(image).read_bytes())], ns.k)[0]
-        print(f"{image}: predicted {result.predicted_label} (p={result.probability:.3f})")
-        for n in result.neighbours:
-            print(f"  {n.rank:>3}  id={n.id:<7} {n.label:<14} score={n.score:.4f}  {n.path}")
+    with fetched_bundle(ns.bundle) as folder:
+        searcher = Searcher(folder)
+        for image in ns.images:
+            result = searcher.search_images([decode_image(Path(image).read_bytes())], ns.k)[0]
+            print(f"{image}: predicted {result.predicted_label} (p={result.probability:.3f})")
+            for n in result.neighbours:
+                print(f"  {n.rank:>3}  id={n.id:<7} {n.label:<14} score={n.score:.4f}  {n.path}")
 
 
 def _query(ns):

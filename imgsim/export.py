@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from imgsim import tracking
 from imgsim.bundle import BUNDLE_JSON, verify_bundle
@@ -26,22 +28,33 @@ def bundle_uri(uri: str) -> str:
 
 
 def resolve_bundle(uri: str) -> Path:
-    """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...)."""
-    folder = tracking.download(bundle_uri(uri), "bundle")
-    if not (folder / BUNDLE_JSON).exists() and (folder / BUNDLE_ARTIFACT / BUNDLE_JSON).exists():
-        folder = folder / BUNDLE_ARTIFACT
-    return folder
+    """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...); a
+    download stays for the process's lifetime, as the server needs (its index is memory-mapped from it)."""
+    return _bundle_folder(tracking.download(bundle_uri(uri), "bundle"))
+
+
+@contextlib.contextmanager
+def fetched_bundle(uri: str) -> Iterator[Path]:
+    """:func:`resolve_bundle` for one use: a downloaded copy is deleted on exit."""
+    with tracking.fetched(bundle_uri(uri), "bundle") as folder:
+        yield _bundle_folder(folder)
 
 
 def export_bundle(uri: str, out: str | Path) -> Path:
     """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically)."""
-    source = resolve_bundle(uri)
-    verify_bundle(source)
     out = Path(out)
     staging = out.with_name(f".{out.name}.export")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
+    with fetched_bundle(uri) as source:
+        verify_bundle(source)
+        shutil.copytree(source, staging)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
     return out
+
+
+def _bundle_folder(folder: Path) -> Path:
+    if not (folder / BUNDLE_JSON).exists() and (folder / BUNDLE_ARTIFACT / BUNDLE_JSON).exists():
+        return folder / BUNDLE_ARTIFACT
+    return folder

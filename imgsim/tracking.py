@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -38,8 +41,9 @@ def is_remote(uri: str) -> bool:
     return "://" in uri or uri.startswith(("runs:", "models:"))
 
 
-def download(uri: str, what: str) -> Path:
-    """A local folder holding ``uri``: a local path as is, anything MLflow knows downloaded to a temp dir."""
+def download(uri: str, what: str, dst: str | Path | None = None) -> Path:
+    """A local folder holding ``uri``: a local path as is, anything MLflow knows downloaded into ``dst``
+    (a new temp dir when not given, which then lives as long as the process needs it: the server's case)."""
     if not uri:
         raise ImgsimError(f"no {what} given; pass a local path or an MLflow URI (runs:/<run id>/..., models:/name/version)")
     if not is_remote(uri) or uri.startswith("file://"):
@@ -48,10 +52,21 @@ def download(uri: str, what: str) -> Path:
             raise ImgsimError(f"{what} {uri} does not exist; check the path")
         return path
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="imgsim-")))
+        target = str(dst) if dst is not None else tempfile.mkdtemp(prefix="imgsim-")
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
     except (MlflowException, OSError) as exc:
         raise ImgsimError(f"{what} {uri} cannot be fetched from MLflow at {mlflow.get_tracking_uri()}: "
                           f"{str(exc).splitlines()[0]}. Check the run id / model name and MLFLOW_TRACKING_URI.") from None
+
+
+@contextlib.contextmanager
+def fetched(uri: str, what: str) -> Iterator[Path]:
+    """:func:`download` for one use: a downloaded copy is deleted on exit (a local path is left alone)."""
+    tmp = tempfile.mkdtemp(prefix="imgsim-")
+    try:
+        yield download(uri, what, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_reference(uri: str) -> dict:

@@ -59,7 +59,8 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
     distributed.barrier()
     if not distributed.is_main():
         tracking.setup()
-    manifest = Manifest.load(tracking.download(cfg.manifest_uri, "manifest"))
+    with tracking.fetched(cfg.manifest_uri, "manifest") as folder:
+        manifest = Manifest.load(folder)
     if not distributed.is_main():
         train_model(cfg, manifest)
         distributed.shutdown()
@@ -108,10 +109,11 @@ def run_extract(cfg: ExtractConfig) -> str:
     with _start("extract") as run:
         mlflow.set_tag("imgsim.stage", "extract")
         _log_params(config.to_params(cfg))
-        model_dir = tracking.download(cfg.model_uri, "model")
-        bundle = ModelBundle.load(model_dir)
+        with tracking.fetched(cfg.model_uri, "model") as folder:
+            bundle = ModelBundle.load(folder)
         manifest_uri = cfg.manifest_uri or bundle.config.get("manifest_uri", "")
-        manifest = Manifest.load(tracking.download(manifest_uri, "manifest"))
+        with tracking.fetched(manifest_uri, "manifest") as folder:
+            manifest = Manifest.load(folder)
         result = extract(cfg, bundle, manifest)
         ref = tracking.model_reference(cfg.model_uri)
         mlflow.set_tags({"imgsim.model_uri": cfg.model_uri, "imgsim.manifest_uri": manifest_uri} |

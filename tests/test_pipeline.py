@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -75,6 +76,16 @@ def test_models_uri_resolves_to_the_index_built_from_it(pipeline_run, tmp_path):
         out = export_bundle("models:/imgsim/1", tmp_path / "bundle")
     meta = verify_bundle(out)
     assert meta["model"]["run_id"] == pipeline_run["result"]["train"]
+
+
+def test_export_and_extract_leave_no_downloads_behind(pipeline_run, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkdtemp puts the MLflow downloads
+    with mlflow_store(pipeline_run["work"]):
+        out = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "bundle")
+        run_extract(ExtractConfig(model_uri=pipeline_run["result"]["model_uri"], n_trees=2, plot_points=50))
+    assert verify_bundle(out) and not [p.name for p in scratch.iterdir() if p.name.startswith("imgsim-")]
 
 
 def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
