@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, abort, jsonify, request
 from google.protobuf import json_format
 from seldon_core.flask_utils import SeldonMicroserviceException
 from seldon_core.proto import prediction_pb2
@@ -114,6 +115,18 @@ def _error_blueprint(max_request_bytes: int) -> Blueprint:
     """Seldon registers this on its Flask app: a body-size limit, and HTTP errors as JSON with their own code."""
     blueprint = Blueprint("imgsim_errors", __name__)
     blueprint.record_once(lambda state: state.app.config.update(MAX_CONTENT_LENGTH=max_request_bytes))
+
+    @blueprint.before_app_request
+    def _limit_chunked_body():
+        # MAX_CONTENT_LENGTH only sees a Content-Length header; gunicorn hands Werkzeug a chunked body as an
+        # unbounded stream. Read at most one byte past the limit, then serve the rest from memory.
+        env = request.environ
+        if env.get("CONTENT_LENGTH") or not env.get("wsgi.input_terminated"):
+            return
+        body = env["wsgi.input"].read(max_request_bytes + 1)
+        if len(body) > max_request_bytes:
+            abort(413)
+        env["wsgi.input"], env["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
 
     @blueprint.app_errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

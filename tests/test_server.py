@@ -197,6 +197,13 @@ def test_bad_grpc_bin_data(server):
 def test_oversized_bodies_and_wrong_methods_are_4xx_json(server):
     big = rest(server, {"binData": b64(b"\0" * MAX_REQUEST)})
     assert big.status_code == 413 and big.json()["status"]["code"] == 413
+    url, headers = f"{server.rest}/api/v1.0/predictions", {"Content-Type": "application/json"}
+    chunks = (b"x" * 65536 for _ in range(MAX_REQUEST // 65536 + 2))  # a generator: sent chunked, no length
+    chunked = requests.post(url, data=chunks, headers=headers, timeout=30)
+    assert chunked.status_code == 413 and chunked.json()["status"]["code"] == 413
+    small = json.dumps({"jsonData": {"id": 0, "k": 2}}).encode()
+    ok = requests.post(url, data=iter([small[:10], small[10:]]), headers=headers, timeout=30)
+    assert ok.status_code == 200 and len(ids(ok.json()["jsonData"])) == 2
     wrong = requests.put(f"{server.rest}/api/v1.0/predictions", timeout=10)
     assert 400 <= wrong.status_code < 500 and "Traceback" not in wrong.text
     not_json = requests.post(f"{server.rest}/api/v1.0/predictions", data="{oops", timeout=10,
