@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import google.protobuf
 import grpc
 import numpy as np
 import requests
@@ -119,7 +120,12 @@ def main() -> None:
     for r in rows:
         r["of_echo"] = r["rps"] / echo[(r["protocol"], r["concurrency"])]
     print(table(rows, ["server", "protocol", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "of_echo"]))
-    print(f"wrote {save('serving', {'settings': SETTINGS, 'rows': rows})}")
+    # seldon-core 1.18 pins protobuf<4, which has no compiled module for Python 3.11: every gRPC message is
+    # built, serialised and parsed in pure Python, on both ends.
+    from google.protobuf.internal import api_implementation
+    protobuf = f"{google.protobuf.__version__} ({api_implementation.Type()} implementation)"
+    print(f"protobuf {protobuf}")
+    print(f"wrote {save('serving', {'settings': SETTINGS, 'protobuf': protobuf, 'rows': rows})}")
 
 
 if __name__ == "__main__":
