@@ -107,6 +107,11 @@ class SimilarityService:
         except ImgsimError as exc:
             self.searcher, self.load_error, self._versions = None, str(exc), {}
             log.error("imgsim: NOT READY: %s", exc)
+        except OSError as exc:  # typically a bundle on a volume that this server's user may not read
+            self.searcher, self._versions = None, {}
+            self.load_error = (f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server runs as uid "
+                               f"{os.getuid()}: make the bundle's files readable by it")
+            log.error("imgsim: NOT READY: %s", self.load_error)
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
             self.searcher, self.load_error, self._versions = None, f"unexpected error while loading: {exc!r}", {}
             log.exception("imgsim: NOT READY")

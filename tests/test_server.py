@@ -304,3 +304,16 @@ def test_an_unexpected_load_failure_leaves_the_service_not_ready(monkeypatch, bu
     service.load()
     assert not service.ready and service.versions() == {}
     assert "unexpected error while loading" in service.load_error and "simulated library bug" in service.load_error
+
+
+def test_an_unreadable_bundle_says_which_file_and_which_user(monkeypatch, bundle):
+    # The tests run as root, who reads any file; the searcher raises what a uid without read access gets.
+    import imgsim.service as service_module
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(bundle / "embeddings.npy"))
+
+    monkeypatch.setattr(service_module, "Searcher", unreadable)
+    service = service_module.SimilarityService(service_module.ServiceConfig(model_uri=str(bundle)))
+    service.load()
+    assert not service.ready and "embeddings.npy" in service.load_error and "readable" in service.load_error
