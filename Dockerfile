@@ -6,7 +6,11 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build-base
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+# annoy's setup.py compiles with -march=native, which would tie the image to the build machine's CPU (SIGILL
+# on older nodes); the same flags with a fixed target instead (x86-64-v3 = AVX2/FMA, every current EC2 type).
+ARG ANNOY_MARCH=x86-64-v3
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH \
+    ANNOY_COMPILER_ARGS="-D_CRT_SECURE_NO_WARNINGS,-fpermissive,-march=${ANNOY_MARCH},-O3,-ffast-math,-fno-associative-math,-DANNOYLIB_MULTITHREADED_BUILD,-std=c++14"
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # annoy has no wheel for Python 3.11, so it compiles here; no compiler reaches the final stages.
 # Debian's point releases replace exact versions, so pinning them would break rebuilds.

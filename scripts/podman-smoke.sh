@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Optional, by hand: build the serving image with podman from a locally built Debian base (no registry
+# needed), run it the way the chart does (uid 8888, read-only root, /tmp as tmpfs, bundle at /mnt/models),
+# and query it over REST and gRPC on loopback. Needs root, apt-get, and a bundle from `make demo`.
+#
+#   bash scripts/podman-smoke.sh            (PODMAN_TORCH_INDEX_URL / PODMAN_VOLUMES adapt the torch source)
+#
+# On this project's build machines torch comes from local disk: the host's pip configuration and wheel
+# folders are mounted into the build, and torch is the CUDA build (the CPU index is out of reach here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${PODMAN_BUNDLE:-bundles/demo}
+WORK=${PODMAN_WORK:-build/podman}
+IMAGE=${PODMAN_IMAGE:-localhost/imgsim:smoke}
+BASE=localhost/imgsim-base:bookworm
+PODMAN=(podman --runtime /usr/sbin/runc)
+ULIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
+[ -f "$BUNDLE/bundle.json" ] || { echo "podman-smoke: no bundle at $BUNDLE; run 'make demo' first (or set PODMAN_BUNDLE)"; exit 1; }
+
+if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null
+fi
+
+# The Dockerfile's base is python:3.11-slim-bookworm; with no registry, build Debian bookworm with its
+# Python 3.11 (and headers, as the official image has them) instead.
+if ! "${PODMAN[@]}" image exists "$BASE"; then
+  echo "podman-smoke: building $BASE with debootstrap"
+  rm -rf "$WORK/rootfs" && mkdir -p "$WORK"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,python-is-python3,ca-certificates \
+    bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log"
+  tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - "$BASE" >/dev/null
+  rm -rf "$WORK/rootfs"
+fi
+
+TORCH_INDEX_URL=${PODMAN_TORCH_INDEX_URL:-https://pypi.org/simple}
+read -r -a VOLUMES <<<"${PODMAN_VOLUMES:--v /etc/xdg/pip:/etc/xdg/pip:ro -v /root/.config/pip:/root/.config/pip:ro -v /opt/pypi:/opt/pypi:ro -v /opt/pypi-more:/opt/pypi-more:ro -v /opt/wheels:/opt/wheels:ro -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro}"
+echo "podman-smoke: building $IMAGE (target serve)"
+"${PODMAN[@]}" build --format docker --network host "${ULIMITS[@]}" "${VOLUMES[@]}" \
+  --build-arg PYTHON_IMAGE="$BASE" --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
+  --target serve -t "$IMAGE" .
+
+REST=${PODMAN_REST_PORT:-19000}
+GRPC=${PODMAN_GRPC_PORT:-15000}
+name=imgsim-smoke-$$
+"${PODMAN[@]}" run -d --rm --name "$name" "${ULIMITS[@]}" --read-only --tmpfs /tmp --cap-drop ALL \
+  -p "127.0.0.1:$REST:9000" -p "127.0.0.1:$GRPC:5000" -v "$PWD/$BUNDLE:/mnt/models:ro" "$IMAGE" >/dev/null
+trap '"${PODMAN[@]}" rm -f "$name" >/dev/null 2>&1 || true' EXIT
+for _ in $(seq 120); do
+  curl -sf "http://127.0.0.1:$REST/health/status" >/dev/null && break
+  sleep 1
+done
+curl -sf "http://127.0.0.1:$REST/health/status" || { "${PODMAN[@]}" logs "$name" | tail -40; exit 1; }
+echo
+query=$(.venv/bin/python -c "import csv; r = next(csv.DictReader(open('$BUNDLE/items.csv'))); print(r['path'])")
+root=${PODMAN_GALLERY_ROOT:-data/fashion-mnist}
+.venv/bin/imgsim query "$root/$query" --url "http://127.0.0.1:$REST" --grpc "127.0.0.1:$GRPC" -k 5
+echo "podman-smoke: $IMAGE answered over REST and gRPC as uid $("${PODMAN[@]}" exec "$name" id -u)"
