@@ -18,6 +18,7 @@ import google.protobuf
 import grpc
 import numpy as np
 import requests
+from google.protobuf.internal import api_implementation
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,7 +123,6 @@ def main() -> None:
     print(table(rows, ["server", "protocol", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "of_echo"]))
     # seldon-core 1.18 pins protobuf<4, which has no compiled module for Python 3.11: every gRPC message is
     # built, serialised and parsed in pure Python, on both ends.
-    from google.protobuf.internal import api_implementation
     protobuf = f"{google.protobuf.__version__} ({api_implementation.Type()} implementation)"
     print(f"protobuf {protobuf}")
     print(f"wrote {save('serving', {'settings': SETTINGS, 'protobuf': protobuf, 'rows': rows})}")

@@ -105,16 +105,16 @@ class SimilarityService:
             self.load_error = None
             log.info("imgsim: loaded %d gallery items from %s", self.searcher.size, self.cfg.model_uri)
         except ImgsimError as exc:
-            self.searcher, self.load_error, self._versions = None, str(exc), {}
-            log.error("imgsim: NOT READY: %s", exc)
+            self._not_ready(str(exc))
         except OSError as exc:  # typically a bundle on a volume that this server's user may not read
-            self.searcher, self._versions = None, {}
-            self.load_error = (f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server runs as uid "
-                               f"{os.getuid()}: make the bundle's files readable by it")
-            log.error("imgsim: NOT READY: %s", self.load_error)
+            self._not_ready(f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server runs as uid "
+                            f"{os.getuid()}: make the bundle's files readable by it")
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
-            self.searcher, self.load_error, self._versions = None, f"unexpected error while loading: {exc!r}", {}
-            log.exception("imgsim: NOT READY")
+            self._not_ready(f"unexpected error while loading: {exc!r}", trace=True)
+
+    def _not_ready(self, reason: str, trace: bool = False) -> None:
+        self.searcher, self._versions, self.load_error = None, {}, reason
+        log.error("imgsim: NOT READY: %s", reason, exc_info=trace)
 
     @property
     def ready(self) -> bool:
