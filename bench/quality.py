@@ -1,6 +1,8 @@
-"""Bench 1: retrieval quality on Fashion-MNIST (10k test queries vs the 60k train gallery) with baselines.
+"""Bench 1: retrieval quality with baselines: Fashion-MNIST (10k test queries vs the 60k train gallery) and
+the colour dev sets (bench/colour_sets.py: test queries vs the train + eval gallery), each with the defaults.
 
-python bench/quality.py [--epochs 15] [--config demo]   -> bench/results/quality[-demo].json, a table, PNG plots
+python bench/quality.py [--dataset fashion-mnist|tuxpaint|oxygen] [--epochs N] [--config demo] [--set key=value ...]
+  -> bench/results/quality[-<dataset>][-demo].json, a table, PNG plots
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import colour_sets  # noqa: E402
 from bench.common import RESULTS, protocol_manifest, save, table  # noqa: E402
+from imgsim import config as settings  # noqa: E402
 from imgsim import plots  # noqa: E402
 from imgsim.baselines import pixel_embeddings, untrained_model  # noqa: E402
 from imgsim.data import label_ids, load_items  # noqa: E402
 from imgsim.extract import embed_batches  # noqa: E402
 from imgsim.images import Preprocess  # noqa: E402
 from imgsim.metrics import mean_average_precision, retrieval_metrics  # noqa: E402
+from imgsim.split import SplitConfig, split_dataset  # noqa: E402
 from imgsim.train import TrainConfig, train_model  # noqa: E402
 
 CONFIGS = {"default": TrainConfig(), "demo": TrainConfig(epochs=4)}
@@ -42,8 +47,7 @@ def _epoch_map(cfg, manifest, gallery_items, query_items, g_labels, q_labels, n_
 
     def measure(model) -> dict:
         if "g" not in cache:  # only size and channels matter for loading; the model normalises
-            pre = Preprocess(size=cfg.image_size, channels=cfg.channels, mean=(0.5,) * cfg.channels,
-                             std=(0.25,) * cfg.channels)
+            pre = dataclasses.replace(model.preprocess)
             cache["g"] = load_items([gallery_items[i] for i in g_pick], manifest.root, pre, desc="bench: epoch sample")
             cache["q"] = load_items([query_items[i] for i in q_pick], manifest.root, pre, desc="bench: epoch sample")
         g, _ = embed_batches(model, cache["g"], 512, "bench: epoch gallery")
@@ -66,15 +70,27 @@ def _plot_by_epoch(history: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def colour_manifest(name: str):
+    """A colour dev set split 65/25/10; the test images are the queries, train + eval the gallery."""
+    root = colour_sets.build(name, colour_sets.REPO / "data" / "colour")
+    return split_dataset(SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["fashion-mnist", *colour_sets.SOURCES], default="fashion-mnist")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other TrainConfig settings")
+    parser.add_argument("--tag", default="", help="suffix for the result file (to compare settings)")
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
-    cfg = dataclasses.replace(cfg, checkpoint_dir=str(RESULTS / "checkpoints"), register_name="",
-                              epochs=args.epochs or cfg.epochs)
-    manifest = protocol_manifest()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    cfg = settings.resolve(TrainConfig, None, dataclasses.asdict(cfg) | overrides | {
+        "checkpoint_dir": str(RESULTS / "checkpoints" / args.dataset), "register_name": "",
+        "epochs": args.epochs or cfg.epochs})
+    colour = args.dataset != "fashion-mnist"
+    manifest = colour_manifest(args.dataset) if colour else protocol_manifest()
     root = manifest.root
     gallery_items = [i for i in manifest.items if i.split in ("train", "eval")]
     query_items = manifest.split("test")
@@ -96,16 +112,18 @@ def main() -> None:
     rows = [evaluate(f"trained ({args.config}, {cfg.epochs} epochs)", gallery, queries, g_labels, q_labels, logits),
             evaluate("untrained network", u_gallery, u_queries, g_labels, q_labels),
             evaluate("raw pixels", pixel_embeddings(g_x), pixel_embeddings(q_x), g_labels, q_labels)]
-    suffix = "" if args.config == "default" else f"-{args.config}"
+    suffix = ("" if not colour else f"-{args.dataset}") + ("" if args.config == "default" else f"-{args.config}") + \
+        (f"-{args.tag}" if args.tag else "")
     print(table(rows, ["embedding", "accuracy", "precision_at_1", "precision_at_10", "map_at_r", "map_full"]))
     print(f"training: {train_seconds / 60:.1f} min wall for {cfg.epochs} epochs on {torch.get_num_threads()} threads")
     plots.training_curves(result.history, RESULTS / f"training_curves{suffix}.png")
     _plot_by_epoch(result.history, RESULTS / f"accuracy_map_by_epoch{suffix}.png")
-    if args.config == "default":  # the index bench reuses these
+    if args.config == "default" and not colour and not args.tag:  # the index bench reuses these
         np.save(RESULTS / "gallery_embeddings.npy", gallery)
         np.save(RESULTS / "query_embeddings.npy", queries)
         bundle.save(RESULTS / "model")
-    path = save(f"quality{suffix}", {"config": dataclasses.asdict(cfg), "train_seconds": train_seconds,
+    path = save(f"quality{suffix}", {"dataset": args.dataset, "config": dataclasses.asdict(cfg),
+                                     "preprocess": dataclasses.asdict(bundle.preprocess), "train_seconds": train_seconds,
                                      "history": result.history, "rows": rows})
     print(f"wrote {path}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ from imgsim.extract import ExtractConfig
 from imgsim.split import SplitConfig
 from imgsim.train import TrainConfig
 
-MAIN_OVERRIDES = {"data_dir": ("split",), "epochs": ("train",), "max_train_items": ("train",),
-                  "seed": ("split", "train", "extract"), "n_trees": ("extract",), "register_name": ("train",)}
+STAGES = (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractConfig))
+# main sets these itself: each step reads the previous step's artifact URI.
+CHAINED = frozenset({"manifest_uri", "model_uri"})
 
 
 def _split(ns):
@@ -36,15 +38,30 @@ def _extract(ns):
 
 def _main(ns):
     from imgsim.workflow import run_main
-    sections = config.read_yaml(ns.config) if ns.config else {}
-    cfgs = {}
-    for name, cls in (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractConfig)):
-        overrides = {k: getattr(ns, k) for k, stages in MAIN_OVERRIDES.items() if name in stages}
-        cfgs[name] = config.resolve(cls, None, (sections.get(name) or {}) | {k: v for k, v in overrides.items() if v is not None})
-    result = run_main(cfgs["split"], cfgs["train"], cfgs["extract"])
+    result = run_main(*main_configs(ns).values())
     print(json.dumps(result, indent=2))
     if ns.result_file:
         Path(ns.result_file).write_text(json.dumps(result, indent=2))
+
+
+def main_configs(ns) -> dict:
+    """Each stage's config for ``main``: default < the file's section (or its flat keys) < flags the user gave.
+
+    A flag applies to every stage that has a setting of that name (``seed`` to all three)."""
+    sections = config.read_yaml(ns.config) if ns.config else {}
+    unknown = set(sections) - {name for name, _ in STAGES}
+    flat = {k: sections.pop(k) for k in unknown}
+    names = {f.name for _, cls in STAGES for f in dataclasses.fields(cls)}
+    if set(flat) - names:
+        raise ImgsimError(f"config file {ns.config}: unknown key(s) {sorted(set(flat) - names)}; use the sections "
+                          "split:, train:, extract: or settings of those stages")
+    cfgs = {}
+    for name, cls in STAGES:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        from_file = {k: v for k, v in flat.items() if k in fields} | (sections.get(name) or {})
+        from_flags = {k: getattr(ns, k, None) for k in fields - CHAINED}
+        cfgs[name] = config.resolve(cls, None, from_file | config.given(from_flags))
+    return cfgs
 
 
 def _prepare(ns):
@@ -77,7 +94,9 @@ def _search(ns):
         searcher = Searcher(folder)
         for image in ns.images:
             result = searcher.search_images([decode_image(Path(image).read_bytes())], ns.k)[0]
-            print(f"{image}: predicted {result.predicted_label} (p={result.probability:.3f})")
+            guess = f"predicted {result.predicted_label} (p={result.probability:.3f})" if result.predicted_label \
+                is not None else "embed-only model: no classes"
+            print(f"{image}: {guess}")
             for n in result.neighbours:
                 print(f"  {n.rank:>3}  id={n.id:<7} {n.label:<14} score={n.score:.4f}  {n.path}")
 
@@ -105,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         config.add_arguments(p, cls)
         p.set_defaults(fn=fn)
-    p = sub.add_parser("main", help="split -> train -> extract in one tracked run")
-    p.add_argument("--config", help="YAML file with optional split:, train:, extract: sections")
-    for key in MAIN_OVERRIDES:
-        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
-    p.add_argument("--result-file", help="also write the run ids and URIs as JSON here")
+    p = sub.add_parser("main", help="split -> train -> extract in one tracked run; any stage's setting as a flag")
+    p.add_argument("--config", help="YAML file with optional split:, train:, extract: sections (or flat keys)")
+    seen: set[str] = set(CHAINED)
+    for _, cls in STAGES:
+        config.add_arguments(p, cls, skip=frozenset(seen), config_flag=False)
+        seen |= {f.name for f in dataclasses.fields(cls)}
+    p.add_argument("--result-file", "--result_file", dest="result_file", help="also write the run ids and URIs as JSON here")
     p.set_defaults(fn=_main)
     p = sub.add_parser("prepare", help="write Fashion-MNIST out as a class-per-folder image tree")
     p.add_argument("--out", default="data/fashion-mnist")

@@ -46,7 +46,9 @@ def query_grpc(address: str, image: bytes, k: int, timeout: float = 30.0) -> dic
 def format_table(name: str, answer: dict) -> str:
     """A readable neighbour table for one query."""
     result = answer["results"][0]
-    lines = [f"{name}: predicted {result['predicted']['label']} (p={result['predicted']['probability']:.3f}); "
+    predicted = result.get("predicted")
+    guess = f"predicted {predicted['label']} (p={predicted['probability']:.3f})" if predicted else "no classes"
+    lines = [f"{name}: {guess}; "
              f"model {answer.get('model_name', '?')} v{answer.get('model_version', '?')}, "
              f"index of {answer.get('index_size', '?')} images",
              f"  {'rank':>4}  {'id':>7}  {'label':<14} {'score':>7}  path"]
@@ -68,4 +70,5 @@ def draw(query: bytes, answer: dict, gallery_root: str | None, out: Path) -> Pat
         path = Path(gallery_root or "") / n["path"]
         img = decode_image(path.read_bytes()) if gallery_root and path.is_file() else Image.new("L", (28, 28), 128)
         neighbours.append((img, n["label"], n["distance"]))
-    return plots.neighbour_grid([(decode_image(query), result["predicted"]["label"], neighbours)], out)
+    label = (result.get("predicted") or {}).get("label", "query")
+    return plots.neighbour_grid([(decode_image(query), label, neighbours)], out)

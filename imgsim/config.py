@@ -15,16 +15,22 @@ from imgsim.errors import ImgsimError
 C = TypeVar("C")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--field`` for every dataclass field (default None = keep the dataclass default) and ``--config``."""
-    parser.add_argument("--config", default=None, help="YAML file whose keys override this stage's defaults")
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset[str] = frozenset(),
+                  config_flag: bool = True) -> None:
+    """Add ``--field`` for every dataclass field (default None = not given: the file or the default decides)
+    and ``--config``. ``--field_name`` works too: `mlflow run -P field_name=value` passes parameters an entry
+    point does not declare that way, which is how every setting reaches a stage without masking the file."""
+    if config_flag:
+        parser.add_argument("--config", default=None, help="YAML file whose keys override this stage's defaults")
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        if field.name in skip:
+            continue
+        flags = ["--" + field.name.replace("_", "-")] + (["--" + field.name] if "_" in field.name else [])
         if _base_type(cls, field.name) is bool:
-            parser.add_argument(flag, dest=field.name, default=None, nargs="?", const="true", metavar="BOOL",
+            parser.add_argument(*flags, dest=field.name, default=None, nargs="?", const="true", metavar="BOOL",
                                 help=f"true/false; the flag alone means true (default: {field.default})")
         else:
-            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
+            parser.add_argument(*flags, dest=field.name, default=None, metavar=field.name.upper(),
                                 help=f"(default: {_show(field.default)})")
 
 
@@ -33,7 +39,7 @@ def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, A
     values: dict[str, Any] = {}
     if config_file:
         values.update(read_yaml(config_file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(given(overrides or {}))
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -42,6 +48,11 @@ def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, A
         return cls(**{k: _convert(v, _base_type(cls, k), k) for k, v in values.items()})
     except (TypeError, ValueError) as exc:
         raise ImgsimError(f"invalid {cls.__name__}: {exc}") from None
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings a user actually passed: None means "not given"."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:

@@ -1,4 +1,4 @@
-"""Stage 3: embed the gallery, build the Annoy index and evaluate retrieval on the test split."""
+"""Stage 3: embed the gallery (streamed), build the Annoy index and evaluate retrieval on the test split."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import time
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from imgsim.data import label_ids, load_items
+from imgsim.data import ImageArray, ImageFiles, label_ids, make_loader
 from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
 from imgsim.metrics import exact_topk, recall_at_k, retrieval_metrics
-from imgsim.model import EmbeddingResNet, ModelBundle
+from imgsim.model import EmbeddingNet, ModelBundle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ExtractConfig:
     plot_points: int = 2000
     seed: int = 42
     threads: int = 0
+    workers: int = -1  # decoding processes; -1: all cores but one, at most 4
 
 
 @dataclasses.dataclass
@@ -47,10 +49,13 @@ class ExtractResult:
 
 
 def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> ExtractResult:
-    """Embed gallery and queries, build the index, and measure classification and retrieval quality."""
+    """Embed gallery and queries, build the index, and measure classification and retrieval quality.
+
+    Without labels (an unlabelled folder, or an embed-only model) label metrics are skipped; the index's
+    recall against exact search is always measured."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if list(manifest.classes) != list(bundle.classes):
+    if bundle.classes and list(manifest.classes) != list(bundle.classes):
         raise ImgsimError(f"the model was trained on classes {bundle.classes} but the manifest has "
                           f"{manifest.classes}; use the manifest the model was trained on")
     splits = [s.strip() for s in cfg.gallery_splits.split(",") if s.strip()]
@@ -58,10 +63,10 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
         raise ImgsimError(f"gallery_splits={cfg.gallery_splits!r} must name splits from {SPLITS}")
     model, root = bundle.build(), cfg.data_dir or manifest.root
     gallery_items = [item for item in manifest.items if item.split in splits]
-    query_items = manifest.split(cfg.query_split)[: cfg.max_queries or None]
-    gallery_x = load_items(gallery_items, root, bundle.preprocess, desc="extract: loading gallery")
+    query_items = manifest.split(cfg.query_split)[: cfg.max_queries or None] if manifest.classes else []
     started = time.perf_counter()
-    gallery = extract_embeddings(model, gallery_x, cfg.batch_size, desc="extract: embedding gallery")
+    gallery, _ = embed_dataset(model, ImageFiles(gallery_items, root, bundle.preprocess), cfg.batch_size,
+                               "extract: embedding gallery", workers=cfg.workers)
     embed_seconds = time.perf_counter() - started
     items = [GalleryItem(i, it.path, it.label, it.split, it.sha256) for i, it in enumerate(gallery_items)]
     started = time.perf_counter()
@@ -70,41 +75,55 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
                "index_build_seconds": time.perf_counter() - started}
     queries = np.zeros((0, gallery.shape[1]), dtype=np.float32)
     if query_items:
-        query_x = load_items(query_items, root, bundle.preprocess, desc="extract: loading queries")
-        queries, logits = embed_batches(model, query_x, cfg.batch_size, "extract: embedding queries")
-        metrics |= evaluate(queries, logits, label_ids(query_items, bundle.classes), gallery,
-                            label_ids(gallery_items, bundle.classes), index, cfg.search_k)
+        queries, logits = embed_dataset(model, ImageFiles(query_items, root, bundle.preprocess), cfg.batch_size,
+                                        "extract: embedding queries", workers=cfg.workers)
+        metrics |= evaluate(queries, logits, label_ids(query_items, manifest.classes), gallery,
+                            label_ids(gallery_items, manifest.classes), index, cfg.search_k)
+    else:  # no labelled queries: the index is still checked against exact search, on a sample of the gallery
+        sample = gallery[np.random.default_rng(cfg.seed).permutation(len(gallery))[:1000]]
+        metrics |= index_recall(sample, gallery, index, cfg.search_k)
     return ExtractResult(index, metrics, queries, query_items)
 
 
-def extract_embeddings(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int = 512,
+def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, desc: str = "embedding", *,
+                  workers: int = -1) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Normalised embeddings and logits of a dataset, streamed through a DataLoader (workers decode) into
+    preallocated arrays: memory holds the outputs and a few batches, never the images."""
+    n, classes = len(dataset), model.args.num_classes
+    embeddings = np.empty((n, model.dim), dtype=np.float32)
+    logits = np.empty((n, classes), dtype=np.float32)
+    start = 0
+    with torch.inference_mode():
+        for images, _ in tqdm(make_loader(dataset, batch_size, workers=workers), desc=desc, unit="batch",
+                              mininterval=1.0):
+            emb, logit = model.embed_and_classify(images.float().div_(255.0))
+            embeddings[start:start + len(emb)], logits[start:start + len(emb)] = emb.numpy(), logit.numpy()
+            start += len(emb)
+    return embeddings, logits
+
+
+def extract_embeddings(model: EmbeddingNet, images: NDArray[np.uint8], batch_size: int = 512,
                        desc: str = "embedding") -> NDArray[np.float32]:
-    """L2-normalised float32 embeddings (N x D) of uint8 images, in batches, with a progress bar."""
+    """L2-normalised float32 embeddings (N x D) of already decoded uint8 images."""
     return embed_batches(model, images, batch_size, desc)[0]
 
 
-def embed_batches(model: EmbeddingResNet, images: NDArray[np.uint8], batch_size: int,
+def embed_batches(model: EmbeddingNet, images: NDArray[np.uint8], batch_size: int,
                   desc: str) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Normalised embeddings and logits of uint8 images, in batches, with a progress bar."""
-    embeddings, logits = [], []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
-            batch = torch.from_numpy(images[start:start + batch_size]).float().div_(255.0)
-            emb, logit = model.embed_and_classify(batch)
-            embeddings.append(emb.numpy())
-            logits.append(logit.numpy())
-    dim = model.args.embedding_dim
-    if not embeddings:
-        return np.zeros((0, dim), np.float32), np.zeros((0, model.args.num_classes), np.float32)
-    return np.concatenate(embeddings), np.concatenate(logits)
+    """Normalised embeddings and logits of already decoded uint8 images."""
+    return embed_dataset(model, ImageArray(images, np.zeros(len(images), np.int64)), batch_size, desc)
 
 
 def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: IndexBundle,
              search_k: int = -1, k: int = 10) -> dict[str, float]:
     """Accuracy, Precision@1/@10, mAP@R (exact search) and the Annoy index's recall@k against exact search."""
-    metrics = {"accuracy": float((logits.argmax(1) == query_labels).mean())}
+    metrics = {"accuracy": float((logits.argmax(1) == query_labels).mean())} if logits.shape[1] else {}
     metrics |= retrieval_metrics(queries, query_labels, gallery, gallery_labels)
+    return metrics | index_recall(queries, gallery, index, search_k, k)
+
+
+def index_recall(queries, gallery, index: IndexBundle, search_k: int = -1, k: int = 10) -> dict[str, float]:
+    """The Annoy index's recall@k against exact search."""
     exact = exact_topk(queries, gallery, k)
     approx = [index.search(q, k, search_k)[0] for q in queries]
-    metrics[f"index_recall_at_{k}"] = recall_at_k(approx, exact, k)
-    return metrics
+    return {f"index_recall_at_{k}": recall_at_k(approx, exact, k)}

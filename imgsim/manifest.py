@@ -56,7 +56,7 @@ class Manifest:
         """Counts per class and split, and the number rejected."""
         counts = collections.Counter((item.label, item.split) for item in self.items)
         per_class = {c: {s: counts[(c, s)] for s in SPLITS} for c in self.classes}
-        totals = {s: sum(per_class[c][s] for c in self.classes) for s in SPLITS}
+        totals = {s: sum(item.split == s for item in self.items) for s in SPLITS}
         return {"classes": len(self.classes), "per_class": per_class, "totals": totals,
                 "rejected": len(self.rejected)}
 
@@ -87,7 +87,7 @@ class Manifest:
                 f"cannot read the manifest in {folder}: {exc!r}. Point at the 'split' artifact folder "
                 "of a split run (manifest.json, manifest.csv, rejected.csv), or run split again."
             ) from None
-        unknown = {i.label for i in items} - set(manifest.classes) or {i.split for i in items} - set(SPLITS)
+        unknown = {i.label for i in items} - set(manifest.classes or [""]) or {i.split for i in items} - set(SPLITS)
         if unknown:
             raise ImgsimError(f"manifest in {folder} names unknown classes or splits {sorted(unknown)}; run split again")
         return manifest

@@ -1,4 +1,4 @@
-"""A lightweight ResNet whose pre-logits layer is the embedding, and its ModelBundle artifact."""
+"""The embedding network (a backbone, its pre-logits layer as the embedding, a classifier) and its ModelBundle."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgsim import atomic
+from imgsim import atomic, backbones
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 
@@ -22,84 +24,97 @@ MODEL_JSON, WEIGHTS = "model.json", "weights.pt"
 class ModelArgs:
     """Constructor arguments, saved beside the weights so the model rebuilds without the trainer."""
 
-    num_classes: int
-    widths: tuple[int, ...] = (32, 64, 128)
+    num_classes: int  # 0: embed-only (a pretrained backbone used as is, no classifier)
+    backbone: str = backbones.SMALL
+    widths: tuple[int, ...] = (32, 64, 128)  # resnet_small only
     depths: tuple[int, ...] = (1, 1, 1)
-    embedding_dim: int = 128
-    head: str = "cosine"  # "cosine": logits = scale * cos(embedding, class weight); "linear": plain
+    embedding_dim: int = 128  # 0: the backbone's pooled features are the embedding
+    head: str = "cosine"  # cosine: scale * cos(embedding, class weight); arcface: with an angular margin; linear
     scale: float = 16.0
+    margin: float = 0.2  # arcface only: radians added to the true class's angle while training
 
     def __post_init__(self) -> None:
+        backbones.check_name(self.backbone)
         if len(self.widths) != len(self.depths) or not self.widths:
             raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
-        if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim < 2:
+        if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim == 1 or self.embedding_dim < 0:
             raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be >= 1 and "
-                              f"embedding_dim >= 2 (got {self.embedding_dim})")
-        if self.num_classes < 2:
+                              f"embedding_dim 0 (the backbone's features) or >= 2 (got {self.embedding_dim})")
+        if self.num_classes == 1 or self.num_classes < 0:
             raise ImgsimError(f"a classifier needs at least 2 classes, got {self.num_classes}; add class folders")
-        if self.head not in ("cosine", "linear"):
-            raise ImgsimError(f"head must be 'cosine' or 'linear', got {self.head!r}")
+        if self.head not in HEADS:
+            raise ImgsimError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm and an identity (or projected) shortcut."""
+HEADS = ("cosine", "arcface", "linear")
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+
+class EmbeddingNet(nn.Module):
+    """Backbone -> linear embedding -> classifier; ``forward`` gives logits, ``embed`` the L2-normalised embedding."""
+
+    def __init__(self, args: ModelArgs, preprocess: Preprocess, pretrained: dict | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
-
-
-class EmbeddingResNet(nn.Module):
-    """ResNet trunk -> linear embedding -> classifier; ``forward`` gives logits, ``embed`` the L2-normalised embedding."""
-
-    def __init__(self, args: ModelArgs, preprocess: Preprocess) -> None:
-        super().__init__()
-        self.args = args
+        self.args, self.preprocess = args, preprocess
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, -1, 1, 1))
-        w0 = args.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(preprocess.channels, w0, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
-        blocks, c_in = [], w0
-        for i, (width, depth) in enumerate(zip(args.widths, args.depths)):
-            for j in range(depth):
-                blocks.append(BasicBlock(c_in, width, 2 if i > 0 and j == 0 else 1))
-                c_in = width
-        self.stages = nn.Sequential(*blocks)
-        self.embedding = nn.Linear(c_in, args.embedding_dim)
-        self.classifier = nn.Linear(args.embedding_dim, args.num_classes, bias=args.head == "linear")
+        in_channels = preprocess.channels if args.backbone == backbones.SMALL else 3
+        # torchvision backbones take RGB: a grayscale model repeats its one channel.
+        self.repeat = in_channels // preprocess.channels
+        self.trunk, features = backbones.build_trunk(args.backbone, in_channels, args.widths, args.depths, pretrained)
+        self.embedding = nn.Linear(features, args.embedding_dim) if args.embedding_dim else nn.Identity()
+        dim = args.embedding_dim or features
+        self.dim = dim
+        self.classifier = nn.Linear(dim, args.num_classes, bias=args.head == "linear") if args.num_classes else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled trunk features of a float batch in [0, 1], shape (N, C, H, W)."""
+        """Pooled backbone features of a float batch in [0, 1], shape (N, C, H, W)."""
         x = (x - self.mean) / self.std
-        return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
+        return self.trunk(x.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else x)
 
-    def head(self, emb: torch.Tensor) -> torch.Tensor:
-        """Logits from un-normalised embeddings."""
-        if self.args.head == "cosine":
-            return self.args.scale * F.linear(F.normalize(emb, dim=1), F.normalize(self.classifier.weight, dim=1))
-        return self.classifier(emb)
+    def head(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from un-normalised embeddings; ``labels`` (training) apply arcface's margin."""
+        if self.classifier is None:
+            return emb.new_zeros((len(emb), 0))
+        if self.args.head == "linear":
+            return self.classifier(emb)
+        cos = F.linear(F.normalize(emb, dim=1), F.normalize(self.classifier.weight, dim=1))
+        if self.args.head == "arcface" and labels is not None:
+            cos = _angular_margin(cos, labels, self.args.margin)
+        return self.args.scale * cos
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embedding(self.forward_features(x)))
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; an embed-only model (no classifier) returns its normalised embedding instead."""
+        if self.classifier is None:
+            return self.embed(x)
+        return self.head(self.embedding(self.forward_features(x)), labels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings, shape (N, embedding_dim)."""
+        """L2-normalised embeddings, shape (N, dim)."""
         return F.normalize(self.embedding(self.forward_features(x)), dim=1)
 
     def embed_and_classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised embeddings and logits from one trunk pass."""
+        """Normalised embeddings and logits (N x 0 without a classifier) from one backbone pass."""
         emb = self.embedding(self.forward_features(x))
         return F.normalize(emb, dim=1), self.head(emb)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.trunk.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        trunk = {id(p) for p in self.trunk.parameters()}
+        return [p for p in self.parameters() if id(p) not in trunk]
+
+
+EmbeddingResNet = EmbeddingNet  # the name before torchvision backbones joined
+
+
+def _angular_margin(cos: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """ArcFace: cos(theta + m) for the true class; past pi - m, fall back to cos - m sin(m) to stay monotonic."""
+    target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
+    sin = torch.sqrt(1 - target * target)
+    shifted = target * math.cos(margin) - sin * math.sin(margin)
+    shifted = torch.where(target > math.cos(math.pi - margin), shifted, target - math.sin(math.pi - margin) * margin)
+    return cos.scatter(1, labels[:, None], shifted)
 
 
 @dataclasses.dataclass
@@ -112,9 +127,9 @@ class ModelBundle:
     state_dict: dict[str, torch.Tensor]
     config: dict = dataclasses.field(default_factory=dict)
 
-    def build(self) -> EmbeddingResNet:
+    def build(self) -> EmbeddingNet:
         """A ready-to-use model in eval mode."""
-        model = EmbeddingResNet(self.args, self.preprocess)
+        model = EmbeddingNet(self.args, self.preprocess)
         model.load_state_dict(self.state_dict)
         return model.eval()
 
@@ -140,11 +155,17 @@ class ModelBundle:
         try:
             meta = json.loads((folder / MODEL_JSON).read_text())
             args = ModelArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()})
-            state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+            state = _upgrade(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
             return cls(args, Preprocess.from_dict(meta["preprocess"]), list(meta["classes"]), state, meta.get("config", {}))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ImgsimError(f"no usable imgsim model in {in_dir} ({exc!r}); expected {MODEL_JSON} and {WEIGHTS} "
                               "as written by the train stage") from None
+
+
+def _upgrade(state: dict) -> dict:
+    """Models saved before backbones were pluggable kept the small ResNet's layers at the top level."""
+    old = ("stem.", "stages.")
+    return {("trunk." + k if k.startswith(old) else k): v for k, v in state.items()}
 
 
 def file_sha256(path: str | Path) -> str:

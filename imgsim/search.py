@@ -32,8 +32,8 @@ class QueryResult:
     """The neighbours of one query and the model's class prediction for it."""
 
     neighbours: list[Neighbour]
-    predicted_label: str
-    probability: float
+    predicted_label: str | None  # None for an embed-only model (no classes)
+    probability: float | None
 
 
 class Searcher:
@@ -67,7 +67,7 @@ class Searcher:
         if not 0 <= item_id < self.size:
             raise BadInput(f"unknown gallery id {item_id}; ids run from 0 to {self.size - 1}")
         label = self.index.items[item_id].label
-        probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)]
+        probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)] if self.classes else np.zeros(0)
         return self.rank(np.asarray(self.index.embeddings[item_id]), probs, k)
 
     def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int) -> QueryResult:
@@ -75,5 +75,7 @@ class Searcher:
         ids, dists = self.index.search(embedding, k, self.search_k)
         neighbours = [Neighbour(rank + 1, i, self.index.items[i].path, self.index.items[i].label, float(d),
                                 cosine_from_angular(d)) for rank, (i, d) in enumerate(zip(ids, dists))]
+        if not len(probs):
+            return QueryResult(neighbours, None, None)
         best = int(np.argmax(probs))
         return QueryResult(neighbours, self.classes[best], float(probs[best]))

@@ -203,7 +203,8 @@ class SimilarityService:
 
     def _answer(self, results: list[QueryResult]) -> dict:
         return {"results": [{"neighbours": [dataclasses.asdict(n) for n in r.neighbours],
-                             "predicted": {"label": r.predicted_label, "probability": r.probability}}
+                             "predicted": None if r.predicted_label is None else
+                             {"label": r.predicted_label, "probability": r.probability}}
                             for r in results],
                 **self.versions()}
 

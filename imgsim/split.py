@@ -24,6 +24,11 @@ class SplitConfig:
     eval_ratio: float = 0.05
     seed: int = 42
     max_pixels: int = DEFAULT_MAX_PIXELS
+    labels: str = "auto"  # folders: one subfolder per class; none: every image, unlabelled; auto: folders if any
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("auto", "folders", "none"):
+            raise ValueError(f"labels must be auto, folders or none, got {self.labels!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +47,11 @@ def split_dataset(cfg: SplitConfig) -> Manifest:
     if not root.is_dir():
         raise ImgsimError(f"image folder {root} does not exist or is not a folder; pass data_dir=<folder with one subfolder per class>")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not p.is_symlink())
-    if not classes:
-        raise ImgsimError(f"image folder {root} has no class subfolders; put each class's images in {root}/<class name>/")
+    if cfg.labels == "none" or (cfg.labels == "auto" and not classes):
+        classes = []  # an unlabelled gallery: every image, no classes, nothing held out
+    elif not classes:
+        raise ImgsimError(f"image folder {root} has no class subfolders; put each class's images in {root}/<class name>/ "
+                          "or set labels=none to index them unlabelled")
     candidates, rejected = _list_files(root.resolve(), classes)
     scanned: list[_Scanned] = []
     for rel, label in tqdm(candidates, desc="split: validating", unit="img", mininterval=1.0):
@@ -53,6 +61,9 @@ def split_dataset(cfg: SplitConfig) -> Manifest:
             rejected.append(Rejected(rel, str(exc)))
         except OSError as exc:
             rejected.append(Rejected(rel, f"unreadable: {exc.strerror or exc}"))
+    if not scanned:
+        raise ImgsimError(f"found no usable images in {root} ({len(rejected)} file(s) rejected"
+                          f"{': ' + rejected[0].reason if rejected else ''}); add JPEG, PNG, WebP, BMP, GIF or TIFF files")
     items = _assign(scanned, classes, cfg)
     params = dataclasses.asdict(cfg) | {"data_dir": str(root.resolve())}
     return Manifest(str(root.resolve()), classes, items, sorted(rejected, key=lambda r: r.path), params)
@@ -69,24 +80,38 @@ def _check_ratios(cfg: SplitConfig) -> None:
 def _list_files(root: Path, classes: list[str]) -> tuple[list[tuple[str, str]], list[Rejected]]:
     """Every visible file under each class folder (nested folders count for their top-level class)."""
     found: list[tuple[str, str]] = []
+    if not classes:
+        return _walk(root, root, "")
     rejected = [Rejected(p.name, "file directly in the image folder, not inside a class folder; move it into one")
                 for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    rejected += [Rejected(p.name, "symlinked class folder: not followed; copy the images into the image folder")
+                 for p in sorted(root.iterdir()) if p.is_symlink() and p.is_dir() and not p.name.startswith(".")]
     for label in classes:
-        for dirpath, dirnames, filenames in os.walk(root / label, followlinks=False):
-            here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for d in [d for d in dirnames if (here / d).is_symlink()]:
-                rejected.append(Rejected(str((here / d).relative_to(root)), "symlinked folder: not followed"))
-                dirnames.remove(d)
-            for name in sorted(f for f in filenames if not f.startswith(".")):
-                path = here / name
-                rel = str(path.relative_to(root))
-                if path.is_symlink() and not _inside(path.resolve(), root):
-                    rejected.append(Rejected(rel, "symlink pointing outside the image folder: not followed"))
-                elif not path.is_file():
-                    rejected.append(Rejected(rel, "not a regular file (broken link, device or pipe)"))
-                else:
-                    found.append((rel, label))
+        files, bad = _walk(root, root / label, label)
+        found += files
+        rejected += bad
+    return found, rejected
+
+
+def _walk(root: Path, top: Path, label: str) -> tuple[list[tuple[str, str]], list[Rejected]]:
+    """Every visible file below ``top``; symlinks out of ``root``, symlinked folders and non-files rejected."""
+    found: list[tuple[str, str]] = []
+    rejected: list[Rejected] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in [d for d in dirnames if (here / d).is_symlink()]:
+            rejected.append(Rejected(str((here / d).relative_to(root)), "symlinked folder: not followed"))
+            dirnames.remove(d)
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            path = here / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink() and not _inside(path.resolve(), root):
+                rejected.append(Rejected(rel, "symlink pointing outside the image folder: not followed"))
+            elif not path.is_file():
+                rejected.append(Rejected(rel, "not a regular file (broken link, device or pipe)"))
+            else:
+                found.append((rel, label))
     return found, rejected
 
 
@@ -101,7 +126,9 @@ def _validate(path: Path, rel: str, label: str, max_pixels: int) -> _Scanned:
 
 
 def _assign(scanned: list[_Scanned], classes: list[str], cfg: SplitConfig) -> list[Item]:
-    """Stratify by class over unique contents, so exact duplicates always share a split."""
+    """Stratify by class over unique contents, so exact duplicates always share a split; unlabelled: all train."""
+    if not classes:
+        return [Item(s.path, s.label, "train", s.sha256, s.width, s.height) for s in sorted(scanned, key=lambda s: s.path)]
     split_of: dict[str, str] = {}
     for label in classes:
         hashes = sorted({s.sha256 for s in scanned if s.label == label})

@@ -1,4 +1,4 @@
-"""Stage 2: train the embedding ResNet on a manifest, resumably, on CPU, GPU or several processes (DDP)."""
+"""Stage 2: train (or fine-tune) the embedding network on a manifest, resumably, on CPU, GPU or with DDP."""
 
 from __future__ import annotations
 
@@ -13,37 +13,53 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from imgsim import checkpoint, distributed
-from imgsim.data import channel_stats, label_ids, load_items
+from imgsim import augment, backbones, checkpoint, distributed, weights
+from imgsim.data import ImageFiles, Transformed, cache_images, label_ids, make_loader
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.manifest import Manifest
-from imgsim.model import EmbeddingResNet, ModelArgs, ModelBundle
+from imgsim.metrics import retrieval_metrics
+from imgsim.model import HEADS, EmbeddingNet, ModelArgs, ModelBundle
+from imgsim.recipe import input_preprocess
+
+SELECT_METRICS = ("map_at_r", "accuracy", "last")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of the train stage."""
+    """Hyper-parameters of the train stage (0 for image_size / channels: chosen from the data)."""
 
     manifest_uri: str = ""
     data_dir: str = ""  # where the manifest's relative paths live, if not where split saw them
+    backbone: str = backbones.SMALL  # or resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny
+    weights: str = "none"  # none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / s3:// / models:/ URI
     epochs: int = 12
     batch_size: int = 128
     lr: float = 0.2
+    backbone_lr_scale: float = 0.1  # pretrained backbones learn at lr * this; scratch backbones at lr
+    freeze_epochs: int = 0  # pretrained backbone frozen for the first epochs: the new head settles first
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     widths: tuple[int, ...] = (32, 64, 128)
     depths: tuple[int, ...] = (1, 1, 1)
     embedding_dim: int = 128
-    head: str = "cosine"
+    head: str = "cosine"  # cosine, arcface or linear
     scale: float = 16.0
-    image_size: int = 28
-    channels: int = 1
-    augment: bool = True
+    margin: float = 0.2  # arcface's angular margin (radians)
+    image_size: int = 0  # 0: median image side within [28, 64] from scratch; the weights' size when pretrained
+    channels: int = 0  # 0: 3 if the images have colour (or the backbone is pretrained), else 1
+    augment: str = "auto"  # auto (photo for colour, shift for grayscale), none, shift, photo
+    crop_scale: float = 0.35  # photo: smallest share of the image a random crop keeps
+    color_jitter: float = 0.2  # photo: brightness/contrast/saturation jitter (hue a quarter of it)
+    select_metric: str = "map_at_r"  # best epoch by eval mAP@R (against a train sample), accuracy, or last
+    select_gallery_items: int = 2000  # train images the eval queries are ranked against for mAP@R
+    patience: int = 0  # stop after this many epochs without a better select_metric (0: never stop early)
+    cache: str = "auto"  # decoded-image cache on disk: auto (images <= 96 px), true, false
+    workers: int = -1  # decoding processes; -1: all cores but one, at most 4
     # Off by default: with torch 2.14.1's oneDNN on CPU, channels-last backward crashed (SIGSEGV)
     # intermittently on small feature maps. bench/ measures whether it is worth it where it works.
     channels_last: bool = False
-    max_train_items: int = 0  # 0 = all; a smaller number trains on a stratified-by-order prefix for quick runs
+    max_train_items: int = 0  # 0 = all; a smaller number trains on a seeded subset for quick runs
     seed: int = 42
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     checkpoint_dir: str = "checkpoints/train"
@@ -51,10 +67,20 @@ class TrainConfig:
     register_name: str = "imgsim"
     run_name: str = ""
 
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+        augment.resolve_mode(self.augment, 3)
+        # Configs written before the presets said augment: true/false; keep them meaning what they meant.
+        object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
+        backbones.check_name(self.backbone)
+
 
 @dataclasses.dataclass
 class TrainResult:
-    """The best model by eval accuracy, and per-epoch history."""
+    """The best model by the selection metric, and per-epoch history."""
 
     bundle: ModelBundle
     history: list[dict]
@@ -63,53 +89,67 @@ class TrainResult:
 EpochHook = Callable[[int, dict], None]
 
 
+def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tuple[EmbeddingNet, Preprocess]:
+    """The untrained network: pretrained backbone weights loaded, input preprocessing chosen."""
+    root = cfg.data_dir or manifest.root
+    pretrained = weights.is_pretrained(cfg.weights)
+    trunk = weights.load_backbone_weights(cfg.backbone, cfg.weights)
+    preprocess = input_preprocess(manifest.split("train") or manifest.items, root, backbone=cfg.backbone,
+                                  pretrained=pretrained, weights=cfg.weights, image_size=cfg.image_size,
+                                  channels=cfg.channels, seed=cfg.seed)
+    args = ModelArgs(num_classes=num_classes, backbone=cfg.backbone, widths=cfg.widths, depths=cfg.depths,
+                     embedding_dim=cfg.embedding_dim, head=cfg.head, scale=cfg.scale, margin=cfg.margin)
+    return EmbeddingNet(args, preprocess, trunk), preprocess
+
+
+def embed_only(cfg: TrainConfig, manifest: Manifest) -> ModelBundle:
+    """A pretrained backbone used as is (no labels to train on): its pooled features are the embedding."""
+    if not weights.is_pretrained(cfg.weights):
+        raise ImgsimError("the images have no class folders, so there is nothing to train on: give a pretrained "
+                          "backbone to embed them as is (e.g. backbone=resnet18 weights=IMAGENET1K_V1, or a weights "
+                          "file), or sort the images into one folder per class")
+    model, preprocess = prepare_model(dataclasses.replace(cfg, embedding_dim=0), manifest, num_classes=0)
+    return ModelBundle(model.args, preprocess, [], model.state_dict(), dataclasses.asdict(cfg))
+
+
 def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | None = None,
                 extra_state: dict | None = None,
-                epoch_metrics: Callable[[EmbeddingResNet], dict] | None = None) -> TrainResult:
+                epoch_metrics: Callable[[EmbeddingNet], dict] | None = None) -> TrainResult:
     """Train on the manifest's train split, pick the best epoch on eval, checkpoint after every epoch.
 
-    ``epoch_metrics`` adds figures computed from the model after each epoch (e.g. retrieval quality).
-    """
+    ``epoch_metrics`` adds figures computed from the model after each epoch (e.g. retrieval quality)."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = distributed.device()
-    root = cfg.data_dir or manifest.root
-    train_items = _limit(manifest.split("train"), cfg.max_train_items, cfg.seed)
-    eval_items = manifest.split("eval") or manifest.split("test")
-    base = Preprocess(size=cfg.image_size, channels=cfg.channels,
-                      mean=(0.5,) * cfg.channels, std=(0.25,) * cfg.channels)
-    x_train = load_items(train_items, root, base, desc="train: loading train split")
-    x_eval = load_items(eval_items, root, base, desc="train: loading eval split")
-    mean, std = channel_stats(x_train)
-    preprocess = dataclasses.replace(base, mean=mean, std=std)
-    y_train, y_eval = label_ids(train_items, manifest.classes), label_ids(eval_items, manifest.classes)
-    args = ModelArgs(num_classes=len(manifest.classes), widths=cfg.widths, depths=cfg.depths,
-                     embedding_dim=cfg.embedding_dim, head=cfg.head, scale=cfg.scale)
+    model, preprocess = prepare_model(cfg, manifest, len(manifest.classes))
+    data = _TrainData(cfg, manifest, preprocess)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = EmbeddingResNet(args, preprocess).to(device).to(memory_format=memory_format)
+    model = model.to(device).to(memory_format=memory_format)
     ddp_model = distributed.wrap(model)
-    steps = math.ceil(distributed.shard_size(len(x_train)) / cfg.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
-                                                   pct_start=0.2)
-    state = {"epoch": 0, "best_acc": -1.0, "best_state": None, "history": [], **(extra_state or {})}
+    steps = math.ceil(distributed.shard_size(len(data.train)) / cfg.batch_size)
+    optimizer, schedule = _optimizer(cfg, model, cfg.epochs * steps)
+    state = {"epoch": 0, "best": -math.inf, "best_state": None, "history": [], "stale": 0, **(extra_state or {})}
     ckpt_path, config = Path(cfg.checkpoint_dir) / checkpoint.FILENAME, dataclasses.asdict(cfg)
     if cfg.resume:
         state = checkpoint.restore(ckpt_path, config, model, optimizer, schedule)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.patience and state["stale"] >= cfg.patience:
+            print(f"train: stopping early after epoch {epoch - 1}: no better {cfg.select_metric} for {cfg.patience} epochs")
+            break
         started = time.perf_counter()
-        loss, acc = _train_epoch(ddp_model, optimizer, schedule, x_train, y_train, cfg, epoch, device)
-        eval_acc = evaluate_accuracy(model, x_eval, y_eval, device)
-        metrics = {"train_loss": loss, "train_accuracy": acc, "eval_accuracy": eval_acc,
-                   "lr": schedule.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
+        loss, acc = _train_epoch(ddp_model, optimizer, schedule, data, cfg, epoch, device)
+        metrics = {"train_loss": loss, "train_accuracy": acc, **data.evaluate(model, device),
+                   "lr": schedule.get_last_lr()[-1], "epoch_seconds": time.perf_counter() - started}
         if epoch_metrics and distributed.is_main():
             metrics |= epoch_metrics(model.eval())
         state["history"].append({"epoch": epoch, **metrics})
-        if eval_acc > state["best_acc"]:
-            state["best_acc"] = eval_acc
+        score = epoch if cfg.select_metric == "last" or not data.eval else metrics[f"eval_{cfg.select_metric}"]
+        if score > state["best"]:
+            state["best"], state["stale"] = score, 0
             state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            state["stale"] += 1
         state["epoch"] = epoch
         if distributed.is_main():
             # Log before checkpointing: a crash in between re-runs the epoch rather than losing its metrics.
@@ -118,8 +158,49 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
             checkpoint.save(ckpt_path, config, model, optimizer, schedule, state)
     if state["best_state"] is None:
         raise ImgsimError(f"nothing to train: epochs={cfg.epochs} and the checkpoint already has {state['epoch']}")
-    bundle = ModelBundle(args, preprocess, list(manifest.classes), state["best_state"], config)
+    bundle = ModelBundle(model.args, preprocess, list(manifest.classes), state["best_state"], config)
     return TrainResult(bundle, state["history"])
+
+
+class _TrainData:
+    """Loaders for the train split (augmented), and the eval split plus a train sample for model selection."""
+
+    def __init__(self, cfg: TrainConfig, manifest: Manifest, preprocess: Preprocess) -> None:
+        self.cfg, root, classes = cfg, cfg.data_dir or manifest.root, manifest.classes
+        train_items = _limit(manifest.split("train"), cfg.max_train_items, cfg.seed)
+        # Never select on the test split: it is what extract reports. Without eval, the last epoch is kept.
+        eval_items = manifest.split("eval")
+        if not eval_items:
+            print("train: the manifest has no eval split (eval_ratio=0), so the last epoch's model is kept")
+        self.mode = augment.resolve_mode(cfg.augment, preprocess.channels)
+        load_size = round(preprocess.size * 1.15) if self.mode == "photo" else preprocess.size
+        train = ImageFiles(train_items, root, preprocess, labels=label_ids(train_items, classes), size=load_size)
+        sample = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_items))[:cfg.select_gallery_items])
+        gallery_items = [train_items[i] for i in sample]
+        gallery = ImageFiles(gallery_items, root, preprocess, labels=label_ids(gallery_items, classes))
+        evals = ImageFiles(eval_items, root, preprocess, labels=label_ids(eval_items, classes))
+        use_cache = cfg.cache == "true" or (cfg.cache == "auto" and load_size <= 96)
+        cache_dir = Path(cfg.checkpoint_dir) / "cache"
+        if use_cache:
+            train, gallery, evals = (cache_images(d, cache_dir, workers=cfg.workers, desc=f"train: decoding {name}")
+                                     for d, name in ((train, "train"), (gallery, "gallery sample"), (evals, "eval")))
+        if self.mode == "photo":
+            train = Transformed(train, augment.photo_transform(preprocess.size, cfg.crop_scale, cfg.color_jitter))
+        self.train, self.gallery, self.eval = train, gallery, evals
+
+    def loader(self, epoch: int):
+        order = distributed.shard(np.random.default_rng(self.cfg.seed + epoch).permutation(len(self.train)))
+        return make_loader(self.train, self.cfg.batch_size, order=order.tolist(), workers=self.cfg.workers,
+                           seed=self.cfg.seed + epoch)
+
+    def evaluate(self, model: EmbeddingNet, device: torch.device) -> dict[str, float]:
+        """Eval accuracy and mAP@R of the eval images against the train sample."""
+        if not len(self.eval):
+            return {}
+        queries, logits, labels = _embed(model, make_loader(self.eval, 256, workers=self.cfg.workers), device)
+        out = {"eval_accuracy": float((logits.argmax(1) == labels).mean())}
+        gallery, _, gallery_labels = _embed(model, make_loader(self.gallery, 256, workers=self.cfg.workers), device)
+        return out | {f"eval_{k}": v for k, v in retrieval_metrics(queries, labels, gallery, gallery_labels).items()}
 
 
 def read_checkpoint(cfg: TrainConfig) -> dict | None:
@@ -127,59 +208,55 @@ def read_checkpoint(cfg: TrainConfig) -> dict | None:
     return checkpoint.read_state(Path(cfg.checkpoint_dir) / checkpoint.FILENAME)
 
 
-def evaluate_accuracy(model: EmbeddingResNet, x: np.ndarray, y: np.ndarray, device: torch.device,
-                      batch_size: int = 512) -> float:
-    """Top-1 classification accuracy of ``model`` on uint8 images."""
-    if len(x) == 0:
-        return float("nan")
+def _embed(model: EmbeddingNet, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     was_training = model.training
     model.eval()
-    correct = 0
+    embeddings, logits, labels = [], [], []
     with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
-            batch = _to_float(torch.from_numpy(x[start:start + batch_size]), device)
-            correct += (model(batch).argmax(1).cpu().numpy() == y[start:start + batch_size]).sum()
+        for images, batch_labels in loader:
+            emb, logit = model.embed_and_classify(_to_float(images, device))
+            embeddings.append(emb.cpu().numpy())
+            logits.append(logit.cpu().numpy())
+            labels.append(np.asarray(batch_labels))
     model.train(was_training)
-    return float(correct) / len(x)
+    return np.concatenate(embeddings), np.concatenate(logits), np.concatenate(labels)
 
 
-def _train_epoch(model, optimizer, schedule, x, y, cfg: TrainConfig, epoch: int, device) -> tuple[float, float]:
+def _optimizer(cfg: TrainConfig, model: EmbeddingNet, total_steps: int):
+    """SGD + Nesterov with a one-cycle schedule; a pretrained backbone learns at ``backbone_lr_scale`` x lr."""
+    scale = cfg.backbone_lr_scale if weights.is_pretrained(cfg.weights) else 1.0
+    lrs = [cfg.lr * scale, cfg.lr]
+    groups = [{"params": model.backbone_parameters()}, {"params": model.head_parameters()}]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=max(total_steps, 1), pct_start=0.2)
+    return optimizer, schedule
+
+
+def _train_epoch(model, optimizer, schedule, data: _TrainData, cfg: TrainConfig, epoch: int, device) -> tuple[float, float]:
     model.train()
-    order = distributed.shard(np.random.default_rng(cfg.seed + epoch).permutation(len(x)))
+    frozen = epoch <= cfg.freeze_epochs and weights.is_pretrained(cfg.weights)
     total_loss, correct, seen = 0.0, 0, 0
-    batches = range(0, len(order), cfg.batch_size)
-    bar = tqdm(batches, desc=f"train: epoch {epoch}/{cfg.epochs}", unit="batch",
+    bar = tqdm(data.loader(epoch), desc=f"train: epoch {epoch}/{cfg.epochs}", unit="batch",
                disable=not distributed.is_main(), mininterval=1.0)
-    for start in bar:
-        idx = order[start:start + cfg.batch_size]
-        images = _to_float(torch.from_numpy(x[idx]), device)
-        if cfg.augment:
-            images = augment(images, epoch * 100003 + start)
+    for step, (images, labels) in enumerate(bar):
+        images, labels = _to_float(images, device), torch.as_tensor(labels).to(device)
+        if data.mode == "shift":
+            images = augment.shift_flip(images, epoch * 100003 + step)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.from_numpy(y[idx]).to(device)
-        logits = model(images)
+        if frozen:  # lr 0 rather than requires_grad: DDP needs the same trainable set every step
+            optimizer.param_groups[0]["lr"] = 0.0
+        logits = model(images, labels)
         loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        total_loss += loss.item() * len(idx)
+        total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(idx)
+        seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     return total_loss / max(seen, 1), correct / max(seen, 1)
-
-
-def augment(images: torch.Tensor, seed: int, pad: int = 2) -> torch.Tensor:
-    """Random horizontal flips and up-to-``pad``-pixel shifts, per image, reproducible from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    n, _, h, w = images.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def _to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

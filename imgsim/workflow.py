@@ -19,7 +19,7 @@ from imgsim.images import decode_image
 from imgsim.manifest import Manifest
 from imgsim.model import MODEL_JSON, WEIGHTS, ModelBundle
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import TrainConfig, read_checkpoint, train_model
+from imgsim.train import TrainConfig, embed_only, read_checkpoint, train_model
 
 
 def _start(name: str):
@@ -72,16 +72,29 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         mlflow.set_tag("imgsim.manifest_uri", cfg.manifest_uri)
         if run_id is None:
             _log_params(config.to_params(cfg) | {"world_size": str(distributed.world())})
-        result = train_model(cfg, manifest, on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
-                             extra_state={"mlflow_run_id": run.info.run_id})
-        result.bundle.config["manifest_uri"] = cfg.manifest_uri
-        model_uri = _log_model(result.bundle, cfg.register_name)
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(plots.training_curves(result.history, Path(tmp) / "training_curves.png")), "plots")
-        mlflow.log_metric("best_eval_accuracy", max(h["eval_accuracy"] for h in result.history))
+        if not manifest.classes:  # an unlabelled folder: the pretrained backbone as is
+            bundle, history = embed_only(cfg, manifest), []
+            mlflow.set_tag("imgsim.embed_only", "true")
+        else:
+            result = train_model(cfg, manifest, on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
+                                 extra_state={"mlflow_run_id": run.info.run_id})
+            bundle, history = result.bundle, result.history
+        bundle.config["manifest_uri"] = cfg.manifest_uri
+        model_uri = _log_model(bundle, cfg.register_name)
+        best = _best(history)
+        if history:
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.log_artifact(str(plots.training_curves(history, Path(tmp) / "training_curves.png")), "plots")
+            mlflow.log_metrics(best)
     distributed.shutdown()
-    print(f"train: best eval accuracy {max(h['eval_accuracy'] for h in result.history):.4f}; model {model_uri}")
+    print(f"train: {', '.join(f'{k} {v:.4f}' for k, v in best.items()) or 'embed-only (no training)'}; model {model_uri}")
     return run.info.run_id, model_uri
+
+
+def _best(history: list[dict]) -> dict[str, float]:
+    """The best eval figures over the epochs, as headline metrics."""
+    keys = ("eval_accuracy", "eval_map_at_r")
+    return {f"best_{k}": max(h[k] for h in history) for k in keys if history and k in history[0]}
 
 
 def _log_model(bundle: ModelBundle, register_name: str) -> str:
@@ -128,16 +141,19 @@ def run_extract(cfg: ExtractConfig) -> str:
 
 def _plot_extract(cfg: ExtractConfig, result, manifest: Manifest, out: Path) -> Path:
     root = Path(cfg.data_dir or manifest.root)
-    if len(result.queries):
-        plots.embedding_map(result.queries, [i.label for i in result.query_items], out / "embeddings_tsne.png",
+    # Without labelled queries (an unlabelled gallery) the pictures show gallery items and their neighbours.
+    queries, query_items = (result.queries, result.query_items) if len(result.queries) else \
+        (np.asarray(result.index.embeddings), result.index.items)
+    if len(queries) >= 5:  # t-SNE needs a handful of points
+        plots.embedding_map(queries, [i.label or "unlabelled" for i in query_items], out / "embeddings_tsne.png",
                             max_points=cfg.plot_points, seed=cfg.seed)
-        rows = []
-        for q in np.random.default_rng(cfg.seed).permutation(len(result.queries))[:8]:
-            ids, dists = result.index.search(result.queries[q], 8, cfg.search_k)
-            neighbours = [(_picture(root / result.index.items[i].path), result.index.items[i].label, d)
-                          for i, d in zip(ids, dists)]
-            rows.append((_picture(root / result.query_items[q].path), result.query_items[q].label, neighbours))
-        plots.neighbour_grid(rows, out / "query_neighbours.png")
+    rows = []
+    for q in np.random.default_rng(cfg.seed).permutation(len(queries))[:8]:
+        ids, dists = result.index.search(queries[q], 8, cfg.search_k)
+        neighbours = [(_picture(root / result.index.items[i].path), result.index.items[i].label, d)
+                      for i, d in zip(ids, dists)]
+        rows.append((_picture(root / query_items[q].path), query_items[q].label, neighbours))
+    plots.neighbour_grid(rows, out / "query_neighbours.png")
     (out / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     return out
@@ -157,8 +173,8 @@ def run_main(split_cfg: SplitConfig, train_cfg: TrainConfig, extract_cfg: Extrac
         train_id, model_uri = run_train(dataclasses.replace(train_cfg, manifest_uri=f"runs:/{split_id}/split"))
         extract_id = run_extract(dataclasses.replace(extract_cfg, model_uri=model_uri,
                                                      manifest_uri=f"runs:/{split_id}/split"))
-        metrics = mlflow.get_run(extract_id).data.metrics | {
-            "best_eval_accuracy": mlflow.get_run(train_id).data.metrics["best_eval_accuracy"]}
+        train_metrics = mlflow.get_run(train_id).data.metrics
+        metrics = mlflow.get_run(extract_id).data.metrics | {k: v for k, v in train_metrics.items() if k.startswith("best_")}
         mlflow.log_metrics(metrics)  # the parent run shows the headline figures
         return {"main": parent.info.run_id, "split": split_id, "train": train_id, "extract": extract_id,
                 "model_uri": model_uri, "bundle_uri": f"runs:/{extract_id}/{BUNDLE_ARTIFACT}",

@@ -85,6 +85,8 @@ def test_missing_or_empty_root_and_bad_ratios_are_clear(tmp_path):
         split_dataset(SplitConfig(data_dir=str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImgsimError, match="no class subfolders"):
+        split_dataset(SplitConfig(data_dir=str(tmp_path / "empty"), labels="folders"))
+    with pytest.raises(ImgsimError, match="found no usable images"):
         split_dataset(SplitConfig(data_dir=str(tmp_path / "empty")))
     with pytest.raises(ImgsimError, match="sum to less than 1"):
         split_dataset(SplitConfig(data_dir=str(tmp_path), test_ratio=0.6, eval_ratio=0.5))

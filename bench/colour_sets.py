@@ -1,0 +1,89 @@
+"""Colour dev sets from Debian packages: Tux Paint stamps (a few hundred) and Oxygen icons (a few thousand).
+
+python bench/colour_sets.py [--out data/colour]   -> data/colour/<set>/<class>/<file>.png
+
+- ``tuxpaint``: ``tuxpaint-stamps-default``; the class is the stamp's top-level category (animals, food, ...).
+- ``oxygen``: ``oxygen-icon-theme``; the class is the icon's context (actions, apps, devices, places, ...). One
+  icon exists at up to eight sizes: near-duplicates that must not sit on both sides of a split, so only one size
+  of each icon (the largest up to 128 px) is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = {"tuxpaint": ("tuxpaint-stamps-default", Path("/usr/share/tuxpaint/stamps")),
+           "oxygen": ("oxygen-icon-theme", Path("/usr/share/icons/oxygen/base"))}
+MIN_PER_CLASS, OXYGEN_PER_CLASS = 8, 300
+OXYGEN_SIZES = ("128x128", "64x64", "48x48", "32x32")
+
+
+def ensure_package(name: str) -> Path:
+    """The package's folder, installing it with apt-get where it is missing."""
+    package, folder = SOURCES[name]
+    if not folder.is_dir() and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False, capture_output=True)
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: install the Debian package {package} (apt-get install {package})")
+    return folder
+
+
+def tuxpaint_files(folder: Path) -> dict[str, list[Path]]:
+    by_class = collections.defaultdict(list)
+    for path in sorted(folder.rglob("*.png")):
+        rel = path.relative_to(folder)
+        if len(rel.parts) > 1 and not path.name.endswith(("_mirror.png", "_back.png")):
+            by_class[rel.parts[0]].append(path)
+    return by_class
+
+
+def oxygen_files(folder: Path, seed: int = 0) -> dict[str, list[Path]]:
+    chosen: dict[tuple[str, str], Path] = {}
+    for size in reversed(OXYGEN_SIZES):  # larger sizes overwrite smaller ones: one file per icon
+        for path in sorted((folder / size).glob("*/*.png")):
+            chosen[(path.parent.name, path.stem)] = path
+    by_class = collections.defaultdict(list)
+    for (context, _), path in sorted(chosen.items()):
+        by_class[context].append(path)
+    rng = random.Random(seed)
+    return {c: sorted(rng.sample(paths, min(len(paths), OXYGEN_PER_CLASS))) for c, paths in by_class.items()}
+
+
+def build(name: str, out: Path) -> Path:
+    """Write the dev set once (copies, so split's symlink rule does not reject them); returns its root."""
+    root = out / name
+    if (root / ".complete").exists():
+        return root
+    folder = ensure_package(name)
+    files = tuxpaint_files(folder) if name == "tuxpaint" else oxygen_files(folder)
+    shutil.rmtree(root, ignore_errors=True)
+    for label, paths in files.items():
+        if len(paths) < MIN_PER_CLASS:
+            continue
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            flat = "_".join(path.relative_to(folder).parts[1:]) if name == "tuxpaint" else \
+                f"{path.parent.name}_{path.name}"
+            shutil.copyfile(path, root / label / flat)
+    (root / ".complete").write_text("")
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "data" / "colour")
+    args = parser.parse_args()
+    for name in SOURCES:
+        root = build(name, args.out)
+        counts = {p.name: sum(1 for _ in p.iterdir()) for p in sorted(root.iterdir()) if p.is_dir()}
+        print(f"{name}: {sum(counts.values())} images in {len(counts)} classes at {root}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""What the model sees: input size, channels, framing and normalisation, chosen from the data and the backbone."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from imgsim import backbones
+from imgsim.data import ImageFiles, channel_stats
+from imgsim.errors import ImgsimError
+from imgsim.images import Preprocess, decode_image
+from imgsim.manifest import Item
+
+# Scratch training: small images keep their size, larger ones are trained at 64 px (measured on the colour dev
+# sets in bench/quality.py: 64 px beat 48 and 96 px at equal training time on 2 cores).
+MIN_AUTO_SIZE, MAX_AUTO_SIZE = 28, 64
+
+
+def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, pretrained: bool, weights: str,
+                     image_size: int = 0, channels: int = 0, seed: int = 0) -> Preprocess:
+    """The Preprocess stored with the model: explicit settings win, 0 means "choose from the data"."""
+    channels = channels or (3 if pretrained or is_colour(items, root, seed=seed) else 1)
+    if pretrained:
+        spec = backbones.pretrained_preprocess(backbone, weights)
+        size = image_size or spec["size"]
+        resize = round(spec["resize"] * size / spec["size"])
+        mean, std = spec["mean"], spec["std"]
+        if channels == 1:  # grayscale through an RGB backbone: the channel is repeated, so use the mean statistics
+            mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+        return Preprocess(size=size, channels=channels, mean=tuple(mean), std=tuple(std), resize=resize)
+    size = image_size or auto_size(items)
+    base = Preprocess(size=size, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
+    mean, std = channel_stats(ImageFiles(items, root, base), seed=seed)
+    return Preprocess(size=size, channels=channels, mean=mean, std=std)
+
+
+def auto_size(items: Sequence[Item]) -> int:
+    """The median shorter side of the images, within [28, 64]."""
+    if not items:
+        return MIN_AUTO_SIZE
+    median = statistics.median(min(i.width, i.height) for i in items)
+    return int(min(max(median, MIN_AUTO_SIZE), MAX_AUTO_SIZE))
+
+
+def is_colour(items: Sequence[Item], root: str | Path, *, sample: int = 64, seed: int = 0) -> bool:
+    """True if a sample of the images has real colour (not just RGB files holding gray pixels)."""
+    pick = np.random.default_rng(seed).permutation(len(items))[:sample]
+    for i in pick:
+        try:
+            img = decode_image((Path(root) / items[i].path).read_bytes(), draft=32)
+        except (OSError, ImgsimError):
+            continue
+        if img.mode == "RGB":
+            arr = np.asarray(img.resize((32, 32)), dtype=np.int16)
+            if np.abs(arr - arr.mean(axis=2, keepdims=True)).mean() > 2.0:
+                return True
+    return False
