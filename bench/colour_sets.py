@@ -75,6 +75,14 @@ def build(name: str, out: Path) -> Path:
     return root
 
 
+def manifest(name: str):
+    """A colour dev set split 65/25/10; the test images are the queries, train + eval the gallery."""
+    from imgsim.split import SplitConfig, split_dataset
+
+    root = build(name, REPO / "data" / "colour")
+    return split_dataset(SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "data" / "colour")

@@ -26,7 +26,6 @@ from imgsim.data import label_ids, load_items  # noqa: E402
 from imgsim.extract import embed_batches  # noqa: E402
 from imgsim.images import Preprocess  # noqa: E402
 from imgsim.metrics import mean_average_precision, retrieval_metrics  # noqa: E402
-from imgsim.split import SplitConfig, split_dataset  # noqa: E402
 from imgsim.train import TrainConfig, train_model  # noqa: E402
 
 CONFIGS = {"default": TrainConfig(), "demo": TrainConfig(epochs=4)}
@@ -70,12 +69,6 @@ def _plot_by_epoch(history: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def colour_manifest(name: str):
-    """A colour dev set split 65/25/10; the test images are the queries, train + eval the gallery."""
-    root = colour_sets.build(name, colour_sets.REPO / "data" / "colour")
-    return split_dataset(SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["fashion-mnist", *colour_sets.SOURCES], default="fashion-mnist")
@@ -90,7 +83,7 @@ def main() -> None:
         "checkpoint_dir": str(RESULTS / "checkpoints" / args.dataset), "register_name": "",
         "epochs": args.epochs or cfg.epochs})
     colour = args.dataset != "fashion-mnist"
-    manifest = colour_manifest(args.dataset) if colour else protocol_manifest()
+    manifest = colour_sets.manifest(args.dataset) if colour else protocol_manifest()
     root = manifest.root
     gallery_items = [i for i in manifest.items if i.split in ("train", "eval")]
     query_items = manifest.split("test")

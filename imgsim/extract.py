@@ -8,10 +8,8 @@ import time
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch.utils.data import Dataset
-from tqdm import tqdm
-
-from imgsim.data import ImageArray, ImageFiles, label_ids, make_loader
+from imgsim.data import ImageFiles, label_ids
+from imgsim.embed import embed_batches, embed_dataset, extract_embeddings  # noqa: F401 (the stage's public API)
 from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
@@ -83,35 +81,6 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
         sample = gallery[np.random.default_rng(cfg.seed).permutation(len(gallery))[:1000]]
         metrics |= index_recall(sample, gallery, index, cfg.search_k)
     return ExtractResult(index, metrics, queries, query_items)
-
-
-def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, desc: str = "embedding", *,
-                  workers: int = -1) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Normalised embeddings and logits of a dataset, streamed through a DataLoader (workers decode) into
-    preallocated arrays: memory holds the outputs and a few batches, never the images."""
-    n, classes = len(dataset), model.args.num_classes
-    embeddings = np.empty((n, model.dim), dtype=np.float32)
-    logits = np.empty((n, classes), dtype=np.float32)
-    start = 0
-    with torch.inference_mode():
-        for images, _ in tqdm(make_loader(dataset, batch_size, workers=workers), desc=desc, unit="batch",
-                              mininterval=1.0):
-            emb, logit = model.embed_and_classify(images.float().div_(255.0))
-            embeddings[start:start + len(emb)], logits[start:start + len(emb)] = emb.numpy(), logit.numpy()
-            start += len(emb)
-    return embeddings, logits
-
-
-def extract_embeddings(model: EmbeddingNet, images: NDArray[np.uint8], batch_size: int = 512,
-                       desc: str = "embedding") -> NDArray[np.float32]:
-    """L2-normalised float32 embeddings (N x D) of already decoded uint8 images."""
-    return embed_batches(model, images, batch_size, desc)[0]
-
-
-def embed_batches(model: EmbeddingNet, images: NDArray[np.uint8], batch_size: int,
-                  desc: str) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Normalised embeddings and logits of already decoded uint8 images."""
-    return embed_dataset(model, ImageArray(images, np.zeros(len(images), np.int64)), batch_size, desc)
 
 
 def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: IndexBundle,

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from imgsim import augment, backbones, checkpoint, distributed, weights
 from imgsim.data import ImageFiles, Transformed, cache_images, label_ids, make_loader
+from imgsim.embed import embed_dataset
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.manifest import Manifest
@@ -139,7 +140,7 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
             break
         started = time.perf_counter()
         loss, acc = _train_epoch(ddp_model, optimizer, schedule, data, cfg, epoch, device)
-        metrics = {"train_loss": loss, "train_accuracy": acc, **data.evaluate(model, device),
+        metrics = {"train_loss": loss, "train_accuracy": acc, **data.evaluate(model),
                    "lr": schedule.get_last_lr()[-1], "epoch_seconds": time.perf_counter() - started}
         if epoch_metrics and distributed.is_main():
             metrics |= epoch_metrics(model.eval())
@@ -193,33 +194,20 @@ class _TrainData:
         return make_loader(self.train, self.cfg.batch_size, order=order.tolist(), workers=self.cfg.workers,
                            seed=self.cfg.seed + epoch)
 
-    def evaluate(self, model: EmbeddingNet, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: EmbeddingNet) -> dict[str, float]:
         """Eval accuracy and mAP@R of the eval images against the train sample."""
         if not len(self.eval):
             return {}
-        queries, logits, labels = _embed(model, make_loader(self.eval, 256, workers=self.cfg.workers), device)
+        queries, logits = embed_dataset(model, self.eval, 256, "", workers=self.cfg.workers)
+        gallery, _ = embed_dataset(model, self.gallery, 256, "", workers=self.cfg.workers)
+        labels, gallery_labels = self.eval.labels, self.gallery.labels
         out = {"eval_accuracy": float((logits.argmax(1) == labels).mean())}
-        gallery, _, gallery_labels = _embed(model, make_loader(self.gallery, 256, workers=self.cfg.workers), device)
         return out | {f"eval_{k}": v for k, v in retrieval_metrics(queries, labels, gallery, gallery_labels).items()}
 
 
 def read_checkpoint(cfg: TrainConfig) -> dict | None:
     """The last checkpoint's bookkeeping (epoch, extra state such as the MLflow run id), if there is one."""
     return checkpoint.read_state(Path(cfg.checkpoint_dir) / checkpoint.FILENAME)
-
-
-def _embed(model: EmbeddingNet, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    was_training = model.training
-    model.eval()
-    embeddings, logits, labels = [], [], []
-    with torch.inference_mode():
-        for images, batch_labels in loader:
-            emb, logit = model.embed_and_classify(_to_float(images, device))
-            embeddings.append(emb.cpu().numpy())
-            logits.append(logit.cpu().numpy())
-            labels.append(np.asarray(batch_labels))
-    model.train(was_training)
-    return np.concatenate(embeddings), np.concatenate(logits), np.concatenate(labels)
 
 
 def _optimizer(cfg: TrainConfig, model: EmbeddingNet, total_steps: int):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from imgsim import backbones, tracking
+from imgsim import backbones
 from imgsim.errors import ImgsimError
 
 NONE = ("", "none")
@@ -29,6 +29,8 @@ def load_backbone_weights(backbone: str, weights: str) -> dict[str, torch.Tensor
                           f"choose a torchvision backbone ({', '.join(backbones.TORCHVISION)}) or weights=none")
     if backbones.is_weights_name(weights):
         return backbones.trunk_state(backbone, _download(backbone, weights), f"torchvision weights {weights}")
+    from imgsim import tracking  # MLflow only when a URI needs fetching
+
     with tracking.fetched(weights, "weights") as path:
         if _is_imgsim_model(path):
             return _trunk_of_imgsim_model(path, backbone, weights)
