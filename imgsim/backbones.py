@@ -23,6 +23,11 @@ def check_name(name: str) -> None:
         raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
+def feature_dim(name: str, widths: tuple[int, ...]) -> int:
+    """The pooled feature dimension of backbone ``name``."""
+    return widths[-1] if name == SMALL else TORCHVISION[name]
+
+
 def build_trunk(name: str, channels: int, widths: tuple[int, ...], depths: tuple[int, ...],
                 state_dict: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
     """The feature extractor (image batch -> pooled features) and its output dimension; ``state_dict``:

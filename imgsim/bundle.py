@@ -24,7 +24,7 @@ def write_bundle(out_dir: str | Path, model: ModelBundle, index: IndexBundle, mo
         files = {name: file_sha256(tmp / name) for name in FILES}
         meta = {
             "format_version": FORMAT_VERSION,
-            "model": {**model_ref, "weights_sha256": files[WEIGHTS], "embedding_dim": model.args.embedding_dim,
+            "model": {**model_ref, "weights_sha256": files[WEIGHTS], "embedding_dim": model.args.dim,
                       "classes": model.classes},
             "index": {"dim": index.dim, "metric": index.metric, "n_trees": index.n_trees,
                       "count": len(index.items)},
@@ -72,7 +72,7 @@ def load_bundle(folder: str | Path) -> tuple[dict, ModelBundle, IndexBundle]:
     meta = verify_bundle(folder)
     model = ModelBundle.load(folder)
     index = IndexBundle.load(folder, n_trees=meta["index"]["n_trees"])
-    if model.args.embedding_dim != index.dim or len(index.items) != meta["index"]["count"]:
-        raise ImgsimError(f"bundle {folder}: model dimension {model.args.embedding_dim}, index dimension {index.dim}, "
+    if model.args.dim != index.dim or len(index.items) != meta["index"]["count"]:
+        raise ImgsimError(f"bundle {folder}: model dimension {model.args.dim}, index dimension {index.dim}, "
                           f"{len(index.items)} items (metadata says {meta['index']['count']}); re-export the bundle")
     return meta, model, index

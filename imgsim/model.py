@@ -45,6 +45,11 @@ class ModelArgs:
         if self.head not in HEADS:
             raise ImgsimError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
+    @property
+    def dim(self) -> int:
+        """The embedding's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
+        return self.embedding_dim or backbones.feature_dim(self.backbone, self.widths)
+
 
 HEADS = ("cosine", "arcface", "linear")
 
@@ -62,8 +67,7 @@ class EmbeddingNet(nn.Module):
         self.repeat = in_channels // preprocess.channels
         self.trunk, features = backbones.build_trunk(args.backbone, in_channels, args.widths, args.depths, pretrained)
         self.embedding = nn.Linear(features, args.embedding_dim) if args.embedding_dim else nn.Identity()
-        dim = args.embedding_dim or features
-        self.dim = dim
+        self.dim = dim = args.dim
         self.classifier = nn.Linear(dim, args.num_classes, bias=args.head == "linear") if args.num_classes else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

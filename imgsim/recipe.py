@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from pathlib import Path
 from typing import Sequence
@@ -14,9 +16,21 @@ from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess, decode_image
 from imgsim.manifest import Item
 
-# Scratch training: small images keep their size, larger ones are trained at 64 px (measured on the colour dev
-# sets in bench/quality.py: 64 px beat 48 and 96 px at equal training time on 2 cores).
-MIN_AUTO_SIZE, MAX_AUTO_SIZE = 28, 64
+# Scratch training: images are trained at 28-32 px. On both colour dev sets 32 px beat 48 and 64 px at the same
+# epochs (bench/sweep.py: P@1 0.61 vs 0.54/0.56 and 0.59 vs 0.57/0.55) while costing 2-4x less per image.
+MIN_AUTO_SIZE, MAX_AUTO_SIZE = 28, 32
+# Small collections need more passes and smaller batches to get enough optimizer steps (epochs20 vs base vs
+# epochs80 in bench/sweep.py); Fashion-MNIST's tuned 12 x 128 at lr 0.2 is what this gives for 60k images.
+MIN_STEPS, MAX_AUTO_EPOCHS, SMALL_SET = 1000, 100, 10_000
+
+
+def schedule(cfg, n_train: int):
+    """``cfg`` with batch_size, epochs and lr chosen from the training-set size where they are 0 (auto)."""
+    batch = cfg.batch_size or (32 if n_train < SMALL_SET else 128)
+    steps_per_epoch = max(1, math.ceil(n_train / batch))
+    epochs = cfg.epochs or min(MAX_AUTO_EPOCHS, max(12, math.ceil(MIN_STEPS / steps_per_epoch)))
+    lr = cfg.lr or 0.2 * batch / 128  # linear scaling from the Fashion-MNIST setting (lr 0.05 won at batch 32)
+    return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=lr)
 
 
 def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, pretrained: bool, weights: str,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from imgsim import augment, backbones, checkpoint, distributed, weights
+from imgsim import augment, backbones, checkpoint, distributed, recipe, weights
 from imgsim.data import ImageFiles, Transformed, cache_images, label_ids, make_loader
 from imgsim.embed import embed_dataset
 from imgsim.errors import ImgsimError
@@ -34,9 +34,9 @@ class TrainConfig:
     data_dir: str = ""  # where the manifest's relative paths live, if not where split saw them
     backbone: str = backbones.SMALL  # or resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny
     weights: str = "none"  # none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / s3:// / models:/ URI
-    epochs: int = 12
-    batch_size: int = 128
-    lr: float = 0.2
+    epochs: int = 0  # 0: enough for ~1000 optimizer steps, at least 12, at most 100 (12 for Fashion-MNIST)
+    batch_size: int = 0  # 0: 32 below 10k training images, else 128
+    lr: float = 0.0  # 0: 0.2 x batch_size / 128
     backbone_lr_scale: float = 0.1  # pretrained backbones learn at lr * this; scratch backbones at lr
     freeze_epochs: int = 0  # pretrained backbone frozen for the first epochs: the new head settles first
     weight_decay: float = 5e-4
@@ -47,9 +47,9 @@ class TrainConfig:
     head: str = "cosine"  # cosine, arcface or linear
     scale: float = 16.0
     margin: float = 0.2  # arcface's angular margin (radians)
-    image_size: int = 0  # 0: median image side within [28, 64] from scratch; the weights' size when pretrained
+    image_size: int = 0  # 0: median image side within [28, 32] from scratch; the weights' size when pretrained
     channels: int = 0  # 0: 3 if the images have colour (or the backbone is pretrained), else 1
-    augment: str = "auto"  # auto (photo for colour, shift for grayscale), none, shift, photo
+    augment: str = "auto"  # auto (photo for pretrained backbones, else shift), none, shift, photo
     crop_scale: float = 0.35  # photo: smallest share of the image a random crop keeps
     color_jitter: float = 0.2  # photo: brightness/contrast/saturation jitter (hue a quarter of it)
     select_metric: str = "map_at_r"  # best epoch by eval mAP@R (against a train sample), accuracy, or last
@@ -73,7 +73,7 @@ class TrainConfig:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
-        augment.resolve_mode(self.augment, 3)
+        augment.resolve_mode(self.augment, False)
         # Configs written before the presets said augment: true/false; keep them meaning what they meant.
         object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
         backbones.check_name(self.backbone)
@@ -103,6 +103,11 @@ def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tup
     return EmbeddingNet(args, preprocess, trunk), preprocess
 
 
+def resolve_schedule(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
+    """Batch size, epochs and learning rate for this manifest where the config leaves them at 0 (auto)."""
+    return recipe.schedule(cfg, len(_limit(manifest.split("train"), cfg.max_train_items, cfg.seed)))
+
+
 def embed_only(cfg: TrainConfig, manifest: Manifest) -> ModelBundle:
     """A pretrained backbone used as is (no labels to train on): its pooled features are the embedding."""
     if not weights.is_pretrained(cfg.weights):
@@ -119,6 +124,7 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
     """Train on the manifest's train split, pick the best epoch on eval, checkpoint after every epoch.
 
     ``epoch_metrics`` adds figures computed from the model after each epoch (e.g. retrieval quality)."""
+    cfg = resolve_schedule(cfg, manifest)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -173,7 +179,7 @@ class _TrainData:
         eval_items = manifest.split("eval")
         if not eval_items:
             print("train: the manifest has no eval split (eval_ratio=0), so the last epoch's model is kept")
-        self.mode = augment.resolve_mode(cfg.augment, preprocess.channels)
+        self.mode = augment.resolve_mode(cfg.augment, weights.is_pretrained(cfg.weights))
         load_size = round(preprocess.size * 1.15) if self.mode == "photo" else preprocess.size
         train = ImageFiles(train_items, root, preprocess, labels=label_ids(train_items, classes), size=load_size)
         sample = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_items))[:cfg.select_gallery_items])

@@ -19,7 +19,7 @@ from imgsim.images import decode_image
 from imgsim.manifest import Manifest
 from imgsim.model import MODEL_JSON, WEIGHTS, ModelBundle
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import TrainConfig, embed_only, read_checkpoint, train_model
+from imgsim.train import TrainConfig, embed_only, read_checkpoint, resolve_schedule, train_model
 
 
 def _start(name: str):
@@ -61,6 +61,7 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         tracking.setup()
     with tracking.fetched(cfg.manifest_uri, "manifest") as folder:
         manifest = Manifest.load(folder)
+    cfg = resolve_schedule(cfg, manifest)  # log the batch size, epochs and lr actually used, not "0 = auto"
     if not distributed.is_main():
         train_model(cfg, manifest)
         distributed.shutdown()

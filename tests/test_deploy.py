@@ -33,7 +33,8 @@ VARIANTS = {
     "s3-with-irsa": {"serviceAccount": {"annotations": {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/imgsim-bundle-reader"}}},
     "training-gpu": {"training": {"enabled": True}, "networkPolicy": {"enabled": True}},
-    "training-cpu": {"training": {"enabled": True, "gpus": 0, "extraArgs": ["--max-train-items", "1000"]},
+    "training-cpu": {"training": {"enabled": True, "gpus": 0, "epochs": 20,
+                                  "extraArgs": ["--config", "/data/config.yaml", "--max-train-items", "1000"]},
                      "nodeSelector": {"imgsim.io/pool": "cpu"}, "imagePullSecrets": [{"name": "regcred"}]},
 }
 
@@ -203,8 +204,11 @@ def test_training_job_runs_the_real_cli_on_gpu_nodes():
     assert pod["nodeSelector"] == {"imgsim.io/pool": "gpu"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert container["command"] == ["imgsim", "main"]
     ns = build_parser().parse_args(["main", *container["args"]])
-    assert ns.data_dir == "/data/images" and ns.epochs == "12"
+    # No epochs value: the Job passes none, so a config file (or the recipe) decides.
+    assert ns.data_dir == "/data/images" and ns.epochs is None
     (cpu_job,) = of_kind(render(VARIANTS["training-cpu"]), "Job")
+    ns = build_parser().parse_args(["main", *cpu_job["spec"]["template"]["spec"]["containers"][0]["args"]])
+    assert ns.epochs == "20" and ns.config == "/data/config.yaml" and ns.max_train_items == "1000"
     assert "nvidia.com/gpu" not in cpu_job["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     assert not of_kind(render({}), "Job")
 
