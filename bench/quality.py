@@ -80,9 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    cfg = settings.resolve(TrainConfig, None, dataclasses.asdict(cfg) | overrides | {
-        "checkpoint_dir": str(RESULTS / "checkpoints" / args.dataset), "register_name": "",
-        "epochs": args.epochs or cfg.epochs})
+    cfg = settings.resolve(TrainConfig, None, dataclasses.asdict(cfg) | {"epochs": args.epochs or cfg.epochs} |
+                           overrides | {"checkpoint_dir": str(RESULTS / "checkpoints" / f"{args.dataset}{args.tag}"),
+                                        "register_name": ""})
     colour = args.dataset != "fashion-mnist"
     manifest = colour_sets.manifest(args.dataset) if colour else protocol_manifest()
     root = manifest.root

@@ -74,7 +74,53 @@ def section() -> str:
                      f"{' including the pip install' if pipeline['fresh_venv'] else ''}: "
                      f"{pipeline['wall_seconds'] / 60:.1f} min wall (exit {pipeline['exit_code']}); "
                      "`python bench/pipeline.py`.\n")
+    parts += own_images_sections()
     return "\n".join(parts)
+
+
+def own_images_sections() -> list[str]:
+    """Colour dev sets, the recipe sweep, and the streaming data path's memory and throughput."""
+    parts = []
+    colour = [q for q in (load("quality-tuxpaint"), load("quality-oxygen")) if q]
+    if colour:
+        parts.append("**6. Quality on colour images** — the defaults (no settings) on two colour dev sets built from "
+                     "Debian packages by `bench/colour_sets.py` (Tux Paint stamps by category; Oxygen icons by "
+                     "context, one size per icon so near-duplicates cannot straddle the split); 65/25/10 split, "
+                     "test images as queries against train + eval; `python bench/quality.py --dataset NAME`:\n")
+        for q in colour:
+            pre = q.get("preprocess", {})
+            parts.append(f"*{q['dataset']}* ({q['rows'][0]['embedding']}, {pre.get('size')} px, "
+                         f"{pre.get('channels')} channels; training {q['train_seconds'] / 60:.1f} min on "
+                         f"{q['machine']['torch_threads']} threads):\n")
+            parts.append(table(q["rows"], ["embedding", "accuracy", "precision_at_1", "precision_at_10", "map_at_r",
+                                           "map_full"]) + "\n")
+    sweeps = [s for s in (load("sweep-tuxpaint"), load("sweep-oxygen")) if s]
+    if sweeps:
+        rows = {}
+        for sweep in sweeps:
+            for r in sweep["rows"]:
+                row = rows.setdefault(r["variant"], {"variant": r["variant"]})
+                row[f"{r['dataset']}_p1"], row[f"{r['dataset']}_map_at_r"] = r["precision_at_1"], r["map_at_r"]
+        base = ", ".join(f"{k}={v}" for k, v in sweeps[0]["base"].items())
+        parts.append(f"**7. Recipe sweep** — one setting changed at a time from a base ({base}, cosine head, "
+                     "photo augmentation, selection on eval mAP@R), both colour sets; `python bench/sweep.py` "
+                     f"(run once on a GPU machine, torch {sweeps[0]['machine']['torch']}, to compare settings quickly; "
+                     "~190 and ~275 queries, so differences under ~0.03 are noise):\n")
+        parts.append(table(list(rows.values()), ["variant", "tuxpaint_p1", "tuxpaint_map_at_r", "oxygen_p1",
+                                                 "oxygen_map_at_r"]) + "\n")
+    memory, loader = load("memory"), load("loader")
+    if memory:
+        parts.append(f"**8. Memory of extract** — generated JPEGs embedded at {memory['size']} px, streamed through "
+                     "the DataLoader (now) and decoded into one array first (before); `python bench/memory.py`:\n")
+        parts.append(table(memory["rows"], ["path", "images", "peak_rss_mb", "worker_peak_rss_mb", "growth_mb",
+                                            "seconds"]) + "\n")
+    if loader:
+        parts.append("**9. Fashion-MNIST throughput, streaming data path against the in-memory one it replaced** "
+                     f"(train: {loader['train_images']:,} images of optimizer steps; extract: "
+                     f"{loader['extract_images']:,} PNG files to embeddings); `python bench/loader.py`:\n")
+        parts.append(table(loader["rows"], ["stage", "before_images_per_second", "now_images_per_second",
+                                            "now_over_before"]) + "\n")
+    return parts
 
 
 def main() -> None:

@@ -34,15 +34,15 @@ class TrainConfig:
     data_dir: str = ""  # where the manifest's relative paths live, if not where split saw them
     backbone: str = backbones.SMALL  # or resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny
     weights: str = "none"  # none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / s3:// / models:/ URI
-    epochs: int = 0  # 0: enough for ~1000 optimizer steps, at least 12, at most 100 (12 for Fashion-MNIST)
+    epochs: int = 0  # 0: enough for ~2000 optimizer steps, at least 12, at most 100 (12 for Fashion-MNIST)
     batch_size: int = 0  # 0: 32 below 10k training images, else 128
     lr: float = 0.0  # 0: 0.2 x batch_size / 128
     backbone_lr_scale: float = 0.1  # pretrained backbones learn at lr * this; scratch backbones at lr
     freeze_epochs: int = 0  # pretrained backbone frozen for the first epochs: the new head settles first
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    widths: tuple[int, ...] = (32, 64, 128)
-    depths: tuple[int, ...] = (1, 1, 1)
+    widths: tuple[int, ...] = ()  # resnet_small's stages; empty: 32,64,128 below 32 px, 32,64,128,256 from 32 px
+    depths: tuple[int, ...] = ()  # empty: one block per stage
     embedding_dim: int = 128
     head: str = "cosine"  # cosine, arcface or linear
     scale: float = 16.0
@@ -104,8 +104,8 @@ def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tup
 
 
 def resolve_schedule(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
-    """Batch size, epochs and learning rate for this manifest where the config leaves them at 0 (auto)."""
-    return recipe.schedule(cfg, len(_limit(manifest.split("train"), cfg.max_train_items, cfg.seed)))
+    """Batch size, epochs, learning rate and stages for this manifest where the config leaves them auto."""
+    return recipe.schedule(cfg, _limit(manifest.split("train"), cfg.max_train_items, cfg.seed))
 
 
 def embed_only(cfg: TrainConfig, manifest: Manifest) -> ModelBundle:
@@ -114,7 +114,8 @@ def embed_only(cfg: TrainConfig, manifest: Manifest) -> ModelBundle:
         raise ImgsimError("the images have no class folders, so there is nothing to train on: give a pretrained "
                           "backbone to embed them as is (e.g. backbone=resnet18 weights=IMAGENET1K_V1, or a weights "
                           "file), or sort the images into one folder per class")
-    model, preprocess = prepare_model(dataclasses.replace(cfg, embedding_dim=0), manifest, num_classes=0)
+    cfg = resolve_schedule(dataclasses.replace(cfg, embedding_dim=0), manifest)
+    model, preprocess = prepare_model(cfg, manifest, num_classes=0)
     return ModelBundle(model.args, preprocess, [], model.state_dict(), dataclasses.asdict(cfg))
 
 

@@ -12,6 +12,7 @@ from imgsim import recipe
 from imgsim.data import ImageArray, ImageFiles, cache_images, channel_stats, load_items, make_loader
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess, decode_image
+from imgsim.manifest import Item
 from imgsim.split import SplitConfig, split_dataset
 from imgsim.train import TrainConfig
 
@@ -96,9 +97,16 @@ def test_jpeg_draft_decoding_matches_a_full_decode_after_resizing():
 
 
 def test_the_recipe_scales_with_the_collection(manifest):
-    fashion = recipe.schedule(TrainConfig(), 66_500)
+    def items(n, side):
+        return [Item(f"{i}.png", "a", "train", "0" * 64, side, side) for i in range(n)]
+
+    fashion = recipe.schedule(TrainConfig(), items(66_500, 28))
     assert (fashion.batch_size, fashion.epochs, fashion.lr) == (128, 12, 0.2)
-    small = recipe.schedule(TrainConfig(), 500)
-    assert (small.batch_size, small.epochs, small.lr) == (32, 63, 0.05)
-    assert recipe.schedule(TrainConfig(epochs=3, batch_size=8, lr=0.01), 500).epochs == 3
+    assert (fashion.widths, fashion.depths) == ((32, 64, 128), (1, 1, 1))  # the tuned Fashion-MNIST network
+    small = recipe.schedule(TrainConfig(), items(500, 300))
+    assert (small.batch_size, small.epochs, small.lr) == (32, 100, 0.05)  # 2000 steps, capped at 100 epochs
+    assert recipe.schedule(TrainConfig(), items(3000, 300)).epochs == 22
+    assert (small.widths, small.depths) == ((32, 64, 128, 256), (1, 1, 1, 1))
+    given = recipe.schedule(TrainConfig(epochs=3, batch_size=8, lr=0.01, widths=(8, 16), depths=(2, 2)), items(500, 300))
+    assert (given.epochs, given.batch_size, given.lr, given.widths, given.depths) == (3, 8, 0.01, (8, 16), (2, 2))
     assert recipe.auto_size(manifest.items) == 32 and not recipe.is_colour(manifest.items, manifest.root)

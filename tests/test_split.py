@@ -96,3 +96,14 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ImgsimError, match="cannot read the manifest"):
         Manifest.load(tmp_path)
+
+
+def test_a_symlinked_class_folder_is_reported_not_followed(image_folder, tmp_path):
+    root, _ = image_folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes((root / "circle" / "000.png").read_bytes())
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    manifest = split_dataset(SplitConfig(data_dir=str(root)))
+    assert "linked" not in manifest.classes
+    assert any(r.path == "linked" and "symlinked class folder" in r.reason for r in manifest.rejected)
