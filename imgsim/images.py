@@ -117,7 +117,8 @@ class Preprocess:
         elif img.size != (out, out):
             img = img.resize((out, out), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
-        return arr[None, :, :] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+        # Copies either way: Pillow's buffer is read-only, and torch.from_numpy needs a writable array.
+        return arr[None, :, :].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def stack(self, images: Sequence[Image.Image]) -> NDArray[np.uint8]:
         """Preprocess a batch into an (N, C, H, W) uint8 array."""

@@ -5,6 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 $PY bench/quality.py --epochs 20          # the default config for 20 epochs (~22 min on 2 cores)
+$PY bench/quality.py --dataset tuxpaint   # colour dev sets with the defaults (~8 and ~7 min)
+$PY bench/quality.py --dataset oxygen
+$PY bench/memory.py                       # extract's peak memory at N and 10 x N images
+$PY bench/loader.py                       # streaming vs in-memory data path on Fashion-MNIST
+# bench/sweep.py (the recipe sweep behind the colour defaults) is not run here: ~2 h on 2 cores.
 $PY bench/index_speed.py
 $PY bench/extraction.py
 $PY bench/serving.py
