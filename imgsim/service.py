@@ -215,10 +215,17 @@ def _ms_since(started: float) -> float:
 
 def _integer(value: Any, name: str) -> int:
     # JSON over gRPC arrives as a protobuf Value, where every number is a double: accept 5.0, not 5.5 or "5".
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value):
-        raise BadInput(f"{name} must be an integer, got {value!r}")
+    # A huge JSON integer stays an int (math.isfinite would raise OverflowError on it): range checks refuse it.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, float) or not math.isfinite(value) or not value.is_integer():
+        raise BadInput(f"{name} must be an integer, got {_short(value)}")
     return int(value)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value) if not isinstance(value, (str, bytes)) or len(value) < limit else repr(value[:limit]) + "..."
+    return text if len(text) <= limit + 5 else text[:limit] + "..."
 
 
 def decode_base64(value: Any, name: str) -> bytes:

@@ -180,6 +180,16 @@ def test_bad_rest_requests_get_400_with_a_message(server, body, message):
     assert message in status["info"] and "Traceback" not in response.text
 
 
+@pytest.mark.parametrize("field, message", [("k", "k must be between 1 and 20"), ("id", "unknown gallery id")])
+def test_numbers_beyond_any_range_are_400_not_500(server, field, message):
+    # A 401-digit integer once reached math.isfinite, whose OverflowError became a 500.
+    body = '{"jsonData": {"id": 0, "%s": 1%s}}' % (field, "0" * 400)
+    response = requests.post(f"{server.rest}/api/v1.0/predictions", data=body, timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["status"]["info"] and len(response.text) < 2000
+
+
 @pytest.mark.parametrize("body, message", [b for b in BAD_REQUESTS if "jsonData" in b[0] and isinstance(b[0]["jsonData"], dict)],
                          ids=[m for b, m in BAD_REQUESTS if "jsonData" in b and isinstance(b["jsonData"], dict)])
 def test_bad_grpc_requests_get_invalid_argument(server, body, message):
