@@ -31,6 +31,14 @@ def protocol_manifest(eval_share: float = 0.05, seed: int = 42) -> Manifest:
     return manifest
 
 
+def require(*names: str) -> None:
+    """Stop with one line naming the command that makes ``names`` (outputs of bench/quality.py) if any is missing."""
+    missing = [n for n in names if not (RESULTS / n).exists()]
+    if missing:
+        raise SystemExit(f"bench/results/{missing[0]} is missing: run `python bench/quality.py` first "
+                         "(it trains the default model, ~22 min on 2 cores, and saves its embeddings and model)")
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, protocol_manifest, save, table  # noqa: E402
+from bench.common import RESULTS, protocol_manifest, require, save, table  # noqa: E402
 from imgsim.data import load_items  # noqa: E402
 from imgsim.extract import extract_embeddings  # noqa: E402
 from imgsim.model import ModelBundle  # noqa: E402
@@ -31,6 +31,7 @@ def best_rate(fn, n: int) -> float:
 
 
 def main() -> None:
+    require("model")
     bundle = ModelBundle.load(RESULTS / "model")
     model = bundle.build()
     manifest = protocol_manifest()

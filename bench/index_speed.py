@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save, table  # noqa: E402
+from bench.common import RESULTS, require, save, table  # noqa: E402
 from imgsim.index import GalleryItem, IndexBundle  # noqa: E402
 from imgsim.metrics import exact_topk, recall_at_k  # noqa: E402
 
@@ -39,6 +39,7 @@ def exact_single(gallery):
 
 
 def main() -> None:
+    require("gallery_embeddings.npy", "query_embeddings.npy")
     gallery = np.load(RESULTS / "gallery_embeddings.npy")
     queries = np.load(RESULTS / "query_embeddings.npy")[:N_QUERIES]
     truth = exact_topk(queries, gallery, K)

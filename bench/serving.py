@@ -22,7 +22,7 @@ from google.protobuf.internal import api_implementation
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, protocol_manifest, save, table  # noqa: E402
+from bench.common import RESULTS, protocol_manifest, require, save, table  # noqa: E402
 from imgsim.bundle import write_bundle  # noqa: E402
 from imgsim.index import GalleryItem, IndexBundle  # noqa: E402
 from imgsim.model import ModelBundle  # noqa: E402
@@ -35,6 +35,7 @@ WARMUP = 20
 
 
 def make_bundle() -> Path:
+    require("gallery_embeddings.npy", "model")
     manifest = protocol_manifest()
     gallery_items = [i for i in manifest.items if i.split in ("train", "eval")]
     embeddings = np.load(RESULTS / "gallery_embeddings.npy")
