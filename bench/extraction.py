@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, protocol_manifest, require, save, table  # noqa: E402
 from imgsim.data import load_items  # noqa: E402
-from imgsim.extract import extract_embeddings  # noqa: E402
+from imgsim.embed import extract_embeddings  # noqa: E402
 from imgsim.model import ModelBundle  # noqa: E402
 
 N, BATCH, REPEATS = 10000, 512, 3

@@ -33,14 +33,11 @@ def build_trunk(name: str, channels: int, widths: tuple[int, ...], depths: tuple
     """The feature extractor (image batch -> pooled features) and its output dimension; ``state_dict``:
     pretrained trunk weights, as :func:`trunk_state` makes them."""
     check_name(name)
-    if name == SMALL:
-        trunk = SmallResNet(channels, widths, depths)
-        dim = trunk.out_dim
-    else:
-        trunk, dim = _cut(name, torchvision.models.get_model(name, weights=None)), TORCHVISION[name]
+    trunk = SmallResNet(channels, widths, depths) if name == SMALL else \
+        _cut(name, torchvision.models.get_model(name, weights=None))
     if state_dict is not None:
         trunk.load_state_dict(state_dict)
-    return trunk, dim
+    return trunk, feature_dim(name, widths)
 
 
 def trunk_state(name: str, full_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

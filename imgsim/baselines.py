@@ -7,7 +7,7 @@ import torch
 from numpy.typing import NDArray
 
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingResNet, ModelArgs
+from imgsim.model import EmbeddingNet, ModelArgs
 
 
 def pixel_embeddings(images: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -17,7 +17,7 @@ def pixel_embeddings(images: NDArray[np.uint8]) -> NDArray[np.float32]:
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-6)
 
 
-def untrained_model(args: ModelArgs, preprocess: Preprocess, seed: int = 0) -> EmbeddingResNet:
+def untrained_model(args: ModelArgs, preprocess: Preprocess, seed: int = 0) -> EmbeddingNet:
     """The same architecture with random weights (batch-norm in eval mode)."""
     torch.manual_seed(seed)
-    return EmbeddingResNet(args, preprocess).eval()
+    return EmbeddingNet(args, preprocess).eval()

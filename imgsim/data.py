@@ -122,10 +122,7 @@ def cache_images(dataset: ImageFiles, folder: str | Path, *, workers: int = -1, 
         shape = (len(dataset), dataset.preprocess.channels, dataset.size, dataset.size)
         with atomic.atomic_path(path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            start = 0
-            for images, _ in tqdm(make_loader(dataset, 256, workers=workers), desc=desc, unit="batch", mininterval=1.0):
-                out[start:start + len(images)] = images.numpy()
-                start += len(images)
+            _fill(out, dataset, workers, desc)
             out.flush()
             del out
     return ImageArray(np.load(path, mmap_mode="r"), dataset.labels)
@@ -136,6 +133,11 @@ def load_items(items: Sequence[Item], root: str | Path, preprocess: Preprocess, 
     """Decode ``items`` under ``root`` into an in-memory (N, C, H, W) uint8 array (for small sets: baselines, tests)."""
     dataset = ImageFiles(items, root, preprocess, max_pixels=max_pixels)
     out = np.empty((len(items), preprocess.channels, preprocess.size, preprocess.size), dtype=np.uint8)
+    return _fill(out, dataset, workers, desc)
+
+
+def _fill(out: NDArray[np.uint8], dataset: ImageFiles, workers: int, desc: str) -> NDArray[np.uint8]:
+    """Decode ``dataset`` in loader order into the preallocated ``out`` (in memory or memory-mapped)."""
     start = 0
     for images, _ in tqdm(make_loader(dataset, 256, workers=workers), desc=desc, unit="batch", mininterval=1.0):
         out[start:start + len(images)] = images.numpy()

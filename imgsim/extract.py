@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from imgsim.data import ImageFiles, label_ids
-from imgsim.embed import embed_batches, embed_dataset, extract_embeddings  # noqa: F401 (the stage's public API)
+from imgsim.embed import embed_dataset
 from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest

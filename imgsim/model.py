@@ -109,9 +109,6 @@ class EmbeddingNet(nn.Module):
         return [p for p in self.parameters() if id(p) not in trunk]
 
 
-EmbeddingResNet = EmbeddingNet  # the name before torchvision backbones joined
-
-
 def _angular_margin(cos: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """ArcFace: cos(theta + m) for the true class; past pi - m, fall back to cos - m sin(m) to stay monotonic."""
     target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)

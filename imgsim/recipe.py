@@ -64,7 +64,7 @@ def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, 
 
 
 def auto_size(items: Sequence[Item]) -> int:
-    """The median shorter side of the images, within [28, 64]."""
+    """The median shorter side of the images, within [MIN_AUTO_SIZE, MAX_AUTO_SIZE] (28-32 px)."""
     if not items:
         return MIN_AUTO_SIZE
     median = statistics.median(min(i.width, i.height) for i in items)

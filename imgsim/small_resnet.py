@@ -37,7 +37,6 @@ class SmallResNet(nn.Module):
                 blocks.append(BasicBlock(c_in, width, 2 if i > 0 and j == 0 else 1))
                 c_in = width
         self.stages = nn.Sequential(*blocks)
-        self.out_dim = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)

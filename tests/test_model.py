@@ -5,14 +5,14 @@ import torch
 
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingResNet, ModelArgs, ModelBundle
+from imgsim.model import EmbeddingNet, ModelArgs, ModelBundle
 
 PRE = Preprocess(size=28, channels=1, mean=(0.3,), std=(0.3,))
 
 
 @pytest.mark.parametrize("head", ["cosine", "linear"])
 def test_forward_and_embed_shapes_without_nans(head):
-    model = EmbeddingResNet(ModelArgs(num_classes=5, widths=(8, 16, 32), depths=(1, 2, 1), embedding_dim=24,
+    model = EmbeddingNet(ModelArgs(num_classes=5, widths=(8, 16, 32), depths=(1, 2, 1), embedding_dim=24,
                                       head=head), PRE).eval()
     x = torch.rand(3, 1, 28, 28)
     logits, emb = model(x), model.embed(x)
@@ -25,13 +25,13 @@ def test_forward_and_embed_shapes_without_nans(head):
 
 def test_colour_and_larger_inputs():
     pre = Preprocess(size=64, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    model = EmbeddingResNet(ModelArgs(num_classes=2, widths=(4, 8), depths=(1, 1), embedding_dim=8), pre).eval()
+    model = EmbeddingNet(ModelArgs(num_classes=2, widths=(4, 8), depths=(1, 1), embedding_dim=8), pre).eval()
     assert model.embed(torch.rand(2, 3, 64, 64)).shape == (2, 8)
 
 
 def test_bundle_round_trip_gives_identical_outputs(tmp_path):
     args = ModelArgs(num_classes=3, widths=(4, 8), depths=(1, 1), embedding_dim=8)
-    model = EmbeddingResNet(args, PRE).eval()
+    model = EmbeddingNet(args, PRE).eval()
     bundle = ModelBundle(args, PRE, ["a", "b", "c"], model.state_dict(), {"epochs": 1})
     loaded = ModelBundle.load(bundle.save(tmp_path / "m"))
     x = torch.rand(2, 1, 28, 28)
