@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from imgsim import tracking
+from imgsim import atomic, tracking
 from imgsim.bundle import BUNDLE_JSON, verify_bundle
 from imgsim.errors import ImgsimError
 
@@ -43,14 +43,9 @@ def fetched_bundle(uri: str) -> Iterator[Path]:
 def export_bundle(uri: str, out: str | Path) -> Path:
     """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically)."""
     out = Path(out)
-    staging = out.with_name(f".{out.name}.export")
-    shutil.rmtree(staging, ignore_errors=True)
-    with fetched_bundle(uri) as source:
+    with fetched_bundle(uri) as source, atomic.atomic_dir(out) as staging:
         verify_bundle(source)
-        shutil.copytree(source, staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+        shutil.copytree(source, staging, dirs_exist_ok=True)
     return out
 
 
