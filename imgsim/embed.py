@@ -34,6 +34,14 @@ def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, 
     return embeddings, logits
 
 
+def embed_array(model: EmbeddingNet, images: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Normalised embeddings and logits of one small uint8 batch, in one call: the serving path."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        emb, logits = model.embed_and_classify(torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0))
+    return emb.cpu().numpy(), logits.cpu().numpy()
+
+
 def extract_embeddings(model: EmbeddingNet, images: NDArray[np.uint8], batch_size: int = 512,
                        desc: str = "embedding") -> NDArray[np.float32]:
     """L2-normalised float32 embeddings (N x D) of already decoded uint8 images."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from imgsim import atomic, tracking
-from imgsim.bundle import BUNDLE_JSON, verify_bundle
+from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import ImgsimError
 
 BUNDLE_ARTIFACT = "bundle"
@@ -44,7 +44,7 @@ def export_bundle(uri: str, out: str | Path) -> Path:
     """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically)."""
     out = Path(out)
     with fetched_bundle(uri) as source, atomic.atomic_dir(out) as staging:
-        verify_bundle(source)
+        ServingBundle.load(source)  # refuse to export a bundle that would not serve
         shutil.copytree(source, staging, dirs_exist_ok=True)
     return out
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from imgsim.bundle import Probes, build_probes
 from imgsim.data import ImageFiles, label_ids
 from imgsim.embed import embed_dataset
 from imgsim.errors import ImgsimError
@@ -38,9 +39,10 @@ class ExtractConfig:
 
 @dataclasses.dataclass
 class ExtractResult:
-    """The built index, evaluation metrics, and the query embeddings used for plots."""
+    """The built index with its probe set, evaluation metrics, and the query embeddings used for plots."""
 
     index: IndexBundle
+    probes: Probes
     metrics: dict[str, float]
     queries: NDArray[np.float32]
     query_items: list
@@ -69,6 +71,7 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
     items = [GalleryItem(i, it.path, it.label, it.split, it.sha256) for i, it in enumerate(gallery_items)]
     started = time.perf_counter()
     index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed)
+    probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
     metrics = {"gallery_size": float(len(items)), "embed_images_per_second": len(items) / max(embed_seconds, 1e-9),
                "index_build_seconds": time.perf_counter() - started}
     queries = np.zeros((0, gallery.shape[1]), dtype=np.float32)
@@ -80,7 +83,7 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
     else:  # no labelled queries: the index is still checked against exact search, on a sample of the gallery
         sample = gallery[np.random.default_rng(cfg.seed).permutation(len(gallery))[:1000]]
         metrics |= index_recall(sample, gallery, index, cfg.search_k)
-    return ExtractResult(index, metrics, queries, query_items)
+    return ExtractResult(index, probes, metrics, queries, query_items)
 
 
 def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: IndexBundle,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,11 +18,14 @@ DEFAULT_MAX_PIXELS = 40_000_000
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0) -> Image.Image:
-    """Fully decode ``data`` into an ``L`` or ``RGB`` image, or raise ``BadInput`` with the reason.
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0,
+                 admit: Callable[[int], None] | None = None) -> Image.Image:
+    """Decode ``data`` into an ``L`` or ``RGB`` image, or raise ``BadInput`` with the reason.
 
-    ``draft``: the smallest side the caller needs; JPEGs then decode at a reduced scale (1/2 to 1/8),
-    which is several times faster for photos that are resized down anyway."""
+    ``draft``: the smallest side the caller needs. JPEGs then decode at a reduced scale (1/2 to 1/8), and any
+    image still at least twice that size is box-reduced before its mode is converted, so a large image costs
+    one full-size buffer, not several. ``admit`` sees the pixel count about to be decoded (after the header,
+    before the decode) and may refuse it by raising ``BadInput``: a per-request budget."""
     if not data:
         raise BadInput("empty file (0 bytes): not an image")
     try:
@@ -31,16 +34,19 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
             img = Image.open(io.BytesIO(data))
             if img.format not in SUPPORTED_FORMATS:
                 raise BadInput(f"unsupported image format {img.format}; use JPEG, PNG, WebP, BMP, GIF or TIFF")
+            img.seek(0)  # animated GIF/WebP: the first frame stands for the image
+            if draft and img.format in ("JPEG", "MPO"):
+                img.draft(img.mode, _draft_box(*img.size, draft))  # only the header so far: nothing decoded
             width, height = img.size
             if width * height > max_pixels:
                 raise BadInput(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                    f"image is {width}x{height} = {width * height} pixels, over this server's limit of {max_pixels} "
                     "(a possible decompression bomb); downscale it first"
                 )
-            img.seek(0)  # animated GIF/WebP: the first frame stands for the image
-            if draft and img.format in ("JPEG", "MPO"):
-                img.draft(img.mode, _draft_box(width, height, draft))
+            if admit is not None:
+                admit(width * height)
             img.load()
+            img = _reduce(img, draft)
             img = ImageOps.exif_transpose(img)
     except BadInput:
         raise
@@ -59,15 +65,31 @@ def _draft_box(width: int, height: int, smallest_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+# Modes whose pixels may be averaged (Pillow premultiplies RGBA/LA itself); not palette indices, not 1-bit.
+_REDUCIBLE = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "YCbCr"})
+
+
+def _reduce(img: Image.Image, smallest_side: int) -> Image.Image:
+    """Box-average by an integer factor while the shorter side stays >= ``smallest_side`` (0: leave as is)."""
+    if not smallest_side:
+        return img
+    if img.mode == "1" or img.mode.startswith("I;16"):
+        img = _canonical_mode(img)  # 1 byte per pixel either way, then reducible
+    factor = min(img.size) // smallest_side
+    if factor < 2 or img.mode not in _REDUCIBLE:
+        return img
+    reduced = img.reduce(factor)
+    reduced.info = img.info  # keeps the EXIF orientation for exif_transpose
+    return reduced
+
+
 def _canonical_mode(img: Image.Image) -> Image.Image:
     """Map every Pillow mode onto L or RGB: transparency on white, 16-bit scaled, CMYK to RGB."""
     mode = img.mode
     if mode in ("L", "RGB"):
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if arr.max(initial=0) > 255 else 1.0
-        return Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(_to_uint8(np.asarray(img)), mode="L")
     if mode == "1":
         return img.convert("L")
     if mode == "P" and "transparency" not in img.info:
@@ -77,6 +99,18 @@ def _canonical_mode(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+
+
+def _to_uint8(arr: NDArray) -> NDArray[np.uint8]:
+    """16/32-bit or float grey levels to 0-255 (x / 257 when above 255), in the array's own type: no float64."""
+    arr = arr.copy()  # Pillow's buffer is read-only
+    if arr.max(initial=0) > 255:
+        if arr.dtype.kind == "f":
+            arr /= 257
+        else:
+            arr //= 257
+    np.clip(arr, 0, 255, out=arr)
+    return arr.astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

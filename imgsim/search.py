@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgsim.bundle import load_bundle
+from imgsim.bundle import ServingBundle
+from imgsim.embed import embed_array
 from imgsim.errors import BadInput
-from imgsim.index import DEFAULT_SEARCH_K, cosine_from_angular
+from imgsim.index import cosine_from_angular
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +38,17 @@ class QueryResult:
 
 
 class Searcher:
-    """Loads a verified bundle once; answers image and id queries."""
+    """Loads and verifies a bundle once; answers image and id queries."""
 
-    def __init__(self, folder: str | Path, *, search_k: int = DEFAULT_SEARCH_K) -> None:
-        self.meta, bundle, self.index = load_bundle(folder)
-        self.model = bundle.build()
-        self.preprocess = bundle.preprocess
-        self.classes = bundle.classes
-        self.search_k = search_k
+    def __init__(self, folder: str | Path, *, search_k: int = 0) -> None:
+        """``search_k`` 0: the one the bundle's index recall was measured with at extract."""
+        self.bundle = ServingBundle.load(folder, verify=False)
+        self.model = self.bundle.model.build()
+        self.bundle.verify(lambda inputs: embed_array(self.model, inputs)[0])
+        self.index = self.bundle.index
+        self.preprocess = self.bundle.model.preprocess
+        self.classes = self.bundle.model.classes
+        self.search_k = search_k or self.bundle.search_k
 
     @property
     def size(self) -> int:
@@ -52,10 +56,12 @@ class Searcher:
 
     def embed(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and class probabilities for decoded images."""
-        batch = torch.from_numpy(self.preprocess.stack(images)).float().div_(255.0)
-        with torch.inference_mode():
-            embedding, logits = self.model.embed_and_classify(batch)
-        return embedding.numpy(), torch.softmax(logits, dim=1).numpy()
+        return self.embed_inputs(self.preprocess.stack(images))
+
+    def embed_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and class probabilities for preprocessed uint8 inputs (N, C, H, W)."""
+        embedding, logits = embed_array(self.model, inputs)
+        return embedding, torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
     def search_images(self, images: Sequence[Image.Image], k: int) -> list[QueryResult]:
         """Top-``k`` neighbours of each image."""

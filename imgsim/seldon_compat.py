@@ -5,14 +5,17 @@ from __future__ import annotations
 import bisect
 
 import grpc
+from seldon_core import seldon_methods
 from seldon_core import wrapper as seldon_wrapper
+from seldon_core.utils import json_to_seldon_model_metadata
 from seldon_core.flask_utils import SeldonMicroserviceException
 from seldon_core.metrics import BINS, SeldonMetrics
 
 
 def install() -> None:
-    """Idempotent: proper gRPC status codes and a cheaper custom-metrics update."""
+    """Idempotent: proper gRPC status codes, metadata from the loaded model, a cheaper custom-metrics update."""
     _install_grpc_status_mapping()
+    _install_live_grpc_metadata()
     SeldonMetrics._update_hist = staticmethod(update_histogram)
 
 
@@ -55,3 +58,19 @@ def _install_grpc_status_mapping() -> None:
 
     predict._imgsim = True
     servicer.Predict = predict
+
+
+def _install_live_grpc_metadata() -> None:
+    """seldon-core 1.18 asks the model for its metadata once, before load(): ask on every Metadata call."""
+    servicer = seldon_wrapper.SeldonModelGRPC
+    if getattr(servicer.ModelMetadata, "_imgsim", False):
+        return
+
+    def metadata(self, request_grpc, context):
+        data = seldon_methods.init_metadata(self.user_model)
+        if data is None:
+            context.abort(grpc.StatusCode.INTERNAL, "model metadata failed validation; see the server log")
+        return json_to_seldon_model_metadata(data)
+
+    metadata._imgsim = True
+    servicer.Metadata = servicer.ModelMetadata = metadata

@@ -11,13 +11,15 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import numpy as np
 
 import torch
 
+from imgsim.bundle import BundleError
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.images import DEFAULT_MAX_PIXELS, decode_image
-from imgsim.index import DEFAULT_SEARCH_K
+from imgsim.images import decode_image
 from imgsim.search import QueryResult, Searcher
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,15 @@ class ServiceConfig:
     max_image_bytes: int = 8 * 1024 * 1024
     max_request_bytes: int = 16 * 1024 * 1024
     max_batch: int = 32
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    search_k: int = DEFAULT_SEARCH_K
+    # Pixels one image may decode to (after JPEG draft scaling), far below split's 40 MP: a 12 MP image costs
+    # at most ~100 MB while it is decoded and reduced, and JPEG photos of any size draft-decode below it.
+    max_pixels: int = 12_000_000
+    max_request_pixels: int = 48_000_000  # summed over a batch
+    max_concurrent_decodes: int = 2  # per worker process: decoding is where a request's memory goes
+    search_k: int = 0  # 0: the search_k the bundle's index recall was measured with at extract
     torch_threads: int = 1  # one per worker: several gunicorn workers must not oversubscribe the cores
+    load_backoff_s: float = 1.0  # first wait before retrying a failed load; doubles up to the maximum
+    load_backoff_max_s: float = 60.0
 
     @classmethod
     def from_sources(cls, **params: Any) -> "ServiceConfig":
@@ -85,36 +93,61 @@ class SimilarityService:
         self.cfg = cfg
         self.searcher: Searcher | None = None
         self.load_error: str | None = None
+        self.load_failed_for_good = False
+        self._last_failure = ""
         self._versions: dict[str, str] = {}
         self.stats = Stats()
+        self._decode_slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_decodes))
 
     def load(self) -> None:
-        """Resolve, verify and load the bundle; on failure remember why, so health checks report not-ready."""
+        """Load the bundle; if that fails for a reason that may pass (store unreachable, folder not there yet),
+        keep retrying in the background with bounded backoff. Not ready until loaded; a bundle that is itself
+        wrong (damaged, inconsistent, unknown format) is reported and not retried."""
+        torch.set_num_threads(max(1, self.cfg.torch_threads))
+        if not self._try_load(1) and not self.load_failed_for_good:
+            threading.Thread(target=self._retry, name="imgsim-load-retry", daemon=True).start()
+
+    def _retry(self) -> None:
+        delay, attempt = self.cfg.load_backoff_s, 1
+        while True:
+            self.load_error = f"{self._last_failure} (attempt {attempt}; next try in {delay:g} s)"
+            time.sleep(delay)
+            attempt += 1
+            if self._try_load(attempt) or self.load_failed_for_good:
+                return
+            delay = min(delay * 2, self.cfg.load_backoff_max_s)
+
+    def _try_load(self, attempt: int) -> bool:
         import mlflow
 
         from imgsim import tracking
         from imgsim.export import resolve_bundle
 
-        torch.set_num_threads(max(1, self.cfg.torch_threads))
         try:
             if self.cfg.model_uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
                 mlflow.set_tracking_uri(tracking.tracking_uri())
-            self.searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k)
-            self._versions = self._identity()
-            self.load_error = None
-            log.info("imgsim: loaded %d gallery items from %s", self.searcher.size, self.cfg.model_uri)
+            searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k)
+        except BundleError as exc:
+            self.load_failed_for_good = True
+            return self._failed(attempt, f"{exc} (not retried: loading this bundle again cannot succeed)")
         except ImgsimError as exc:
-            self._not_ready(str(exc))
-        except OSError as exc:  # typically a bundle on a volume that this server's user may not read
-            self._not_ready(f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server runs as uid "
-                            f"{os.getuid()}: make the bundle's files readable by it")
+            return self._failed(attempt, str(exc))
+        except PermissionError as exc:  # typically a bundle on a volume that this server's user may not read
+            return self._failed(attempt, f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server "
+                                         f"runs as uid {os.getuid()}: make the bundle's files readable by it")
+        except OSError as exc:
+            return self._failed(attempt, f"cannot read the bundle from {self.cfg.model_uri}: {exc}")
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
-            self._not_ready(f"unexpected error while loading: {exc!r}", trace=True)
+            return self._failed(attempt, f"unexpected error while loading: {exc!r}", trace=True)
+        self._versions, self.searcher, self.load_error = searcher.bundle.identity(), searcher, None
+        log.info("imgsim: loaded %d gallery items from %s (attempt %d)", searcher.size, self.cfg.model_uri, attempt)
+        return True
 
-    def _not_ready(self, reason: str, trace: bool = False) -> None:
-        self.searcher, self._versions, self.load_error = None, {}, reason
-        log.error("imgsim: NOT READY: %s", reason, exc_info=trace)
+    def _failed(self, attempt: int, reason: str, trace: bool = False) -> bool:
+        self.searcher, self._versions, self.load_error, self._last_failure = None, {}, reason, reason
+        log.error("imgsim: NOT READY: load attempt %d failed: %s", attempt, reason, exc_info=trace)
+        return False
 
     @property
     def ready(self) -> bool:
@@ -124,13 +157,6 @@ class SimilarityService:
         """Model and index identity, for response tags and answers (fixed once loaded)."""
         return dict(self._versions)
 
-    def _identity(self) -> dict[str, str]:
-        meta = self.searcher.meta
-        model = meta["model"]
-        return {"model_name": str(model.get("name", "")), "model_version": str(model.get("version", "")),
-                "model_sha256": model["weights_sha256"][:12], "index_sha256": meta["files"]["index.ann"][:12],
-                "index_size": str(meta["index"]["count"])}
-
     def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
         """Answer one request; returns (answer, timings in ms). Raises ``BadInput`` for client errors."""
         if not self.searcher:
@@ -139,41 +165,52 @@ class SimilarityService:
         started = time.perf_counter()
         k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"))
         if bin_data is not None:
-            images = [self._decode(bin_data)]
+            payloads: Iterable[bytes] = [bin_data]
         elif isinstance(json_data, dict):
             forms = [key for key in ("image", "images", "path", "id") if key in json_data]
             if len(forms) != 1:
                 raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
             if forms == ["id"]:
                 return self._answer([self.searcher.search_id(_integer(json_data["id"], "id"), k)]), timings
-            images = self._json_images(json_data, forms[0])
+            payloads = self._json_payloads(json_data, forms[0])
         else:
             raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
+        inputs = self._preprocess(payloads)
         timings["decode_ms"] = _ms_since(started)
         started = time.perf_counter()
-        embeddings, probs = self.searcher.embed(images)
+        embeddings, probs = self.searcher.embed_inputs(inputs)
         timings["embed_ms"] = _ms_since(started)
         started = time.perf_counter()
         results = [self.searcher.rank(e, p, k) for e, p in zip(embeddings, probs)]
         timings["search_ms"] = _ms_since(started)
         return self._answer(results), timings
 
-    def _json_images(self, data: dict, form: str) -> list:
+    def _json_payloads(self, data: dict, form: str) -> Iterable[bytes]:
         if form == "image":
-            return [self._decode(decode_base64(data["image"], "image"))]
+            return [decode_base64(data["image"], "image")]
         if form == "path":
-            return [self._decode(self._read_gallery_file(data["path"]))]
+            return [self._read_gallery_file(data["path"])]
         batch = data["images"]
         if not isinstance(batch, list) or not batch:
             raise BadInput("'images' must be a non-empty list of base64 strings")
         if len(batch) > self.cfg.max_batch:
             raise BadInput(f"'images' has {len(batch)} entries; at most {self.cfg.max_batch} per request")
-        return [self._decode(decode_base64(b, f"images[{i}]")) for i, b in enumerate(batch)]
+        return (decode_base64(b, f"images[{i}]") for i, b in enumerate(batch))  # one at a time
 
-    def _decode(self, data: bytes):
-        if len(data) > self.cfg.max_image_bytes:
-            raise BadInput(f"image is {len(data)} bytes; the limit is {self.cfg.max_image_bytes}")
-        return decode_image(data, max_pixels=self.cfg.max_pixels)
+    def _preprocess(self, payloads: Iterable[bytes]) -> np.ndarray:
+        """Decode each image straight to the model's input size, one at a time, so a request holds at most one
+        full-size image (and a worker at most ``max_concurrent_decodes``), within a per-request pixel budget."""
+        budget = _PixelBudget(self.cfg.max_request_pixels)
+        preprocess = self.searcher.preprocess
+        arrays = []
+        for data in payloads:
+            if len(data) > self.cfg.max_image_bytes:
+                raise BadInput(f"image is {len(data)} bytes; the limit is {self.cfg.max_image_bytes}")
+            with self._decode_slots:
+                img = decode_image(data, max_pixels=self.cfg.max_pixels, draft=preprocess.load_side, admit=budget.take)
+                arrays.append(preprocess.to_array(img))
+                del img
+        return np.stack(arrays)
 
     def _read_gallery_file(self, path: Any) -> bytes:
         """Read a file named by the client only if it really lies inside the configured gallery root."""
@@ -182,17 +219,27 @@ class SimilarityService:
         if not isinstance(path, str) or not path or "\x00" in path:
             raise BadInput("'path' must be a non-empty string")
         root = Path(self.cfg.gallery_root).resolve()
+        # Whether a path escapes is decided before the filesystem is asked anything about it, so a client gets
+        # the same answer for an outside file that exists and one that does not.
+        outside = BadInput(f"path {_short(path)} is outside the gallery root")
+        lexical = Path(os.path.normpath(root / path))
+        if root not in lexical.parents:
+            raise outside
         try:
-            real = (root / path).resolve(strict=True)  # follows symlinks, so an escaping link is caught below
+            real = lexical.resolve()  # follows symlinks inside the root, wherever they point
         except (OSError, RuntimeError):
-            raise BadInput(f"path {path!r} does not exist in the gallery") from None
+            raise BadInput(f"path {_short(path)} cannot be resolved in the gallery (a symlink loop?)") from None
         if root not in real.parents:
-            raise BadInput(f"path {path!r} is outside the gallery root")
-        if not real.is_file():
-            raise BadInput(f"path {path!r} is not a regular file")
-        if real.stat().st_size > self.cfg.max_image_bytes:
-            raise BadInput(f"path {path!r} is larger than {self.cfg.max_image_bytes} bytes")
-        return real.read_bytes()
+            raise outside
+        try:
+            if not real.is_file():  # inside the root, saying which is fine
+                raise BadInput(f"path {_short(path)} " + ("is not a regular file" if real.exists() else
+                                                          "does not exist in the gallery"))
+            if real.stat().st_size > self.cfg.max_image_bytes:
+                raise BadInput(f"path {_short(path)} is larger than {self.cfg.max_image_bytes} bytes")
+            return real.read_bytes()
+        except OSError as exc:  # a name too long, a file this server may not read
+            raise BadInput(f"path {_short(path)} cannot be read from the gallery ({exc.strerror})") from None
 
     def _k(self, from_json: Any, from_tags: Any) -> int:
         raw = from_json if from_json is not None else from_tags
@@ -207,6 +254,19 @@ class SimilarityService:
                              {"label": r.predicted_label, "probability": r.probability}}
                             for r in results],
                 **self.versions()}
+
+
+class _PixelBudget:
+    """Decoded pixels left to one request."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.left = total, total
+
+    def take(self, pixels: int) -> None:
+        if pixels > self.left:
+            raise BadInput(f"the request's images add up to more than {self.total} pixels; send fewer or smaller "
+                           "images per request")
+        self.left -= pixels
 
 
 def _ms_since(started: float) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from imgsim import config, distributed, plots, tracking
-from imgsim.bundle import write_bundle
+from imgsim.bundle import ServingBundle
 from imgsim.export import BUNDLE_ARTIFACT
 from imgsim.extract import ExtractConfig, extract
 from imgsim.images import decode_image
@@ -134,7 +134,9 @@ def run_extract(cfg: ExtractConfig) -> str:
                         {f"imgsim.model_{k}": ref[k] for k in ("name", "version") if k in ref})
         mlflow.log_metrics(result.metrics)
         with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifacts(str(write_bundle(Path(tmp) / BUNDLE_ARTIFACT, bundle, result.index, ref)), BUNDLE_ARTIFACT)
+            serving = ServingBundle(bundle, result.index, result.probes, ref, cfg.search_k,
+                                    result.metrics.get("index_recall_at_10"))
+            mlflow.log_artifacts(str(serving.save(Path(tmp) / BUNDLE_ARTIFACT)), BUNDLE_ARTIFACT)
             mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")
         print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
         return run.info.run_id

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from flask import Blueprint, abort, jsonify, request
 from google.protobuf import json_format
+from seldon_core import seldon_methods
 from seldon_core.flask_utils import SeldonMicroserviceException
 from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message
@@ -24,10 +25,12 @@ class ModelServer:
     """Top-k image similarity over Seldon's protocols; configuration only here, loading in ``load()``."""
 
     def __init__(self, model_uri=None, default_k=None, max_k=None, gallery_root=None, max_image_bytes=None,
-                 max_request_bytes=None, max_batch=None, search_k=None, torch_threads=None) -> None:
+                 max_request_bytes=None, max_batch=None, max_pixels=None, max_request_pixels=None,
+                 max_concurrent_decodes=None, search_k=None, torch_threads=None, load_backoff_s=None,
+                 load_backoff_max_s=None) -> None:
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.service = SimilarityService(ServiceConfig.from_sources(**params))
-        self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes)
+        self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes, self._live_metadata)
 
     def load(self) -> None:
         self.service.load()
@@ -78,9 +81,13 @@ class ModelServer:
         return metrics + self._rejected()
 
     def init_metadata(self) -> dict:
+        # Seldon calls this once before load(); the adapter answers /metadata from it on every call instead
+        # (see _live_metadata), so the name, version and index checksum are the loaded bundle's.
+        identity = self.service.versions()
         return {
-            "name": "imgsim", "versions": [self.service.versions().get("model_version", "unknown")],
-            "platform": "seldon", "inputs": [
+            "name": identity.get("model_name") or "imgsim",
+            "versions": [identity.get("model_version") or identity.get("model_sha256") or "not-loaded"],
+            "platform": "seldon", "custom": {"ready": str(self.service.ready).lower(), **identity}, "inputs": [
                 {"messagetype": "binData"},
                 {"messagetype": "jsonData", "schema": {"type": "object", "properties": {
                     "image": {"type": "string"}, "images": {"type": "array"}, "path": {"type": "string"},
@@ -88,6 +95,10 @@ class ModelServer:
             "outputs": [{"messagetype": "jsonData", "schema": {"type": "object", "properties": {
                 "results": {"type": "array"}, "model_version": {"type": "string"}}}}],
         }
+
+
+    def _live_metadata(self) -> dict | None:
+        return seldon_methods.init_metadata(self)
 
 
 def _parse_rest(request: Any) -> tuple[Any, bytes | None, dict]:
@@ -111,10 +122,20 @@ def _parse_proto(request: prediction_pb2.SeldonMessage) -> tuple[Any, bytes | No
     raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
 
 
-def _error_blueprint(max_request_bytes: int) -> Blueprint:
-    """Seldon registers this on its Flask app: a body-size limit, and HTTP errors as JSON with their own code."""
+def _error_blueprint(max_request_bytes: int, metadata: Callable[[], dict | None]) -> Blueprint:
+    """Seldon registers this on its Flask app: a body-size limit, HTTP errors as JSON with their own code, and
+    /metadata answered from the loaded bundle (Seldon's own route serves what it saw before load())."""
     blueprint = Blueprint("imgsim_errors", __name__)
     blueprint.record_once(lambda state: state.app.config.update(MAX_CONTENT_LENGTH=max_request_bytes))
+
+    @blueprint.before_app_request
+    def _live_metadata():
+        if request.method == "GET" and request.path in ("/metadata", "/api/v1.0/metadata"):
+            data = metadata()
+            if data is None:
+                abort(500, "model metadata failed validation; see the server log")
+            return jsonify(data)
+        return None
 
     @blueprint.before_app_request
     def _limit_chunked_body():

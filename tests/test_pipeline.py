@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imgsim import tracking
-from imgsim.bundle import BUNDLE_JSON, load_bundle, verify_bundle
+from imgsim.bundle import BUNDLE_JSON, FILES, BundleError, ServingBundle, build_probes
 from imgsim.errors import ImgsimError
 from imgsim.export import export_bundle, resolve_bundle
 from imgsim.extract import ExtractConfig
@@ -59,8 +59,9 @@ def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run):
     root = pipeline_run["root"]
     with mlflow_store(pipeline_run["work"]):
         folder = resolve_bundle(pipeline_run["result"]["bundle_uri"])
-    meta, model_bundle, index = load_bundle(folder)
-    assert meta["model"]["name"] == "imgsim" and meta["model"]["version"] == "1"
+    bundle = ServingBundle.load(folder)
+    index = bundle.index
+    assert bundle.source["name"] == "imgsim" and bundle.source["version"] == "1"
     searcher = Searcher(folder)
     for item in index.items[:: max(1, len(index.items) // 8)]:
         data = (root / item.path).read_bytes()
@@ -74,8 +75,7 @@ def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run):
 def test_models_uri_resolves_to_the_index_built_from_it(pipeline_run, tmp_path):
     with mlflow_store(pipeline_run["work"]):
         out = export_bundle("models:/imgsim/1", tmp_path / "bundle")
-    meta = verify_bundle(out)
-    assert meta["model"]["run_id"] == pipeline_run["result"]["train"]
+    assert ServingBundle.load(out).source["run_id"] == pipeline_run["result"]["train"]
 
 
 def test_export_and_extract_leave_no_downloads_behind(pipeline_run, tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_export_and_extract_leave_no_downloads_behind(pipeline_run, tmp_path, mo
     with mlflow_store(pipeline_run["work"]):
         out = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "bundle")
         run_extract(ExtractConfig(model_uri=pipeline_run["result"]["model_uri"], n_trees=2, plot_points=50))
-    assert verify_bundle(out) and not [p.name for p in scratch.iterdir() if p.name.startswith("imgsim-")]
+    assert ServingBundle.load(out) and not [p.name for p in scratch.iterdir() if p.name.startswith("imgsim-")]
 
 
 def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
@@ -96,13 +96,64 @@ def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
     state = torch.load(tampered / "weights.pt")
     state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, tampered / "weights.pt")
-    with pytest.raises(ImgsimError, match="weights.pt does not match its recorded sha256"):
-        verify_bundle(tampered)
-    meta = json.loads((tampered / BUNDLE_JSON).read_text())  # re-record the hash: identity still differs
-    meta["files"]["weights.pt"] = file_sha256(tampered / "weights.pt")
-    (tampered / BUNDLE_JSON).write_text(json.dumps(meta))
-    with pytest.raises(ImgsimError, match="built from a different model"):
-        verify_bundle(tampered)
+    with pytest.raises(BundleError, match="weights.pt does not match its recorded sha256"):
+        ServingBundle.load(tampered)
+    _rerecord_checksums(tampered)  # as someone would who "fixes" the checksums: the probes still disagree
+    with pytest.raises(BundleError, match="weights.pt is not the model that built this index"):
+        ServingBundle.load(tampered)
+
+
+def _rerecord_checksums(folder: Path) -> None:
+    meta = json.loads((folder / BUNDLE_JSON).read_text())
+    meta["files"] = {name: file_sha256(folder / name) for name in FILES}
+    (folder / BUNDLE_JSON).write_text(json.dumps(meta))
+
+
+def other_model_bundle(good: Path, out: Path) -> Path:
+    """A complete, self-consistent bundle of another model with the same shape over the same gallery."""
+    first = ServingBundle.load(good)
+    torch.manual_seed(123)
+    from imgsim.model import EmbeddingNet
+    net = EmbeddingNet(first.model.args, first.model.preprocess).eval()
+    other = ModelBundle(first.model.args, first.model.preprocess, first.model.classes, net.state_dict(), {})
+    from imgsim.embed import embed_array
+    inputs = {int(i): x for i, x in zip(first.probes.ids, first.probes.inputs)}
+    # Embed every gallery item the way the other model would (probe inputs stand in for the rest).
+    fill = first.probes.inputs[0]
+    vectors = embed_array(net, np.stack([inputs.get(i, fill) for i in range(len(first.index.items))]))[0]
+    from imgsim.index import IndexBundle
+    index = IndexBundle.build(vectors, first.index.items, n_trees=first.index.n_trees)
+    probes = build_probes(net, index, lambda i: inputs.get(i, fill), vectors)
+    return ServingBundle(other, index, probes, {"uri": "other"}).save(out)
+
+
+@pytest.mark.parametrize("taken", [("model.json", "weights.pt"),  # A's model, B's index (and B's probes)
+                                   ("model.json", "weights.pt", "probes.npz")])  # A's model and probes
+def test_model_a_with_the_index_of_model_b_is_refused_naming_the_part(pipeline_run, tmp_path, taken):
+    with mlflow_store(pipeline_run["work"]):
+        good = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "a")
+    other = other_model_bundle(good, tmp_path / "b")
+    mixed = Path(shutil.copytree(other, tmp_path / "mixed"))
+    for name in taken:
+        shutil.copy(good / name, mixed / name)
+    _rerecord_checksums(mixed)
+    with pytest.raises(BundleError) as err:
+        ServingBundle.load(mixed)
+    if "probes.npz" in taken:  # the probes agree with the model, so the index's vectors are what differ
+        assert "embeddings.npy holds other vectors" in str(err.value) and "index.ann holds other vectors" in str(err.value)
+    else:
+        assert "weights.pt is not the model that built this index" in str(err.value)
+    ServingBundle.load(other)  # while B alone is consistent
+
+
+def test_the_bundle_records_search_k_and_recall_and_the_server_uses_them(pipeline_run, tmp_path):
+    with mlflow_store(pipeline_run["work"]):
+        folder = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "bundle")
+        recall = mlflow.get_run(pipeline_run["result"]["extract"]).data.metrics["index_recall_at_10"]
+    meta = json.loads((folder / BUNDLE_JSON).read_text())
+    assert meta["index"]["search_k"] == ExtractConfig().search_k and meta["index"]["recall_at_10"] == recall
+    assert meta["probes"]["count"] == len(ServingBundle.load(folder).probes.ids) > 0
+    assert Searcher(folder).search_k == ExtractConfig().search_k and Searcher(folder, search_k=7).search_k == 7
 
 
 def test_missing_model_uri_fails_clearly_and_logs_no_bundle(pipeline_run):
