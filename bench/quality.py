@@ -24,7 +24,6 @@ from imgsim import plots  # noqa: E402
 from imgsim.baselines import pixel_embeddings, untrained_model  # noqa: E402
 from imgsim.data import label_ids, load_items  # noqa: E402
 from imgsim.embed import embed_batches  # noqa: E402
-from imgsim.images import Preprocess  # noqa: E402
 from imgsim.metrics import mean_average_precision, retrieval_metrics  # noqa: E402
 from imgsim.train import TrainConfig, train_model  # noqa: E402
 

@@ -23,7 +23,8 @@ from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, protocol_manifest, require, save, table  # noqa: E402
-from imgsim.bundle import write_bundle  # noqa: E402
+from imgsim.bundle import ServingBundle, build_probes  # noqa: E402
+from imgsim.data import ImageFiles  # noqa: E402
 from imgsim.index import GalleryItem, IndexBundle  # noqa: E402
 from imgsim.model import ModelBundle  # noqa: E402
 from tests.servers import start_server  # noqa: E402
@@ -41,7 +42,10 @@ def make_bundle() -> Path:
     embeddings = np.load(RESULTS / "gallery_embeddings.npy")
     items = [GalleryItem(i, it.path, it.label, it.split, it.sha256) for i, it in enumerate(gallery_items)]
     index = IndexBundle.build(embeddings, items, n_trees=50)
-    return write_bundle(RESULTS / "bundle", ModelBundle.load(RESULTS / "model"), index, {"uri": "bench"})
+    model = ModelBundle.load(RESULTS / "model")
+    probes = build_probes(model.build(), index, ImageFiles(gallery_items, manifest.root, model.preprocess).read,
+                          embeddings)
+    return ServingBundle(model, index, probes, {"uri": "bench"}).save(RESULTS / "bundle")
 
 
 def rest_client(url: str, body: dict):

@@ -87,13 +87,12 @@ def _setup_tracking(ns):
 def _search(ns):
     from imgsim import tracking
     from imgsim.export import fetched_bundle
-    from imgsim.images import decode_image
     from imgsim.search import Searcher
     tracking.setup()
     with fetched_bundle(ns.bundle) as folder:
         searcher = Searcher(folder)
         for image in ns.images:
-            result = searcher.search_images([decode_image(Path(image).read_bytes())], ns.k)[0]
+            result = searcher.search_bytes([Path(image).read_bytes()], ns.k)[0]
             guess = f"predicted {result.predicted_label} (p={result.probability:.3f})" if result.predicted_label \
                 is not None else "embed-only model: no classes"
             print(f"{image}: {guess}")

@@ -15,7 +15,7 @@ from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
 from imgsim.metrics import exact_topk, recall_at_k, retrieval_metrics
-from imgsim.model import EmbeddingNet, ModelBundle
+from imgsim.model import ModelBundle
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from PIL import Image
 from imgsim.bundle import ServingBundle
 from imgsim.embed import embed_array
 from imgsim.errors import BadInput
+from imgsim.images import decode_image
 from imgsim.index import cosine_from_angular
 
 
@@ -62,6 +63,16 @@ class Searcher:
         """Embeddings and class probabilities for preprocessed uint8 inputs (N, C, H, W)."""
         embedding, logits = embed_array(self.model, inputs)
         return embedding, torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+    def decode(self, data: bytes, **limits) -> np.ndarray:
+        """One image file's bytes to model input, decoded as extract decodes gallery files (JPEG draft, reduce);
+        ``limits``: ``decode_image``'s ``max_pixels`` and ``admit``."""
+        return self.preprocess.to_array(decode_image(data, draft=self.preprocess.load_side, **limits))
+
+    def search_bytes(self, payloads: Sequence[bytes], k: int) -> list[QueryResult]:
+        """Top-``k`` neighbours of each image file's bytes."""
+        embeddings, probs = self.embed_inputs(np.stack([self.decode(data) for data in payloads]))
+        return [self.rank(e, p, k) for e, p in zip(embeddings, probs)]
 
     def search_images(self, images: Sequence[Image.Image], k: int) -> list[QueryResult]:
         """Top-``k`` neighbours of each image."""

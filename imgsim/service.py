@@ -19,7 +19,6 @@ import torch
 
 from imgsim.bundle import BundleError
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.images import decode_image
 from imgsim.search import QueryResult, Searcher
 
 log = logging.getLogger(__name__)
@@ -201,15 +200,12 @@ class SimilarityService:
         """Decode each image straight to the model's input size, one at a time, so a request holds at most one
         full-size image (and a worker at most ``max_concurrent_decodes``), within a per-request pixel budget."""
         budget = _PixelBudget(self.cfg.max_request_pixels)
-        preprocess = self.searcher.preprocess
         arrays = []
         for data in payloads:
             if len(data) > self.cfg.max_image_bytes:
                 raise BadInput(f"image is {len(data)} bytes; the limit is {self.cfg.max_image_bytes}")
             with self._decode_slots:
-                img = decode_image(data, max_pixels=self.cfg.max_pixels, draft=preprocess.load_side, admit=budget.take)
-                arrays.append(preprocess.to_array(img))
-                del img
+                arrays.append(self.searcher.decode(data, max_pixels=self.cfg.max_pixels, admit=budget.take))
         return np.stack(arrays)
 
     def _read_gallery_file(self, path: Any) -> bytes:

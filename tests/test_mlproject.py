@@ -10,7 +10,6 @@ import mlflow
 import pytest
 import yaml
 
-from imgsim import config
 from imgsim.extract import ExtractConfig
 from imgsim.manifest import Manifest
 from imgsim.split import SplitConfig

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imgsim import tracking
-from imgsim.bundle import BUNDLE_JSON, FILES, BundleError, ServingBundle, build_probes
+from imgsim.bundle import BUNDLE_JSON, BundleError, ServingBundle
 from imgsim.errors import ImgsimError
 from imgsim.export import export_bundle, resolve_bundle
 from imgsim.extract import ExtractConfig
@@ -20,6 +20,7 @@ from imgsim.manifest import Manifest
 from imgsim.model import ModelBundle, file_sha256
 from imgsim.search import Searcher
 from imgsim.workflow import run_extract
+from tests.bundles import other_model_bundle, rerecord_checksums
 from tests.conftest import mlflow_store
 
 pytestmark = pytest.mark.slow
@@ -98,33 +99,9 @@ def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
     torch.save(state, tampered / "weights.pt")
     with pytest.raises(BundleError, match="weights.pt does not match its recorded sha256"):
         ServingBundle.load(tampered)
-    _rerecord_checksums(tampered)  # as someone would who "fixes" the checksums: the probes still disagree
+    rerecord_checksums(tampered)  # as someone would who "fixes" the checksums: the probes still disagree
     with pytest.raises(BundleError, match="weights.pt is not the model that built this index"):
         ServingBundle.load(tampered)
-
-
-def _rerecord_checksums(folder: Path) -> None:
-    meta = json.loads((folder / BUNDLE_JSON).read_text())
-    meta["files"] = {name: file_sha256(folder / name) for name in FILES}
-    (folder / BUNDLE_JSON).write_text(json.dumps(meta))
-
-
-def other_model_bundle(good: Path, out: Path) -> Path:
-    """A complete, self-consistent bundle of another model with the same shape over the same gallery."""
-    first = ServingBundle.load(good)
-    torch.manual_seed(123)
-    from imgsim.model import EmbeddingNet
-    net = EmbeddingNet(first.model.args, first.model.preprocess).eval()
-    other = ModelBundle(first.model.args, first.model.preprocess, first.model.classes, net.state_dict(), {})
-    from imgsim.embed import embed_array
-    inputs = {int(i): x for i, x in zip(first.probes.ids, first.probes.inputs)}
-    # Embed every gallery item the way the other model would (probe inputs stand in for the rest).
-    fill = first.probes.inputs[0]
-    vectors = embed_array(net, np.stack([inputs.get(i, fill) for i in range(len(first.index.items))]))[0]
-    from imgsim.index import IndexBundle
-    index = IndexBundle.build(vectors, first.index.items, n_trees=first.index.n_trees)
-    probes = build_probes(net, index, lambda i: inputs.get(i, fill), vectors)
-    return ServingBundle(other, index, probes, {"uri": "other"}).save(out)
 
 
 @pytest.mark.parametrize("taken", [("model.json", "weights.pt"),  # A's model, B's index (and B's probes)
@@ -136,7 +113,7 @@ def test_model_a_with_the_index_of_model_b_is_refused_naming_the_part(pipeline_r
     mixed = Path(shutil.copytree(other, tmp_path / "mixed"))
     for name in taken:
         shutil.copy(good / name, mixed / name)
-    _rerecord_checksums(mixed)
+    rerecord_checksums(mixed)
     with pytest.raises(BundleError) as err:
         ServingBundle.load(mixed)
     if "probes.npz" in taken:  # the probes agree with the model, so the index's vectors are what differ

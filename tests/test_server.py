@@ -6,7 +6,10 @@ import base64
 import concurrent.futures
 import io
 import json
+import re
 import shutil
+import time
+from pathlib import Path
 
 import grpc
 import mlflow
@@ -17,11 +20,12 @@ from google.protobuf import json_format
 from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
+from imgsim import atomic
 from imgsim.export import export_bundle
-from imgsim.images import decode_image
 from imgsim.search import Searcher
 from tests.conftest import mlflow_store
 from tests.servers import start_server
+from tests.bundles import other_model_bundle, rerecord_checksums
 
 pytestmark = pytest.mark.slow
 MAX_REQUEST = 2 * 1024 * 1024
@@ -129,7 +133,7 @@ def test_answers_equal_in_process_search(server, gallery):
     searcher, root = gallery["searcher"], gallery["root"]
     for item in searcher.index.items[:5]:
         data = (root / item.path).read_bytes()
-        expected = searcher.search_images([decode_image(data)], 5)[0]
+        expected = searcher.search_bytes([data], 5)[0]
         got = rest(server, {"binData": b64(data), "meta": {"tags": {"k": 5}}}).json()["jsonData"]["results"][0]
         assert [n["id"] for n in got["neighbours"]] == [n.id for n in expected.neighbours]
         assert np.allclose([n["distance"] for n in got["neighbours"]], [n.distance for n in expected.neighbours],
@@ -250,7 +254,7 @@ def test_concurrent_clients_get_identical_answers(server, gallery):
     searcher, root = gallery["searcher"], gallery["root"]
     items = searcher.index.items[:8]
     payloads = [(root / item.path).read_bytes() for item in items]
-    expected = [[n.id for n in searcher.search_images([decode_image(p)], 5)[0].neighbours] for p in payloads]
+    expected = [[n.id for n in searcher.search_bytes([p], 5)[0].neighbours] for p in payloads]
 
     def client(worker: int) -> int:
         errors = 0
@@ -272,20 +276,69 @@ def test_concurrent_clients_get_identical_answers(server, gallery):
 
 # ---- loading: consistency checks and MLflow URIs ------------------------------------------------------------
 
-def test_mismatched_bundle_stays_not_ready(bundle, tmp_path, pipeline_run):
+def test_mismatched_bundle_stays_not_ready_and_is_not_retried(bundle, tmp_path, pipeline_run):
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     embeddings = np.load(broken / "embeddings.npy")
     np.save(broken / "embeddings.npy", embeddings[:, : embeddings.shape[1] // 2])
-    srv = start_server({"IMGSIM_MODEL_URI": str(broken)}, tmp_path / "broken.log", wait_ready=False)
+    srv = start_server({"IMGSIM_MODEL_URI": str(broken), "IMGSIM_LOAD_BACKOFF_S": "0.2"}, tmp_path / "broken.log",
+                       wait_ready=False)
     try:
         status = requests.get(f"{srv.rest}/health/status", timeout=5)
         assert status.status_code == 503 and "embeddings.npy does not match" in status.json()["status"]["info"]
+        assert "not retried" in status.json()["status"]["info"]
         answer = rest(srv, {"jsonData": {"id": 0}})
         assert answer.status_code == 503
         with pytest.raises(grpc.RpcError) as err:
             grpc_json(srv, {"id": 0})
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        time.sleep(1.0)  # five backoff periods: a transient failure would have been tried again by now
+        assert "load attempt 2" not in srv.logs() and "load attempt 1 failed" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def test_a_bundle_of_model_a_with_the_index_of_model_b_never_becomes_ready(bundle, tmp_path):
+    mixed = Path(shutil.copytree(other_model_bundle(bundle, tmp_path / "b"), tmp_path / "mixed"))
+    for name in ("model.json", "weights.pt"):
+        shutil.copy(bundle / name, mixed / name)
+    rerecord_checksums(mixed)
+    srv = start_server({"IMGSIM_MODEL_URI": str(mixed)}, tmp_path / "mixed.log", wait_ready=False)
+    try:
+        status = requests.get(f"{srv.rest}/health/status", timeout=5)
+        assert status.status_code == 503
+        assert "weights.pt is not the model that built this index" in status.json()["status"]["info"]
+    finally:
+        srv.stop()
+
+
+def test_load_is_retried_until_the_bundle_appears_then_metadata_names_it(bundle, tmp_path):
+    # The volume is mounted before the bundle is exported onto it: the server waits for it instead of
+    # staying unready for ever.
+    target = tmp_path / "pvc" / "bundle"
+    srv = start_server({"IMGSIM_MODEL_URI": str(target), "IMGSIM_LOAD_BACKOFF_S": "0.2",
+                        "IMGSIM_LOAD_BACKOFF_MAX_S": "0.5"}, tmp_path / "retry.log", wait_ready=False)
+    try:
+        status = requests.get(f"{srv.rest}/health/status", timeout=5)
+        assert status.status_code == 503 and "does not exist" in status.json()["status"]["info"]
+        assert "next try in" in status.json()["status"]["info"]
+        before = requests.get(f"{srv.rest}/api/v1.0/metadata", timeout=5).json()
+        assert before["custom"]["ready"] == "false" and before["versions"] == ["not-loaded"]
+        with atomic.atomic_dir(target) as tmp:
+            shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not requests.get(f"{srv.rest}/health/status", timeout=5).ok:
+            time.sleep(0.2)
+        assert requests.get(f"{srv.rest}/health/status", timeout=5).ok, srv.logs()
+        assert re.search(r"load attempt [2-9]\d* failed", srv.logs()) and "loaded" in srv.logs()
+        identity = rest(srv, {"jsonData": {"id": 0}}).json()["jsonData"]
+        metadata = requests.get(f"{srv.rest}/api/v1.0/metadata", timeout=5).json()
+        assert metadata["name"] == "imgsim" and metadata["versions"] == [identity["model_version"]] == ["1"]
+        assert metadata["custom"]["index_sha256"] == identity["index_sha256"] and metadata["custom"]["ready"] == "true"
+        with grpc.insecure_channel(srv.grpc) as channel:
+            over_grpc = json_format.MessageToDict(prediction_pb2_grpc.ModelStub(channel).Metadata(
+                prediction_pb2.SeldonMessage(), timeout=10))
+        assert over_grpc["versions"] == ["1"] and over_grpc["custom"]["index_sha256"] == identity["index_sha256"]
     finally:
         srv.stop()
 

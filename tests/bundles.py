@@ -1,0 +1,35 @@
+"""Bundles built by hand for tests: another model's bundle over the same gallery, re-recorded checksums."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgsim.bundle import BUNDLE_JSON, FILES, ServingBundle, build_probes
+from imgsim.embed import embed_array
+from imgsim.index import IndexBundle
+from imgsim.model import EmbeddingNet, ModelBundle, file_sha256
+
+
+def rerecord_checksums(folder: Path) -> None:
+    meta = json.loads((folder / BUNDLE_JSON).read_text())
+    meta["files"] = {name: file_sha256(folder / name) for name in FILES}
+    (folder / BUNDLE_JSON).write_text(json.dumps(meta))
+
+
+def other_model_bundle(good: Path, out: Path) -> Path:
+    """A complete, self-consistent bundle of another model with the same shape over the same gallery."""
+    first = ServingBundle.load(good)
+    torch.manual_seed(123)
+    net = EmbeddingNet(first.model.args, first.model.preprocess).eval()
+    other = ModelBundle(first.model.args, first.model.preprocess, first.model.classes, net.state_dict(), {})
+    inputs = {int(i): x for i, x in zip(first.probes.ids, first.probes.inputs)}
+    # Embed every gallery item the way the other model would (probe inputs stand in for the rest).
+    fill = first.probes.inputs[0]
+    vectors = embed_array(net, np.stack([inputs.get(i, fill) for i in range(len(first.index.items))]))[0]
+    index = IndexBundle.build(vectors, first.index.items, n_trees=first.index.n_trees)
+    probes = build_probes(net, index, lambda i: inputs.get(i, fill), vectors)
+    return ServingBundle(other, index, probes, {"uri": "other"}).save(out)
