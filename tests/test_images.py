@@ -65,6 +65,55 @@ def test_pixel_limit_rejects_decompression_bombs():
         decode_image(encode(Image.new("1", (2000, 2000)), "PNG"), max_pixels=1_000_000)
 
 
+def _photo(size: tuple[int, int], mode: str) -> Image.Image:
+    grad = Image.linear_gradient("L").resize(size)
+    rgb = Image.merge("RGB", (grad, grad.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grad.rotate(90).resize(size)))
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGBA", "PNG"), ("L", "PNG"), ("RGB", "JPEG"), ("CMYK", "JPEG"),
+                                       ("I;16", "PNG"), ("1", "PNG")])
+def test_large_images_decode_small_and_preprocess_like_a_full_decode(mode, fmt):
+    img = _photo((900, 700), "L" if mode in ("I;16", "1") else mode)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img).astype(np.uint16) * 257)
+    elif mode == "1":
+        img = img.convert("1")
+    data = encode(img, fmt)
+    seen = []
+    small = decode_image(data, draft=28, admit=seen.append)
+    full = decode_image(data)
+    assert small.mode in ("L", "RGB") and 28 <= min(small.size) < 56 and full.size == (900, 700)
+    assert seen and seen[0] <= 900 * 700  # the budget hook saw the pixels about to be decoded
+    pre = Preprocess(size=28, channels=3, mean=(0.5,) * 3, std=(0.2,) * 3)
+    diff = np.abs(pre.to_array(small).astype(int) - pre.to_array(full).astype(int))
+    # Box-averaged (JPEG: DCT-scaled) first, then the same bilinear resize: a few grey levels apart at most.
+    assert diff.mean() < {"1": 12, "JPEG": 6}.get(mode, {"JPEG": 6}.get(fmt, 3))
+
+
+def test_reduced_decoding_keeps_the_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = encode(_photo((800, 400), "RGB"), "JPEG", exif=exif)
+    assert decode_image(data).size == (400, 800) and decode_image(data, draft=28).size[1] > decode_image(
+        data, draft=28).size[0]
+
+
+def test_the_budget_hook_can_refuse_before_anything_is_decoded():
+    def refuse(pixels):
+        raise BadInput(f"{pixels} pixels is over the request's budget")
+
+    with pytest.raises(BadInput, match="640000 pixels is over"):
+        decode_image(encode(Image.new("L", (800, 800)), "PNG"), admit=refuse)
+
+
+def test_sixteen_bit_levels_scale_without_float64():
+    levels = np.array([[0, 257, 128 * 257, 65535]], dtype=np.uint16)
+    assert np.asarray(decode_image(encode(Image.fromarray(levels), "PNG"))).tolist() == [[0, 1, 128, 255]]
+    low = np.array([[0, 17, 255]], dtype=np.uint16)  # 16-bit container, 8-bit values: kept as they are
+    assert np.asarray(decode_image(encode(Image.fromarray(low), "PNG"))).tolist() == [[0, 17, 255]]
+
+
 def test_preprocess_resizes_and_converts_channels():
     rgb = Image.new("RGB", (50, 40), (10, 20, 30))
     assert Preprocess(size=28, channels=1, mean=(0.5,), std=(0.2,)).to_array(rgb).shape == (1, 28, 28)

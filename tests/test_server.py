@@ -153,6 +153,8 @@ BAD_REQUESTS = [
     ({"binData": b64(b"plain text, not an image")}, "not an image"),
     ({"binData": b64(_png(Image.new("L", (64, 64), 3))[:50])}, "corrupt or truncated"),
     ({"binData": b64(_png(Image.new("1", (9000, 9000))))}, "decompression bomb"),
+    ({"binData": b64(_png(Image.new("L", (4000, 3500))))}, "over this server's limit of 12000000"),
+    ({"jsonData": {"images": [b64(_png(Image.new("L", (3000, 3000))))] * 6}}, "add up to more than 48000000 pixels"),
     ({"jsonData": {"image": "%%%"}}, "not valid base64"),
     ({"jsonData": {"id": 0, "k": 0}}, "k must be between 1 and 20"),
     ({"jsonData": {"id": 0, "k": 21}}, "k must be between 1 and 20"),
