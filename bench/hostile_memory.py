@@ -27,6 +27,7 @@ from tests.servers import start_server  # noqa: E402
 
 CONFIGS = {
     "bounded (serving defaults)": {},
+    "bounded, 2 decodes per worker": {"IMGSIM_MAX_CONCURRENT_DECODES": "2"},
     # What the server did before: split's 40 MP per image, no request budget, no decode cap.
     "split's limits, no caps": {"IMGSIM_MAX_PIXELS": "40000000", "IMGSIM_MAX_REQUEST_PIXELS": str(10**12),
                                 "IMGSIM_MAX_CONCURRENT_DECODES": "64"},

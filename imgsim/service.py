@@ -39,7 +39,7 @@ class ServiceConfig:
     # at most ~100 MB while it is decoded and reduced, and JPEG photos of any size draft-decode below it.
     max_pixels: int = 12_000_000
     max_request_pixels: int = 48_000_000  # summed over a batch
-    max_concurrent_decodes: int = 2  # per worker process: decoding is where a request's memory goes
+    max_concurrent_decodes: int = 1  # per worker process: decoding is where a request's memory goes (~100 MB at 12 MP)
     search_k: int = 0  # 0: the search_k the bundle's index recall was measured with at extract
     torch_threads: int = 1  # one per worker: several gunicorn workers must not oversubscribe the cores
     load_backoff_s: float = 1.0  # first wait before retrying a failed load; doubles up to the maximum

@@ -151,8 +151,8 @@ def test_graph_parameters_are_ones_model_server_accepts():
         assert cfg.model_uri == "/mnt/models"  # where the storage initializer puts modelUri
         # The serving memory bounds and the bundle's own search_k reach the server from the chart's defaults.
         assert (cfg.max_pixels, cfg.max_request_pixels, cfg.max_concurrent_decodes, cfg.search_k) == \
-            (12_000_000, 48_000_000, 2, 0)
-    limited = _predictor({"server": {"maxPixels": 4_000_000, "maxConcurrentDecodes": 1}})["graph"]["parameters"]
+            (12_000_000, 48_000_000, 1, 0)
+    limited = _predictor({"server": {"maxPixels": 4_000_000, "maxConcurrentDecodes": 2}})["graph"]["parameters"]
     assert {p["name"]: p["value"] for p in limited}["max_pixels"] == "4000000"
 
 
