@@ -75,7 +75,35 @@ def section() -> str:
                      f"{pipeline['wall_seconds'] / 60:.1f} min wall (exit {pipeline['exit_code']}); "
                      "`python bench/pipeline.py`.\n")
     parts += own_images_sections()
+    parts += hold_up_sections()
     return "\n".join(parts)
+
+
+def hold_up_sections() -> list[str]:
+    """The server's memory under hostile images, and the soak."""
+    parts = []
+    hostile, soak = load("hostile_memory"), load("soak")
+    if hostile:
+        parts.append("**10. Memory under hostile images** — the demo bundle served with the chart's worker settings; "
+                     "4 concurrent clients each send every kind below as a REST JSON batch of 16 copies, as REST "
+                     "binData and as gRPC binData, 3 rounds; PSS of all server processes sampled every 50 ms; "
+                     "the same mix against the bounded defaults, 2 decodes per worker, and split's 40 MP limit "
+                     "with no request budget or decode cap; `python bench/hostile_memory.py`:\n")
+        parts.append(table([{"kind": k, "bytes": v} for k, v in hostile["payload_bytes"].items()], ["kind", "bytes"]))
+        parts.append("")
+        parts.append(table(hostile["rows"], ["config", "idle_pss_mb", "peak_pss_mb", "growth_mb", "requests", "2xx",
+                                             "4xx", "5xx", "ready_after"]) + "\n")
+    if soak:
+        sm = soak["summary"]
+        parts.append(f"**11. Soak** — the demo bundle for {sm['minutes']:g} minutes at concurrency "
+                     f"{sm['concurrency']}, 70 % good queries (binData, JSON image, batch of 4, id, path; REST and "
+                     "gRPC) and 30 % bad ones (junk bytes, bad base64, k out of range, a 401-digit k, unknown id, "
+                     "outside path, truncated PNG, 36 MP bombs, non-object bodies); `python bench/soak.py`:\n")
+        parts.append(table(soak["minutes"], ["minute", "requests", "2xx", "4xx", "5xx", "p50_ms", "p99_ms", "pss_mb"]))
+        parts.append(f"\n{sm['requests']:,} requests: {sm['2xx']:,} 2xx, {sm['4xx']:,} 4xx, **{sm['5xx']} 5xx**; "
+                     f"PSS {sm['pss_start_mb']:,.0f} MB at the start, {sm['pss_end_mb']:,.0f} MB at the end "
+                     f"(**{sm['pss_growth_pct']:+.1f} %**); ready afterwards: {sm['ready_after']}.\n")
+    return parts
 
 
 def own_images_sections() -> list[str]:

@@ -51,10 +51,12 @@ def download(uri: str, what: str, dst: str | Path | None = None) -> Path:
         if not path.exists():
             raise ImgsimError(f"{what} {uri} does not exist; check the path")
         return path
+    target = str(dst) if dst is not None else tempfile.mkdtemp(prefix="imgsim-")
     try:
-        target = str(dst) if dst is not None else tempfile.mkdtemp(prefix="imgsim-")
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
     except (MlflowException, OSError) as exc:
+        if dst is None:  # a failed download leaves nothing behind: the server retries loads, each in a new folder
+            shutil.rmtree(target, ignore_errors=True)
         raise ImgsimError(f"{what} {uri} cannot be fetched from MLflow at {mlflow.get_tracking_uri()}: "
                           f"{str(exc).splitlines()[0]}. Check the run id / model name and MLFLOW_TRACKING_URI.") from None
 

@@ -14,4 +14,8 @@ $PY bench/index_speed.py
 $PY bench/extraction.py
 $PY bench/serving.py
 $PY bench/pipeline.py                     # `make demo` from a fresh clone, timed
+# The server benches below use the demo bundle (bundles/demo): make it unless a valid one is there.
+$PY -c "from bench.hostile import demo_bundle; demo_bundle()" 2>/dev/null || bash scripts/demo.sh
+$PY bench/hostile_memory.py               # server memory under hostile images (~2 min)
+$PY bench/soak.py                         # 10 minutes of mixed good and bad traffic
 $PY bench/report.py --write               # the README's results section
