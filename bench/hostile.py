@@ -21,7 +21,7 @@ from imgsim.errors import ImgsimError  # noqa: E402
 DEMO_BUNDLE = REPO / "bundles" / "demo"
 # What the chart deploys (values.yaml), so the figures are the pod's.
 CHART_SETTINGS = {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2", "GRPC_WORKERS": "1", "GRPC_THREADS": "2",
-                  "IMGSIM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+                  "IMGSIM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def demo_bundle(path: Path = DEMO_BUNDLE) -> Path:

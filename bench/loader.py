@@ -27,7 +27,8 @@ from imgsim import augment  # noqa: E402
 from imgsim.data import ImageFiles, cache_images, label_ids, load_items, make_loader  # noqa: E402
 from imgsim.embed import embed_batches, embed_dataset  # noqa: E402
 from imgsim.images import Preprocess  # noqa: E402
-from imgsim.model import EmbeddingNet, ModelArgs  # noqa: E402
+from imgsim.model import EmbeddingNet  # noqa: E402
+from imgsim.modelspec import ModelArgs  # noqa: E402
 
 REPEATS, N_EXTRACT = 3, 10_000
 

@@ -49,7 +49,8 @@ def child(mode: str, root: str, size: int) -> None:
     from imgsim.embed import embed_batches
     from imgsim.extract import ExtractConfig, extract
     from imgsim.images import Preprocess
-    from imgsim.model import EmbeddingNet, ModelArgs, ModelBundle
+    from imgsim.model import EmbeddingNet, ModelBundle
+    from imgsim.modelspec import ModelArgs
     from imgsim.split import SplitConfig, split_dataset
 
     torch.set_num_threads(1)

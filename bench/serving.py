@@ -30,7 +30,7 @@ from imgsim.model import ModelBundle  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
 SETTINGS = {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2", "GRPC_WORKERS": "2", "GRPC_THREADS": "2",
-            "IMGSIM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+            "IMGSIM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 REQUESTS = {1: 400, 4: 800}
 WARMUP = 20
 
@@ -45,7 +45,7 @@ def make_bundle() -> Path:
     model = ModelBundle.load(RESULTS / "model")
     probes = build_probes(model.build(), index, ImageFiles(gallery_items, manifest.root, model.preprocess).read,
                           embeddings)
-    return ServingBundle(model, index, probes, {"uri": "bench"}).save(RESULTS / "bundle")
+    return ServingBundle(model.spec, index, probes, {"uri": "bench"}, weights=model).save(RESULTS / "bundle")
 
 
 def rest_client(url: str, body: dict):

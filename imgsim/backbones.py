@@ -7,32 +7,17 @@ import torchvision
 from torch import nn
 
 from imgsim.errors import ImgsimError
+from imgsim.modelspec import SMALL, check_backbone, feature_dim
 from imgsim.small_resnet import SmallResNet
 
-SMALL = "resnet_small"
-# torchvision backbones: name -> (how to cut the classifier off, pooled feature dimension).
-TORCHVISION = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_large": 960, "efficientnet_b0": 1280,
-               "convnext_tiny": 768}
-BACKBONES = (SMALL, *TORCHVISION)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def check_name(name: str) -> None:
-    """A clear error for a backbone we do not build."""
-    if name not in BACKBONES:
-        raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-
-
-def feature_dim(name: str, widths: tuple[int, ...]) -> int:
-    """The pooled feature dimension of backbone ``name``."""
-    return widths[-1] if name == SMALL else TORCHVISION[name]
 
 
 def build_trunk(name: str, channels: int, widths: tuple[int, ...], depths: tuple[int, ...],
                 state_dict: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
     """The feature extractor (image batch -> pooled features) and its output dimension; ``state_dict``:
     pretrained trunk weights, as :func:`trunk_state` makes them."""
-    check_name(name)
+    check_backbone(name)
     trunk = SmallResNet(channels, widths, depths) if name == SMALL else \
         _cut(name, torchvision.models.get_model(name, weights=None))
     if state_dict is not None:

@@ -7,7 +7,8 @@ import torch
 from numpy.typing import NDArray
 
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingNet, ModelArgs
+from imgsim.model import EmbeddingNet
+from imgsim.modelspec import ModelArgs
 
 
 def pixel_embeddings(images: NDArray[np.uint8]) -> NDArray[np.float32]:

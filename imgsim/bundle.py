@@ -1,11 +1,11 @@
-"""The ServingBundle artifact: model + index + a probe set that proves they belong together, with checksums."""
+"""The ServingBundle artifact: model (torch and ONNX) + index + a probe set that proves they belong together."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -13,18 +13,26 @@ from numpy.typing import NDArray
 from imgsim import atomic
 from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, IndexBundle
-from imgsim.model import MODEL_JSON, WEIGHTS, ModelBundle, file_sha256
+from imgsim.modelspec import MODEL_JSON, ONNX_FILE, WEIGHTS, ModelSpec, file_sha256
+
+if TYPE_CHECKING:  # torch is only needed to write a bundle or to serve with runtime="torch"
+    from imgsim.model import ModelBundle
 
 BUNDLE_JSON = "bundle.json"
 PROBES_FILE = "probes.npz"
-FORMAT_VERSION = 2
-FILES = (MODEL_JSON, WEIGHTS, INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE, PROBES_FILE)
+FORMAT_VERSION = 3
+FILES = (MODEL_JSON, WEIGHTS, ONNX_FILE, INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE, PROBES_FILE)
+RUNTIMES = ("onnx", "torch")
 PROBE_COUNT = 32
-# Largest cosine distance (1 - cos) between an embedding recorded at extract and the same one recomputed at
-# load. CPU vs GPU (TF32) or ONNX Runtime differ by ~1e-6; another model of the same shape by 0.05 or more.
+# The loaded model must reproduce the probe embeddings recorded at extract (both float32 on the CPU: torch
+# and ONNX Runtime agree to ~1e-6) to this largest absolute difference...
+PROBE_PARITY = 1e-4
+# ...and those must match the index's own vectors to this cosine distance (1 - cos): the gallery may have been
+# embedded in larger batches or on a GPU (TF32); another model of the same shape differs by 0.05 or more.
 PROBE_TOLERANCE = 1e-3
 
-Embedder = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
+# uint8 images (N, C, H, W) -> (normalised embeddings, logits): the PyTorch model or an ONNX Runtime session.
+Engine = Callable[[NDArray[np.uint8]], tuple[NDArray[np.float32], NDArray[np.float32]]]
 
 
 class BundleError(ImgsimError):
@@ -41,7 +49,7 @@ class Probes:
     embeddings: NDArray[np.float32]  # (P, D), L2-normalised
 
     @classmethod
-    def take(cls, embed: Embedder, read: Callable[[int], NDArray[np.uint8]], index: IndexBundle, *,
+    def take(cls, embed: Callable[[NDArray[np.uint8]], NDArray[np.float32]], read: Callable[[int], NDArray[np.uint8]], index: IndexBundle, *,
              count: int = PROBE_COUNT, seed: int = 42) -> "Probes":
         """Pick ``count`` gallery items spread over the index, read their inputs and embed them."""
         n = len(index.items)
@@ -72,29 +80,39 @@ def cosine_distances(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[
 class ServingBundle:
     """Everything the server loads, written together (atomically) and verified together on load."""
 
-    model: ModelBundle
+    spec: ModelSpec
     index: IndexBundle
     probes: Probes
     source: dict  # the model it was built from: uri, and name/version/run_id when registered
     search_k: int = DEFAULT_SEARCH_K  # what extract measured the index's recall with; the server's default
     index_recall: float | None = None  # recall@10 against exact search at that search_k
     files: dict[str, str] = dataclasses.field(default_factory=dict)  # sha256 of each file, once saved or loaded
+    weights: "ModelBundle | None" = None  # the torch model: given to save, loaded only for runtime="torch"
+    engine: Engine | None = dataclasses.field(default=None, repr=False)  # set by load
+    onnx_parity: float | None = None  # ONNX Runtime vs torch at export, largest absolute difference
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the whole bundle into ``out_dir``, replacing any previous one in a single step."""
+        """Write the whole bundle into ``out_dir`` (the torch weights, their ONNX export checked against them,
+        index, probes, checksums), replacing any previous one in a single step."""
+        from imgsim.onnx_export import OPSET, export_onnx
+
+        if self.weights is None:
+            raise ImgsimError("a ServingBundle is saved from the torch model: pass weights=ModelBundle")
         out = Path(out_dir)
         with atomic.atomic_dir(out) as tmp:
-            self.model.save(tmp)
+            self.weights.save(tmp)
+            self.onnx_parity = export_onnx(self.weights, tmp / ONNX_FILE, self.probes.inputs)
             self.index.save(tmp)
             self.probes.save(tmp / PROBES_FILE)
             self.files = {name: file_sha256(tmp / name) for name in FILES}
-            atomic.write_text(tmp / BUNDLE_JSON, json.dumps(self._meta(), indent=2))
+            atomic.write_text(tmp / BUNDLE_JSON, json.dumps(self._meta() | {"onnx": {
+                "opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PROBE_PARITY}}, indent=2))
         return out
 
     def _meta(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
-            "model": {**self.source, "embedding_dim": self.model.args.dim, "classes": self.model.classes},
+            "model": {**self.source, "embedding_dim": self.spec.args.dim, "classes": self.spec.classes},
             "index": {"dim": self.index.dim, "metric": self.index.metric, "n_trees": self.index.n_trees,
                       "count": len(self.index.items), "search_k": self.search_k,
                       "recall_at_10": self.index_recall},
@@ -103,51 +121,58 @@ class ServingBundle:
         }
 
     @classmethod
-    def load(cls, folder: str | Path, *, verify: bool = True) -> "ServingBundle":
-        """Check the files, load model and (memory-mapped) index, and :meth:`verify` them (a caller that
-        embeds its own way passes ``verify=False`` and calls ``verify`` with its embedder).
+    def load(cls, folder: str | Path, *, runtime: str = "onnx", threads: int = 1) -> "ServingBundle":
+        """Check the files, open the model with ``runtime`` (onnx: ONNX Runtime, no torch needed; torch: the
+        PyTorch weights) and the memory-mapped index, and :meth:`verify` them.
 
         The folder is read as one version even if an export replaces it meanwhile (``FolderReplaced`` then:
         load again)."""
+        if runtime not in RUNTIMES:
+            raise ImgsimError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         with atomic.pinned_dir(folder) as pinned:
             meta = read_meta(pinned, folder)
             _check_files(pinned, meta, folder)
             try:
-                model, probes = ModelBundle.load(pinned), Probes.load(pinned / PROBES_FILE)
+                spec, probes = ModelSpec.load(pinned), Probes.load(pinned / PROBES_FILE)
                 index = IndexBundle.load(pinned, n_trees=int(meta["index"]["n_trees"]))
                 source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
-                bundle = cls(model, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
-                             meta["index"].get("recall_at_10"), dict(meta["files"]))
+                bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
+                             meta["index"].get("recall_at_10"), dict(meta["files"]),
+                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"))
             except (KeyError, ValueError, TypeError) as exc:
                 raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
-        if verify:
-            bundle.verify()
+            try:
+                bundle.engine = _open_engine(bundle, pinned, runtime, threads)
+            except ImgsimError as exc:
+                raise BundleError(f"bundle {folder}: {exc}") from None
+        bundle.verify()
         return bundle
 
-    def verify(self, embed: Embedder | None = None) -> None:
-        """Re-embed the probes and compare with what extract recorded and with the index's own vectors.
-
-        Raises ``BundleError`` naming the part that disagrees."""
+    def verify(self) -> None:
+        """Re-embed the probes with the loaded engine and compare with what extract recorded and with the
+        index's own vectors. Raises ``BundleError`` naming the part that disagrees."""
         problems = []
-        if self.model.args.dim != self.index.dim:
-            problems.append(f"the model embeds in {self.model.args.dim} dimensions, the index holds {self.index.dim}")
+        if self.spec.args.dim != self.index.dim:
+            problems.append(f"the model embeds in {self.spec.args.dim} dimensions, the index holds {self.index.dim}")
         elif self.probes.embeddings.shape[1:] != (self.index.dim,) or \
                 self.probes.ids.max(initial=-1) >= len(self.index.items):
             problems.append(f"{PROBES_FILE} does not fit this index (dimension or ids out of range)")
         else:
-            problems += self._disagreements(embed or _torch_embedder(self.model))
+            problems += self._disagreements()
         if problems:
             raise BundleError("bundle is inconsistent: " + "; ".join(problems) + ". Re-export the bundle from one "
                               "extract run, so that model and index come from the same model.")
 
-    def _disagreements(self, embed: Embedder) -> list[str]:
+    def _disagreements(self) -> list[str]:
         ids, recorded = self.probes.ids, self.probes.embeddings
         problems = []
-        recomputed = _worst(cosine_distances(embed(self.probes.inputs), recorded))
-        if recomputed > PROBE_TOLERANCE:
-            problems.append(f"{WEIGHTS} is not the model that built this index: it embeds the {len(ids)} probe "
-                            f"images differently from extract (cosine distance up to {recomputed:.3g}, "
-                            f"tolerance {PROBE_TOLERANCE:g})")
+        model_file = ONNX_FILE if self.weights is None else WEIGHTS
+        recomputed = self.engine(self.probes.inputs)[0]
+        diff = float(np.abs(recomputed - recorded).max(initial=0.0)) if np.all(np.isfinite(recomputed)) else np.inf
+        if diff > PROBE_PARITY:
+            problems.append(f"{model_file} is not the model that built this index: it embeds the {len(ids)} probe "
+                            f"images differently from extract (largest difference {diff:.3g}, tolerance "
+                            f"{PROBE_PARITY:g})")
         stored = _worst(cosine_distances(np.asarray(self.index.embeddings[ids]), recorded))
         if stored > PROBE_TOLERANCE:
             problems.append(f"{EMBEDDINGS_FILE} holds other vectors for the probe items (cosine distance up to "
@@ -169,16 +194,28 @@ class ServingBundle:
                 "index_size": str(len(self.index.items))}
 
 
+def _open_engine(bundle: ServingBundle, folder: Path, runtime: str, threads: int) -> Engine:
+    if runtime == "onnx":
+        from imgsim.runtime import OnnxModel
+
+        return OnnxModel(folder / ONNX_FILE, bundle.spec.preprocess, threads)
+    try:
+        import torch
+
+        from imgsim.embed import embed_array
+        from imgsim.model import ModelBundle
+    except ImportError:
+        raise ImgsimError("runtime 'torch' needs torch, which this installation (the serving image) does not "
+                          "have: use runtime 'onnx'") from None
+    torch.set_num_threads(max(1, threads))
+    bundle.weights = ModelBundle.load(folder)
+    net = bundle.weights.build()
+    return lambda inputs: embed_array(net, inputs)
+
+
 def _worst(distances: NDArray[np.float64]) -> float:
     # NaN (a model that outputs NaN) must count as a disagreement, which max() alone would not guarantee.
     return float("inf") if not np.all(np.isfinite(distances)) else float(distances.max(initial=0.0))
-
-
-def _torch_embedder(model: ModelBundle) -> Embedder:
-    from imgsim.embed import embed_array
-
-    net = model.build()
-    return lambda inputs: embed_array(net, inputs)[0]
 
 
 def read_meta(folder: str | Path, name: str | Path | None = None) -> dict:
@@ -194,7 +231,7 @@ def read_meta(folder: str | Path, name: str | Path | None = None) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise BundleError(f"bundle {name} has format {found}, this imgsim reads format {FORMAT_VERSION} (with a "
-                          "probe set): run extract again with this version and export its bundle")
+                          "probe set and an ONNX export): run extract again with this version and export its bundle")
     return meta
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,43 +14,7 @@ from torch import nn
 from imgsim import atomic, backbones
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
-
-MODEL_JSON, WEIGHTS = "model.json", "weights.pt"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelArgs:
-    """Constructor arguments, saved beside the weights so the model rebuilds without the trainer."""
-
-    num_classes: int  # 0: embed-only (a pretrained backbone used as is, no classifier)
-    backbone: str = backbones.SMALL
-    widths: tuple[int, ...] = (32, 64, 128)  # resnet_small only
-    depths: tuple[int, ...] = (1, 1, 1)
-    embedding_dim: int = 128  # 0: the backbone's pooled features are the embedding
-    head: str = "cosine"  # cosine: scale * cos(embedding, class weight); arcface: with an angular margin; linear
-    scale: float = 16.0
-    margin: float = 0.2  # arcface only: radians added to the true class's angle while training
-
-    def __post_init__(self) -> None:
-        backbones.check_name(self.backbone)
-        if len(self.widths) != len(self.depths) or not self.widths:
-            raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
-        if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim == 1 or self.embedding_dim < 0:
-            raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be >= 1 and "
-                              f"embedding_dim 0 (the backbone's features) or >= 2 (got {self.embedding_dim})")
-        if self.num_classes == 1 or self.num_classes < 0:
-            raise ImgsimError(f"a classifier needs at least 2 classes, got {self.num_classes}; add class folders")
-        if self.head not in HEADS:
-            raise ImgsimError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
-
-    @property
-    def dim(self) -> int:
-        """The embedding's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
-        return self.embedding_dim or backbones.feature_dim(self.backbone, self.widths)
-
-
-HEADS = ("cosine", "arcface", "linear")
-
+from imgsim.modelspec import MODEL_JSON, SMALL, WEIGHTS, ModelArgs, ModelSpec
 
 class EmbeddingNet(nn.Module):
     """Backbone -> linear embedding -> classifier; ``forward`` gives logits, ``embed`` the L2-normalised embedding."""
@@ -62,7 +24,7 @@ class EmbeddingNet(nn.Module):
         self.args, self.preprocess = args, preprocess
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, -1, 1, 1))
-        in_channels = preprocess.channels if args.backbone == backbones.SMALL else 3
+        in_channels = preprocess.channels if args.backbone == SMALL else 3
         # torchvision backbones take RGB: a grayscale model repeats its one channel.
         self.repeat = in_channels // preprocess.channels
         self.trunk, features = backbones.build_trunk(args.backbone, in_channels, args.widths, args.depths, pretrained)
@@ -78,7 +40,7 @@ class EmbeddingNet(nn.Module):
     def head(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from un-normalised embeddings; ``labels`` (training) apply arcface's margin."""
         if self.classifier is None:
-            return emb.new_zeros((len(emb), 0))
+            return emb[:, :0]  # (N, 0): a slice keeps the batch dimension dynamic in an ONNX export
         if self.args.head == "linear":
             return self.classifier(emb)
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(self.classifier.weight, dim=1))
@@ -134,9 +96,9 @@ class ModelBundle:
         model.load_state_dict(self.state_dict)
         return model.eval()
 
-    def meta(self) -> dict:
-        return {"args": dataclasses.asdict(self.args), "preprocess": dataclasses.asdict(self.preprocess),
-                "classes": self.classes, "config": self.config}
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.args, self.preprocess, self.classes, self.config)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``model.json`` and ``weights.pt`` atomically into ``out_dir``."""
@@ -144,7 +106,7 @@ class ModelBundle:
         out.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(out / WEIGHTS) as tmp:
             torch.save(self.state_dict, tmp)
-        atomic.write_text(out / MODEL_JSON, json.dumps(self.meta(), indent=2))
+        atomic.write_text(out / MODEL_JSON, json.dumps(self.spec.meta(), indent=2))
         return out
 
     @classmethod
@@ -154,10 +116,9 @@ class ModelBundle:
         if not (folder / MODEL_JSON).exists() and (folder / "extra_files" / MODEL_JSON).exists():
             folder = folder / "extra_files"
         try:
-            meta = json.loads((folder / MODEL_JSON).read_text())
-            args = ModelArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()})
+            spec = ModelSpec.load(folder)
             state = _upgrade(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-            return cls(args, Preprocess.from_dict(meta["preprocess"]), list(meta["classes"]), state, meta.get("config", {}))
+            return cls(spec.args, spec.preprocess, spec.classes, state, spec.config)
         except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ImgsimError(f"no usable imgsim model in {in_dir} ({exc!r}); expected {MODEL_JSON} and {WEIGHTS} "
                               "as written by the train stage") from None
@@ -167,12 +128,3 @@ def _upgrade(state: dict) -> dict:
     """Models saved before backbones were pluggable kept the small ResNet's layers at the top level."""
     old = ("stem.", "stages.")
     return {("trunk." + k if k.startswith(old) else k): v for k, v in state.items()}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from imgsim.bundle import ServingBundle
-from imgsim.embed import embed_array
 from imgsim.errors import BadInput
 from imgsim.images import decode_image
 from imgsim.index import cosine_from_angular
@@ -39,16 +37,15 @@ class QueryResult:
 
 
 class Searcher:
-    """Loads and verifies a bundle once; answers image and id queries."""
+    """Loads and verifies a bundle once; answers image and id queries. No torch with the default runtime."""
 
-    def __init__(self, folder: str | Path, *, search_k: int = 0) -> None:
-        """``search_k`` 0: the one the bundle's index recall was measured with at extract."""
-        self.bundle = ServingBundle.load(folder, verify=False)
-        self.model = self.bundle.model.build()
-        self.bundle.verify(lambda inputs: embed_array(self.model, inputs)[0])
+    def __init__(self, folder: str | Path, *, search_k: int = 0, runtime: str = "onnx", threads: int = 1) -> None:
+        """``search_k`` 0: the one the bundle's index recall was measured with at extract; ``runtime``: onnx
+        (ONNX Runtime) or torch; ``threads``: the runtime's threads."""
+        self.bundle = ServingBundle.load(folder, runtime=runtime, threads=threads)
         self.index = self.bundle.index
-        self.preprocess = self.bundle.model.preprocess
-        self.classes = self.bundle.model.classes
+        self.preprocess = self.bundle.spec.preprocess
+        self.classes = self.bundle.spec.classes
         self.search_k = search_k or self.bundle.search_k
 
     @property
@@ -61,8 +58,8 @@ class Searcher:
 
     def embed_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and class probabilities for preprocessed uint8 inputs (N, C, H, W)."""
-        embedding, logits = embed_array(self.model, inputs)
-        return embedding, torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        embedding, logits = self.bundle.engine(inputs)
+        return embedding, _softmax(logits)
 
     def decode(self, data: bytes, **limits) -> np.ndarray:
         """One image file's bytes to model input, decoded as extract decodes gallery files (JPEG draft, reduce);
@@ -96,3 +93,8 @@ class Searcher:
             return QueryResult(neighbours, None, None)
         best = int(np.argmax(probs))
         return QueryResult(neighbours, self.classes[best], float(probs[best]))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True, initial=-np.inf) if logits.shape[1] else logits)
+    return shifted / shifted.sum(axis=1, keepdims=True) if logits.shape[1] else shifted

@@ -15,8 +15,6 @@ from typing import Any, Iterable
 
 import numpy as np
 
-import torch
-
 from imgsim.bundle import BundleError
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.search import QueryResult, Searcher
@@ -41,7 +39,8 @@ class ServiceConfig:
     max_request_pixels: int = 48_000_000  # summed over a batch
     max_concurrent_decodes: int = 1  # per worker process: decoding is where a request's memory goes (~100 MB at 12 MP)
     search_k: int = 0  # 0: the search_k the bundle's index recall was measured with at extract
-    torch_threads: int = 1  # one per worker: several gunicorn workers must not oversubscribe the cores
+    runtime: str = "onnx"  # onnx: ONNX Runtime (the serving image has no torch); torch: the PyTorch weights
+    threads: int = 1  # the runtime's threads per worker: several gunicorn workers must not oversubscribe the cores
     load_backoff_s: float = 1.0  # first wait before retrying a failed load; doubles up to the maximum
     load_backoff_max_s: float = 60.0
 
@@ -102,7 +101,6 @@ class SimilarityService:
         """Load the bundle; if that fails for a reason that may pass (store unreachable, folder not there yet),
         keep retrying in the background with bounded backoff. Not ready until loaded; a bundle that is itself
         wrong (damaged, inconsistent, unknown format) is reported and not retried."""
-        torch.set_num_threads(max(1, self.cfg.torch_threads))
         if not self._try_load(1) and not self.load_failed_for_good:
             threading.Thread(target=self._retry, name="imgsim-load-retry", daemon=True).start()
 
@@ -126,7 +124,8 @@ class SimilarityService:
             if self.cfg.model_uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
                 mlflow.set_tracking_uri(tracking.tracking_uri())
-            searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k)
+            searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k,
+                                runtime=self.cfg.runtime, threads=self.cfg.threads)
         except BundleError as exc:
             self.load_failed_for_good = True
             return self._failed(attempt, f"{exc} (not retried: loading this bundle again cannot succeed)")

@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from imgsim import augment, backbones, checkpoint, distributed, recipe, weights
+from imgsim import augment, checkpoint, distributed, recipe, weights
 from imgsim.data import ImageFiles, Transformed, cache_images, label_ids, make_loader
 from imgsim.embed import embed_dataset
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.manifest import Manifest
 from imgsim.metrics import retrieval_metrics
-from imgsim.model import HEADS, EmbeddingNet, ModelArgs, ModelBundle
+from imgsim.model import EmbeddingNet, ModelBundle
+from imgsim.modelspec import HEADS, SMALL, ModelArgs, check_backbone
 from imgsim.recipe import input_preprocess
 
 SELECT_METRICS = ("map_at_r", "accuracy", "last")
@@ -32,7 +33,7 @@ class TrainConfig:
 
     manifest_uri: str = ""
     data_dir: str = ""  # where the manifest's relative paths live, if not where split saw them
-    backbone: str = backbones.SMALL  # or resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny
+    backbone: str = SMALL  # or resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny
     weights: str = "none"  # none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / s3:// / models:/ URI
     epochs: int = 0  # 0: enough for ~2000 optimizer steps, at least 12, at most 100 (12 for Fashion-MNIST)
     batch_size: int = 0  # 0: 32 below 10k training images, else 128
@@ -76,7 +77,7 @@ class TrainConfig:
         augment.resolve_mode(self.augment, False)
         # Configs written before the presets said augment: true/false; keep them meaning what they meant.
         object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
-        backbones.check_name(self.backbone)
+        check_backbone(self.backbone)
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from imgsim import backbones
+from imgsim import backbones, modelspec
 from imgsim.errors import ImgsimError
 
 NONE = ("", "none")
@@ -24,9 +24,9 @@ def load_backbone_weights(backbone: str, weights: str) -> dict[str, torch.Tensor
     ``runs:/`` or ``models:/`` URI (an imgsim model there lends its backbone)."""
     if not is_pretrained(weights):
         return None
-    if backbone == backbones.SMALL:
-        raise ImgsimError(f"backbone {backbones.SMALL} has no pretrained weights (got weights={weights!r}); "
-                          f"choose a torchvision backbone ({', '.join(backbones.TORCHVISION)}) or weights=none")
+    if backbone == modelspec.SMALL:
+        raise ImgsimError(f"backbone {modelspec.SMALL} has no pretrained weights (got weights={weights!r}); "
+                          f"choose a torchvision backbone ({', '.join(modelspec.TORCHVISION)}) or weights=none")
     if backbones.is_weights_name(weights):
         return backbones.trunk_state(backbone, _download(backbone, weights), f"torchvision weights {weights}")
     from imgsim import tracking  # MLflow only when a URI needs fetching
@@ -70,7 +70,7 @@ def _from_path(path: Path, backbone: str, source: str) -> dict[str, torch.Tensor
 
 
 def _is_imgsim_model(path: Path) -> bool:
-    from imgsim.model import MODEL_JSON
+    from imgsim.modelspec import MODEL_JSON
     return path.is_dir() and ((path / MODEL_JSON).exists() or (path / "extra_files" / MODEL_JSON).exists())
 
 

@@ -17,7 +17,8 @@ from imgsim.export import BUNDLE_ARTIFACT
 from imgsim.extract import ExtractConfig, extract
 from imgsim.images import decode_image
 from imgsim.manifest import Manifest
-from imgsim.model import MODEL_JSON, WEIGHTS, ModelBundle
+from imgsim.model import ModelBundle
+from imgsim.modelspec import MODEL_JSON, WEIGHTS
 from imgsim.split import SplitConfig, split_dataset
 from imgsim.train import TrainConfig, embed_only, read_checkpoint, resolve_schedule, train_model
 
@@ -134,8 +135,8 @@ def run_extract(cfg: ExtractConfig) -> str:
                         {f"imgsim.model_{k}": ref[k] for k in ("name", "version") if k in ref})
         mlflow.log_metrics(result.metrics)
         with tempfile.TemporaryDirectory() as tmp:
-            serving = ServingBundle(bundle, result.index, result.probes, ref, cfg.search_k,
-                                    result.metrics.get("index_recall_at_10"))
+            serving = ServingBundle(bundle.spec, result.index, result.probes, ref, cfg.search_k,
+                                    result.metrics.get("index_recall_at_10"), weights=bundle)
             mlflow.log_artifacts(str(serving.save(Path(tmp) / BUNDLE_ARTIFACT)), BUNDLE_ARTIFACT)
             mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")
         print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))

@@ -26,7 +26,7 @@ class ModelServer:
 
     def __init__(self, model_uri=None, default_k=None, max_k=None, gallery_root=None, max_image_bytes=None,
                  max_request_bytes=None, max_batch=None, max_pixels=None, max_request_pixels=None,
-                 max_concurrent_decodes=None, search_k=None, torch_threads=None, load_backoff_s=None,
+                 max_concurrent_decodes=None, search_k=None, runtime=None, threads=None, load_backoff_s=None,
                  load_backoff_max_s=None) -> None:
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.service = SimilarityService(ServiceConfig.from_sources(**params))

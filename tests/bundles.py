@@ -11,7 +11,8 @@ import torch
 from imgsim.bundle import BUNDLE_JSON, FILES, ServingBundle, build_probes
 from imgsim.embed import embed_array
 from imgsim.index import IndexBundle
-from imgsim.model import EmbeddingNet, ModelBundle, file_sha256
+from imgsim.model import EmbeddingNet, ModelBundle
+from imgsim.modelspec import file_sha256
 
 
 def rerecord_checksums(folder: Path) -> None:
@@ -24,12 +25,12 @@ def other_model_bundle(good: Path, out: Path) -> Path:
     """A complete, self-consistent bundle of another model with the same shape over the same gallery."""
     first = ServingBundle.load(good)
     torch.manual_seed(123)
-    net = EmbeddingNet(first.model.args, first.model.preprocess).eval()
-    other = ModelBundle(first.model.args, first.model.preprocess, first.model.classes, net.state_dict(), {})
+    net = EmbeddingNet(first.spec.args, first.spec.preprocess).eval()
+    other = ModelBundle(first.spec.args, first.spec.preprocess, first.spec.classes, net.state_dict(), {})
     inputs = {int(i): x for i, x in zip(first.probes.ids, first.probes.inputs)}
     # Embed every gallery item the way the other model would (probe inputs stand in for the rest).
     fill = first.probes.inputs[0]
     vectors = embed_array(net, np.stack([inputs.get(i, fill) for i in range(len(first.index.items))]))[0]
     index = IndexBundle.build(vectors, first.index.items, n_trees=first.index.n_trees)
     probes = build_probes(net, index, lambda i: inputs.get(i, fill), vectors)
-    return ServingBundle(other, index, probes, {"uri": "other"}).save(out)
+    return ServingBundle(other.spec, index, probes, {"uri": "other"}, weights=other).save(out)

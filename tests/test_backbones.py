@@ -6,15 +6,16 @@ import pytest
 import torch
 import torchvision
 
-from imgsim import backbones, weights
+from imgsim import backbones, modelspec, weights
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingNet, ModelArgs, ModelBundle
+from imgsim.model import EmbeddingNet, ModelBundle
+from imgsim.modelspec import ModelArgs
 
 RGB = Preprocess(size=64, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
-@pytest.mark.parametrize("name", list(backbones.TORCHVISION))
+@pytest.mark.parametrize("name", list(modelspec.TORCHVISION))
 def test_every_torchvision_backbone_embeds_and_classifies(name):
     model = EmbeddingNet(ModelArgs(num_classes=4, backbone=name, embedding_dim=32), RGB).eval()
     x = torch.rand(2, 3, 64, 64)
@@ -22,7 +23,7 @@ def test_every_torchvision_backbone_embeds_and_classifies(name):
     assert emb.shape == (2, 32) and logits.shape == (2, 4) and torch.isfinite(logits).all()
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
     with torch.no_grad():  # the embedding is the layer before the classifier, on the backbone's pooled features
-        assert model.forward_features(x).shape == (2, backbones.TORCHVISION[name])
+        assert model.forward_features(x).shape == (2, modelspec.TORCHVISION[name])
 
 
 def test_grayscale_images_go_through_an_rgb_backbone():

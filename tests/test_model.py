@@ -5,7 +5,8 @@ import torch
 
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingNet, ModelArgs, ModelBundle
+from imgsim.model import EmbeddingNet, ModelBundle
+from imgsim.modelspec import ModelArgs
 
 PRE = Preprocess(size=28, channels=1, mean=(0.3,), std=(0.3,))
 

@@ -17,7 +17,8 @@ from imgsim.export import export_bundle, resolve_bundle
 from imgsim.extract import ExtractConfig
 from imgsim.images import decode_image
 from imgsim.manifest import Manifest
-from imgsim.model import ModelBundle, file_sha256
+from imgsim.model import ModelBundle
+from imgsim.modelspec import file_sha256
 from imgsim.search import Searcher
 from imgsim.workflow import run_extract
 from tests.bundles import other_model_bundle, rerecord_checksums
@@ -101,11 +102,12 @@ def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
         ServingBundle.load(tampered)
     rerecord_checksums(tampered)  # as someone would who "fixes" the checksums: the probes still disagree
     with pytest.raises(BundleError, match="weights.pt is not the model that built this index"):
-        ServingBundle.load(tampered)
+        ServingBundle.load(tampered, runtime="torch")
+    ServingBundle.load(tampered, runtime="onnx")  # ONNX Runtime serves model.onnx, which still fits the index
 
 
-@pytest.mark.parametrize("taken", [("model.json", "weights.pt"),  # A's model, B's index (and B's probes)
-                                   ("model.json", "weights.pt", "probes.npz")])  # A's model and probes
+@pytest.mark.parametrize("taken", [("model.json", "weights.pt", "model.onnx"),  # A's model, B's index and probes
+                                   ("model.json", "weights.pt", "model.onnx", "probes.npz")])  # A's model, probes
 def test_model_a_with_the_index_of_model_b_is_refused_naming_the_part(pipeline_run, tmp_path, taken):
     with mlflow_store(pipeline_run["work"]):
         good = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "a")
@@ -114,12 +116,14 @@ def test_model_a_with_the_index_of_model_b_is_refused_naming_the_part(pipeline_r
     for name in taken:
         shutil.copy(good / name, mixed / name)
     rerecord_checksums(mixed)
-    with pytest.raises(BundleError) as err:
-        ServingBundle.load(mixed)
-    if "probes.npz" in taken:  # the probes agree with the model, so the index's vectors are what differ
-        assert "embeddings.npy holds other vectors" in str(err.value) and "index.ann holds other vectors" in str(err.value)
-    else:
-        assert "weights.pt is not the model that built this index" in str(err.value)
+    for runtime, model_file in (("onnx", "model.onnx"), ("torch", "weights.pt")):
+        with pytest.raises(BundleError) as err:
+            ServingBundle.load(mixed, runtime=runtime)
+        if "probes.npz" in taken:  # the probes agree with the model, so the index's vectors are what differ
+            assert "embeddings.npy holds other vectors" in str(err.value)
+            assert "index.ann holds other vectors" in str(err.value)
+        else:
+            assert f"{model_file} is not the model that built this index" in str(err.value)
     ServingBundle.load(other)  # while B alone is consistent
 
 

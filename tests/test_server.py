@@ -302,14 +302,14 @@ def test_mismatched_bundle_stays_not_ready_and_is_not_retried(bundle, tmp_path, 
 
 def test_a_bundle_of_model_a_with_the_index_of_model_b_never_becomes_ready(bundle, tmp_path):
     mixed = Path(shutil.copytree(other_model_bundle(bundle, tmp_path / "b"), tmp_path / "mixed"))
-    for name in ("model.json", "weights.pt"):
+    for name in ("model.json", "weights.pt", "model.onnx"):
         shutil.copy(bundle / name, mixed / name)
     rerecord_checksums(mixed)
     srv = start_server({"IMGSIM_MODEL_URI": str(mixed)}, tmp_path / "mixed.log", wait_ready=False)
     try:
         status = requests.get(f"{srv.rest}/health/status", timeout=5)
         assert status.status_code == 503
-        assert "weights.pt is not the model that built this index" in status.json()["status"]["info"]
+        assert "model.onnx is not the model that built this index" in status.json()["status"]["info"]
     finally:
         srv.stop()
 

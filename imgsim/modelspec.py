@@ -1,0 +1,92 @@
+"""What a trained model is, without torch: its backbone, arguments, preprocessing and classes (model.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from imgsim.errors import ImgsimError
+from imgsim.images import Preprocess
+
+MODEL_JSON, WEIGHTS, ONNX_FILE = "model.json", "weights.pt", "model.onnx"
+
+SMALL = "resnet_small"
+# torchvision backbones: name -> pooled feature dimension (imgsim.backbones cuts each before its classifier).
+TORCHVISION = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_large": 960, "efficientnet_b0": 1280,
+               "convnext_tiny": 768}
+BACKBONES = (SMALL, *TORCHVISION)
+HEADS = ("cosine", "arcface", "linear")
+
+
+def check_backbone(name: str) -> None:
+    """A clear error for a backbone we do not build."""
+    if name not in BACKBONES:
+        raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def feature_dim(name: str, widths: tuple[int, ...]) -> int:
+    """The pooled feature dimension of backbone ``name``."""
+    return widths[-1] if name == SMALL else TORCHVISION[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """Constructor arguments, saved beside the weights so the model rebuilds without the trainer."""
+
+    num_classes: int  # 0: embed-only (a pretrained backbone used as is, no classifier)
+    backbone: str = SMALL
+    widths: tuple[int, ...] = (32, 64, 128)  # resnet_small only
+    depths: tuple[int, ...] = (1, 1, 1)
+    embedding_dim: int = 128  # 0: the backbone's pooled features are the embedding
+    head: str = "cosine"  # cosine: scale * cos(embedding, class weight); arcface: with an angular margin; linear
+    scale: float = 16.0
+    margin: float = 0.2  # arcface only: radians added to the true class's angle while training
+
+    def __post_init__(self) -> None:
+        check_backbone(self.backbone)
+        if len(self.widths) != len(self.depths) or not self.widths:
+            raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be non-empty and of equal length")
+        if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim == 1 or self.embedding_dim < 0:
+            raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be >= 1 and "
+                              f"embedding_dim 0 (the backbone's features) or >= 2 (got {self.embedding_dim})")
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ImgsimError(f"a classifier needs at least 2 classes, got {self.num_classes}; add class folders")
+        if self.head not in HEADS:
+            raise ImgsimError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+
+    @property
+    def dim(self) -> int:
+        """The embedding's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
+        return self.embedding_dim or feature_dim(self.backbone, self.widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model's description from ``model.json``: enough to preprocess, run an exported graph and name classes."""
+
+    args: ModelArgs
+    preprocess: Preprocess
+    classes: list[str]
+    config: dict = dataclasses.field(default_factory=dict)
+
+    def meta(self) -> dict:
+        return {"args": dataclasses.asdict(self.args), "preprocess": dataclasses.asdict(self.preprocess),
+                "classes": self.classes, "config": self.config}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ModelSpec":
+        """Read ``model.json`` from ``folder``; ``ValueError``/``KeyError``/``OSError`` when it is not one."""
+        meta = json.loads((Path(folder) / MODEL_JSON).read_text())
+        args = ModelArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["args"].items()})
+        return cls(args, Preprocess.from_dict(meta["preprocess"]), list(meta["classes"]), meta.get("config", {}))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
