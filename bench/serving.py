@@ -1,12 +1,14 @@
-"""Bench 3: REST and gRPC single-image binData queries at concurrency 1 and 4, imgsim against an echo model.
+"""Bench 3: REST and gRPC single-image binData queries at concurrency 1 and 4: an echo model, imgsim on
+PyTorch and imgsim on ONNX Runtime, side by side in one run, with each server's idle memory.
 
-python bench/serving.py     (after bench/quality.py, whose model and embeddings make the bundle)
-Both servers run the real seldon-core-microservice with the same worker settings on loopback; the load
+python bench/serving.py [--bundle bundles/demo]     (after `make demo`, whose bundle it serves)
+Every server runs the real seldon-core-microservice with the same worker settings on loopback; the load
 generator shares the same 2 cores, so read the ratios rather than the absolute numbers.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import concurrent.futures
 import sys
@@ -22,11 +24,9 @@ from google.protobuf.internal import api_implementation
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, protocol_manifest, require, save, table  # noqa: E402
-from imgsim.bundle import ServingBundle, build_probes  # noqa: E402
-from imgsim.data import ImageFiles  # noqa: E402
-from imgsim.index import GalleryItem, IndexBundle  # noqa: E402
-from imgsim.model import ModelBundle  # noqa: E402
+from bench.common import RESULTS, save, table  # noqa: E402
+from bench.hostile import DEMO_BUNDLE, demo_bundle, encode, pss_mb  # noqa: E402
+from imgsim.bundle import ServingBundle  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
 SETTINGS = {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2", "GRPC_WORKERS": "2", "GRPC_THREADS": "2",
@@ -35,17 +35,11 @@ REQUESTS = {1: 400, 4: 800}
 WARMUP = 20
 
 
-def make_bundle() -> Path:
-    require("gallery_embeddings.npy", "model")
-    manifest = protocol_manifest()
-    gallery_items = [i for i in manifest.items if i.split in ("train", "eval")]
-    embeddings = np.load(RESULTS / "gallery_embeddings.npy")
-    items = [GalleryItem(i, it.path, it.label, it.split, it.sha256) for i, it in enumerate(gallery_items)]
-    index = IndexBundle.build(embeddings, items, n_trees=50)
-    model = ModelBundle.load(RESULTS / "model")
-    probes = build_probes(model.build(), index, ImageFiles(gallery_items, manifest.root, model.preprocess).read,
-                          embeddings)
-    return ServingBundle(model.spec, index, probes, {"uri": "bench"}, weights=model).save(RESULTS / "bundle")
+def query_image(bundle: Path) -> bytes:
+    """A probe image of the bundle as a PNG: a real gallery picture, whatever the data folder."""
+    from PIL import Image
+    probe = ServingBundle.load(bundle).probes.inputs[0]
+    return encode(Image.fromarray(probe[0] if probe.shape[0] == 1 else probe.transpose(1, 2, 0)), "PNG")
 
 
 def rest_client(url: str, body: dict):
@@ -53,14 +47,17 @@ def rest_client(url: str, body: dict):
 
     def call():
         reply = session.post(f"{url}/api/v1.0/predictions", json=body, timeout=30)
+        reply.json()  # a client reads the answer, as the gRPC stub parses its reply
         return reply.status_code == 200
     return call
 
 
-def grpc_client(address: str, image: bytes):
+def grpc_client(address: str, image: bytes, compact: bool = False):
     channel = grpc.insecure_channel(address)
     stub = prediction_pb2_grpc.ModelStub(channel)
     message = prediction_pb2.SeldonMessage(binData=image)
+    if compact:  # the answer comes back as a JSON string in strData
+        message.meta.tags["format"].string_value = "compact"
 
     def call():
         try:
@@ -102,35 +99,41 @@ def load(make_client, concurrency: int, total: int) -> dict:
 
 
 def main() -> None:
-    bundle = make_bundle()
-    manifest = protocol_manifest()
-    image = (Path(manifest.root) / manifest.split("test")[0].path).read_bytes()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
+    bundle = demo_bundle(parser.parse_args().bundle)
+    image = query_image(bundle)
     body = {"binData": base64.b64encode(image).decode()}
-    rows = []
+    rows, memory = [], []
     for name, env, interface, cwd in (
             ("echo", {}, "EchoModel", Path(__file__).resolve().parent),
-            ("imgsim", {"IMGSIM_MODEL_URI": str(bundle)}, "ModelServer", None)):
-        log = RESULTS / f"server-{name}.log"
+            ("imgsim torch", {"IMGSIM_MODEL_URI": str(bundle), "IMGSIM_RUNTIME": "torch"}, "ModelServer", None),
+            ("imgsim onnx", {"IMGSIM_MODEL_URI": str(bundle), "IMGSIM_RUNTIME": "onnx"}, "ModelServer", None)):
+        log = RESULTS / f"server-{name.replace(' ', '-')}.log"
         kwargs = {"cwd": cwd} if cwd else {}
         server = start_server(SETTINGS | env, log, interface=interface, **kwargs)
         try:
             for protocol, make in (("REST", lambda: rest_client(server.rest, body)),
-                                   ("gRPC", lambda: grpc_client(server.grpc, image))):
+                                   ("gRPC", lambda: grpc_client(server.grpc, image)),
+                                   ("gRPC compact", lambda: grpc_client(server.grpc, image, compact=True))):
                 for concurrency, total in REQUESTS.items():
                     rows.append({"server": name, "protocol": protocol, "concurrency": concurrency,
                                  **load(make, concurrency, total)})
                     print(rows[-1], flush=True)
+            time.sleep(2)  # every worker has answered: its model and index are in memory
+            memory.append({"server": name, "idle_pss_mb": pss_mb(server.proc.pid)})
         finally:
             server.stop()
     echo = {(r["protocol"], r["concurrency"]): r["rps"] for r in rows if r["server"] == "echo"}
     for r in rows:
         r["of_echo"] = r["rps"] / echo[(r["protocol"], r["concurrency"])]
     print(table(rows, ["server", "protocol", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "of_echo"]))
+    print(table(memory, ["server", "idle_pss_mb"]))
     # seldon-core 1.18 pins protobuf<4, which has no compiled module for Python 3.11: every gRPC message is
     # built, serialised and parsed in pure Python, on both ends.
     protobuf = f"{google.protobuf.__version__} ({api_implementation.Type()} implementation)"
     print(f"protobuf {protobuf}")
-    print(f"wrote {save('serving', {'settings': SETTINGS, 'protobuf': protobuf, 'rows': rows})}")
+    print(f"wrote {save('serving', {'settings': SETTINGS, 'protobuf': protobuf, 'rows': rows, 'memory': memory})}")
 
 
 if __name__ == "__main__":

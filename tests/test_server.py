@@ -129,6 +129,21 @@ def test_every_form_over_grpc(server, gallery):
         assert all(finds_itself(result, item.id) for result in answer["results"]), data
 
 
+def test_compact_answers_carry_the_same_answer_as_a_json_string(server, gallery):
+    message = prediction_pb2.SeldonMessage(binData=gallery["bytes"])
+    message.meta.tags["k"].number_value = 3
+    full = grpc_predict(server, message)
+    message.meta.tags["format"].string_value = "compact"
+    with grpc.insecure_channel(server.grpc) as channel:
+        compact = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=30)
+    assert compact.WhichOneof("data_oneof") == "strData" and json.loads(compact.strData) == full["jsonData"]
+    assert json.loads(compact.strData)["model_version"] == "1" and not compact.meta.tags  # identity in the answer
+    over_rest = rest(server, {"binData": b64(gallery["bytes"]), "meta": {"tags": {"k": 3, "format": "compact"}}})
+    assert json.loads(over_rest.json()["strData"]) == full["jsonData"]
+    wrong = rest(server, {"binData": b64(gallery["bytes"]), "meta": {"tags": {"format": "xml"}}})
+    assert wrong.status_code == 400 and "'json' or 'compact'" in wrong.json()["status"]["info"]
+
+
 def test_answers_equal_in_process_search(server, gallery):
     searcher, root = gallery["searcher"], gallery["root"]
     for item in searcher.index.items[:5]:
