@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # imgsim images. Targets:
-#   serve     (the default, last stage) seldon-core-microservice ModelServer; CPU-only torch; uid 8888
+#   serve     (the default, last stage) seldon-core-microservice ModelServer on ONNX Runtime, no torch; uid 8888
 #   pipeline  split/train/extract (and `mlflow server` on the cluster) with the CUDA build of torch
 # Build:  docker build -t imgsim:0.1.0 .      docker build --target pipeline -t imgsim-pipeline:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -24,10 +24,9 @@ WORKDIR /src
 COPY requirements.txt constraints.txt ./
 
 FROM build-base AS build-serve
-# The CPU build of torch: a fraction of the CUDA build's size, and serving needs no GPU.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1 \
- && pip install -r requirements.txt -c constraints.txt
+# The server runs the bundle's model.onnx in ONNX Runtime: no torch (the CUDA build alone is ~5 GB).
+COPY requirements-serve.txt ./
+RUN pip install -r requirements-serve.txt -c constraints.txt
 COPY pyproject.toml README.md ./
 COPY imgsim ./imgsim
 RUN pip install --no-deps .

@@ -54,17 +54,29 @@ def section() -> str:
                          f"{best['recall_at_10']:.4f} at {best['speedup']:.1f}× exact single-query speed.")
         parts.append("\n![recall against queries per second](bench/results/recall_vs_qps.png)\n")
     if serving:
-        parts.append("**3. Serving** — single-image `binData` queries against the real `seldon-core-microservice`, "
-                     "imgsim beside an echo model in the same wrapper and settings "
-                     f"({', '.join(f'{k}={v}' for k, v in serving['settings'].items())}); the load generator "
+        parts.append("**3. Serving** — single-image `binData` queries against the real `seldon-core-microservice` "
+                     "serving the demo bundle: an echo model, imgsim on PyTorch and imgsim on ONNX Runtime (the "
+                     "default), all in the same wrapper and settings "
+                     f"({', '.join(f'{k}={v}' for k, v in serving['settings'].items())}); `gRPC compact` asks for "
+                     "the answer as a JSON string in `strData` (`meta.tags.format=compact`); the load generator "
                      "shares the same cores; `python bench/serving.py`:\n")
         parts.append(table(serving["rows"], ["server", "protocol", "concurrency", "requests", "errors", "rps",
                                              "p50_ms", "p99_ms", "of_echo"]))
+        before = load("serving-before")
+        if before:
+            parts.append(f"\nBefore ONNX Runtime and compact answers (the same script on {before['machine']['date']}: "
+                         "PyTorch in every worker, `jsonData` answers only; the machine was less loaded then, so "
+                         "compare the `of_echo` column):\n")
+            parts.append(table(before["rows"], ["server", "protocol", "concurrency", "rps", "p50_ms", "p99_ms",
+                                                "of_echo"]))
+        if serving.get("memory"):
+            parts.append("\nIdle PSS of each server after it answered (all its processes, shared pages once):\n")
+            parts.append(table(serving["memory"], ["server", "idle_pss_mb"]))
         if serving.get("protobuf"):
             parts.append(f"\ngRPC messages go through protobuf {serving['protobuf']}: seldon-core 1.18 pins "
-                         "protobuf < 4, which ships no compiled module for Python 3.11, so a ranked answer (a "
-                         "Struct of ~1 kB) costs about 1 ms to serialise on the server and 0.5 ms to parse on a "
-                         "Python client; the echo model's binData reply costs almost nothing.")
+                         "protobuf < 4, which ships no compiled module for Python 3.11, so a ranked answer as a "
+                         "`jsonData` Struct (~1.2 kB) costs about 1.9 ms to serialise on the server and 0.8 ms to "
+                         "parse on a Python client; as `strData` it costs microseconds.")
     if extraction:
         parts.append(f"\n**4. Extraction** — {extraction['images']:,} images, batch {extraction['batch']}; "
                      "`python bench/extraction.py`:\n")

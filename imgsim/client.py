@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import requests
@@ -24,23 +25,20 @@ def query_rest(url: str, image: bytes, k: int, timeout: float = 30.0) -> dict:
 
 
 def query_grpc(address: str, image: bytes, k: int, timeout: float = 30.0) -> dict:
-    """Call ``seldon.protos.Model/Predict`` with ``binData``; returns jsonData."""
+    """Call ``seldon.protos.Model/Predict`` with ``binData``, asking for the compact answer (a JSON string in
+    strData, cheap to parse); returns the answer as jsonData would carry it."""
     import grpc
-    from google.protobuf import json_format
     from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
     message = prediction_pb2.SeldonMessage(binData=image)
     message.meta.tags["k"].number_value = k
+    message.meta.tags["format"].string_value = "compact"
     with grpc.insecure_channel(address) as channel:
         try:
             reply = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=timeout)
         except grpc.RpcError as exc:
             raise ImgsimError(f"gRPC {exc.code().name} from {address}: {exc.details()}") from None
-    answer = json_format.MessageToDict(reply)["jsonData"]
-    for result in answer["results"]:  # protobuf Values carry every number as a double
-        for n in result["neighbours"]:
-            n["rank"], n["id"] = int(n["rank"]), int(n["id"])
-    return answer
+    return json.loads(reply.strData)
 
 
 def format_table(name: str, answer: dict) -> str:

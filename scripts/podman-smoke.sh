@@ -3,10 +3,10 @@
 # needed), run it the way the chart does (uid 8888, read-only root, /tmp as tmpfs, bundle at /mnt/models),
 # and query it over REST and gRPC on loopback. Needs root, apt-get, and a bundle from `make demo`.
 #
-#   bash scripts/podman-smoke.sh            (PODMAN_TORCH_INDEX_URL / PODMAN_VOLUMES adapt the torch source)
+#   bash scripts/podman-smoke.sh            (PODMAN_VOLUMES adapts where pip finds packages)
 #
-# On this project's build machines torch comes from local disk: the host's pip configuration and wheel
-# folders are mounted into the build, and torch is the CUDA build (the CPU index is out of reach here).
+# The serve image has no torch (ONNX Runtime runs the model). The host's pip configuration and wheel folders
+# are mounted into the build, so it installs from the same sources as the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${PODMAN_BUNDLE:-bundles/demo}
@@ -32,11 +32,10 @@ if ! "${PODMAN[@]}" image exists "$BASE"; then
   rm -rf "$WORK/rootfs"
 fi
 
-TORCH_INDEX_URL=${PODMAN_TORCH_INDEX_URL:-https://pypi.org/simple}
 read -r -a VOLUMES <<<"${PODMAN_VOLUMES:--v /etc/xdg/pip:/etc/xdg/pip:ro -v /root/.config/pip:/root/.config/pip:ro -v /opt/pypi:/opt/pypi:ro -v /opt/pypi-more:/opt/pypi-more:ro -v /opt/wheels:/opt/wheels:ro -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro}"
 echo "podman-smoke: building $IMAGE (target serve)"
 "${PODMAN[@]}" build --format docker --network host "${ULIMITS[@]}" "${VOLUMES[@]}" \
-  --build-arg PYTHON_IMAGE="$BASE" --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
+  --build-arg PYTHON_IMAGE="$BASE" \
   --target serve -t "$IMAGE" .
 
 REST=${PODMAN_REST_PORT:-19000}
@@ -55,3 +54,4 @@ query=$(.venv/bin/python -c "import csv; r = next(csv.DictReader(open('$BUNDLE/i
 root=${PODMAN_GALLERY_ROOT:-data/fashion-mnist}
 .venv/bin/imgsim query "$root/$query" --url "http://127.0.0.1:$REST" --grpc "127.0.0.1:$GRPC" -k 5
 echo "podman-smoke: $IMAGE answered over REST and gRPC as uid $("${PODMAN[@]}" exec "$name" id -u)"
+echo "podman-smoke: image size $("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1 / 1e6}')"

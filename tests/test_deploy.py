@@ -293,6 +293,15 @@ def test_dockerfile_lints_clean_and_runs_the_wrapper_as_uid_8888():
     assert 'CMD ["seldon-core-microservice", "ModelServer", "--service-type", "MODEL"]' in final
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M) and "AS pipeline" in text
     assert "g++" not in final  # compilers stay in the build stages
+    serve_build = text[text.index("AS build-serve"):text.index("\nFROM", text.index("AS build-serve"))]
+    assert "requirements-serve.txt" in serve_build and "torch" not in serve_build.replace("no torch", "")
+
+
+def test_the_serving_requirements_leave_torch_out():
+    names = {line.split("=")[0].split("<")[0].strip().lower() for line in
+             (REPO / "requirements-serve.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert {"seldon-core", "onnxruntime", "annoy", "mlflow-skinny"} <= names
+    assert not names & {"torch", "torchvision", "mlflow"}  # the full mlflow brings the server stack
 
 
 def test_training_only_release_renders_no_server():

@@ -8,6 +8,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,6 +144,19 @@ def test_compact_answers_carry_the_same_answer_as_a_json_string(server, gallery)
     assert json.loads(over_rest.json()["strData"]) == full["jsonData"]
     wrong = rest(server, {"binData": b64(gallery["bytes"]), "meta": {"tags": {"format": "xml"}}})
     assert wrong.status_code == 400 and "'json' or 'compact'" in wrong.json()["status"]["info"]
+
+
+def test_the_query_client_gets_the_same_answer_over_rest_and_compact_grpc(server, gallery, tmp_path):
+    from imgsim import client
+    over_rest = client.query_rest(server.rest, gallery["bytes"], 3)
+    over_grpc = client.query_grpc(server.grpc, gallery["bytes"], 3)
+    assert over_rest == over_grpc and finds_itself(over_grpc["results"][0], gallery["item"].id)
+    query = tmp_path / "query.png"
+    query.write_bytes(gallery["bytes"])
+    cli = subprocess.run([sys.executable, "-m", "imgsim.cli", "query", str(query), "--url", server.rest, "--grpc",
+                          server.grpc, "-k", "3"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.count(gallery["item"].path) >= 2  # in the REST table and in the gRPC one
 
 
 def test_answers_equal_in_process_search(server, gallery):
