@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import dataclasses
 import logging
 import math
@@ -67,6 +68,20 @@ class ServiceConfig:
         return cfg
 
 
+def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes or more (decoded images) from mmap, so each goes back to the OS
+    when freed. glibc otherwise raises its mmap threshold after the first large free (up to 32 MB) and keeps
+    later image buffers in its heaps: with one decode at a time per worker, the hostile mix peaked ~100 MB
+    higher that way (bench/hostile_memory.py). An explicit MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(threshold))  # M_MMAP_THRESHOLD; fixed, not adaptive
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
 class Stats:
     """Thread-safe timers and counters, drained into Seldon's custom metrics."""
 
@@ -89,6 +104,7 @@ class SimilarityService:
 
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
+        return_large_buffers_to_the_os()  # the server process and the workers it forks inherit this
         self.searcher: Searcher | None = None
         self.load_error: str | None = None
         self.load_failed_for_good = False
