@@ -107,7 +107,8 @@ def hold_up_sections() -> list[str]:
                                              "4xx", "5xx", "ready_after"]) + "\n")
     if soak:
         sm = soak["summary"]
-        parts.append(f"**11. Soak** — the demo bundle for {sm['minutes']:g} minutes at concurrency "
+        warm = f" after a {sm['warmup_seconds']:g} s warm-up of the same traffic" if sm.get("warmup_seconds") else ""
+        parts.append(f"**11. Soak** — the demo bundle for {sm['minutes']:g} minutes{warm} at concurrency "
                      f"{sm['concurrency']}, 70 % good queries (binData, JSON image, batch of 4, id, path; REST and "
                      "gRPC) and 30 % bad ones (junk bytes, bad base64, k out of range, a 401-digit k, unknown id, "
                      "outside path, truncated PNG, 36 MP bombs, non-object bodies); `python bench/soak.py`:\n")
