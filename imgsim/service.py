@@ -155,7 +155,8 @@ class SimilarityService:
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
             return self._failed(attempt, f"unexpected error while loading: {exc!r}", trace=True)
         self._versions, self.searcher, self.load_error = searcher.bundle.identity(), searcher, None
-        log.info("imgsim: loaded %d gallery items from %s (attempt %d)", searcher.size, self.cfg.model_uri, attempt)
+        log.info("imgsim: loaded %d gallery items from %s, model on %s (attempt %d)", searcher.size,
+                 self.cfg.model_uri, "ONNX Runtime" if self.cfg.runtime == "onnx" else "PyTorch", attempt)
         return True
 
     def _failed(self, attempt: int, reason: str, trace: bool = False) -> bool:

@@ -92,7 +92,8 @@ class ModelServer:
         return {
             "name": identity.get("model_name") or "imgsim",
             "versions": [identity.get("model_version") or identity.get("model_sha256") or "not-loaded"],
-            "platform": "seldon", "custom": {"ready": str(self.service.ready).lower(), **identity}, "inputs": [
+            "platform": "seldon", "custom": {"ready": str(self.service.ready).lower(), "runtime": self.service.cfg.runtime,
+                                             **identity}, "inputs": [
                 {"messagetype": "binData"},
                 {"messagetype": "jsonData", "schema": {"type": "object", "properties": {
                     "image": {"type": "string"}, "images": {"type": "array"}, "path": {"type": "string"},

@@ -367,6 +367,7 @@ def test_load_is_retried_until_the_bundle_appears_then_metadata_names_it(bundle,
         metadata = requests.get(f"{srv.rest}/api/v1.0/metadata", timeout=5).json()
         assert metadata["name"] == "imgsim" and metadata["versions"] == [identity["model_version"]] == ["1"]
         assert metadata["custom"]["index_sha256"] == identity["index_sha256"] and metadata["custom"]["ready"] == "true"
+        assert metadata["custom"]["runtime"] == "onnx" and "model on ONNX Runtime" in srv.logs()
         with grpc.insecure_channel(srv.grpc) as channel:
             over_grpc = json_format.MessageToDict(prediction_pb2_grpc.ModelStub(channel).Metadata(
                 prediction_pb2.SeldonMessage(), timeout=10))
