@@ -94,7 +94,7 @@ class ServingBundle:
     def save(self, out_dir: str | Path) -> Path:
         """Write the whole bundle into ``out_dir`` (the torch weights, their ONNX export checked against them,
         index, probes, checksums), replacing any previous one in a single step."""
-        from imgsim.onnx_export import OPSET, export_onnx
+        from imgsim.onnx_export import export_onnx
 
         if self.weights is None:
             raise ImgsimError("a ServingBundle is saved from the torch model: pass weights=ModelBundle")
@@ -105,11 +105,12 @@ class ServingBundle:
             self.index.save(tmp)
             self.probes.save(tmp / PROBES_FILE)
             self.files = {name: file_sha256(tmp / name) for name in FILES}
-            atomic.write_text(tmp / BUNDLE_JSON, json.dumps(self._meta() | {"onnx": {
-                "opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PROBE_PARITY}}, indent=2))
+            atomic.write_text(tmp / BUNDLE_JSON, json.dumps(self._meta(), indent=2))
         return out
 
     def _meta(self) -> dict:
+        from imgsim.onnx_export import OPSET, PARITY
+
         return {
             "format_version": FORMAT_VERSION,
             "model": {**self.source, "embedding_dim": self.spec.args.dim, "classes": self.spec.classes},
@@ -117,6 +118,7 @@ class ServingBundle:
                       "count": len(self.index.items), "search_k": self.search_k,
                       "recall_at_10": self.index_recall},
             "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
+            "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
             "files": self.files,
         }
 
