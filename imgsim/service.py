@@ -118,17 +118,21 @@ class SimilarityService:
         keep retrying in the background with bounded backoff. Not ready until loaded; a bundle that is itself
         wrong (damaged, inconsistent, unknown format) is reported and not retried."""
         if not self._try_load(1) and not self.load_failed_for_good:
+            self._announce_retry(1, self.cfg.load_backoff_s)  # before the first health check can ask
             threading.Thread(target=self._retry, name="imgsim-load-retry", daemon=True).start()
 
     def _retry(self) -> None:
         delay, attempt = self.cfg.load_backoff_s, 1
         while True:
-            self.load_error = f"{self._last_failure} (attempt {attempt}; next try in {delay:g} s)"
+            self._announce_retry(attempt, delay)
             time.sleep(delay)
             attempt += 1
             if self._try_load(attempt) or self.load_failed_for_good:
                 return
             delay = min(delay * 2, self.cfg.load_backoff_max_s)
+
+    def _announce_retry(self, attempt: int, delay: float) -> None:
+        self.load_error = f"{self._last_failure} (attempt {attempt}; next try in {delay:g} s)"
 
     def _try_load(self, attempt: int) -> bool:
         import mlflow
