@@ -49,8 +49,8 @@ class Probes:
     embeddings: NDArray[np.float32]  # (P, D), L2-normalised
 
     @classmethod
-    def take(cls, embed: Callable[[NDArray[np.uint8]], NDArray[np.float32]], read: Callable[[int], NDArray[np.uint8]], index: IndexBundle, *,
-             count: int = PROBE_COUNT, seed: int = 42) -> "Probes":
+    def take(cls, embed: Callable[[NDArray[np.uint8]], NDArray[np.float32]], read: Callable[[int], NDArray[np.uint8]],
+             index: IndexBundle, *, count: int = PROBE_COUNT, seed: int = 42) -> "Probes":
         """Pick ``count`` gallery items spread over the index, read their inputs and embed them."""
         n = len(index.items)
         ids = np.sort(np.random.default_rng(seed).choice(n, size=min(count, n), replace=False)).astype(np.int64)

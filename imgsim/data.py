@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from imgsim import atomic
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.images import DEFAULT_MAX_PIXELS, Preprocess, decode_image
+from imgsim.images import DEFAULT_MAX_PIXELS, Preprocess
 from imgsim.manifest import Item
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -46,9 +46,7 @@ class ImageFiles(Dataset):
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != item.sha256:
                 raise BadInput("its content changed since split")
-            img = decode_image(data, max_pixels=self.max_pixels, draft=self.preprocess.load_side * self.size
-                               // self.preprocess.size)
-            return self.preprocess.to_array(img, self.size)
+            return self.preprocess.decode(data, self.size, max_pixels=self.max_pixels)
         except (OSError, BadInput) as exc:
             raise ImgsimError(f"cannot use {path}: {exc}. Run split again so the manifest matches the folder.") from None
 

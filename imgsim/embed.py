@@ -26,7 +26,7 @@ def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, 
     with torch.inference_mode():
         for images, _ in tqdm(make_loader(dataset, batch_size, workers=workers), desc=desc, unit="batch",
                               mininterval=1.0, disable=not desc):
-            emb, logit = model.embed_and_classify(images.to(device, non_blocking=True).float().div_(255.0))
+            emb, logit = model.embed_images(images.to(device, non_blocking=True))
             end = start + len(emb)
             embeddings[start:end], logits[start:end] = emb.cpu().numpy(), logit.cpu().numpy()
             start = end
@@ -38,7 +38,7 @@ def embed_array(model: EmbeddingNet, images: NDArray[np.uint8]) -> tuple[NDArray
     """Normalised embeddings and logits of one small uint8 batch, in one call: the serving path."""
     device = next(model.parameters()).device
     with torch.inference_mode():
-        emb, logits = model.embed_and_classify(torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0))
+        emb, logits = model.embed_images(torch.from_numpy(np.ascontiguousarray(images)).to(device))
     return emb.cpu().numpy(), logits.cpu().numpy()
 
 

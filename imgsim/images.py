@@ -154,6 +154,13 @@ class Preprocess:
         # Copies either way: Pillow's buffer is read-only, and torch.from_numpy needs a writable array.
         return arr[None, :, :].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
+    def decode(self, data: bytes, size: int | None = None, **limits) -> NDArray[np.uint8]:
+        """Image file bytes to model input, decoded only as large as ``to_array`` needs (JPEG draft, reduce):
+        the one path from bytes to input for training, extract and serving. ``limits``: ``decode_image``'s
+        ``max_pixels`` and ``admit``."""
+        out = size or self.size
+        return self.to_array(decode_image(data, draft=self.load_side * out // self.size, **limits), out)
+
     def stack(self, images: Sequence[Image.Image]) -> NDArray[np.uint8]:
         """Preprocess a batch into an (N, C, H, W) uint8 array."""
         if not images:

@@ -58,6 +58,11 @@ class EmbeddingNet(nn.Module):
         """L2-normalised embeddings, shape (N, dim)."""
         return F.normalize(self.embedding(self.forward_features(x)), dim=1)
 
+    def embed_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed_and_classify`` of uint8 images (N, C, H, W), scaled to [0, 1] here: what extract, serving and
+        the ONNX export (inside its graph) all run."""
+        return self.embed_and_classify(images.float() / 255.0)
+
     def embed_and_classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised embeddings and logits (N x 0 without a classifier) from one backbone pass."""
         emb = self.embedding(self.forward_features(x))

@@ -30,7 +30,7 @@ class _Serving(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.embed_and_classify(images.float() / 255.0)
+        return self.net.embed_images(images)
 
 
 def export_onnx(model: ModelBundle, path: str | Path, check_inputs: NDArray[np.uint8]) -> float:

@@ -11,7 +11,6 @@ from PIL import Image
 
 from imgsim.bundle import ServingBundle
 from imgsim.errors import BadInput
-from imgsim.images import decode_image
 from imgsim.index import cosine_from_angular
 
 
@@ -61,14 +60,9 @@ class Searcher:
         embedding, logits = self.bundle.engine(inputs)
         return embedding, _softmax(logits)
 
-    def decode(self, data: bytes, **limits) -> np.ndarray:
-        """One image file's bytes to model input, decoded as extract decodes gallery files (JPEG draft, reduce);
-        ``limits``: ``decode_image``'s ``max_pixels`` and ``admit``."""
-        return self.preprocess.to_array(decode_image(data, draft=self.preprocess.load_side, **limits))
-
     def search_bytes(self, payloads: Sequence[bytes], k: int) -> list[QueryResult]:
         """Top-``k`` neighbours of each image file's bytes."""
-        embeddings, probs = self.embed_inputs(np.stack([self.decode(data) for data in payloads]))
+        embeddings, probs = self.embed_inputs(np.stack([self.preprocess.decode(data) for data in payloads]))
         return [self.rank(e, p, k) for e, p in zip(embeddings, probs)]
 
     def search_images(self, images: Sequence[Image.Image], k: int) -> list[QueryResult]:
@@ -96,5 +90,7 @@ class Searcher:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True, initial=-np.inf) if logits.shape[1] else logits)
-    return shifted / shifted.sum(axis=1, keepdims=True) if logits.shape[1] else shifted
+    if not logits.shape[1]:  # an embed-only model: no classes
+        return logits
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)

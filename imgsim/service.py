@@ -225,7 +225,7 @@ class SimilarityService:
             if len(data) > self.cfg.max_image_bytes:
                 raise BadInput(f"image is {len(data)} bytes; the limit is {self.cfg.max_image_bytes}")
             with self._decode_slots:
-                arrays.append(self.searcher.decode(data, max_pixels=self.cfg.max_pixels, admit=budget.take))
+                arrays.append(self.searcher.preprocess.decode(data, max_pixels=self.cfg.max_pixels, admit=budget.take))
         return np.stack(arrays)
 
     def _read_gallery_file(self, path: Any) -> bytes:

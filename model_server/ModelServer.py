@@ -102,7 +102,6 @@ class ModelServer:
                 "results": {"type": "array"}, "model_version": {"type": "string"}}}}],
         }
 
-
     def _live_metadata(self) -> dict | None:
         return seldon_methods.init_metadata(self)
 

@@ -59,28 +59,34 @@ def test_a_bundle_without_its_onnx_file_is_refused(good_bundle, tmp_path):
         ServingBundle.load(bad)
 
 
-@pytest.mark.slow
-def test_an_onnx_file_with_an_opset_onnxruntime_lacks_is_refused(good_bundle, tmp_path):
-    bad = _copy(good_bundle, tmp_path)
+def _with_edited_graph(bundle: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``bundle`` whose model.onnx ``edit`` changed, with checksums re-recorded to match."""
+    bad = _copy(bundle, tmp_path)
     graph = onnx.load(bad / "model.onnx")
-    graph.opset_import[0].version = 99
+    edit(graph)
     onnx.save(graph, bad / "model.onnx")
     rerecord_checksums(bad)
+    return bad
+
+
+@pytest.mark.slow
+def test_an_onnx_file_with_an_opset_onnxruntime_lacks_is_refused(good_bundle, tmp_path):
+    def future_opset(graph):
+        graph.opset_import[0].version = 99
+
     with pytest.raises(BundleError, match="model.onnx cannot be run by onnxruntime"):
-        ServingBundle.load(bad)
+        ServingBundle.load(_with_edited_graph(good_bundle, tmp_path, future_opset))
 
 
 @pytest.mark.slow
 def test_an_onnx_file_with_the_wrong_inputs_is_refused(good_bundle, tmp_path):
-    bad = _copy(good_bundle, tmp_path)
-    graph = onnx.load(bad / "model.onnx")
-    graph.graph.input[0].name = "pixels"
-    for node in graph.graph.node:
-        node.input[:] = ["pixels" if name == "images" else name for name in node.input]
-    onnx.save(graph, bad / "model.onnx")
-    rerecord_checksums(bad)
+    def rename_input(graph):
+        graph.graph.input[0].name = "pixels"
+        for node in graph.graph.node:
+            node.input[:] = ["pixels" if name == "images" else name for name in node.input]
+
     with pytest.raises(BundleError, match="export it again"):
-        ServingBundle.load(bad)
+        ServingBundle.load(_with_edited_graph(good_bundle, tmp_path, rename_input))
 
 
 @pytest.mark.slow
