@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +22,8 @@ if TYPE_CHECKING:  # torch is only needed to write a bundle or to serve with run
 BUNDLE_JSON = "bundle.json"
 PROBES_FILE = "probes.npz"
 FORMAT_VERSION = 3
-FILES = (MODEL_JSON, WEIGHTS, ONNX_FILE, INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE, PROBES_FILE)
+MODEL_FILES = (MODEL_JSON, WEIGHTS, ONNX_FILE)
+FILES = (*MODEL_FILES, INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE, PROBES_FILE)
 RUNTIMES = ("onnx", "torch")
 PROBE_COUNT = 32
 # The loaded model must reproduce the probe embeddings recorded at extract (both float32 on the CPU: torch
@@ -51,11 +53,24 @@ class Probes:
     @classmethod
     def take(cls, embed: Callable[[NDArray[np.uint8]], NDArray[np.float32]], read: Callable[[int], NDArray[np.uint8]],
              index: IndexBundle, *, count: int = PROBE_COUNT, seed: int = 42) -> "Probes":
-        """Pick ``count`` gallery items spread over the index, read their inputs and embed them."""
+        """Pick ``count`` gallery items spread over the index (``read`` takes a row), read their inputs and
+        embed them."""
         n = len(index.items)
-        ids = np.sort(np.random.default_rng(seed).choice(n, size=min(count, n), replace=False)).astype(np.int64)
-        inputs = np.stack([read(int(i)) for i in ids])
-        return cls(ids, [index.items[i].sha256 for i in ids], inputs, np.asarray(embed(inputs), dtype=np.float32))
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(count, n), replace=False))
+        inputs = np.stack([read(int(r)) for r in rows])
+        return cls(np.asarray([index.items[r].id for r in rows], dtype=np.int64), [index.items[r].sha256 for r in rows],
+                   inputs, np.asarray(embed(inputs), dtype=np.float32))
+
+    def select(self, keep: NDArray[np.bool_]) -> "Probes":
+        return Probes(self.ids[keep], [s for s, k in zip(self.sha256, keep) if k], self.inputs[keep],
+                      self.embeddings[keep])
+
+    def __add__(self, other: "Probes") -> "Probes":
+        return Probes(np.concatenate([self.ids, other.ids]), self.sha256 + other.sha256,
+                      np.concatenate([self.inputs, other.inputs]), np.concatenate([self.embeddings, other.embeddings]))
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def save(self, path: Path) -> None:
         with atomic.atomic_path(path) as tmp:
@@ -90,18 +105,27 @@ class ServingBundle:
     weights: "ModelBundle | None" = None  # the torch model: given to save, loaded only for runtime="torch"
     engine: Engine | None = dataclasses.field(default=None, repr=False)  # set by load
     onnx_parity: float | None = None  # ONNX Runtime vs torch at export, largest absolute difference
+    # Lineage of a living gallery (imgsim.gallery): the image root its paths are relative to, the parent
+    # bundle (None for extract's), and what the change added, removed and skipped.
+    gallery: dict = dataclasses.field(default_factory=dict)
+    version: str = ""  # the registry version it was fetched as, when it was (not stored in the bundle)
 
-    def save(self, out_dir: str | Path) -> Path:
+    def save(self, out_dir: str | Path, *, model_from: str | Path | None = None) -> Path:
         """Write the whole bundle into ``out_dir`` (the torch weights, their ONNX export checked against them,
-        index, probes, checksums), replacing any previous one in a single step."""
-        from imgsim.onnx_export import export_onnx
-
-        if self.weights is None:
-            raise ImgsimError("a ServingBundle is saved from the torch model: pass weights=ModelBundle")
+        index, probes, checksums), replacing any previous one in a single step. ``model_from``: a bundle
+        folder whose model files are copied byte for byte instead (a new gallery version of the same model)."""
         out = Path(out_dir)
+        if self.weights is None and model_from is None:
+            raise ImgsimError("a ServingBundle is saved from the torch model: pass weights=ModelBundle")
         with atomic.atomic_dir(out) as tmp:
-            self.weights.save(tmp)
-            self.onnx_parity = export_onnx(self.weights, tmp / ONNX_FILE, self.probes.inputs)
+            if model_from is not None:
+                for name in MODEL_FILES:
+                    shutil.copyfile(Path(model_from) / name, tmp / name)
+            else:
+                from imgsim.onnx_export import export_onnx
+
+                self.weights.save(tmp)
+                self.onnx_parity = export_onnx(self.weights, tmp / ONNX_FILE, self.probes.inputs)
             self.index.save(tmp)
             self.probes.save(tmp / PROBES_FILE)
             self.files = {name: file_sha256(tmp / name) for name in FILES}
@@ -115,8 +139,9 @@ class ServingBundle:
             "format_version": FORMAT_VERSION,
             "model": {**self.source, "embedding_dim": self.spec.args.dim, "classes": self.spec.classes},
             "index": {"dim": self.index.dim, "metric": self.index.metric, "n_trees": self.index.n_trees,
-                      "count": len(self.index.items), "search_k": self.search_k,
+                      "count": len(self.index.items), "next_id": self.index.next_id, "search_k": self.search_k,
                       "recall_at_10": self.index_recall},
+            "gallery": self.gallery,
             "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
             "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
             "files": self.files,
@@ -136,11 +161,12 @@ class ServingBundle:
             _check_files(pinned, meta, folder)
             try:
                 spec, probes = ModelSpec.load(pinned), Probes.load(pinned / PROBES_FILE)
-                index = IndexBundle.load(pinned, n_trees=int(meta["index"]["n_trees"]))
+                index = IndexBundle.load(pinned, n_trees=int(meta["index"]["n_trees"]),
+                                         next_id=int(meta["index"].get("next_id", -1)))
                 source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
                 bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                              meta["index"].get("recall_at_10"), dict(meta["files"]),
-                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"))
+                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"), gallery=dict(meta.get("gallery") or {}))
             except (KeyError, ValueError, TypeError) as exc:
                 raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
             try:
@@ -156,9 +182,8 @@ class ServingBundle:
         problems = []
         if self.spec.args.dim != self.index.dim:
             problems.append(f"the model embeds in {self.spec.args.dim} dimensions, the index holds {self.index.dim}")
-        elif self.probes.embeddings.shape[1:] != (self.index.dim,) or \
-                self.probes.ids.max(initial=-1) >= len(self.index.items):
-            problems.append(f"{PROBES_FILE} does not fit this index (dimension or ids out of range)")
+        elif self.probes.embeddings.shape[1:] != (self.index.dim,) or not len(self.probes):
+            problems.append(f"{PROBES_FILE} does not fit this index (no probes, or another dimension)")
         else:
             problems += self._disagreements()
         if problems:
@@ -166,25 +191,34 @@ class ServingBundle:
                               "extract run, so that model and index come from the same model.")
 
     def _disagreements(self) -> list[str]:
-        ids, recorded = self.probes.ids, self.probes.embeddings
+        recorded = self.probes.embeddings
         problems = []
         model_file = ONNX_FILE if self.weights is None else WEIGHTS
         recomputed = self.engine(self.probes.inputs)[0]
         diff = float(np.abs(recomputed - recorded).max(initial=0.0)) if np.all(np.isfinite(recomputed)) else np.inf
         if diff > PROBE_PARITY:
-            problems.append(f"{model_file} is not the model that built this index: it embeds the {len(ids)} probe "
+            problems.append(f"{model_file} is not the model that built this index: it embeds the {len(recorded)} probe "
                             f"images differently from extract (largest difference {diff:.3g}, tolerance "
                             f"{PROBE_PARITY:g})")
-        stored = _worst(cosine_distances(np.asarray(self.index.embeddings[ids]), recorded))
+        # Probes whose image a later gallery version removed still check the model, not the index.
+        rows = [self.index.row(int(i)) for i in self.probes.ids]
+        present = np.asarray([r is not None for r in rows], dtype=bool)
+        rows_in = np.asarray([r for r in rows if r is not None], dtype=np.int64)
+        recorded = recorded[present]
+        stored = _worst(cosine_distances(np.asarray(self.index.embeddings[rows_in]), recorded))
         if stored > PROBE_TOLERANCE:
             problems.append(f"{EMBEDDINGS_FILE} holds other vectors for the probe items (cosine distance up to "
                             f"{stored:.3g}): the embeddings come from another model")
-        annoy = np.asarray([self.index.annoy.get_item_vector(int(i)) for i in ids], dtype=np.float32)
-        indexed = _worst(cosine_distances(annoy, recorded))
+        # The Annoy file must hold the probes' recorded vectors, and the stored embeddings on a spread of rows.
+        annoy = lambda rows: np.asarray([self.index.annoy.get_item_vector(int(r)) for r in rows], dtype=np.float32)
+        spread = np.linspace(0, len(self.index.items) - 1, 16).astype(np.int64)
+        indexed = max(_worst(cosine_distances(annoy(rows_in), recorded)),
+                      _worst(cosine_distances(annoy(spread), np.asarray(self.index.embeddings[spread]))))
         if indexed > PROBE_TOLERANCE:
             problems.append(f"{INDEX_FILE} holds other vectors for the probe items (cosine distance up to "
                             f"{indexed:.3g}): the Annoy index was built from another model's embeddings")
-        if [self.index.items[i].sha256 for i in ids] != self.probes.sha256:
+        sha = [s for s, keep in zip(self.probes.sha256, present) if keep]
+        if [self.index.items[r].sha256 for r in rows_in] != sha:
             problems.append(f"{ITEMS_FILE} names other images for the probe ids: the item table belongs to "
                             "another gallery")
         return problems
@@ -193,7 +227,7 @@ class ServingBundle:
         """Model and index identity for response tags, health and metadata."""
         return {"model_name": str(self.source.get("name", "")), "model_version": str(self.source.get("version", "")),
                 "model_sha256": self.files.get(WEIGHTS, "")[:12], "index_sha256": self.files.get(INDEX_FILE, "")[:12],
-                "index_size": str(len(self.index.items))}
+                "index_size": str(len(self.index.items)), "bundle_version": self.version}
 
 
 def _open_engine(bundle: ServingBundle, folder: Path, runtime: str, threads: int) -> Engine:

@@ -114,6 +114,82 @@ def _query(ns):
             print(f"picture: {client.draw(data, answers[0][1], ns.gallery_root, Path(ns.out))}")
 
 
+def _gallery_add(ns):
+    from imgsim.gallery import AddConfig
+    from imgsim.workflow import run_gallery_add
+    _print_change(run_gallery_add(config.from_namespace(AddConfig, ns), ns.images or None))
+
+
+def _gallery_remove(ns):
+    from imgsim.gallery import RemoveConfig
+    from imgsim.workflow import run_gallery_remove
+    _print_change(run_gallery_remove(config.from_namespace(RemoveConfig, ns)))
+
+
+def _print_change(summary: dict) -> None:
+    for line in summary.pop("skipped"):
+        print(f"  skipped {line}", file=sys.stderr)
+    print(json.dumps(summary, indent=2))
+
+
+def _duplicates(ns):
+    from imgsim import dedup
+    if bool(ns.folder) == bool(ns.bundle):
+        raise ImgsimError("give a folder of images or --bundle URI (one of them)")
+    if ns.folder:
+        report, root = dedup.find_in_folder(ns.folder, ns.hash_distance), Path(ns.folder)
+    else:
+        from imgsim import tracking
+        from imgsim.export import fetched_bundle
+        tracking.setup()
+        with fetched_bundle(ns.bundle) as folder:
+            report, root = dedup.find_in_bundle(folder, ns.hash_distance, ns.embedding_distance)
+        root = Path(ns.root) if ns.root else root
+    files = report.write(ns.out, root if root and Path(root).is_dir() else None)
+    for path, why in report.skipped[:20]:
+        print(f"  unreadable {path}: {why}", file=sys.stderr)
+    print(json.dumps(report.counts() | {k: str(v) for k, v in files.items()}, indent=2))
+
+
+def _rollout(ns):
+    from imgsim import rollout, tracking
+    tracking.setup()
+    result = rollout.rollout(ns.release, ns.bundle, namespace=ns.namespace, predictor=ns.predictor,
+                             dry_run=ns.dry_run)
+    print(json.dumps(result, indent=2))
+
+
+def _add_gallery_parsers(sub) -> None:
+    from imgsim import dedup
+    from imgsim.gallery import AddConfig, RemoveConfig
+    gallery = sub.add_parser("gallery", help="add or remove gallery images without retraining (a new bundle version)")
+    actions = gallery.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("add", help="embed new images into a new gallery version; copies are skipped and reported")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to add (or --folder DIR)")
+    config.add_arguments(p, AddConfig)
+    p.set_defaults(fn=_gallery_add)
+    p = actions.add_parser("remove", help="remove images by id or path into a new gallery version")
+    config.add_arguments(p, RemoveConfig)
+    p.set_defaults(fn=_gallery_remove)
+    p = sub.add_parser("duplicates", help="find exact and near-duplicate groups in a folder or a gallery")
+    p.add_argument("folder", nargs="?", help="folder of images (perceptual hash)")
+    p.add_argument("--bundle", help="or a gallery: folder, runs:/..., models:/imgsim-gallery@serving (hash + embedding)")
+    p.add_argument("--root", help="with --bundle: where its images are, for the picture (default: the bundle's root)")
+    p.add_argument("--hash-distance", type=int, default=dedup.DEFAULT_HASH_DISTANCE,
+                   help=f"most differing bits of 64 for a near copy (default {dedup.DEFAULT_HASH_DISTANCE}; -1: exact only)")
+    p.add_argument("--embedding-distance", type=float, default=dedup.DEFAULT_EMBEDDING_DISTANCE,
+                   help=f"with --bundle: largest cosine distance for a near copy (default {dedup.DEFAULT_EMBEDDING_DISTANCE})")
+    p.add_argument("--out", default="duplicates", help="folder for duplicates.csv and duplicates.png")
+    p.set_defaults(fn=_duplicates)
+    p = sub.add_parser("rollout", help="point a running SeldonDeployment at another bundle (rolling update)")
+    p.add_argument("--release", required=True, help="the SeldonDeployment's name (the chart's full name)")
+    p.add_argument("--bundle", required=True, help="s3://... / pvc://..., or runs:/ / models:/ whose artifact store the cluster reads")
+    p.add_argument("--namespace", default="", help="default: the kube context's namespace")
+    p.add_argument("--predictor", default="", help="only this predictor (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="let the API server validate the patch without applying it")
+    p.set_defaults(fn=_rollout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgsim", description="Image similarity search: split, train, extract, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a PNG of the query beside its neighbours")
     p.add_argument("--gallery-root", help="local copy of the gallery, to draw the neighbours in --out")
     p.set_defaults(fn=_query)
+    _add_gallery_parsers(sub)
     return parser
 
 
@@ -164,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.fn(ns)
     except ImgsimError as exc:
-        print(f"imgsim {ns.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (ns.command, getattr(ns, "action", None))))
+        print(f"imgsim {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

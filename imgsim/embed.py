@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -13,9 +15,11 @@ from imgsim.model import EmbeddingNet
 
 
 def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, desc: str = "embedding", *,
-                  workers: int = -1) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+                  workers: int = -1, on_batch: Callable[[NDArray[np.uint8]], None] | None = None
+                  ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Normalised embeddings and logits of a dataset, streamed through a DataLoader (workers decode) into
-    preallocated arrays: memory holds the outputs and a few batches, never the images."""
+    preallocated arrays: memory holds the outputs and a few batches, never the images. ``on_batch`` sees each
+    batch of model inputs, in order (extract hashes them for duplicate detection)."""
     n, classes = len(dataset), model.args.num_classes
     embeddings = np.empty((n, model.dim), dtype=np.float32)
     logits = np.empty((n, classes), dtype=np.float32)
@@ -26,6 +30,8 @@ def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, 
     with torch.inference_mode():
         for images, _ in tqdm(make_loader(dataset, batch_size, workers=workers), desc=desc, unit="batch",
                               mininterval=1.0, disable=not desc):
+            if on_batch is not None:
+                on_batch(images.numpy())
             emb, logit = model.embed_images(images.to(device, non_blocking=True))
             end = start + len(emb)
             embeddings[start:end], logits[start:end] = emb.cpu().numpy(), logit.cpu().numpy()

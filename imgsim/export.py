@@ -15,22 +15,32 @@ BUNDLE_ARTIFACT = "bundle"
 
 
 def bundle_uri(uri: str) -> str:
-    """Map a model or run URI onto the URI of its bundle artifact."""
-    if uri.startswith("runs:/") and uri.removeprefix("runs:/").strip("/").count("/") == 0:
-        return f"{uri.rstrip('/')}/{BUNDLE_ARTIFACT}"
+    """Map a model or run URI onto the URI of its bundle artifact (an alias resolved to its version now)."""
+    return locate_bundle(uri)[0]
+
+
+def locate_bundle(uri: str) -> tuple[str, str]:
+    """(URI of the bundle artifact, registry version of the bundle or ""): a gallery alias is resolved once, so
+    the download and the version it is reported as cannot disagree when the alias moves meanwhile."""
     if uri.startswith("models:/"):
         ref = tracking.model_reference(uri)
         if "version" not in ref:
             raise ImgsimError(f"model {uri} is not in the model registry at {tracking.mlflow.get_tracking_uri()}; "
                               "check the name, version or alias")
-        return f"runs:/{tracking.find_index_run(ref['name'], ref['version'])}/{BUNDLE_ARTIFACT}"
-    return uri
+        if ref["kind"] == "bundle":  # a gallery version: the registered artifact is the bundle itself
+            return f"models:/{ref['name']}/{ref['version']}", ref["version"]
+        return f"runs:/{tracking.find_index_run(ref['name'], ref['version'])}/{BUNDLE_ARTIFACT}", ""
+    if uri.startswith("runs:/") and uri.removeprefix("runs:/").strip("/").count("/") == 0:
+        return f"{uri.rstrip('/')}/{BUNDLE_ARTIFACT}", ""
+    return uri, ""
 
 
-def resolve_bundle(uri: str) -> Path:
-    """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...); a
-    download stays for the process's lifetime, as the server needs (its index is memory-mapped from it)."""
-    return _bundle_folder(tracking.download(bundle_uri(uri), "bundle"))
+def resolve_bundle(uri: str) -> tuple[Path, str]:
+    """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...) and its
+    registry version (or ""); a download stays for the process's lifetime, as the server needs (its index is
+    memory-mapped from it)."""
+    pinned, version = locate_bundle(uri)
+    return _bundle_folder(tracking.download(pinned, "bundle")), version
 
 
 @contextlib.contextmanager
@@ -38,6 +48,14 @@ def fetched_bundle(uri: str) -> Iterator[Path]:
     """:func:`resolve_bundle` for one use: a downloaded copy is deleted on exit."""
     with tracking.fetched(bundle_uri(uri), "bundle") as folder:
         yield _bundle_folder(folder)
+
+
+@contextlib.contextmanager
+def fetched_version(uri: str) -> Iterator[tuple[Path, str]]:
+    """:func:`fetched_bundle` and the registry version it was fetched as."""
+    pinned, version = locate_bundle(uri)
+    with tracking.fetched(pinned, "bundle") as folder:
+        yield _bundle_folder(folder), version
 
 
 def export_bundle(uri: str, out: str | Path) -> Path:

@@ -8,13 +8,14 @@ import time
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from imgsim import dedup
 from imgsim.bundle import Probes, build_probes
 from imgsim.data import ImageFiles, label_ids
 from imgsim.embed import embed_dataset
 from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
-from imgsim.metrics import exact_topk, recall_at_k, retrieval_metrics
+from imgsim.metrics import index_recall, retrieval_metrics
 from imgsim.model import ModelBundle
 
 
@@ -35,6 +36,8 @@ class ExtractConfig:
     seed: int = 42
     threads: int = 0
     workers: int = -1  # decoding processes; -1: all cores but one, at most 4
+    gallery_name: str = "imgsim-gallery"  # register the bundle as a version of this gallery ("" = do not)
+    gallery_alias: str = "serving"  # and point this alias at it ("" = leave the alias alone)
 
 
 @dataclasses.dataclass
@@ -65,10 +68,13 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
     gallery_items = [item for item in manifest.items if item.split in splits]
     query_items = manifest.split(cfg.query_split)[: cfg.max_queries or None] if manifest.classes else []
     started = time.perf_counter()
+    hashes: list[str] = []
     gallery, _ = embed_dataset(model, ImageFiles(gallery_items, root, bundle.preprocess), cfg.batch_size,
-                               "extract: embedding gallery", workers=cfg.workers)
+                               "extract: embedding gallery", workers=cfg.workers,
+                               on_batch=lambda inputs: hashes.extend(dedup.to_hex(dedup.phash_inputs(inputs))))
     embed_seconds = time.perf_counter() - started
-    items = [GalleryItem(i, it.path, it.label, it.split, it.sha256) for i, it in enumerate(gallery_items)]
+    items = [GalleryItem(i, it.path, it.label, it.split, it.sha256, h)
+             for i, (it, h) in enumerate(zip(gallery_items, hashes, strict=True))]
     started = time.perf_counter()
     index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed)
     probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
@@ -92,10 +98,3 @@ def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: Inde
     metrics = {"accuracy": float((logits.argmax(1) == query_labels).mean())} if logits.shape[1] else {}
     metrics |= retrieval_metrics(queries, query_labels, gallery, gallery_labels)
     return metrics | index_recall(queries, gallery, index, search_k, k)
-
-
-def index_recall(queries, gallery, index: IndexBundle, search_k: int = -1, k: int = 10) -> dict[str, float]:
-    """The Annoy index's recall@k against exact search."""
-    exact = exact_topk(queries, gallery, k)
-    approx = [index.search(q, k, search_k)[0] for q in queries]
-    return {f"index_recall_at_{k}": recall_at_k(approx, exact, k)}

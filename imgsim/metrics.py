@@ -59,3 +59,11 @@ def recall_at_k(approx: list[list[int]], exact: NDArray[np.int64], k: int = 10) 
     """Mean fraction of the exact top-``k`` that the approximate search also returned."""
     hits = [len(set(a[:k]) & set(e[:k].tolist())) / min(k, len(e)) for a, e in zip(approx, exact)]
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def index_recall(queries: NDArray[np.float32], gallery: NDArray[np.float32], index, search_k: int = -1,
+                 k: int = 10) -> dict[str, float]:
+    """An ``IndexBundle``'s recall@k against exact search over ``gallery`` (its rows), for ``queries``."""
+    exact = exact_topk(queries, gallery, k)
+    approx = [index.search(q, k, search_k)[0] for q in queries]
+    return {f"index_recall_at_{k}": recall_at_k(approx, exact, k)}

@@ -50,6 +50,27 @@ def neighbour_grid(rows: Sequence[tuple[Image.Image, str, list[tuple[Image.Image
     return _save(fig, out)
 
 
+def pair_grid(pairs: Sequence[tuple[Image.Image | None, str, Image.Image | None, str, str]], out: Path,
+              per_row: int = 4) -> Path:
+    """Image pairs side by side, ``per_row`` pairs to a row, each pair titled with its caption and names."""
+    rows = -(-len(pairs) // per_row)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.3 * per_row, 1.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, (left, left_name, right, right_name, caption) in enumerate(pairs):
+        r, c = divmod(n, per_row)
+        for ax, img, name in ((axes[r, 2 * c], left, left_name), (axes[r, 2 * c + 1], right, right_name)):
+            if img is not None:
+                ax.imshow(img, cmap="gray")
+            ax.text(0.5, -0.08, _tail(name), transform=ax.transAxes, fontsize=5, ha="center", va="top")
+        axes[r, 2 * c].set_title(caption, fontsize=7, color="darkred", x=1.0)
+    return _save(fig, out)
+
+
+def _tail(name: str, limit: int = 24) -> str:
+    return name if len(name) <= limit else "..." + name[-limit:]
+
+
 def training_curves(history: list[dict], out: Path) -> Path:
     """Loss and accuracy by epoch."""
     epochs = [h["epoch"] for h in history]

@@ -38,14 +38,21 @@ class QueryResult:
 class Searcher:
     """Loads and verifies a bundle once; answers image and id queries. No torch with the default runtime."""
 
-    def __init__(self, folder: str | Path, *, search_k: int = 0, runtime: str = "onnx", threads: int = 1) -> None:
+    def __init__(self, folder: str | Path, *, search_k: int = 0, runtime: str = "onnx", threads: int = 1,
+                 version: str = "") -> None:
         """``search_k`` 0: the one the bundle's index recall was measured with at extract; ``runtime``: onnx
-        (ONNX Runtime) or torch; ``threads``: the runtime's threads."""
+        (ONNX Runtime) or torch; ``threads``: the runtime's threads; ``version``: the registry version the
+        bundle was fetched as (answers name it)."""
         self.bundle = ServingBundle.load(folder, runtime=runtime, threads=threads)
+        self.bundle.version = version
         self.index = self.bundle.index
         self.preprocess = self.bundle.spec.preprocess
         self.classes = self.bundle.spec.classes
         self.search_k = search_k or self.bundle.search_k
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
 
     @property
     def size(self) -> int:
@@ -72,21 +79,30 @@ class Searcher:
 
     def search_id(self, item_id: int, k: int) -> QueryResult:
         """"More like this": neighbours of a gallery item (the item itself ranks first)."""
-        if not 0 <= item_id < self.size:
-            raise BadInput(f"unknown gallery id {item_id}; ids run from 0 to {self.size - 1}")
-        label = self.index.items[item_id].label
-        probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)] if self.classes else np.zeros(0)
-        return self.rank(np.asarray(self.index.embeddings[item_id]), probs, k)
+        row = self.index.row(item_id)
+        if row is None:
+            raise BadInput(f"unknown gallery id {_short(item_id)}: not in this gallery version ({self.size} images, "
+                           f"ids below {self.index.next_id}); it was never added, or was removed")
+        label = self.index.items[row].label
+        probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)] \
+            if label in self.classes else np.zeros(len(self.classes), dtype=np.float32)
+        return self.rank(np.asarray(self.index.embeddings[row]), probs, k)
 
     def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int) -> QueryResult:
         """The ``k`` nearest gallery items to one embedding, with the class prediction ``probs``."""
-        ids, dists = self.index.search(embedding, k, self.search_k)
-        neighbours = [Neighbour(rank + 1, i, self.index.items[i].path, self.index.items[i].label, float(d),
-                                cosine_from_angular(d)) for rank, (i, d) in enumerate(zip(ids, dists))]
-        if not len(probs):
+        rows, dists = self.index.search(embedding, k, self.search_k)
+        items = self.index.items
+        neighbours = [Neighbour(rank + 1, items[r].id, items[r].path, items[r].label, float(d), cosine_from_angular(d))
+                      for rank, (r, d) in enumerate(zip(rows, dists))]
+        if not len(probs) or not probs.any():  # embed-only model, or an added image with no class label
             return QueryResult(neighbours, None, None)
         best = int(np.argmax(probs))
         return QueryResult(neighbours, self.classes[best], float(probs[best]))
+
+
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 20 else text[:20] + "..."
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -6,9 +6,12 @@ import base64
 import binascii
 import ctypes
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -44,6 +47,9 @@ class ServiceConfig:
     threads: int = 1  # the runtime's threads per worker: several gunicorn workers must not oversubscribe the cores
     load_backoff_s: float = 1.0  # first wait before retrying a failed load; doubles up to the maximum
     load_backoff_max_s: float = 60.0
+    # How often to look for a newer gallery: the version a models:/name@alias URI names, or a changed bundle.json
+    # in a bundle folder (replaced by `imgsim export`). 0: only on SIGHUP.
+    poll_interval_s: float = 30.0
 
     @classmethod
     def from_sources(cls, **params: Any) -> "ServiceConfig":
@@ -109,17 +115,69 @@ class SimilarityService:
         self.load_error: str | None = None
         self.load_failed_for_good = False
         self._last_failure = ""
-        self._versions: dict[str, str] = {}
         self.stats = Stats()
         self._decode_slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_decodes))
+        self._refresh_lock = threading.Lock()
+        self._loaded_key: str | None = None
+        self._failed_key: str | None = None
+        self._download: Path | None = None  # the temp folder the serving version was downloaded into, if any
 
     def load(self) -> None:
         """Load the bundle; if that fails for a reason that may pass (store unreachable, folder not there yet),
         keep retrying in the background with bounded backoff. Not ready until loaded; a bundle that is itself
-        wrong (damaged, inconsistent, unknown format) is reported and not retried."""
+        wrong (damaged, inconsistent, unknown format) is reported and not retried. Then follow the gallery:
+        poll for a newer version every ``poll_interval_s`` and on SIGHUP."""
         if not self._try_load(1) and not self.load_failed_for_good:
             self._announce_retry(1, self.cfg.load_backoff_s)  # before the first health check can ask
             threading.Thread(target=self._retry, name="imgsim-load-retry", daemon=True).start()
+        _on_sighup(lambda: threading.Thread(target=self.refresh, name="imgsim-refresh", daemon=True).start())
+        if self.cfg.poll_interval_s > 0:
+            threading.Thread(target=self._poll, name="imgsim-poll", daemon=True).start()
+
+    def _poll(self) -> None:
+        while True:
+            time.sleep(self.cfg.poll_interval_s)
+            self.refresh()
+
+    def refresh(self) -> bool:
+        """Load the gallery's newest version if it differs from the one serving, then switch to it: requests
+        already running finish on the version they started with. Returns whether it switched. A version
+        that fails to load is logged and the current one keeps serving."""
+        if not self.ready or not self._refresh_lock.acquire(blocking=False):
+            return False  # still loading (the retry thread owns that), or a refresh is already running
+        try:
+            current = self._source_key()
+            if current is None or current in (self._loaded_key, self._failed_key):
+                return False  # nothing new, or the same broken version as last time (logged then)
+            old = self.searcher
+            if not self._try_load(0, swap=True):
+                self._failed_key = current
+                log.error("imgsim: keeping version %s after the failed switch", old.version or self._loaded_key)
+                return False
+            log.info("imgsim: switched from %s to %s", old.version or "the previous bundle",
+                     self.searcher.version or "the changed bundle")
+            return True
+        finally:
+            self._refresh_lock.release()
+
+    def _source_key(self) -> str | None:
+        """What identifies the newest version at the source: the registry version an alias names now, or the
+        bundle.json checksum of a bundle folder; None when the source cannot change (a pinned version, a run)."""
+        from imgsim import tracking
+        from imgsim.bundle import BUNDLE_JSON
+        from imgsim.export import locate_bundle
+
+        uri = self.cfg.model_uri
+        try:
+            if uri.startswith("models:/") and "@" in uri:
+                return locate_bundle(uri)[1] or None
+            if not tracking.is_remote(uri) or uri.startswith("file://"):
+                folder = Path(uri.removeprefix("file://"))
+                meta = folder / BUNDLE_JSON if (folder / BUNDLE_JSON).exists() else folder / "bundle" / BUNDLE_JSON
+                return hashlib.sha256(meta.read_bytes()).hexdigest()
+        except (ImgsimError, OSError) as exc:  # the store is unreachable for now: try again next time
+            log.warning("imgsim: cannot check for a newer gallery at %s: %s", uri, exc)
+        return None
 
     def _retry(self) -> None:
         delay, attempt = self.cfg.load_backoff_s, 1
@@ -134,7 +192,8 @@ class SimilarityService:
     def _announce_retry(self, attempt: int, delay: float) -> None:
         self.load_error = f"{self._last_failure} (attempt {attempt}; next try in {delay:g} s)"
 
-    def _try_load(self, attempt: int) -> bool:
+    def _try_load(self, attempt: int, swap: bool = False) -> bool:
+        """Load the bundle the URI names now. ``swap``: a refresh, where a failure leaves the serving version."""
         import mlflow
 
         from imgsim import tracking
@@ -144,27 +203,48 @@ class SimilarityService:
             if self.cfg.model_uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
                 mlflow.set_tracking_uri(tracking.tracking_uri())
-            searcher = Searcher(resolve_bundle(self.cfg.model_uri), search_k=self.cfg.search_k,
-                                runtime=self.cfg.runtime, threads=self.cfg.threads)
+            key = self._source_key()
+            folder, version = resolve_bundle(self.cfg.model_uri)
+            searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
+                                version=version)
         except BundleError as exc:
+            if swap:
+                return self._refresh_failed(f"{exc}")
             self.load_failed_for_good = True
             return self._failed(attempt, f"{exc} (not retried: loading this bundle again cannot succeed)")
         except ImgsimError as exc:
-            return self._failed(attempt, str(exc))
+            return self._refresh_failed(str(exc)) if swap else self._failed(attempt, str(exc))
         except PermissionError as exc:  # typically a bundle on a volume that this server's user may not read
-            return self._failed(attempt, f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server "
-                                         f"runs as uid {os.getuid()}: make the bundle's files readable by it")
+            reason = (f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server runs as uid "
+                      f"{os.getuid()}: make the bundle's files readable by it")
+            return self._refresh_failed(reason) if swap else self._failed(attempt, reason)
         except OSError as exc:
-            return self._failed(attempt, f"cannot read the bundle from {self.cfg.model_uri}: {exc}")
+            reason = f"cannot read the bundle from {self.cfg.model_uri}: {exc}"
+            return self._refresh_failed(reason) if swap else self._failed(attempt, reason)
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
-            return self._failed(attempt, f"unexpected error while loading: {exc!r}", trace=True)
-        self._versions, self.searcher, self.load_error = searcher.bundle.identity(), searcher, None
-        log.info("imgsim: loaded %d gallery items from %s, model on %s (attempt %d)", searcher.size,
-                 self.cfg.model_uri, "ONNX Runtime" if self.cfg.runtime == "onnx" else "PyTorch", attempt)
+            reason = f"unexpected error while loading: {exc!r}"
+            return self._refresh_failed(reason) if swap else self._failed(attempt, reason, trace=True)
+        # One assignment switches versions: each request holds the searcher it started with until it answers.
+        previous = self._download
+        self.searcher, self.load_error = searcher, None
+        self._loaded_key = version or key
+        self._download = folder if tracking.is_remote(self.cfg.model_uri) else None
+        if swap and previous is not None and previous != self._download:
+            # The old version's files are memory-mapped by requests that may still run: unlinking keeps the
+            # mappings valid (Linux frees the pages with the last one) and the disk space comes back.
+            shutil.rmtree(previous, ignore_errors=True)
+        log.info("imgsim: loaded %d gallery items%s from %s, model on %s (%s)", searcher.size,
+                 f" (version {version})" if version else "", self.cfg.model_uri,
+                 "ONNX Runtime" if self.cfg.runtime == "onnx" else "PyTorch",
+                 "refresh" if swap else f"attempt {attempt}")
         return True
 
+    def _refresh_failed(self, reason: str) -> bool:
+        log.error("imgsim: a newer gallery was found but cannot be loaded: %s", reason)
+        return False
+
     def _failed(self, attempt: int, reason: str, trace: bool = False) -> bool:
-        self.searcher, self._versions, self.load_error, self._last_failure = None, {}, reason, reason
+        self.searcher, self.load_error, self._last_failure = None, reason, reason
         log.error("imgsim: NOT READY: load attempt %d failed: %s", attempt, reason, exc_info=trace)
         return False
 
@@ -173,16 +253,18 @@ class SimilarityService:
         return self.searcher is not None
 
     def versions(self) -> dict[str, str]:
-        """Model and index identity, for response tags and answers (fixed once loaded)."""
-        return dict(self._versions)
+        """Model and gallery identity of the version serving now, for health and metadata."""
+        searcher = self.searcher
+        return searcher.bundle.identity() if searcher else {}
 
     def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
         """Answer one request; returns (answer, timings in ms). Raises ``BadInput`` for client errors."""
-        if not self.searcher:
+        searcher = self.searcher  # this request's gallery version, even if a refresh switches meanwhile
+        if not searcher:
             raise ImgsimError(f"not ready: {self.load_error or 'still loading'}")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"))
+        k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"), searcher.size)
         if bin_data is not None:
             payloads: Iterable[bytes] = [bin_data]
         elif isinstance(json_data, dict):
@@ -190,19 +272,19 @@ class SimilarityService:
             if len(forms) != 1:
                 raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
             if forms == ["id"]:
-                return self._answer([self.searcher.search_id(_integer(json_data["id"], "id"), k)]), timings
+                return _answer(searcher, [searcher.search_id(_integer(json_data["id"], "id"), k)]), timings
             payloads = self._json_payloads(json_data, forms[0])
         else:
             raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
-        inputs = self._preprocess(payloads)
+        inputs = self._preprocess(payloads, searcher)
         timings["decode_ms"] = _ms_since(started)
         started = time.perf_counter()
-        embeddings, probs = self.searcher.embed_inputs(inputs)
+        embeddings, probs = searcher.embed_inputs(inputs)
         timings["embed_ms"] = _ms_since(started)
         started = time.perf_counter()
-        results = [self.searcher.rank(e, p, k) for e, p in zip(embeddings, probs)]
+        results = [searcher.rank(e, p, k) for e, p in zip(embeddings, probs)]
         timings["search_ms"] = _ms_since(started)
-        return self._answer(results), timings
+        return _answer(searcher, results), timings
 
     def _json_payloads(self, data: dict, form: str) -> Iterable[bytes]:
         if form == "image":
@@ -216,7 +298,7 @@ class SimilarityService:
             raise BadInput(f"'images' has {len(batch)} entries; at most {self.cfg.max_batch} per request")
         return (decode_base64(b, f"images[{i}]") for i, b in enumerate(batch))  # one at a time
 
-    def _preprocess(self, payloads: Iterable[bytes]) -> np.ndarray:
+    def _preprocess(self, payloads: Iterable[bytes], searcher: Searcher) -> np.ndarray:
         """Decode each image straight to the model's input size, one at a time, so a request holds at most one
         full-size image (and a worker at most ``max_concurrent_decodes``), within a per-request pixel budget."""
         budget = _PixelBudget(self.cfg.max_request_pixels)
@@ -225,7 +307,7 @@ class SimilarityService:
             if len(data) > self.cfg.max_image_bytes:
                 raise BadInput(f"image is {len(data)} bytes; the limit is {self.cfg.max_image_bytes}")
             with self._decode_slots:
-                arrays.append(self.searcher.preprocess.decode(data, max_pixels=self.cfg.max_pixels, admit=budget.take))
+                arrays.append(searcher.preprocess.decode(data, max_pixels=self.cfg.max_pixels, admit=budget.take))
         return np.stack(arrays)
 
     def _read_gallery_file(self, path: Any) -> bytes:
@@ -257,19 +339,29 @@ class SimilarityService:
         except OSError as exc:  # a name too long, a file this server may not read
             raise BadInput(f"path {_short(path)} cannot be read from the gallery ({exc.strerror})") from None
 
-    def _k(self, from_json: Any, from_tags: Any) -> int:
+    def _k(self, from_json: Any, from_tags: Any, size: int) -> int:
         raw = from_json if from_json is not None else from_tags
         k = self.cfg.default_k if raw is None else _integer(raw, "k")
         if not 1 <= k <= self.cfg.max_k:
             raise BadInput(f"k must be between 1 and {self.cfg.max_k}, got {k}")
-        return min(k, self.searcher.size)
+        return min(k, size)
 
-    def _answer(self, results: list[QueryResult]) -> dict:
-        return {"results": [{"neighbours": [dataclasses.asdict(n) for n in r.neighbours],
-                             "predicted": None if r.predicted_label is None else
-                             {"label": r.predicted_label, "probability": r.probability}}
-                            for r in results],
-                **self.versions()}
+
+def _answer(searcher: Searcher, results: list[QueryResult]) -> dict:
+    """The answer, naming the model and gallery version that produced it."""
+    return {"results": [{"neighbours": [dataclasses.asdict(n) for n in r.neighbours],
+                         "predicted": None if r.predicted_label is None else
+                         {"label": r.predicted_label, "probability": r.probability}}
+                        for r in results],
+            **searcher.bundle.identity()}
+
+
+def _on_sighup(handler) -> None:
+    """Run ``handler`` on SIGHUP in this process (each gunicorn and gRPC worker calls load() in its main
+    thread). Elsewhere (load() from another thread, or no SIGHUP on the platform) polling alone follows."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return
+    signal.signal(signal.SIGHUP, lambda signum, frame: handler())
 
 
 class _PixelBudget:

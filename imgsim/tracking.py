@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from imgsim.errors import ImgsimError
 
 EXPERIMENT = "imgsim"
+KIND_TAG = "imgsim.kind"  # on registered versions: "bundle" for a serving bundle (a gallery version)
 
 
 def tracking_uri() -> str:
@@ -84,7 +85,8 @@ def model_reference(uri: str) -> dict:
         except MlflowException:
             version = None
         if version is not None:
-            ref |= {"name": version.name, "version": str(version.version), "run_id": version.run_id}
+            ref |= {"name": version.name, "version": str(version.version), "run_id": version.run_id,
+                    "kind": (version.tags or {}).get(KIND_TAG, "model")}
     elif uri.startswith("runs:/"):
         ref["run_id"] = uri.removeprefix("runs:/").split("/")[0]
     return ref
@@ -100,3 +102,27 @@ def find_index_run(name: str, version: str) -> str:
         raise ImgsimError(f"no finished extract run has indexed model {name} version {version}; "
                           f"run 'mlflow run . -e extract -P model_uri=models:/{name}/{version}' first")
     return runs[0].info.run_id
+
+
+def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", expected: str | None = None) -> str:
+    """Register the bundle at ``artifact_uri`` as a new version of ``name`` and point ``alias`` at it; returns
+    the version. ``expected``: the version the alias must still name (the one this change started from): if
+    someone moved it meanwhile, the new version stays registered but the alias is left alone, with an error."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="imgsim serving bundles: each version is one gallery")
+    version = str(client.create_model_version(name, artifact_uri, run_id, tags={KIND_TAG: "bundle"}).version)
+    if alias:
+        try:
+            current = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            current = None
+        if expected is not None and current != expected:
+            raise ImgsimError(f"{name}@{alias} moved to version {current} while this change was built from version "
+                              f"{expected}: version {version} is registered but {alias!r} still names {current}. "
+                              f"Run the change again on models:/{name}@{alias}, or point the alias at {version} "
+                              "yourself if it should replace that.")
+        client.set_registered_model_alias(name, alias, version)
+    return version

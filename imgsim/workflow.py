@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,14 +13,16 @@ import mlflow
 import numpy as np
 import torch
 
-from imgsim import config, distributed, plots, tracking
-from imgsim.bundle import ServingBundle
-from imgsim.export import BUNDLE_ARTIFACT
+from imgsim import config, distributed, gallery, plots, tracking
+from imgsim.bundle import ServingBundle, read_meta
+from imgsim.export import BUNDLE_ARTIFACT, fetched_version
+from imgsim.gallery import AddConfig, RemoveConfig
+from imgsim.index import INDEX_FILE, ITEM_FIELDS
 from imgsim.extract import ExtractConfig, extract
 from imgsim.images import decode_image
 from imgsim.manifest import Manifest
 from imgsim.model import ModelBundle
-from imgsim.modelspec import MODEL_JSON, WEIGHTS
+from imgsim.modelspec import MODEL_JSON, WEIGHTS, file_sha256
 from imgsim.split import SplitConfig, split_dataset
 from imgsim.train import TrainConfig, embed_only, read_checkpoint, resolve_schedule, train_model
 
@@ -134,12 +138,20 @@ def run_extract(cfg: ExtractConfig) -> str:
         mlflow.set_tags({"imgsim.model_uri": cfg.model_uri, "imgsim.manifest_uri": manifest_uri} |
                         {f"imgsim.model_{k}": ref[k] for k in ("name", "version") if k in ref})
         mlflow.log_metrics(result.metrics)
+        root = Path(cfg.data_dir or manifest.root).expanduser().resolve()
         with tempfile.TemporaryDirectory() as tmp:
             serving = ServingBundle(bundle.spec, result.index, result.probes, ref, cfg.search_k,
-                                    result.metrics.get("index_recall_at_10"), weights=bundle)
+                                    result.metrics.get("index_recall_at_10"), weights=bundle,
+                                    gallery={"root": str(root), "run_id": run.info.run_id})
             mlflow.log_artifacts(str(serving.save(Path(tmp) / BUNDLE_ARTIFACT)), BUNDLE_ARTIFACT)
             mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")
         print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+        if cfg.gallery_name:
+            version = tracking.register_bundle(cfg.gallery_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT),
+                                               cfg.gallery_alias)
+            mlflow.set_tag("imgsim.gallery_version", version)
+            print(f"extract: gallery models:/{cfg.gallery_name}/{version}"
+                  + (f" (now {cfg.gallery_name}@{cfg.gallery_alias})" if cfg.gallery_alias else ""))
         return run.info.run_id
 
 
@@ -183,3 +195,74 @@ def run_main(split_cfg: SplitConfig, train_cfg: TrainConfig, extract_cfg: Extrac
         return {"main": parent.info.run_id, "split": split_id, "train": train_id, "extract": extract_id,
                 "model_uri": model_uri, "bundle_uri": f"runs:/{extract_id}/{BUNDLE_ARTIFACT}",
                 "metrics": {k: round(v, 4) for k, v in sorted(metrics.items())}}
+
+
+def run_gallery_add(cfg: AddConfig, files: list[str] | None = None) -> dict:
+    """Add images to the gallery ``cfg.bundle`` names, as a new tracked bundle version; returns a summary."""
+    tracking.setup()
+    with fetched_version(cfg.bundle) as (folder, version):
+        parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
+        if cfg.model_uri:
+            with tracking.fetched(cfg.model_uri, "model") as model_folder:
+                gallery.check_model(parent, lambda: file_sha256(model_folder / WEIGHTS))
+        change = gallery.add_images(parent, cfg, files)
+        return _log_change("gallery_add", cfg, change, folder, version)
+
+
+def run_gallery_remove(cfg: RemoveConfig) -> dict:
+    """Remove images from the gallery ``cfg.bundle`` names, as a new tracked bundle version."""
+    tracking.setup()
+    with fetched_version(cfg.bundle) as (folder, version):
+        parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
+        return _log_change("gallery_remove", cfg, gallery.remove_images(parent, cfg), folder, version)
+
+
+def _log_change(stage: str, cfg, change: gallery.Change, parent_folder: Path, parent_version: str) -> dict:
+    """Log a gallery change as one MLflow run (lineage, counts, recall, duplicates report, the new bundle) and
+    register it; a change that changes nothing writes nothing."""
+    summary = {"stage": stage, **change.counts(), "duplicates": change.duplicates.counts(),
+               "skipped": [f"{path}: {why}" for path, why in change.skipped]}
+    if not change.added and not change.removed:
+        print(f"{stage}: nothing to change ({len(change.skipped)} skipped); no new version written")
+        return summary | {"run_id": None, "version": None}
+    meta = read_meta(parent_folder)
+    parent = {"uri": cfg.bundle, "version": parent_version, "run_id": meta.get("gallery", {}).get("run_id", ""),
+              "index_sha256": meta["files"][INDEX_FILE]}
+    with _start(stage) as run:
+        mlflow.set_tags({"imgsim.stage": stage, "imgsim.parent_bundle": cfg.bundle,
+                         "imgsim.parent_version": parent_version, "imgsim.parent_run_id": parent["run_id"],
+                         "imgsim.model_sha256": meta["files"][WEIGHTS]})
+        _log_params(config.to_params(cfg))
+        counts = {k: v for k, v in change.counts().items() if k != "gallery_size"}
+        mlflow.log_metrics({f"{k}_images": float(v) for k, v in counts.items()} | change.metrics
+                           | {f"duplicates_{k}": float(v) for k, v in change.duplicates.counts().items()})
+        change.bundle.gallery |= {"run_id": run.info.run_id, "parent": parent, "change": counts}
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifacts(str(change.bundle.save(Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_folder)),
+                                 BUNDLE_ARTIFACT)
+            mlflow.log_artifacts(str(_write_change_report(change, Path(tmp) / "changes")), "changes")
+        version = None
+        if cfg.register_name:
+            # Moving the alias is refused if it no longer names the version this change started from.
+            expected = parent_version if cfg.bundle.startswith(f"models:/{cfg.register_name}@") else None
+            version = tracking.register_bundle(cfg.register_name, run.info.run_id,
+                                               mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias, expected)
+            mlflow.set_tag("imgsim.gallery_version", version)
+    return summary | {"run_id": run.info.run_id, "version": version,
+                      "index_recall_at_10": round(change.metrics["index_recall_at_10"], 4),
+                      "bundle_uri": f"models:/{cfg.register_name}/{version}" if version else
+                      f"runs:/{run.info.run_id}/{BUNDLE_ARTIFACT}"}
+
+
+def _write_change_report(change: gallery.Change, out: Path) -> Path:
+    """added.csv, removed.csv, skipped.csv, and the duplicates CSV and PNG of the copies found."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, header, rows in (("added", ITEM_FIELDS, [dataclasses.astuple(i) for i in change.added]),
+                               ("removed", ITEM_FIELDS, [dataclasses.astuple(i) for i in change.removed]),
+                               ("skipped", ("path", "reason"), change.skipped)):
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+    change.duplicates.write(out, change.bundle.gallery.get("root") or None)
+    return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
+import threading
 from typing import Any, Callable
 
 from flask import Blueprint, abort, jsonify, request
@@ -28,9 +30,10 @@ class ModelServer:
     def __init__(self, model_uri=None, default_k=None, max_k=None, gallery_root=None, max_image_bytes=None,
                  max_request_bytes=None, max_batch=None, max_pixels=None, max_request_pixels=None,
                  max_concurrent_decodes=None, search_k=None, runtime=None, threads=None, load_backoff_s=None,
-                 load_backoff_max_s=None) -> None:
+                 load_backoff_max_s=None, poll_interval_s=None) -> None:
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.service = SimilarityService(ServiceConfig.from_sources(**params))
+        _survive_sighup()
         self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes, self._live_metadata)
 
     def load(self) -> None:
@@ -52,10 +55,11 @@ class ModelServer:
             raise SeldonMicroserviceException("internal error; see the server log", status_code=500,
                                               reason="INTERNAL_ERROR") from None
         metrics = self._request_metrics(answer, timings)
+        tags = {k: v for k, v in answer.items() if k != "results"}  # the version that answered, not the newest
         if is_proto:
-            return _proto_answer(answer, self.tags(), metrics, compact)
+            return _proto_answer(answer, tags, metrics, compact)
         payload = {"strData": json.dumps(answer)} if compact else {"jsonData": answer}
-        return {**payload, "meta": {"tags": self.tags(), "metrics": metrics}}
+        return {**payload, "meta": {"tags": tags, "metrics": metrics}}
 
     def health_status(self) -> dict:
         if not self.service.ready:
@@ -104,6 +108,15 @@ class ModelServer:
 
     def _live_metadata(self) -> dict | None:
         return seldon_methods.init_metadata(self)
+
+
+def _survive_sighup() -> None:
+    """Seldon builds this object in its main process and then forks the gRPC server: a SIGHUP sent to the whole
+    process group (to move every worker to the newest gallery) would end that gRPC parent, whose default
+    action is to exit. Ignored here, inherited by the forks; gunicorn's master installs its own HUP handler
+    (graceful worker reload) and each serving worker its own (load() -> switch to the newest version)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _compact(tags: dict) -> bool:

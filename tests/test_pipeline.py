@@ -60,7 +60,7 @@ def test_runs_log_metrics_params_plots_and_a_registered_model(pipeline_run):
 def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run):
     root = pipeline_run["root"]
     with mlflow_store(pipeline_run["work"]):
-        folder = resolve_bundle(pipeline_run["result"]["bundle_uri"])
+        folder, _ = resolve_bundle(pipeline_run["result"]["bundle_uri"])
     bundle = ServingBundle.load(folder)
     index = bundle.index
     assert bundle.source["name"] == "imgsim" and bundle.source["version"] == "1"
