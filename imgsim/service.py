@@ -24,6 +24,7 @@ from imgsim.errors import BadInput, ImgsimError
 from imgsim.search import QueryResult, Searcher
 
 log = logging.getLogger(__name__)
+_START_LEVEL = logging.getLogger().getEffectiveLevel()  # Seldon sets it from LOG_LEVEL before importing us
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,7 @@ class SimilarityService:
                 meta = folder / BUNDLE_JSON if (folder / BUNDLE_JSON).exists() else folder / "bundle" / BUNDLE_JSON
                 return hashlib.sha256(meta.read_bytes()).hexdigest()
         except (ImgsimError, OSError) as exc:  # the store is unreachable for now: try again next time
+            _keep_logging()
             log.warning("imgsim: cannot check for a newer gallery at %s: %s", uri, exc)
         return None
 
@@ -205,6 +207,7 @@ class SimilarityService:
                 mlflow.set_tracking_uri(tracking.tracking_uri())
             key = self._source_key()
             folder, version = resolve_bundle(self.cfg.model_uri)
+            _keep_logging()
             searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
                                 version=version)
         except BundleError as exc:
@@ -354,6 +357,16 @@ def _answer(searcher: Searcher, results: list[QueryResult]) -> dict:
                          {"label": r.predicted_label, "probability": r.probability}}
                         for r in results],
             **searcher.bundle.identity()}
+
+
+def _keep_logging() -> None:
+    """Opening MLflow's sqlite store runs alembic's logging set-up, which disables every logger that exists by
+    then (this module's included) and raises the root level to WARNING: the server would go silent about loads
+    and switches. Ours are turned back on, at the level the server started with."""
+    for name in [n for n in logging.root.manager.loggerDict if n == "imgsim" or n.startswith("imgsim.")]:
+        logging.getLogger(name).disabled = False
+    if logging.getLogger("imgsim").level == logging.NOTSET:
+        logging.getLogger("imgsim").setLevel(_START_LEVEL)
 
 
 def _on_sighup(handler) -> None:

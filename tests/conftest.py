@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import uuid
 import zlib
 from pathlib import Path
 
@@ -122,3 +123,22 @@ def pipeline_run(tmp_path_factory):
         )
         (work / "result.json").write_text(json.dumps(result))
     return {"work": work, "root": root, "bad": bad, "result": result}
+
+
+@pytest.fixture
+def living(pipeline_run):
+    """The pipeline's extract bundle registered as version 1 of a fresh gallery name, with an alias; a fresh
+    folder under the image root for the images a test adds."""
+    import mlflow
+
+    from imgsim import tracking
+
+    name = f"gallery-{uuid.uuid4().hex[:8]}"
+    with mlflow_store(pipeline_run["work"]):
+        run_id = pipeline_run["result"]["extract"]
+        uri = mlflow.get_run(run_id).info.artifact_uri + "/bundle"
+        assert tracking.register_bundle(name, run_id, uri, "serving") == "1"
+        incoming = pipeline_run["root"] / f"incoming-{name}"
+        incoming.mkdir()
+        yield {"name": name, "uri": f"models:/{name}@serving", "root": pipeline_run["root"], "incoming": incoming,
+               "work": pipeline_run["work"]}

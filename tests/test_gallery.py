@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -15,63 +14,17 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from imgsim import dedup, gallery, tracking
-from imgsim.bundle import ServingBundle, read_meta
+from imgsim.bundle import ServingBundle
 from imgsim.cli import main as cli
 from imgsim.errors import ImgsimError
 from imgsim.export import export_bundle, fetched_version
-from imgsim.gallery import AddConfig, RemoveConfig
 from imgsim.search import Searcher
-from imgsim.workflow import run_gallery_add, run_gallery_remove
 from tests.bundles import other_model_bundle
-from tests.conftest import _picture, mlflow_store
-
-
-@pytest.fixture
-def living(pipeline_run):
-    """The pipeline's extract bundle registered as version 1 of a fresh gallery name, with an alias; a fresh
-    folder under the image root for the images a test adds."""
-    name = f"gallery-{uuid.uuid4().hex[:8]}"
-    with mlflow_store(pipeline_run["work"]):
-        run_id = pipeline_run["result"]["extract"]
-        uri = mlflow.get_run(run_id).info.artifact_uri + "/bundle"
-        assert tracking.register_bundle(name, run_id, uri, "serving") == "1"
-        incoming = pipeline_run["root"] / f"incoming-{name}"
-        incoming.mkdir()
-        yield {"name": name, "uri": f"models:/{name}@serving", "root": pipeline_run["root"], "incoming": incoming,
-               "work": pipeline_run["work"]}
-
-
-def _add(living, **kw) -> dict:
-    return run_gallery_add(AddConfig(bundle=living["uri"], register_name=living["name"], **kw))
-
-
-def _remove(living, **kw) -> dict:
-    return run_gallery_remove(RemoveConfig(bundle=living["uri"], register_name=living["name"], **kw))
-
-
-def _load(uri: str) -> ServingBundle:
-    with fetched_version(uri) as (folder, version):
-        bundle = ServingBundle.load(folder)
-        bundle.version = version
-        bundle.gallery = read_meta(folder)["gallery"]
-        return bundle
-
-
-def _alias(living) -> str:
-    return str(MlflowClient().get_model_version_by_alias(living["name"], "serving").version)
-
-
-def _new_images(folder: Path, n: int, start: int = 500) -> list[str]:
-    paths = []
-    for i in range(n):
-        path = folder / f"new-{start + i}.png"
-        _picture(("circle", "square", "stripes")[i % 3], start + i).save(path)
-        paths.append(str(path))
-    return paths
+from tests.galleries import add, alias_version, load_version, new_images, remove
 
 
 def test_add_embeds_only_the_new_images_keeps_ids_and_moves_the_alias(living, monkeypatch):
-    v1 = _load(living["uri"])
+    v1 = load_version(living["uri"])
     embedded = []
     engine_load = ServingBundle.load
 
@@ -82,11 +35,11 @@ def test_add_embeds_only_the_new_images_keeps_ids_and_moves_the_alias(living, mo
         return bundle
 
     monkeypatch.setattr(ServingBundle, "load", counting_load)
-    summary = _add(living, paths=",".join(_new_images(living["incoming"], 4)))
+    summary = add(living, paths=",".join(new_images(living["incoming"], 4)))
     monkeypatch.undo()
     assert sum(embedded) == 4  # the four new images only (the probe check at load runs before the counter)
-    assert summary["version"] == "2" and summary["added"] == 4 and _alias(living) == "2"
-    v2 = _load(living["uri"])
+    assert summary["version"] == "2" and summary["added"] == 4 and alias_version(living) == "2"
+    v2 = load_version(living["uri"])
     assert v2.version == "2" and len(v2.index.items) == len(v1.index.items) + 4
     assert v2.index.items[: len(v1.index.items)] == v1.index.items  # every old id, path, label and hash kept
     np.testing.assert_array_equal(np.asarray(v2.index.embeddings)[: len(v1.index.items)], np.asarray(v1.index.embeddings))
@@ -109,11 +62,11 @@ def test_add_embeds_only_the_new_images_keeps_ids_and_moves_the_alias(living, mo
 
 
 def test_remove_drops_images_for_good_and_never_reuses_their_ids(living):
-    v1 = _load(living["uri"])
+    v1 = load_version(living["uri"])
     gone = [v1.index.items[3], v1.index.items[-1]]  # the last one holds the largest id
-    summary = _remove(living, ids=str(gone[0].id), paths=gone[1].path)
+    summary = remove(living, ids=str(gone[0].id), paths=gone[1].path)
     assert summary["removed"] == 2 and summary["version"] == "2"
-    v2 = _load(living["uri"])
+    v2 = load_version(living["uri"])
     assert {item.id for item in v2.index.items} == {item.id for item in v1.index.items} - {g.id for g in gone}
     assert v2.index.next_id == v1.index.next_id and v2.gallery["change"]["removed"] == 2
     with fetched_version(living["uri"]) as (folder, _):
@@ -121,13 +74,13 @@ def test_remove_drops_images_for_good_and_never_reuses_their_ids(living):
         for item in gone:  # not even its own bytes bring a removed image back
             answer = searcher.search_bytes([(living["root"] / item.path).read_bytes()], len(v2.index.items))[0]
             assert item.id not in {n.id for n in answer.neighbours}
-    _add(living, paths=",".join(_new_images(living["incoming"], 1)))
-    v3 = _load(living["uri"])
+    add(living, paths=",".join(new_images(living["incoming"], 1)))
+    v3 = load_version(living["uri"])
     assert v3.index.items[-1].id == v1.index.next_id  # the removed largest id is not handed out again
 
 
 def test_copies_are_skipped_or_reported_at_ingest(living):
-    v1 = _load(living["uri"])
+    v1 = load_version(living["uri"])
     source = living["root"] / v1.index.items[0].path
     exact = living["incoming"] / "exact.png"
     exact.write_bytes(source.read_bytes())
@@ -135,7 +88,7 @@ def test_copies_are_skipped_or_reported_at_ingest(living):
     Image.open(source).convert("RGB").save(near, quality=90)
     fresh = living["incoming"] / "noise.png"  # like nothing in the gallery (its synthetic circles are alike)
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 32), dtype=np.uint8)).save(fresh)
-    summary = _add(living, paths=f"{exact},{near},{fresh},{exact}")
+    summary = add(living, paths=f"{exact},{near},{fresh},{exact}")
     assert summary["added"] == 2 and len(summary["skipped"]) == 1  # the exact copy once: the same path twice is one file
     assert any("exact copy of gallery image" in line for line in summary["skipped"])
     assert summary["duplicates"]["exact_pairs"] == 1 and summary["duplicates"]["near_pairs"] == 1
@@ -144,57 +97,57 @@ def test_copies_are_skipped_or_reported_at_ingest(living):
     assert {(r["kind"], r["b"]) for r in rows} == {("exact", f"incoming-{living['name']}/exact.png"),
                                                    ("near", f"incoming-{living['name']}/near.jpg")}
     assert (Path(run) / "duplicates.png").stat().st_size > 0
-    again = _add(living, paths=str(near), skip_near_duplicates=True)  # now in the gallery: its exact copy
-    assert again["version"] is None and again["added"] == 0 and _alias(living) == "2"
+    again = add(living, paths=str(near), skip_near_duplicates=True)  # now in the gallery: its exact copy
+    assert again["version"] is None and again["added"] == 0 and alias_version(living) == "2"
     other = living["incoming"] / "near2.png"
     Image.open(source).resize((30, 30)).save(other)  # resized: a near copy of the gallery's original
-    skipped = _add(living, folder=str(living["incoming"]), skip_near_duplicates=True)
+    skipped = add(living, folder=str(living["incoming"]), skip_near_duplicates=True)
     assert skipped["added"] == 0 and any("near copy of" in line and "near2.png" in line for line in skipped["skipped"])
 
 
 @pytest.mark.parametrize("case", ["not an image", "outside the root", "unknown id", "another model", "no such path"])
 def test_bad_changes_are_refused_and_change_nothing(living, tmp_path, case):
-    before = _alias(living)
+    before = alias_version(living)
     versions = len(MlflowClient().search_model_versions(f"name='{living['name']}'"))
     with pytest.raises(ImgsimError) as err:
         if case == "not an image":
             bad = living["incoming"] / "notes.png"
             bad.write_text("not an image")
-            _add(living, paths=",".join(_new_images(living["incoming"], 2) + [str(bad)]))
+            add(living, paths=",".join(new_images(living["incoming"], 2) + [str(bad)]))
         elif case == "outside the root":
-            _add(living, paths=",".join(_new_images(tmp_path, 1)))
+            add(living, paths=",".join(new_images(tmp_path, 1)))
         elif case == "unknown id":
-            _remove(living, ids="0,99999")
+            remove(living, ids="0,99999")
         elif case == "no such path":
-            _remove(living, paths="circle/nope.png")
+            remove(living, paths="circle/nope.png")
         else:
             with fetched_version(living["uri"]) as (folder, _):
                 other = other_model_bundle(folder, tmp_path / "other")
-            _add(living, paths=",".join(_new_images(living["incoming"], 1)), model_uri=str(other))
+            add(living, paths=",".join(new_images(living["incoming"], 1)), model_uri=str(other))
     message = str(err.value)
     expected = {"not an image": "notes.png", "outside the root": "outside the image root", "unknown id": "99999",
                 "no such path": "circle/nope.png", "another model": "is not the model of this gallery"}[case]
     assert expected in message and "nothing was changed" in message.lower()
-    assert _alias(living) == before
+    assert alias_version(living) == before
     assert len(MlflowClient().search_model_versions(f"name='{living['name']}'")) == versions
 
 
 def test_an_alias_moved_meanwhile_is_not_overwritten(living):
     with fetched_version(living["uri"]) as (folder, version):
         parent = ServingBundle.load(folder)
-    _add(living, paths=",".join(_new_images(living["incoming"], 1)))  # someone else: version 2
+    add(living, paths=",".join(new_images(living["incoming"], 1)))  # someone else: version 2
     with pytest.raises(ImgsimError, match="moved to version 2"):
         tracking.register_bundle(living["name"], mlflow.search_runs(output_format="list", max_results=1)[0].info.run_id,
                                  "file:///nowhere", "serving", expected=version)
-    assert _alias(living) == "2" and parent.index.items
+    assert alias_version(living) == "2" and parent.index.items
 
 
 def test_the_cli_adds_a_folder_and_removes_by_id(living, capsys):
-    _new_images(living["incoming"], 3)
+    new_images(living["incoming"], 3)
     assert cli(["gallery", "add", "--bundle", living["uri"], "--register-name", living["name"],
                 "--folder", str(living["incoming"]), "--label", "circle"]) == 0
     assert json.loads(capsys.readouterr().out)["added"] == 3
-    v2 = _load(living["uri"])
+    v2 = load_version(living["uri"])
     new = [item for item in v2.index.items if item.split == "added"]
     assert len(new) == 3 and {item.label for item in new} == {"circle"}
     assert cli(["gallery", "remove", "--bundle", living["uri"], "--register-name", living["name"],
@@ -226,7 +179,7 @@ def test_duplicates_in_a_folder_and_in_a_gallery(living, tmp_path, capsys):
     # copy (stripes/duplicate.png), which split kept out of test, so it is in the indexed gallery twice at most.
     assert cli(["duplicates", "--bundle", living["uri"], "--out", str(tmp_path / "g")]) == 0
     counts = json.loads(capsys.readouterr().out)
-    assert counts["scanned"] == len(_load(living["uri"]).index.items) and "csv" in counts
+    assert counts["scanned"] == len(load_version(living["uri"]).index.items) and "csv" in counts
 
 
 def _photo(seed: int, side: int = 96) -> Image.Image:
@@ -258,8 +211,8 @@ def test_a_re_encoded_or_resized_photo_hashes_within_the_default_distance():
 
 
 def test_a_gallery_version_exports_and_serves_like_an_extract_bundle(living, tmp_path):
-    _add(living, paths=",".join(_new_images(living["incoming"], 2)))
+    add(living, paths=",".join(new_images(living["incoming"], 2)))
     out = export_bundle(living["uri"], tmp_path / "bundle")
     searcher = Searcher(out)
-    assert searcher.size == len(_load(living["uri"]).index.items)
+    assert searcher.size == len(load_version(living["uri"]).index.items)
     assert gallery.ADDED_SPLIT in {item.split for item in searcher.index.items}
