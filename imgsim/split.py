@@ -8,8 +8,11 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import NDArray
 from tqdm import tqdm
 
+from imgsim import dedup
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import DEFAULT_MAX_PIXELS, decode_image
 from imgsim.manifest import Item, Manifest, Rejected
@@ -25,6 +28,9 @@ class SplitConfig:
     seed: int = 42
     max_pixels: int = DEFAULT_MAX_PIXELS
     labels: str = "auto"  # folders: one subfolder per class; none: every image, unlabelled; auto: folders if any
+    # Near copies (perceptual hashes at most this many bits of 64 apart) share a split, as exact copies do, so
+    # a re-encoded or resized copy cannot sit in test while its original trains. -1: exact copies only.
+    near_duplicate_distance: int = dedup.DEFAULT_HASH_DISTANCE
 
     def __post_init__(self) -> None:
         if self.labels not in ("auto", "folders", "none"):
@@ -38,6 +44,7 @@ class _Scanned:
     sha256: str
     width: int
     height: int
+    thumbnail: NDArray[np.uint8] = dataclasses.field(repr=False, compare=False, default=None)  # for the hash
 
 
 def split_dataset(cfg: SplitConfig) -> Manifest:
@@ -122,16 +129,28 @@ def _inside(path: Path, root: Path) -> bool:
 def _validate(path: Path, rel: str, label: str, max_pixels: int) -> _Scanned:
     data = path.read_bytes()
     img = decode_image(data, max_pixels=max_pixels)
-    return _Scanned(rel, label, hashlib.sha256(data).hexdigest(), img.width, img.height)
+    return _Scanned(rel, label, hashlib.sha256(data).hexdigest(), img.width, img.height, dedup.grey_thumbnail(img))
+
+
+def copy_groups(scanned: list[_Scanned], distance: int) -> dict[str, str]:
+    """Each image's group: the sha256 of the first image (by path) it is an exact or near copy of, else its own."""
+    ordered = sorted(scanned, key=lambda s: s.path)
+    hashes = dedup.phash_grey(np.stack([s.thumbnail for s in ordered])) if ordered else np.zeros(0, np.uint64)
+    group = {s.path: s.sha256 for s in ordered}
+    for pair in dedup.group_copies([s.path for s in ordered], [s.sha256 for s in ordered], hashes, distance):
+        group[pair.b] = group[pair.a]  # pairs name a group's first image, which keeps its own sha256
+    return group
 
 
 def _assign(scanned: list[_Scanned], classes: list[str], cfg: SplitConfig) -> list[Item]:
-    """Stratify by class over unique contents, so exact duplicates always share a split; unlabelled: all train."""
+    """Stratify by class over groups of copies (exact, and near within ``near_duplicate_distance``), so copies
+    always share a split; unlabelled: all train."""
     if not classes:
         return [Item(s.path, s.label, "train", s.sha256, s.width, s.height) for s in sorted(scanned, key=lambda s: s.path)]
+    group = copy_groups(scanned, cfg.near_duplicate_distance)
     split_of: dict[str, str] = {}
     for label in classes:
-        hashes = sorted({s.sha256 for s in scanned if s.label == label})
+        hashes = sorted({group[s.path] for s in scanned if s.label == label})
         _check_class_size(label, len(hashes), cfg)
         n_test, n_eval = _quota(len(hashes), cfg)
         forced = [h for h in hashes if h in split_of]  # duplicates already placed by another class
@@ -142,7 +161,7 @@ def _assign(scanned: list[_Scanned], classes: list[str], cfg: SplitConfig) -> li
         n_test, n_eval = max(n_test, 0), max(n_eval, 0)
         for i, h in enumerate(free):
             split_of[h] = "test" if i < n_test else "eval" if i < n_test + n_eval else "train"
-    return [Item(s.path, s.label, split_of[s.sha256], s.sha256, s.width, s.height)
+    return [Item(s.path, s.label, split_of[group[s.path]], s.sha256, s.width, s.height)
             for s in sorted(scanned, key=lambda s: s.path)]
 
 
@@ -160,7 +179,7 @@ def _check_class_size(label: str, n: int, cfg: SplitConfig) -> None:
     needed = 1 + (cfg.test_ratio > 0) + (cfg.eval_ratio > 0)
     if n < needed:
         raise ImgsimError(
-            f"class {label!r} has {n} usable image(s) after rejecting bad files and merging exact duplicates; "
+            f"class {label!r} has {n} usable image(s) after rejecting bad files and merging exact and near copies; "
             f"each class needs at least {needed} (one for train and one for each of test/eval). "
             f"Add images to that class folder, remove the folder, or set test_ratio/eval_ratio to 0."
         )

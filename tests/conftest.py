@@ -33,6 +33,12 @@ def _picture(label: str, i: int, size: int = 32) -> Image.Image:
     return Image.fromarray(arr, mode="L")
 
 
+def photo(seed: int, side: int = 96) -> Image.Image:
+    """A smooth random picture: different seeds give pictures unlike each other (unlike the fixture's shapes)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC)
+
+
 def make_image_folder(root: Path, per_class: int = PER_CLASS) -> dict[str, str]:
     """Write a class-per-folder tree plus every awkward case; returns {relative path: expected rejection}."""
     for label in CLASSES:

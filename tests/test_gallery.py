@@ -20,6 +20,7 @@ from imgsim.errors import ImgsimError
 from imgsim.export import export_bundle, fetched_version
 from imgsim.search import Searcher
 from tests.bundles import other_model_bundle
+from tests.conftest import photo
 from tests.galleries import add, alias_version, load_version, new_images, remove
 
 
@@ -161,7 +162,7 @@ def test_duplicates_in_a_folder_and_in_a_gallery(living, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(6):
-        _photo(i).save(folder / f"{i}.png")
+        photo(i).save(folder / f"{i}.png")
     (folder / "copy.png").write_bytes((folder / "0.png").read_bytes())
     Image.open(folder / "1.png").convert("RGB").save(folder / "1-reencoded.jpg", quality=80)
     Image.open(folder / "2.png").resize((64, 64)).save(folder / "2-small.png")
@@ -182,12 +183,6 @@ def test_duplicates_in_a_folder_and_in_a_gallery(living, tmp_path, capsys):
     assert counts["scanned"] == len(load_version(living["uri"]).index.items) and "csv" in counts
 
 
-def _photo(seed: int, side: int = 96) -> Image.Image:
-    """A smooth random picture: different seeds give pictures unlike each other (unlike the fixture's shapes)."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC)
-
-
 def test_pairs_are_found_without_comparing_all_pairs_exactly_as_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 300, dtype=np.uint64)
@@ -200,13 +195,13 @@ def test_pairs_are_found_without_comparing_all_pairs_exactly_as_brute_force():
 
 
 def test_a_re_encoded_or_resized_photo_hashes_within_the_default_distance():
-    img = _photo(1, 200)
+    img = photo(1, 200)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=75)
     variants = [Image.open(io.BytesIO(buf.getvalue())), img.resize((100, 100)), img.resize((300, 300))]
     base = dedup.phash_images([img])[0]
     assert all(dedup.hamming(base, h) <= dedup.DEFAULT_HASH_DISTANCE for h in dedup.phash_images(variants))
-    others = dedup.phash_images([_photo(seed, 200) for seed in range(2, 12)])
+    others = dedup.phash_images([photo(seed, 200) for seed in range(2, 12)])
     assert (dedup.hamming(base, others) > dedup.DEFAULT_HASH_DISTANCE).all()
 
 

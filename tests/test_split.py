@@ -2,13 +2,15 @@
 
 import collections
 import shutil
+import zlib
 
 import pytest
+from PIL import Image
 
 from imgsim.errors import ImgsimError
 from imgsim.manifest import Manifest
 from imgsim.split import SplitConfig, split_dataset
-from tests.conftest import CLASSES
+from tests.conftest import CLASSES, photo
 
 
 def test_every_bad_file_is_rejected_with_its_reason(image_folder):
@@ -34,7 +36,9 @@ def test_good_files_are_kept_including_odd_formats_and_nested_folders(image_fold
 
 def test_split_is_stratified_per_class(image_folder):
     root, _ = image_folder
-    manifest = split_dataset(SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1))
+    # The fixture's synthetic shapes are near copies of each other to a perceptual hash (and would be split as
+    # groups): stratification is checked on single images.
+    manifest = split_dataset(SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1, near_duplicate_distance=-1))
     counts = collections.Counter((i.label, i.split) for i in manifest.items)
     for label in CLASSES:
         total = sum(counts[(label, s)] for s in ("train", "test", "eval"))
@@ -107,3 +111,30 @@ def test_a_symlinked_class_folder_is_reported_not_followed(image_folder, tmp_pat
     manifest = split_dataset(SplitConfig(data_dir=str(root)))
     assert "linked" not in manifest.classes
     assert any(r.path == "linked" and "symlinked class folder" in r.reason for r in manifest.rejected)
+
+
+def test_near_copies_share_a_split_whatever_the_seed(tmp_path):
+    root = tmp_path / "photos"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(12):
+            photo(zlib.crc32(f"{label}-{i}".encode())).save(root / label / f"{i:02d}.png")
+    originals = [(label, i) for label in ("a", "b") for i in range(0, 12, 3)]
+    for label, i in originals:  # a re-encoded and a half-size copy of every third image
+        src = Image.open(root / label / f"{i:02d}.png")
+        src.convert("RGB").save(root / label / f"{i:02d}-copy.jpg", quality=80)
+        src.resize((48, 48)).save(root / label / f"{i:02d}-small.png")
+    separated = 0
+    for seed in range(8):
+        with_copies = split_dataset(SplitConfig(data_dir=str(root), seed=seed, test_ratio=0.3, eval_ratio=0))
+        exact_only = split_dataset(SplitConfig(data_dir=str(root), seed=seed, test_ratio=0.3, eval_ratio=0,
+                                               near_duplicate_distance=-1))
+        for manifest, check in ((with_copies, True), (exact_only, False)):
+            split = {item.path: item.split for item in manifest.items}
+            apart = sum(len({split[f"{label}/{i:02d}.png"], split[f"{label}/{i:02d}-copy.jpg"],
+                             split[f"{label}/{i:02d}-small.png"]}) > 1 for label, i in originals)
+            if check:
+                assert apart == 0, f"seed {seed}: near copies in different splits"
+            else:
+                separated += apart
+    assert separated > 0  # without grouping, copies do land on both sides: the check above can fail
