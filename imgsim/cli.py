@@ -153,7 +153,8 @@ def _duplicates(ns):
 
 def _rollout(ns):
     from imgsim import rollout, tracking
-    tracking.setup()
+    if ns.bundle.startswith(("runs:/", "models:/")):
+        tracking.setup()
     result = rollout.rollout(ns.release, ns.bundle, namespace=ns.namespace, predictor=ns.predictor,
                              dry_run=ns.dry_run)
     print(json.dumps(result, indent=2))

@@ -18,4 +18,5 @@ $PY bench/pipeline.py                     # `make demo` from a fresh clone, time
 $PY -c "from bench.hostile import demo_bundle; demo_bundle()" 2>/dev/null || bash scripts/demo.sh
 $PY bench/hostile_memory.py               # server memory under hostile images (~2 min)
 $PY bench/soak.py                         # 10 minutes of mixed good and bad traffic
+$PY bench/gallery.py                      # add/remove 1% of the gallery vs a full extract; duplicates (~10 min)
 $PY bench/report.py --write               # the README's results section

@@ -15,7 +15,7 @@ from imgsim.manifest import Manifest
 from imgsim.split import SplitConfig
 from imgsim.train import TrainConfig
 from imgsim import tracking
-from tests.conftest import make_image_folder, mlflow_store
+from tests.conftest import make_image_folder, mlflow_store, photo
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = yaml.safe_load((REPO / "MLproject").read_text())
@@ -24,7 +24,7 @@ PROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 OPTIONAL = {"config"}  # declared with an empty default that means "none"
 
 
-@pytest.mark.parametrize("entry", ["split", "train", "extract", "main"])
+@pytest.mark.parametrize("entry", ["split", "train", "extract", "main", "gallery_add", "gallery_remove"])
 def test_no_declared_parameter_has_a_default_that_would_mask_the_config_file(entry):
     # MLflow substitutes every declared parameter, so a declared default always reaches the command line.
     params = PROJECT["entry_points"][entry]["parameters"]
@@ -100,6 +100,18 @@ def test_mlflow_run_split_train_extract_entry_points(tmp_path):
         assert extract.data.params["n_trees"] == "5" and extract.data.params["search_k"] == "77"
         assert extract.data.tags["imgsim.manifest_uri"] == f"runs:/{split.info.run_id}/split"
         assert 0 <= extract.data.metrics["precision_at_10"] <= 1
+        assert extract.data.tags["imgsim.gallery_version"] == "1"  # extract starts the living gallery
+
+        photo(3).save(root / "circle" / "added.png")
+        out = _mlflow_run("gallery_add", f"paths={root / 'circle' / 'added.png'}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        added = _newest_run("gallery_add")
+        assert added.data.metrics["added_images"] == 1 and added.data.tags["imgsim.parent_version"] == "1"
+        out = _mlflow_run("gallery_remove", "ids=0")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert _newest_run("gallery_remove").data.tags["imgsim.parent_version"] == "2"
+        serving = mlflow.tracking.MlflowClient().get_model_version_by_alias("imgsim-gallery", "serving")
+        assert serving.version == "3"
 
 
 @pytest.mark.slow

@@ -1,0 +1,105 @@
+"""imgsim rollout: the patched SeldonDeployment validates against the operator's CRD; the API calls it makes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from imgsim import rollout, tracking
+from imgsim.errors import ImgsimError
+from tests.conftest import mlflow_store
+from tests.test_deploy import K8S_VENV, REPO, SELDON_SCHEMA, VARIANTS, sdep
+
+
+def crd_errors(docs: list[dict], tmp_path) -> str:
+    if not SELDON_SCHEMA.is_file():
+        pytest.fail(f"SeldonDeployment CRD schema not found at {SELDON_SCHEMA} (see tests/test_deploy.py)")
+    objects = tmp_path / "patched.json"
+    objects.write_text(json.dumps(docs))
+    result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
+                             str(SELDON_SCHEMA), str(objects)], capture_output=True, text=True)
+    return result.stdout + result.stderr if result.returncode else ""
+
+
+class FakeCustomObjects:
+    """The two CustomObjectsApi calls rollout makes, against one stored object (no cluster here)."""
+
+    def __init__(self, obj: dict | None, status: int | None = None) -> None:
+        self.obj, self.status, self.patches = obj, status, []
+
+    def _fail(self):
+        if self.status:
+            error = RuntimeError(f"({self.status}) Reason: fake")
+            error.status = self.status
+            raise error
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self._fail()
+        assert (group, version, plural) == ("machinelearning.seldon.io", "v1", "seldondeployments")
+        return copy.deepcopy(self.obj)
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, **kwargs):
+        self.patches.append((namespace, name, body, kwargs))
+        return body
+
+
+@pytest.mark.parametrize("variant", ["defaults", "pvc-with-secret", "no-autoscaling"])
+def test_the_patched_seldondeployment_validates_and_changes_only_the_model_uri(variant, tmp_path):
+    before = sdep(VARIANTS[variant])
+    after = rollout.patched(before, "s3://bucket/galleries/v7", requested="models:/imgsim-gallery/7")
+    assert crd_errors([after], tmp_path) == ""
+    assert after["spec"]["predictors"][0]["graph"]["modelUri"] == "s3://bucket/galleries/v7"
+    assert after["metadata"]["annotations"][rollout.ANNOTATION] == "models:/imgsim-gallery/7"
+    undo = copy.deepcopy(after)
+    undo["spec"]["predictors"][0]["graph"]["modelUri"] = before["spec"]["predictors"][0]["graph"]["modelUri"]
+    del undo["metadata"]["annotations"]
+    assert undo == before  # nothing else moved: replicas, probes, resources all as the chart rendered them
+
+
+def test_the_schema_check_would_catch_a_bad_patch(tmp_path):
+    broken = rollout.patched(sdep({}), "s3://bucket/x")
+    broken["spec"]["predictors"][0]["graph"]["modelURI"] = "s3://typo"
+    assert "modelURI: unknown field" in crd_errors([broken], tmp_path)
+
+
+def test_rollout_sends_a_merge_patch_of_the_predictors():
+    api = FakeCustomObjects(sdep({}))
+    result = rollout.rollout("sim-imgsim", "s3://bucket/galleries/v8", namespace="imgsim", api=api)
+    ((namespace, name, body, kwargs),) = api.patches
+    assert (namespace, name, kwargs) == ("imgsim", "sim-imgsim", {})
+    assert body["spec"]["predictors"][0]["graph"]["modelUri"] == "s3://bucket/galleries/v8"
+    assert set(body) == {"metadata", "spec"} and set(body["spec"]) == {"predictors"}
+    assert result["previous"] == ["s3://my-imgsim-bucket/bundles/v1"] and not result["dry_run"]
+    rollout.rollout("sim-imgsim", "s3://bucket/galleries/v8", namespace="imgsim", api=api, dry_run=True)
+    assert api.patches[-1][3] == {"dry_run": "All"}
+
+
+@pytest.mark.parametrize("status, message", [(404, "not found"), (403, "forbidden"), (422, "validation")])
+def test_api_failures_say_what_failed(status, message):
+    with pytest.raises(ImgsimError, match=f"cannot read SeldonDeployment nope.*{message}"):
+        rollout.rollout("nope", "s3://bucket/x", namespace="imgsim", api=FakeCustomObjects(None, status))
+
+
+def test_an_unknown_predictor_and_a_local_bundle_are_refused():
+    with pytest.raises(ImgsimError, match="no predictor blue"):
+        rollout.patched(sdep({}), "s3://bucket/x", predictor="blue")
+    with pytest.raises(ImgsimError, match="local path, which the cluster cannot read"):
+        rollout.storage_uri("bundles/demo")
+
+
+def test_registry_uris_resolve_to_where_the_bundle_is_stored(pipeline_run):
+    with mlflow_store(pipeline_run["work"]):
+        tracking.setup()
+        client = MlflowClient()
+        name = "rollout-gallery"
+        client.create_registered_model(name)
+        version = client.create_model_version(name, "s3://bucket/mlflow/1/abc/artifacts/bundle", None,
+                                              tags={tracking.KIND_TAG: "bundle"}).version
+        client.set_registered_model_alias(name, "serving", version)
+        assert rollout.storage_uri(f"models:/{name}@serving") == "s3://bucket/mlflow/1/abc/artifacts/bundle"
+        with pytest.raises(ImgsimError, match="which the cluster cannot read"):  # this store keeps files locally
+            rollout.storage_uri(pipeline_run["result"]["bundle_uri"])
