@@ -41,7 +41,8 @@ _DCT = _dct_matrix()
 def phash_grey(grey: NDArray[np.uint8]) -> NDArray[np.uint64]:
     """64-bit DCT perceptual hashes of (N, 32, 32) grey images: bit set where a low frequency is above the
     median of the 64 (the same construction as imagehash.phash)."""
-    coeffs = np.einsum("ij,njk,lk->nil", _DCT, grey.astype(np.float64), _DCT)[:, :8, :8].reshape(len(grey), 64)
+    low = _DCT[:8]  # only the 8 lowest frequencies of each axis are kept: two small matrix products
+    coeffs = (low @ grey.astype(np.float64) @ low.T).reshape(len(grey), 64)
     bits = coeffs > np.median(coeffs, axis=1, keepdims=True)
     return np.packbits(bits, axis=1).view(">u8").astype(np.uint64).ravel()
 
