@@ -11,7 +11,7 @@ from imgsim.errors import ImgsimError
 
 FILENAME = "last.pt"
 # Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"resume", "run_name"}
+RESUMABLE_CHANGES = {"resume", "resume_if_present", "run_name"}
 
 
 def save(path: Path, config: dict, model, optimizer, schedule, state: dict) -> None:

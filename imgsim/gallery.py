@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,7 +18,9 @@ from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import GalleryItem, IndexBundle
 from imgsim.metrics import index_recall
-from imgsim.modelspec import WEIGHTS
+
+if TYPE_CHECKING:  # torch only where a model is compared
+    from imgsim.model import ModelBundle
 
 ADDED_SPLIT = "added"
 GALLERY_NAME, GALLERY_ALIAS = "imgsim-gallery", "serving"
@@ -307,10 +309,10 @@ def _rows_to_remove(index: IndexBundle, ids: list[str], paths: list[str]) -> lis
     return sorted(set(rows))
 
 
-def check_model(parent: ServingBundle, weights_sha256: Callable[[], str]) -> None:
-    """Refuse a change that names another model than the one that built the bundle."""
-    theirs, ours = weights_sha256(), parent.files.get(WEIGHTS, "")
+def check_model(parent: "ModelBundle", given: "ModelBundle") -> None:
+    """Refuse a change that names another model than the one that built the bundle (compared by weight values)."""
+    ours, theirs = parent.fingerprint(), given.fingerprint()
     if theirs != ours:
-        raise ImgsimError(f"the model given (weights sha256 {theirs[:12]}) is not the model of this gallery "
+        raise ImgsimError(f"the model given (fingerprint {theirs[:12]}) is not the model of this gallery "
                           f"({ours[:12]}): a gallery version keeps its model. To index with another model, run "
                           "extract with it (a new gallery); nothing was changed.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -114,12 +115,28 @@ class ModelBundle:
         atomic.write_text(out / MODEL_JSON, json.dumps(self.spec.meta(), indent=2))
         return out
 
+    def fingerprint(self) -> str:
+        """sha256 of the weights' values (names, dtypes, shapes, bytes): equal for the same model however its
+        file was written (torch.save of equal tensors differs by the file's layout)."""
+        digest = hashlib.sha256()
+        for name in sorted(self.state_dict):
+            tensor = self.state_dict[name].detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+        return digest.hexdigest()
+
+    @staticmethod
+    def files_in(in_dir: str | Path) -> Path:
+        """The folder holding model.json and weights.pt: ``in_dir``, or its ``extra_files/`` (an MLflow model)."""
+        folder = Path(in_dir)
+        if not (folder / MODEL_JSON).exists() and (folder / "extra_files" / MODEL_JSON).exists():
+            return folder / "extra_files"
+        return folder
+
     @classmethod
     def load(cls, in_dir: str | Path) -> "ModelBundle":
         """Load from a bundle folder or an MLflow model folder (files under ``extra_files/``)."""
-        folder = Path(in_dir)
-        if not (folder / MODEL_JSON).exists() and (folder / "extra_files" / MODEL_JSON).exists():
-            folder = folder / "extra_files"
+        folder = cls.files_in(in_dir)
         try:
             spec = ModelSpec.load(folder)
             state = _upgrade(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))

@@ -66,6 +66,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     checkpoint_dir: str = "checkpoints/train"
     resume: bool = False
+    # Resume only if checkpoint_dir holds a checkpoint, else start fresh: what a cluster Job's restarted pods
+    # (torchrun --max-restarts, a Job retry) need, where the first attempt has nothing to resume.
+    resume_if_present: bool = False
     register_name: str = "imgsim"
     run_name: str = ""
 
@@ -140,7 +143,7 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
     optimizer, schedule = _optimizer(cfg, model, cfg.epochs * steps)
     state = {"epoch": 0, "best": -math.inf, "best_state": None, "history": [], "stale": 0, **(extra_state or {})}
     ckpt_path, config = Path(cfg.checkpoint_dir) / checkpoint.FILENAME, dataclasses.asdict(cfg)
-    if cfg.resume:
+    if resumes(cfg):
         state = checkpoint.restore(ckpt_path, config, model, optimizer, schedule)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if cfg.patience and state["stale"] >= cfg.patience:
@@ -211,6 +214,11 @@ class _TrainData:
         labels, gallery_labels = self.eval.labels, self.gallery.labels
         out = {"eval_accuracy": float((logits.argmax(1) == labels).mean())}
         return out | {f"eval_{k}": v for k, v in retrieval_metrics(queries, labels, gallery, gallery_labels).items()}
+
+
+def resumes(cfg: "TrainConfig") -> bool:
+    """Whether this run continues a checkpoint: --resume, or --resume-if-present with one there."""
+    return cfg.resume or (cfg.resume_if_present and (Path(cfg.checkpoint_dir) / checkpoint.FILENAME).exists())
 
 
 def read_checkpoint(cfg: TrainConfig) -> dict | None:

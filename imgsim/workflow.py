@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,13 +19,14 @@ from imgsim.bundle import ServingBundle, read_meta
 from imgsim.export import BUNDLE_ARTIFACT, fetched_version
 from imgsim.gallery import AddConfig, RemoveConfig
 from imgsim.index import INDEX_FILE, ITEM_FIELDS
-from imgsim.extract import ExtractConfig, extract
+from imgsim.errors import ImgsimError
+from imgsim.extract import ExtractConfig, Part, assemble, embed_part, extract
 from imgsim.images import decode_image
 from imgsim.manifest import Manifest
 from imgsim.model import ModelBundle
-from imgsim.modelspec import MODEL_JSON, WEIGHTS, file_sha256
+from imgsim.modelspec import MODEL_JSON, WEIGHTS
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import TrainConfig, embed_only, read_checkpoint, resolve_schedule, train_model
+from imgsim.train import TrainConfig, embed_only, read_checkpoint, resolve_schedule, resumes, train_model
 
 
 def _start(name: str):
@@ -71,7 +73,7 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         train_model(cfg, manifest)
         distributed.shutdown()
         return "", ""
-    previous = read_checkpoint(cfg) if cfg.resume else None
+    previous = read_checkpoint(cfg) if resumes(cfg) else None
     run_id = previous.get("mlflow_run_id") if previous else None
     with mlflow.start_run(run_id=run_id, run_name=cfg.run_name or "train", nested=mlflow.active_run() is not None) as run:
         mlflow.set_tag("imgsim.stage", "train")
@@ -123,36 +125,130 @@ def _log_model(bundle: ModelBundle, register_name: str) -> str:
 
 
 def run_extract(cfg: ExtractConfig) -> str:
-    """Embed, index, evaluate; log metrics, plots and the serving bundle under ``bundle/``; returns the run id."""
+    """Embed, index, evaluate; log metrics, plots and the serving bundle under ``bundle/``; returns the run id.
+
+    Sharded (``num_shards`` > 1): embed one shard and log it as a shard run of ``shard_group``; ``merge``:
+    join a group's shards into the one extract run a single process would have logged."""
+    if cfg.merge:
+        return run_extract_merge(cfg)
+    if cfg.num_shards > 1:
+        return run_extract_shard(cfg)
     tracking.setup()
     with _start("extract") as run:
         mlflow.set_tag("imgsim.stage", "extract")
         _log_params(config.to_params(cfg))
-        with tracking.fetched(cfg.model_uri, "model") as folder:
-            bundle = ModelBundle.load(folder)
-        manifest_uri = cfg.manifest_uri or bundle.config.get("manifest_uri", "")
-        with tracking.fetched(manifest_uri, "manifest") as folder:
-            manifest = Manifest.load(folder)
+        bundle, manifest, manifest_uri, _ = _model_and_manifest(cfg)
         result = extract(cfg, bundle, manifest)
-        ref = tracking.model_reference(cfg.model_uri)
-        mlflow.set_tags({"imgsim.model_uri": cfg.model_uri, "imgsim.manifest_uri": manifest_uri} |
-                        {f"imgsim.model_{k}": ref[k] for k in ("name", "version") if k in ref})
-        mlflow.log_metrics(result.metrics)
-        root = Path(cfg.data_dir or manifest.root).expanduser().resolve()
-        with tempfile.TemporaryDirectory() as tmp:
-            serving = ServingBundle(bundle.spec, result.index, result.probes, ref, cfg.search_k,
-                                    result.metrics.get("index_recall_at_10"), weights=bundle,
-                                    gallery={"root": str(root), "run_id": run.info.run_id})
-            mlflow.log_artifacts(str(serving.save(Path(tmp) / BUNDLE_ARTIFACT)), BUNDLE_ARTIFACT)
-            mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")
-        print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
-        if cfg.gallery_name:
-            version = tracking.register_bundle(cfg.gallery_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT),
-                                               cfg.gallery_alias)
-            mlflow.set_tag("imgsim.gallery_version", version)
-            print(f"extract: gallery models:/{cfg.gallery_name}/{version}"
-                  + (f" (now {cfg.gallery_name}@{cfg.gallery_alias})" if cfg.gallery_alias else ""))
+        _log_extract(cfg, bundle, manifest, manifest_uri, result, run.info.run_id)
         return run.info.run_id
+
+
+def _model_and_manifest(cfg: ExtractConfig) -> tuple[ModelBundle, Manifest, str, str]:
+    """The model, the manifest (the model's own unless one is given), its URI, and the model's fingerprint."""
+    with tracking.fetched(cfg.model_uri, "model") as folder:
+        bundle = ModelBundle.load(folder)
+    manifest_uri = cfg.manifest_uri or bundle.config.get("manifest_uri", "")
+    with tracking.fetched(manifest_uri, "manifest") as folder:
+        manifest = Manifest.load(folder)
+    return bundle, manifest, manifest_uri, bundle.fingerprint()
+
+
+def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, manifest_uri: str, result,
+                 run_id: str) -> None:
+    """Tags, metrics, the serving bundle, plots, and the gallery registration of an extract run."""
+    ref = tracking.model_reference(cfg.model_uri)
+    mlflow.set_tags({"imgsim.model_uri": cfg.model_uri, "imgsim.manifest_uri": manifest_uri} |
+                    {f"imgsim.model_{k}": ref[k] for k in ("name", "version") if k in ref})
+    mlflow.log_metrics(result.metrics)
+    root = Path(cfg.data_dir or manifest.root).expanduser().resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        serving = ServingBundle(bundle.spec, result.index, result.probes, ref, cfg.search_k,
+                                result.metrics.get("index_recall_at_10"), weights=bundle,
+                                gallery={"root": str(root), "run_id": run_id})
+        mlflow.log_artifacts(str(serving.save(Path(tmp) / BUNDLE_ARTIFACT)), BUNDLE_ARTIFACT)
+        mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")
+    print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+    if cfg.gallery_name:
+        version = tracking.register_bundle(cfg.gallery_name, run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT),
+                                           cfg.gallery_alias)
+        mlflow.set_tag("imgsim.gallery_version", version)
+        print(f"extract: gallery models:/{cfg.gallery_name}/{version}"
+              + (f" (now {cfg.gallery_name}@{cfg.gallery_alias})" if cfg.gallery_alias else ""))
+
+
+SHARD_ARTIFACT = "shard/part.npz"
+
+
+def run_extract_shard(cfg: ExtractConfig) -> str:
+    """Embed one shard (``shard``, or the Indexed Job's JOB_COMPLETION_INDEX) and log it as a shard run."""
+    shard = cfg.shard if cfg.shard >= 0 else int(os.environ.get("JOB_COMPLETION_INDEX", "-1"))
+    if not cfg.shard_group:
+        raise ImgsimError("a sharded extract needs --shard-group NAME: the name the merge finds its shards by")
+    if not 0 <= shard < cfg.num_shards:
+        raise ImgsimError(f"shard must be in 0..{cfg.num_shards - 1} (--shard, or JOB_COMPLETION_INDEX in an "
+                          f"Indexed Job), got {shard}")
+    tracking.setup()
+    with _start(f"extract-shard-{shard}") as run:
+        _log_params(config.to_params(cfg))
+        bundle, manifest, manifest_uri, weights = _model_and_manifest(cfg)
+        mlflow.set_tags({"imgsim.stage": "extract_shard", "imgsim.shard_group": cfg.shard_group,
+                         "imgsim.shard": str(shard), "imgsim.num_shards": str(cfg.num_shards),
+                         "imgsim.model_uri": cfg.model_uri, "imgsim.model_fingerprint": weights,
+                         "imgsim.manifest_uri": manifest_uri})
+        part = embed_part(cfg, bundle, manifest, shard, cfg.num_shards)
+        mlflow.log_metrics({"shard_gallery_images": float(len(part.gallery)),
+                            "embed_images_per_second": len(part.gallery) / max(part.embed_seconds, 1e-9)})
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(part.save(Path(tmp) / "part.npz")), "shard")
+        print(f"extract: shard {shard + 1}/{cfg.num_shards} of group {cfg.shard_group!r}: "
+              f"{len(part.gallery)} gallery and {len(part.queries)} query images")
+        return run.info.run_id
+
+
+def run_extract_merge(cfg: ExtractConfig) -> str:
+    """Wait (up to ``wait_s``) for every shard of group ``merge``, check they belong together, and log the one
+    extract run a single process would have; a missing, repeated or foreign shard stops it before any run."""
+    tracking.setup()
+    runs = _wait_for_shards(cfg.merge, cfg.wait_s)
+    first = runs[0].data.tags
+    for key in ("imgsim.model_fingerprint", "imgsim.manifest_uri", "imgsim.num_shards"):
+        values = {r.data.tags.get(key) for r in runs}
+        if len(values) > 1:
+            culprits = ", ".join(f"{r.info.run_id} (shard {r.data.tags['imgsim.shard']}: {r.data.tags.get(key)})"
+                                 for r in runs)
+            raise ImgsimError(f"shard group {cfg.merge!r} mixes runs with different {key.split('.')[1]}: {culprits}. "
+                              "A foreign shard does not belong in this gallery; rerun the group under a new name")
+    cfg = dataclasses.replace(cfg, model_uri=first["imgsim.model_uri"], manifest_uri=first["imgsim.manifest_uri"])
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [Part.load(Path(mlflow.artifacts.download_artifacts(
+            run_id=r.info.run_id, artifact_path=SHARD_ARTIFACT, dst_path=f"{tmp}/{r.info.run_id}"))) for r in runs]
+    bundle, manifest, manifest_uri, _ = _model_and_manifest(cfg)
+    result = assemble(cfg, bundle, manifest, parts)  # checks every shard is there exactly once, before any run
+    with _start("extract") as run:
+        mlflow.set_tags({"imgsim.stage": "extract", "imgsim.shard_group": cfg.merge,
+                         "imgsim.shard_runs": ",".join(r.info.run_id for r in sorted(
+                             runs, key=lambda r: int(r.data.tags["imgsim.shard"])))})
+        _log_params(config.to_params(cfg))
+        _log_extract(cfg, bundle, manifest, manifest_uri, result, run.info.run_id)
+        return run.info.run_id
+
+
+def _wait_for_shards(group: str, wait_s: float) -> list:
+    """The finished shard runs of ``group``, once there are as many distinct shards as they say there are."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+            f"tags.`imgsim.stage` = 'extract_shard' and tags.`imgsim.shard_group` = '{group}' and "
+            "attributes.status = 'FINISHED'"))
+        expected = max((int(r.data.tags["imgsim.num_shards"]) for r in runs), default=0)
+        if runs and len({r.data.tags["imgsim.shard"] for r in runs}) >= expected or time.monotonic() >= deadline:
+            break
+        time.sleep(min(10.0, max(0.5, deadline - time.monotonic())))
+    if not runs:
+        raise ImgsimError(f"no finished shard runs of group {group!r} in {mlflow.get_tracking_uri()}"
+                          f"{f' after waiting {wait_s:g} s' if wait_s else ''}: run `imgsim extract --num-shards N "
+                          f"--shard I --shard-group {group}` for every I first")
+    return runs
 
 
 def _plot_extract(cfg: ExtractConfig, result, manifest: Manifest, out: Path) -> Path:
@@ -204,7 +300,7 @@ def run_gallery_add(cfg: AddConfig, files: list[str] | None = None) -> dict:
         parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
         if cfg.model_uri:
             with tracking.fetched(cfg.model_uri, "model") as model_folder:
-                gallery.check_model(parent, lambda: file_sha256(model_folder / WEIGHTS))
+                gallery.check_model(ModelBundle.load(folder), ModelBundle.load(model_folder))
         change = gallery.add_images(parent, cfg, files)
         return _log_change("gallery_add", cfg, change, folder, version)
 
@@ -232,7 +328,10 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_folder: Path, pa
         mlflow.set_tags({"imgsim.stage": stage, "imgsim.parent_bundle": cfg.bundle,
                          "imgsim.parent_version": parent_version, "imgsim.parent_run_id": parent["run_id"],
                          "imgsim.model_sha256": meta["files"][WEIGHTS]})
-        _log_params(config.to_params(cfg))
+        params = config.to_params(cfg)
+        if len(params.get("paths", "")) > 500:  # MLflow truncates long params; changes/added.csv lists them all
+            params["paths"] = f"{len(gallery.split_list(params['paths']))} files (see changes/)"
+        _log_params(params)
         counts = {k: v for k, v in change.counts().items() if k != "gallery_size"}
         mlflow.log_metrics({f"{k}_images": float(v) for k, v in counts.items()} | change.metrics
                            | {f"duplicates_{k}": float(v) for k, v in change.duplicates.counts().items()})

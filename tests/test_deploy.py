@@ -36,7 +36,15 @@ VARIANTS = {
     "training-cpu": {"training": {"enabled": True, "gpus": 0, "epochs": 20,
                                   "extraArgs": ["--config", "/data/config.yaml", "--max-train-items", "1000"]},
                      "nodeSelector": {"imgsim.io/pool": "cpu"}, "imagePullSecrets": [{"name": "regcred"}]},
+    "extraction-sharded": {"extraction": {"enabled": True, "modelUri": "models:/imgsim/3", "shards": 8,
+                                          "parallelism": 4, "gpus": 1, "nodeSelector": {"imgsim.io/pool": "gpu"}}},
+    "training-multinode": {"training": {"enabled": True, "nodes": 3, "manifestUri": "runs:/0123abcd/split",
+                                         "checkpointClaim": "imgsim-checkpoints"}},
+    "training-operator": {"training": {"enabled": True, "nodes": 2, "gpus": 4, "manifestUri": "runs:/0123abcd/split",
+                                       "checkpointClaim": "imgsim-checkpoints"}, "trainingOperator": {"enabled": True}},
 }
+PYTORCHJOB_SCHEMA = SELDON_SCHEMA.with_name("pytorchjob-v1.9.0.schema.json")
+CRDS = ("machinelearning.seldon.io/v1", "kubeflow.org/v1")
 
 
 def render(values: dict, name: str = "sim") -> list[dict]:
@@ -73,7 +81,7 @@ def test_chart_lints_clean_in_strict_mode():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_builtin_objects_validate_against_kubernetes_schemas(variant, version, tmp_path):
-    docs = [d for d in render(VARIANTS[variant]) if d["apiVersion"] != "machinelearning.seldon.io/v1"]
+    docs = [d for d in render(VARIANTS[variant]) if d["apiVersion"] not in CRDS]
     assert docs, "every variant renders at least a service account or a test pod"
     result = kubernetes_validate(docs, tmp_path, version)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -106,6 +114,56 @@ def test_the_crd_check_catches_mistakes(tmp_path, seldon_schema):
     result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
                              str(seldon_schema), str(objects)], capture_output=True, text=True)
     assert result.returncode == 1 and "typo: unknown field" in result.stdout and "'ten' is not of type" in result.stdout
+
+
+def test_pytorchjob_validates_against_the_training_operator_crd(tmp_path):
+    if not PYTORCHJOB_SCHEMA.is_file():
+        pytest.fail(f"PyTorchJob CRD schema not found at {PYTORCHJOB_SCHEMA}: put the shared/ folder beside the repository")
+    (job,) = of_kind(render(VARIANTS["training-operator"]), "PyTorchJob")
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "one"
+    for docs, ok in (([job], True), ([broken], False)):
+        objects = tmp_path / "jobs.json"
+        objects.write_text(json.dumps(docs))
+        result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
+                                 str(PYTORCHJOB_SCHEMA), str(objects)], capture_output=True, text=True)
+        assert (result.returncode == 0) == ok, result.stdout + result.stderr
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 1) and job["spec"]["nprocPerNode"] == "4"
+    assert specs["Worker"]["template"]["spec"]["containers"][0]["name"] == "pytorch"  # the operator's required name
+
+
+def test_multinode_training_pods_meet_behind_the_headless_service():
+    docs = render(VARIANTS["training-multinode"])
+    (service,) = of_kind(docs, "Service")
+    (job,) = of_kind(docs, "Job")
+    pod = job["spec"]["template"]
+    args = pod["spec"]["containers"][0]["args"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3 == job["spec"]["parallelism"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert all(pod["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    endpoint = args[args.index("--rdzv-endpoint") + 1]
+    assert endpoint == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29400"
+    assert args[args.index("--rdzv-backend") + 1] == "c10d" and "--resume-if-present" in args
+    assert not [d for d in docs if d["kind"] == "Job" and "train-" in d["metadata"]["name"]]  # not the 1-pod Job
+
+
+def test_sharded_extraction_renders_an_indexed_job_and_a_merge_that_waits_for_it():
+    jobs = {d["metadata"]["name"]: d for d in of_kind(render(VARIANTS["extraction-sharded"]), "Job")}
+    shards, merge = jobs["sim-imgsim-extract-1"], jobs["sim-imgsim-extract-1-merge"]
+    assert shards["spec"]["completionMode"] == "Indexed" and shards["spec"]["completions"] == 8
+    assert shards["spec"]["parallelism"] == 4
+    shard_args = shards["spec"]["template"]["spec"]["containers"][0]["args"]
+    merge_args = merge["spec"]["template"]["spec"]["containers"][0]["args"]
+    group = shard_args[shard_args.index("--shard-group") + 1]
+    assert "--shard" not in shard_args  # each pod takes its shard from JOB_COMPLETION_INDEX
+    assert merge_args[merge_args.index("--merge") + 1] == group and "--wait-s" in merge_args
+    limits = shards["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1 and "nvidia.com/gpu" not in merge["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cli = build_parser()
+    for args in (shard_args, merge_args):  # the CLI really accepts what the Jobs pass
+        cli.parse_args(["extract", *args])
 
 
 # ---- what schemas cannot check ----------------------------------------------------------------------------

@@ -82,3 +82,59 @@ def test_torchrun_two_processes_on_cpu_with_gloo(tmp_path, manifest_dir):
     x = torch.rand(4, 1, 32, 32)
     assert torch.isfinite(model(x)).all() and model.embed(x).shape == (4, 16)
     assert bundle.classes == Manifest.load(manifest_dir).classes
+
+
+def _node(tmp_path, port: int, name: str, args: list[str]) -> subprocess.Popen:
+    """One 'pod' of the chart's multi-node Indexed Job: torchrun with c10d rendezvous, one process per node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ddp-test",
+           "--max-restarts", "0", "-m", "imgsim.cli", "train", *SMALL, *args, "--resume-if-present"]
+    log = open(tmp_path / f"{name}.log", "ab")
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_two_node_ddp_survives_a_dead_rank_by_resuming(tmp_path, manifest_dir):
+    from tests.servers import free_port
+
+    ckpt = tmp_path / "ckpt"
+    args = ["--manifest-uri", str(manifest_dir), "--epochs", "30", "--checkpoint-dir", str(ckpt), "--register-name", ""]
+    with mlflow_store(tmp_path):
+        subprocess.run([sys.executable, "-m", "imgsim.cli", "setup-tracking"], cwd=tmp_path, check=True,
+                       capture_output=True)
+        port = free_port()
+        nodes = [_node(tmp_path, port, f"node{i}", args) for i in range(2)]
+        deadline = time.monotonic() + 300
+        while not (ckpt / CHECKPOINT).exists() and time.monotonic() < deadline and nodes[0].poll() is None:
+            time.sleep(0.05)
+        for pid in [nodes[1].pid, *_descendants(nodes[1].pid)]:  # the pod of one rank dies mid-training: its
+            os.kill(pid, signal.SIGKILL)                         # agent and the worker it started in a new session
+        nodes[1].wait()
+        assert nodes[0].wait(timeout=180) != 0  # the other fails, promptly, rather than hanging in a collective
+        state = torch.load(ckpt / CHECKPOINT, weights_only=False)["state"]
+        assert 1 <= state["epoch"] < 30, "the kill should land before training ends"
+        # The Job's retry: the same command on both nodes continues from the checkpoint, in the same MLflow run.
+        port = free_port()
+        nodes = [_node(tmp_path, port, f"retry{i}", args) for i in range(2)]
+        codes = [node.wait(timeout=600) for node in nodes]
+        assert codes == [0, 0], (tmp_path / "retry0.log").read_text()[-3000:]
+        run = mlflow.tracking.MlflowClient().get_run(state["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+        steps = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
+        assert steps == set(range(1, 31))

@@ -68,3 +68,65 @@ runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
 {{- end }}
+
+{{/* The pipeline pods' shared parts (training and extraction Jobs): MLflow env, data and scratch volumes. */}}
+{{- define "imgsim.pipelineEnv" -}}
+- name: MLFLOW_TRACKING_URI
+  value: {{ .Values.training.mlflowTrackingUri | quote }}
+- name: MLFLOW_EXPERIMENT_NAME
+  value: imgsim
+{{- end }}
+
+{{- define "imgsim.pipelineMounts" -}}
+- {name: data, mountPath: /data, readOnly: true}
+- {name: work, mountPath: /work}
+- {name: tmp, mountPath: /tmp}
+- {name: shm, mountPath: /dev/shm}
+{{- end }}
+
+{{- define "imgsim.pipelineVolumes" -}}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ .Values.training.dataClaim }}
+    readOnly: true
+- name: work
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: 2Gi
+{{- end }}
+
+{{/* Requests and limits plus nvidia.com/gpu when gpus > 0. Call with (dict "resources" R "gpus" N). */}}
+{{- define "imgsim.pipelineResources" -}}
+requests:
+  {{- toYaml .resources.requests | nindent 2 }}
+limits:
+  {{- with .resources.limits }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- if gt (int .gpus) 0 }}
+  nvidia.com/gpu: {{ .gpus }}
+  {{- end }}
+{{- end }}
+
+{{/* Pod-level settings of the pipeline pods. Call with (dict "root" $ "nodeSelector" S "tolerations" T). */}}
+{{- define "imgsim.pipelinePodSettings" -}}
+serviceAccountName: {{ include "imgsim.serviceAccountName" .root }}
+securityContext:
+  {{- include "imgsim.podSecurityContext" .root | nindent 2 }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
