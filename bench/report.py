@@ -89,7 +89,24 @@ def section() -> str:
     parts += own_images_sections()
     parts += hold_up_sections()
     parts += gallery_sections()
+    parts += scale_sections()
     return "\n".join(parts)
+
+
+def scale_sections() -> list[str]:
+    """Extraction with 1 vs 2 shard processes, and the merge's index build at 10^5 and 10^6 embeddings."""
+    scale = load("scale")
+    if not scale:
+        return []
+    return [f"**13. Scale-out** — {scale['gallery']:,} Fashion-MNIST gallery images and {scale['queries']:,} queries "
+            "embedded by real `imgsim extract` shard processes (wall time includes each process's start, ~5 s), "
+            "then merged; the 2 cores shared as 1 process × 2 torch threads or 2 × 1; `python bench/scale.py`:\n",
+            table(scale["extraction"], ["processes", "torch threads each", "images", "wall seconds", "images/s",
+                                        "vs 1 process", "merge seconds"]),
+            "\nThe merge's index build (IndexBundle.build, 20 trees, 128-d unit vectors), each size in its own "
+            "process:\n",
+            table(scale["merge"], ["embeddings", "build seconds", "peak MB", "of which the data", "index files MB",
+                                   "bytes per item"]) + "\n"]
 
 
 def gallery_sections() -> list[str]:

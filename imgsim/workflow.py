@@ -131,7 +131,7 @@ def run_extract(cfg: ExtractConfig) -> str:
     join a group's shards into the one extract run a single process would have logged."""
     if cfg.merge:
         return run_extract_merge(cfg)
-    if cfg.num_shards > 1:
+    if cfg.num_shards > 1 or cfg.shard_group:
         return run_extract_shard(cfg)
     tracking.setup()
     with _start("extract") as run:
