@@ -1,5 +1,5 @@
 # Every target sets up what it needs on a fresh machine (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench notebooks
 setup:
 	bash scripts/setup.sh
 demo:
@@ -8,3 +8,5 @@ test:
 	bash scripts/test.sh
 bench:
 	bash scripts/bench.sh
+notebooks:
+	bash scripts/notebooks.sh

@@ -275,7 +275,7 @@ class SimilarityService:
             if len(forms) != 1:
                 raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
             if forms == ["id"]:
-                return _answer(searcher, [searcher.search_id(_integer(json_data["id"], "id"), k)]), timings
+                return make_answer(searcher, [searcher.search_id(_integer(json_data["id"], "id"), k)]), timings
             payloads = self._json_payloads(json_data, forms[0])
         else:
             raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
@@ -287,7 +287,7 @@ class SimilarityService:
         started = time.perf_counter()
         results = [searcher.rank(e, p, k) for e, p in zip(embeddings, probs)]
         timings["search_ms"] = _ms_since(started)
-        return _answer(searcher, results), timings
+        return make_answer(searcher, results), timings
 
     def _json_payloads(self, data: dict, form: str) -> Iterable[bytes]:
         if form == "image":
@@ -350,7 +350,7 @@ class SimilarityService:
         return min(k, size)
 
 
-def _answer(searcher: Searcher, results: list[QueryResult]) -> dict:
+def make_answer(searcher: Searcher, results: list[QueryResult]) -> dict:
     """The answer, naming the model and gallery version that produced it."""
     return {"results": [{"neighbours": [dataclasses.asdict(n) for n in r.neighbours],
                          "predicted": None if r.predicted_label is None else
