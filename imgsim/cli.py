@@ -160,6 +160,13 @@ def _rollout(ns):
     print(json.dumps(result, indent=2))
 
 
+def _ui(ns):
+    from imgsim.ui import UiConfig, serve
+    if ns.gallery_root and not Path(ns.gallery_root).is_dir():
+        raise ImgsimError(f"--gallery-root {ns.gallery_root} is not a folder")
+    serve(UiConfig(url=ns.url.rstrip("/"), gallery_root=ns.gallery_root or ""), ns.host, ns.port)
+
+
 def _add_gallery_parsers(sub) -> None:
     from imgsim import dedup
     from imgsim.gallery import AddConfig, RemoveConfig
@@ -189,6 +196,12 @@ def _add_gallery_parsers(sub) -> None:
     p.add_argument("--predictor", default="", help="only this predictor (default: all)")
     p.add_argument("--dry-run", action="store_true", help="let the API server validate the patch without applying it")
     p.set_defaults(fn=_rollout)
+    p = sub.add_parser("ui", help="a search page for a running server: drop an image, browse its neighbours")
+    p.add_argument("--url", default="http://127.0.0.1:9000", help="the server's REST endpoint")
+    p.add_argument("--gallery-root", help="the gallery's image folder, for thumbnails (only files inside it)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(fn=_ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -314,33 +314,9 @@ class SimilarityService:
         return np.stack(arrays)
 
     def _read_gallery_file(self, path: Any) -> bytes:
-        """Read a file named by the client only if it really lies inside the configured gallery root."""
         if not self.cfg.gallery_root:
             raise BadInput("path queries are disabled on this server (no gallery_root configured); send the image bytes")
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise BadInput("'path' must be a non-empty string")
-        root = Path(self.cfg.gallery_root).resolve()
-        # Whether a path escapes is decided before the filesystem is asked anything about it, so a client gets
-        # the same answer for an outside file that exists and one that does not.
-        outside = BadInput(f"path {_short(path)} is outside the gallery root")
-        lexical = Path(os.path.normpath(root / path))
-        if root not in lexical.parents:
-            raise outside
-        try:
-            real = lexical.resolve()  # follows symlinks inside the root, wherever they point
-        except (OSError, RuntimeError):
-            raise BadInput(f"path {_short(path)} cannot be resolved in the gallery (a symlink loop?)") from None
-        if root not in real.parents:
-            raise outside
-        try:
-            if not real.is_file():  # inside the root, saying which is fine
-                raise BadInput(f"path {_short(path)} " + ("is not a regular file" if real.exists() else
-                                                          "does not exist in the gallery"))
-            if real.stat().st_size > self.cfg.max_image_bytes:
-                raise BadInput(f"path {_short(path)} is larger than {self.cfg.max_image_bytes} bytes")
-            return real.read_bytes()
-        except OSError as exc:  # a name too long, a file this server may not read
-            raise BadInput(f"path {_short(path)} cannot be read from the gallery ({exc.strerror})") from None
+        return read_gallery_file(self.cfg.gallery_root, path, self.cfg.max_image_bytes)
 
     def _k(self, from_json: Any, from_tags: Any, size: int) -> int:
         raw = from_json if from_json is not None else from_tags
@@ -375,6 +351,34 @@ def _on_sighup(handler) -> None:
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
         return
     signal.signal(signal.SIGHUP, lambda signum, frame: handler())
+
+
+def read_gallery_file(gallery_root: str | Path, path: Any, max_bytes: int) -> bytes:
+    """Read a file named by a client only if it really lies inside ``gallery_root``; ``BadInput`` otherwise."""
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise BadInput("'path' must be a non-empty string")
+    root = Path(gallery_root).resolve()
+    # Whether a path escapes is decided before the filesystem is asked anything about it, so a client gets
+    # the same answer for an outside file that exists and one that does not.
+    outside = BadInput(f"path {_short(path)} is outside the gallery root")
+    lexical = Path(os.path.normpath(root / path))
+    if root not in lexical.parents:
+        raise outside
+    try:
+        real = lexical.resolve()  # follows symlinks inside the root, wherever they point
+    except (OSError, RuntimeError):
+        raise BadInput(f"path {_short(path)} cannot be resolved in the gallery (a symlink loop?)") from None
+    if root not in real.parents:
+        raise outside
+    try:
+        if not real.is_file():  # inside the root, saying which is fine
+            raise BadInput(f"path {_short(path)} " + ("is not a regular file" if real.exists() else
+                                                      "does not exist in the gallery"))
+        if real.stat().st_size > max_bytes:
+            raise BadInput(f"path {_short(path)} is larger than {max_bytes} bytes")
+        return real.read_bytes()
+    except OSError as exc:  # a name too long, a file this server may not read
+        raise BadInput(f"path {_short(path)} cannot be read from the gallery ({exc.strerror})") from None
 
 
 class _PixelBudget:

@@ -14,6 +14,14 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
     || echo "setup: apt-get could not install dataset-fashion-mnist; 'imgsim prepare' will try torchvision's download"
 fi
 
+# The search page's browser tests drive Debian's chromium through chromium-driver (no browser download).
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian's chromium and chromium-driver for the browser tests"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+    || echo "setup: apt-get could not install chromium; the browser tests will say so"
+fi
+
 stamp="$VENV/.imgsim-installed"
 want="$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then

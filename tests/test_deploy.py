@@ -42,6 +42,7 @@ VARIANTS = {
                                          "checkpointClaim": "imgsim-checkpoints"}},
     "training-operator": {"training": {"enabled": True, "nodes": 2, "gpus": 4, "manifestUri": "runs:/0123abcd/split",
                                        "checkpointClaim": "imgsim-checkpoints"}, "trainingOperator": {"enabled": True}},
+    "ui": {"ui": {"enabled": True, "galleryClaim": "imgsim-data"}},
 }
 PYTORCHJOB_SCHEMA = SELDON_SCHEMA.with_name("pytorchjob-v1.9.0.schema.json")
 CRDS = ("machinelearning.seldon.io/v1", "kubeflow.org/v1")
@@ -147,6 +148,21 @@ def test_multinode_training_pods_meet_behind_the_headless_service():
     assert endpoint == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29400"
     assert args[args.index("--rdzv-backend") + 1] == "c10d" and "--resume-if-present" in args
     assert not [d for d in docs if d["kind"] == "Job" and "train-" in d["metadata"]["name"]]  # not the 1-pod Job
+
+
+def test_the_search_page_relays_to_the_predictor_service_seldon_creates():
+    docs = render(VARIANTS["ui"])
+    (deployment,) = of_kind(docs, "Deployment")
+    (service,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-ui")]
+    (sdep_doc,) = of_kind(docs, "SeldonDeployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    predictor = sdep_doc["spec"]["predictors"][0]["name"]
+    assert env["IMGSIM_UI_URL"] == f"http://{sdep_doc['metadata']['name']}-{predictor}:8000"
+    assert env["IMGSIM_UI_GALLERY_ROOT"] == "/gallery/images"
+    assert container["command"][-1] == "imgsim.ui:create_app()" and callable(__import__("imgsim.ui").ui.create_app)
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert not [d for d in render({}) if d["kind"] == "Deployment"]  # off by default
 
 
 def test_sharded_extraction_renders_an_indexed_job_and_a_merge_that_waits_for_it():
@@ -373,7 +389,7 @@ def test_readme_helm_commands_use_real_values():
     readme = (REPO / "README.md").read_text()
     commands = [c for c in readme.replace("\\\n", " ").splitlines() if "helm install" in c and "charts/imgsim" in c]
     keys = [k for c in commands for k in re.findall(r"--set ([A-Za-z][\w.]*?)(?:\.\"[^\"]+\")?=", c)]
-    assert len(commands) == 2 and len(keys) >= 8
+    assert len(commands) == 4 and len(keys) >= 16  # train, serve, sharded extraction, multi-node training
     for key in keys:
         node = values
         for part in key.split("."):
