@@ -165,9 +165,18 @@ def _thumbnail(root: str, rel: str, max_bytes: int, mtime: int, size: int) -> by
 
 
 def serve(cfg: UiConfig, host: str = "127.0.0.1", port: int = 8501) -> None:
-    """Run the page with Werkzeug's threaded server (a local tool; the chart runs it under gunicorn)."""
-    from werkzeug.serving import run_simple
+    """Run the page under gunicorn (threaded: a page waits on Seldon most of the time), as the chart does."""
+    from gunicorn.app.base import BaseApplication
+
+    class Page(BaseApplication):
+        def load_config(self):
+            for key, value in {"bind": f"{host}:{port}", "workers": 1, "threads": 8, "worker_class": "gthread",
+                               "accesslog": "-", "timeout": int(cfg.timeout_s) + 30}.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return create_app(cfg)
 
     print(f"imgsim ui: http://{host}:{port}/ -> {cfg.url}" + (f", thumbnails from {cfg.gallery_root}"
-                                                              if cfg.gallery_root else ", no thumbnails"))
-    run_simple(host, port, create_app(cfg), threaded=True)
+                                                              if cfg.gallery_root else ", no thumbnails"), flush=True)
+    Page().run()
