@@ -378,6 +378,16 @@ def test_the_serving_requirements_leave_torch_out():
     assert not names & {"torch", "torchvision", "mlflow"}  # the full mlflow brings the server stack
 
 
+def test_the_installed_package_carries_the_search_page(tmp_path):
+    # The images install imgsim with `pip install --no-deps .`: the page's files must be package data.
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True)
+    import zipfile
+    (wheel,) = tmp_path.glob("imgsim-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"imgsim/ui_static/index.html", "imgsim/ui_static/app.js", "imgsim/ui_static/style.css"} <= names
+
+
 def test_training_only_release_renders_no_server():
     docs = render({"serving": {"enabled": False}, "training": {"enabled": True}, "networkPolicy": {"enabled": True}})
     assert {d["kind"] for d in docs} == {"ServiceAccount", "Job"}
