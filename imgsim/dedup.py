@@ -125,19 +125,6 @@ def _expand(pairs: NDArray[np.int64], inverse: NDArray[np.int64]) -> NDArray[np.
     return np.array(sorted(set(out)), dtype=np.int64).reshape(-1, 3)
 
 
-def cross_pairs(new: NDArray[np.uint64], old: NDArray[np.uint64], max_distance: int) -> NDArray[np.int64]:
-    """Pairs (i into ``new``, j into ``old``, distance) at most ``max_distance`` bits apart: cost new x old,
-    which for a few hundred added images against a gallery is a second or two."""
-    if max_distance < 0 or not len(new) or not len(old):
-        return np.zeros((0, 3), dtype=np.int64)
-    out = []
-    for start in range(0, len(new), 256):
-        dist = hamming(new[start:start + 256, None], old[None, :])
-        i, j = np.nonzero(dist <= max_distance)
-        out.append(np.stack([i + start, j, dist[i, j]], axis=1))
-    return np.concatenate(out)
-
-
 @dataclasses.dataclass(frozen=True)
 class Pair:
     """Two images that are copies of each other: ``exact`` (same bytes) or ``near``."""

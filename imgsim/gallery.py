@@ -248,22 +248,29 @@ def _near_copies(index: IndexBundle, rel: list[str], hashes: NDArray[np.uint64],
                  cfg: AddConfig) -> list[_Found]:
     """Each new image's closest near copy, in the gallery or earlier in this change (hash within
     ``hash_distance`` bits and embeddings within ``embedding_distance``)."""
-    known = [r for r, item in enumerate(index.items) if item.phash]
-    gallery_hashes = dedup.from_hex([index.items[r].phash for r in known])
-    best: dict[int, tuple[float, int, _Found]] = {}
-
-    def offer(i: int, d: int, cos: float, pair: dedup.Pair) -> None:
-        if cos <= cfg.embedding_distance and (i not in best or (d, cos) < best[i][:2]):
-            best[i] = (d, cos, _Found(pair, i))
-
-    vectors = index.embeddings
-    for i, j, d in dedup.cross_pairs(hashes, gallery_hashes, cfg.hash_distance):
-        item = index.items[known[j]]
-        cos = float(1.0 - np.dot(embeddings[i], vectors[known[j]]))
-        offer(int(i), int(d), cos, dedup.Pair(item.path, rel[i], "near", int(d), cos, item.id, None))
+    best: dict[int, tuple[int, float, _Found]] = {}
+    if cfg.hash_distance < 0:
+        return []
+    known = np.asarray([bool(item.phash) for item in index.items])  # older bundles have no hashes
+    gallery_hashes = np.zeros(len(index.items), dtype=np.uint64)
+    gallery_hashes[known] = dedup.from_hex([item.phash for item in index.items if item.phash])
+    vectors = np.asarray(index.embeddings)
+    # Embedding first (one matrix product per block of new images), hash on those candidates only: comparing
+    # every hash pair would cost new x gallery popcounts.
+    for start in range(0, len(embeddings), 256):
+        cosine = 1.0 - embeddings[start:start + 256] @ vectors.T
+        i, j = np.nonzero((cosine <= cfg.embedding_distance) & known[None, :])
+        bits = dedup.hamming(hashes[start + i], gallery_hashes[j])
+        close = bits <= cfg.hash_distance
+        for a, b, d, cos in zip(start + i[close], j[close], bits[close], cosine[i[close], j[close]]):
+            if a not in best or (d, cos) < best[a][:2]:
+                item = index.items[b]
+                best[a] = (int(d), float(cos), _Found(dedup.Pair(item.path, rel[a], "near", int(d), float(cos),
+                                                                 item.id, None), int(a)))
     for a, b, d in dedup.near_pairs(hashes, cfg.hash_distance):  # a < b: the later file is the copy
         cos = float(1.0 - np.dot(embeddings[a], embeddings[b]))
-        offer(int(b), int(d), cos, dedup.Pair(rel[a], rel[b], "near", int(d), cos))
+        if cos <= cfg.embedding_distance and (b not in best or (d, cos) < best[b][:2]):
+            best[b] = (int(d), cos, _Found(dedup.Pair(rel[a], rel[b], "near", int(d), cos), int(b)))
     return [found for _, _, found in (best[i] for i in sorted(best))]
 
 
