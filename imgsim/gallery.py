@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # torch only where a model is compared
 
 ADDED_SPLIT = "added"
 GALLERY_NAME, GALLERY_ALIAS = "imgsim-gallery", "serving"
-RECALL_QUERIES = 1000  # gallery vectors each version's recall@10 is measured with (half of them new, when added)
+# Gallery vectors each version's recall@10 is measured with (half of them new, when added): 5,000 neighbours,
+# a standard error of ~0.001 at recall 0.995, in ~0.5 s on 52k items (exact search is what costs).
+RECALL_QUERIES = 500
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ def exact_topk(queries: NDArray[np.float32], gallery: NDArray[np.float32], k: in
     out = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), chunk):
         sims = queries[start:start + chunk] @ gallery.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        part = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]  # the k largest, no negated copy
         order = np.take_along_axis(sims, part, 1).argsort(axis=1)[:, ::-1]
         out[start:start + chunk] = np.take_along_axis(part, order, 1)
     return out

@@ -143,20 +143,21 @@ class SimilarityService:
     def refresh(self) -> bool:
         """Load the gallery's newest version if it differs from the one serving, then switch to it: requests
         already running finish on the version they started with. Returns whether it switched. A version
-        that fails to load is logged and the current one keeps serving."""
-        if not self.ready or not self._refresh_lock.acquire(blocking=False):
+        that fails to load is logged and the current one keeps serving. A server whose first bundle was broken
+        (not ready, not retried) recovers this way once the alias names a good version."""
+        if not (self.ready or self.load_failed_for_good) or not self._refresh_lock.acquire(blocking=False):
             return False  # still loading (the retry thread owns that), or a refresh is already running
         try:
             current = self._source_key()
             if current is None or current in (self._loaded_key, self._failed_key):
                 return False  # nothing new, or the same broken version as last time (logged then)
             old = self.searcher
+            before = (old.version if old else "") or ("the previous bundle" if old else "no version")
             if not self._try_load(0, swap=True):
                 self._failed_key = current
-                log.error("imgsim: keeping version %s after the failed switch", old.version or self._loaded_key)
+                log.error("imgsim: keeping %s after the failed switch", before)
                 return False
-            log.info("imgsim: switched from %s to %s", old.version or "the previous bundle",
-                     self.searcher.version or "the changed bundle")
+            log.info("imgsim: switched from %s to %s", before, self.searcher.version or "the changed bundle")
             return True
         finally:
             self._refresh_lock.release()
@@ -201,6 +202,7 @@ class SimilarityService:
         from imgsim import tracking
         from imgsim.export import resolve_bundle
 
+        key = None
         try:
             if self.cfg.model_uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
@@ -213,7 +215,7 @@ class SimilarityService:
         except BundleError as exc:
             if swap:
                 return self._refresh_failed(f"{exc}")
-            self.load_failed_for_good = True
+            self.load_failed_for_good, self._failed_key = True, key  # a newer version may still come (refresh)
             return self._failed(attempt, f"{exc} (not retried: loading this bundle again cannot succeed)")
         except ImgsimError as exc:
             return self._refresh_failed(str(exc)) if swap else self._failed(attempt, str(exc))
@@ -229,7 +231,7 @@ class SimilarityService:
             return self._refresh_failed(reason) if swap else self._failed(attempt, reason, trace=True)
         # One assignment switches versions: each request holds the searcher it started with until it answers.
         previous = self._download
-        self.searcher, self.load_error = searcher, None
+        self.searcher, self.load_error, self.load_failed_for_good = searcher, None, False
         self._loaded_key = version or key
         self._download = folder if tracking.is_remote(self.cfg.model_uri) else None
         if swap and previous is not None and previous != self._download:

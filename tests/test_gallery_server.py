@@ -83,11 +83,11 @@ class Clients:
         raise AssertionError(f"clients never settled on version {version}: {[v for _, v, _ in self.answers[-20:]]}")
 
 
-def _server(living, tmp_path, poll: float):
+def _server(living, tmp_path, poll: float, wait_ready: bool = True):
     env = {"IMGSIM_MODEL_URI": living["uri"], "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
            "IMGSIM_POLL_INTERVAL_S": str(poll), "IMGSIM_MAX_K": "100", "GUNICORN_WORKERS": "2",
            "GUNICORN_THREADS": "2", "GRPC_WORKERS": "1"}
-    return start_server(env, tmp_path / "server.log")
+    return start_server(env, tmp_path / "server.log", wait_ready=wait_ready)
 
 
 def test_four_clients_see_v1_v2_v3_with_no_error_and_never_a_removed_image(living, tmp_path):
@@ -145,5 +145,30 @@ def test_sighup_moves_every_worker_to_the_newest_version(living, tmp_path):
                     time.sleep(0.5)
             assert versions == {"2"}
             assert srv.proc.poll() is None and requests.get(f"{srv.rest}/health/status", timeout=5).ok
+        finally:
+            srv.stop()
+
+
+def test_a_server_started_on_a_broken_version_recovers_when_the_alias_moves(living, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from imgsim import tracking
+    from imgsim.export import export_bundle
+
+    with mlflow_store(living["work"]):
+        broken = export_bundle(living["uri"], tmp_path / "broken")
+        (broken / "items.csv").write_text((broken / "items.csv").read_text() + "\n")  # no longer its checksum
+        client = MlflowClient()
+        bad = client.create_model_version(living["name"], broken.as_uri(), None, tags={tracking.KIND_TAG: "bundle"})
+        client.set_registered_model_alias(living["name"], "serving", bad.version)
+        srv = _server(living, tmp_path, poll=0.5, wait_ready=False)
+        try:
+            status = requests.get(f"{srv.rest}/health/status", timeout=5)
+            assert status.status_code == 503 and "damaged" in status.text
+            client.set_registered_model_alias(living["name"], "serving", "1")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not requests.get(f"{srv.rest}/health/status", timeout=5).ok:
+                time.sleep(0.5)
+            assert requests.get(f"{srv.rest}/health/status", timeout=5).json()["jsonData"]["bundle_version"] == "1"
         finally:
             srv.stop()
