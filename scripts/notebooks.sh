@@ -21,5 +21,8 @@ if [ ! -x .venv-notebooks/bin/jupyter ]; then
   python3.11 -m venv .venv-notebooks
   .venv-notebooks/bin/pip install -q "jupyterlab==4.5.*"
 fi
-.venv/bin/python -m ipykernel install --prefix "$PWD/.venv-notebooks" --name python3 --display-name "Python 3 (imgsim)" >/dev/null
-exec .venv-notebooks/bin/jupyter lab --no-browser --ip 127.0.0.1 --notebook-dir "$PWD" "$OUT"
+# (ipykernel warns that this prefix is not on .venv's own kernel path: it is on JupyterLab's, which is what counts)
+.venv/bin/python -m ipykernel install --prefix "$PWD/.venv-notebooks" --name python3 --display-name "Python 3 (imgsim)" \
+  >/dev/null 2>&1
+as_root=(); [ "$(id -u)" = 0 ] && as_root=(--allow-root)  # containers and CI machines often run as root
+exec .venv-notebooks/bin/jupyter lab --no-browser --ip 127.0.0.1 "${as_root[@]}" --notebook-dir "$PWD" "$OUT"
