@@ -61,10 +61,6 @@ class Probes:
         return cls(np.asarray([index.items[r].id for r in rows], dtype=np.int64), [index.items[r].sha256 for r in rows],
                    inputs, np.asarray(embed(inputs), dtype=np.float32))
 
-    def select(self, keep: NDArray[np.bool_]) -> "Probes":
-        return Probes(self.ids[keep], [s for s, k in zip(self.sha256, keep) if k], self.inputs[keep],
-                      self.embeddings[keep])
-
     def __add__(self, other: "Probes") -> "Probes":
         return Probes(np.concatenate([self.ids, other.ids]), self.sha256 + other.sha256,
                       np.concatenate([self.inputs, other.inputs]), np.concatenate([self.embeddings, other.embeddings]))

@@ -167,7 +167,8 @@ def _ui(ns):
     serve(UiConfig(url=ns.url.rstrip("/"), gallery_root=ns.gallery_root or ""), ns.host, ns.port)
 
 
-def _add_gallery_parsers(sub) -> None:
+def _add_operations_parsers(sub) -> None:
+    """Living with a deployment: gallery changes, duplicates, rollout and the search page."""
     from imgsim import dedup
     from imgsim.gallery import AddConfig, RemoveConfig
     gallery = sub.add_parser("gallery", help="add or remove gallery images without retraining (a new bundle version)")
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write a PNG of the query beside its neighbours")
     p.add_argument("--gallery-root", help="local copy of the gallery, to draw the neighbours in --out")
     p.set_defaults(fn=_query)
-    _add_gallery_parsers(sub)
+    _add_operations_parsers(sub)
     return parser
 
 

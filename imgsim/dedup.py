@@ -228,14 +228,6 @@ def connected_groups(edges: Iterable[tuple[str, str]]) -> list[list[str]]:
     return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g[0]))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def group_copies(names: Sequence[str], sha: Sequence[str], hashes: NDArray[np.uint64], hash_distance: int,
                  embeddings: NDArray[np.float32] | None = None,
                  embedding_distance: float = DEFAULT_EMBEDDING_DISTANCE,

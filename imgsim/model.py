@@ -125,18 +125,12 @@ class ModelBundle:
             digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
         return digest.hexdigest()
 
-    @staticmethod
-    def files_in(in_dir: str | Path) -> Path:
-        """The folder holding model.json and weights.pt: ``in_dir``, or its ``extra_files/`` (an MLflow model)."""
-        folder = Path(in_dir)
-        if not (folder / MODEL_JSON).exists() and (folder / "extra_files" / MODEL_JSON).exists():
-            return folder / "extra_files"
-        return folder
-
     @classmethod
     def load(cls, in_dir: str | Path) -> "ModelBundle":
         """Load from a bundle folder or an MLflow model folder (files under ``extra_files/``)."""
-        folder = cls.files_in(in_dir)
+        folder = Path(in_dir)
+        if not (folder / MODEL_JSON).exists() and (folder / "extra_files" / MODEL_JSON).exists():
+            folder = folder / "extra_files"
         try:
             spec = ModelSpec.load(folder)
             state = _upgrade(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
