@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -271,24 +270,22 @@ def _pair(names, ids, a: int, b: int, kind: str, d: int | None, cos: float | Non
 
 
 def scan_folder(folder: str | Path, max_pixels: int) -> tuple[list[str], list[str], NDArray[np.uint64], list[tuple[str, str]]]:
-    """Every image file below ``folder`` (hidden files and symlinks out of it skipped): relative paths, sha256,
-    perceptual hashes, and the files that could not be read as images, with the reason."""
+    """Every image file below ``folder``, listed by split's rules (hidden files skipped, symlinks out of it and
+    symlinked folders not followed): relative paths, sha256, perceptual hashes, and the files left out, with
+    the reason."""
     from tqdm import tqdm
 
     from imgsim.images import decode_image
+    from imgsim.split import walk_files
 
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise ImgsimError(f"{folder} is not a folder; give the folder of images to check")
-    files = sorted(Path(d) / name for d, dirs, names in os.walk(root) for name in names
-                   if not name.startswith(".") and not any(part.startswith(".") for part in Path(d).relative_to(root).parts))
-    paths, sha, thumbs, skipped = [], [], [], []
-    for path in tqdm(files, desc="duplicates: hashing", unit="img", mininterval=1.0):
-        rel = str(path.relative_to(root))
+    files, rejected = walk_files(root, root, "")
+    paths, sha, thumbs, skipped = [], [], [], [(r.path, r.reason) for r in rejected]
+    for rel, _ in tqdm(files, desc="duplicates: hashing", unit="img", mininterval=1.0):
         try:
-            if root not in path.resolve().parents:
-                raise BadInput("symlink pointing outside the folder: not followed")
-            data = path.read_bytes()
+            data = (root / rel).read_bytes()
             thumbs.append(grey_thumbnail(decode_image(data, max_pixels=max_pixels, draft=HASH_SIDE)))
         except (BadInput, OSError) as exc:
             skipped.append((rel, str(exc)))

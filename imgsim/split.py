@@ -88,19 +88,19 @@ def _list_files(root: Path, classes: list[str]) -> tuple[list[tuple[str, str]], 
     """Every visible file under each class folder (nested folders count for their top-level class)."""
     found: list[tuple[str, str]] = []
     if not classes:
-        return _walk(root, root, "")
+        return walk_files(root, root, "")
     rejected = [Rejected(p.name, "file directly in the image folder, not inside a class folder; move it into one")
                 for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
     rejected += [Rejected(p.name, "symlinked class folder: not followed; copy the images into the image folder")
                  for p in sorted(root.iterdir()) if p.is_symlink() and p.is_dir() and not p.name.startswith(".")]
     for label in classes:
-        files, bad = _walk(root, root / label, label)
+        files, bad = walk_files(root, root / label, label)
         found += files
         rejected += bad
     return found, rejected
 
 
-def _walk(root: Path, top: Path, label: str) -> tuple[list[tuple[str, str]], list[Rejected]]:
+def walk_files(root: Path, top: Path, label: str) -> tuple[list[tuple[str, str]], list[Rejected]]:
     """Every visible file below ``top``; symlinks out of ``root``, symlinked folders and non-files rejected."""
     found: list[tuple[str, str]] = []
     rejected: list[Rejected] = []
