@@ -202,33 +202,26 @@ class SimilarityService:
         from imgsim import tracking
         from imgsim.export import resolve_bundle
 
-        key = None
+        key = version = None
         try:
             if self.cfg.model_uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
                 mlflow.set_tracking_uri(tracking.tracking_uri())
-            key = self._source_key()
+            # A bundle folder is identified by its bundle.json, read before the load so that a replacement during
+            # it is seen by the next poll; a registry bundle by the version resolve_bundle pins.
+            key = None if self.cfg.model_uri.startswith("models:/") else self._source_key()
             folder, version = resolve_bundle(self.cfg.model_uri)
             _keep_logging()
             searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
                                 version=version)
-        except BundleError as exc:
-            if swap:
-                return self._refresh_failed(f"{exc}")
-            self.load_failed_for_good, self._failed_key = True, key  # a newer version may still come (refresh)
-            return self._failed(attempt, f"{exc} (not retried: loading this bundle again cannot succeed)")
-        except ImgsimError as exc:
-            return self._refresh_failed(str(exc)) if swap else self._failed(attempt, str(exc))
-        except PermissionError as exc:  # typically a bundle on a volume that this server's user may not read
-            reason = (f"cannot read the bundle from {self.cfg.model_uri}: {exc}; this server runs as uid "
-                      f"{os.getuid()}: make the bundle's files readable by it")
-            return self._refresh_failed(reason) if swap else self._failed(attempt, reason)
-        except OSError as exc:
-            reason = f"cannot read the bundle from {self.cfg.model_uri}: {exc}"
-            return self._refresh_failed(reason) if swap else self._failed(attempt, reason)
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
-            reason = f"unexpected error while loading: {exc!r}"
-            return self._refresh_failed(reason) if swap else self._failed(attempt, reason, trace=True)
+            reason, permanent, trace = _load_failure(exc, self.cfg.model_uri)
+            if swap:
+                return self._refresh_failed(reason)
+            if permanent:  # a newer version may still come: refresh() tries it
+                self.load_failed_for_good, self._failed_key = True, version or key
+                reason += " (not retried: loading this bundle again cannot succeed)"
+            return self._failed(attempt, reason, trace)
         # One assignment switches versions: each request holds the searcher it started with until it answers.
         previous = self._download
         self.searcher, self.load_error, self.load_failed_for_good = searcher, None, False
@@ -335,6 +328,20 @@ def make_answer(searcher: Searcher, results: list[QueryResult]) -> dict:
                          {"label": r.predicted_label, "probability": r.probability}}
                         for r in results],
             **searcher.bundle.identity()}
+
+
+def _load_failure(exc: Exception, uri: str) -> tuple[str, bool, bool]:
+    """(what to report, whether loading again cannot help, whether the trace belongs in the log)."""
+    if isinstance(exc, BundleError):  # damaged, inconsistent, unknown format
+        return str(exc), True, False
+    if isinstance(exc, ImgsimError):  # store unreachable, folder not there yet: may pass
+        return str(exc), False, False
+    if isinstance(exc, PermissionError):  # typically a bundle on a volume that this server's user may not read
+        return (f"cannot read the bundle from {uri}: {exc}; this server runs as uid {os.getuid()}: make the "
+                "bundle's files readable by it"), False, False
+    if isinstance(exc, OSError):
+        return f"cannot read the bundle from {uri}: {exc}", False, False
+    return f"unexpected error while loading: {exc!r}", False, True
 
 
 def _keep_logging() -> None:
