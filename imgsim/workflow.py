@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from imgsim import config, distributed, gallery, plots, tracking
-from imgsim.bundle import ServingBundle, read_meta
+from imgsim.bundle import ServingBundle
 from imgsim.export import BUNDLE_ARTIFACT, fetched_version
 from imgsim.gallery import AddConfig, RemoveConfig
 from imgsim.index import INDEX_FILE, ITEM_FIELDS
@@ -302,7 +302,7 @@ def run_gallery_add(cfg: AddConfig, files: list[str] | None = None) -> dict:
             with tracking.fetched(cfg.model_uri, "model") as model_folder:
                 gallery.check_model(ModelBundle.load(folder), ModelBundle.load(model_folder))
         change = gallery.add_images(parent, cfg, files)
-        return _log_change("gallery_add", cfg, change, folder, version)
+        return _log_change("gallery_add", cfg, change, parent, folder, version)
 
 
 def run_gallery_remove(cfg: RemoveConfig) -> dict:
@@ -310,10 +310,11 @@ def run_gallery_remove(cfg: RemoveConfig) -> dict:
     tracking.setup()
     with fetched_version(cfg.bundle) as (folder, version):
         parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
-        return _log_change("gallery_remove", cfg, gallery.remove_images(parent, cfg), folder, version)
+        return _log_change("gallery_remove", cfg, gallery.remove_images(parent, cfg), parent, folder, version)
 
 
-def _log_change(stage: str, cfg, change: gallery.Change, parent_folder: Path, parent_version: str) -> dict:
+def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingBundle, parent_folder: Path,
+                parent_version: str) -> dict:
     """Log a gallery change as one MLflow run (lineage, counts, recall, duplicates report, the new bundle) and
     register it; a change that changes nothing writes nothing."""
     summary = {"stage": stage, **change.counts(), "duplicates": change.duplicates.counts(),
@@ -321,13 +322,12 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_folder: Path, pa
     if not change.added and not change.removed:
         print(f"{stage}: nothing to change ({len(change.skipped)} skipped); no new version written")
         return summary | {"run_id": None, "version": None}
-    meta = read_meta(parent_folder)
-    parent = {"uri": cfg.bundle, "version": parent_version, "run_id": meta.get("gallery", {}).get("run_id", ""),
-              "index_sha256": meta["files"][INDEX_FILE]}
+    parent = {"uri": cfg.bundle, "version": parent_version, "run_id": parent_bundle.gallery.get("run_id", ""),
+              "index_sha256": parent_bundle.files[INDEX_FILE]}
     with _start(stage) as run:
         mlflow.set_tags({"imgsim.stage": stage, "imgsim.parent_bundle": cfg.bundle,
                          "imgsim.parent_version": parent_version, "imgsim.parent_run_id": parent["run_id"],
-                         "imgsim.model_sha256": meta["files"][WEIGHTS]})
+                         "imgsim.model_sha256": parent_bundle.files[WEIGHTS]})
         params = config.to_params(cfg)
         if len(params.get("paths", "")) > 500:  # MLflow truncates long params; changes/added.csv lists them all
             params["paths"] = f"{len(gallery.split_list(params['paths']))} files (see changes/)"
