@@ -254,24 +254,11 @@ def walk(gallery: Gallery, ask_id: Callable[[int, int], dict], start: int, steps
     return path
 
 
-def show_rows(gallery: Gallery, reviews: list[dict], out: Path | None = None, title: str = ""):
-    """Each query beside its neighbours with label and score (green: same class)."""
-    import matplotlib.pyplot as plt
+def show_rows(gallery: Gallery, reviews: list[dict], out: Path, title: str = "") -> Path:
+    """A PNG of each query beside its neighbours with label and score (green: same class)."""
+    from imgsim.plots import neighbour_grid
 
-    cols = 1 + max((len(r["neighbours"]) for r in reviews), default=0)
-    fig, axes = plt.subplots(max(1, len(reviews)), cols, figsize=(1.5 * cols, 1.7 * max(1, len(reviews))), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
     by_id = {item.id: row for row, item in enumerate(gallery.index.items)}
-    for i, r in enumerate(reviews):
-        axes[i, 0].imshow(gallery.thumbnail(by_id[r["id"]]) or np.zeros((8, 8)), cmap="gray")
-        axes[i, 0].set_title(f"query\n{r['label']}", fontsize=7, color="blue")
-        for j, n in enumerate(r["neighbours"], start=1):
-            axes[i, j].imshow(gallery.thumbnail(by_id[n["id"]]) or np.zeros((8, 8)), cmap="gray")
-            axes[i, j].set_title(f"{n['label']}\n{n['score']:.3f}", fontsize=7,
-                                 color="green" if n["label"] == r["label"] else "red")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    if out is not None:
-        fig.savefig(out, dpi=100, bbox_inches="tight")
-    return fig
+    rows = [(gallery.thumbnail(by_id[r["id"]]), r["label"],
+             [(gallery.thumbnail(by_id[n["id"]]), n["label"], n["score"]) for n in r["neighbours"]]) for r in reviews]
+    return neighbour_grid(rows, out, value="score", title=title)

@@ -34,19 +34,25 @@ def embedding_map(embeddings: NDArray[np.float32], labels: Sequence[str], out: P
     return _save(fig, out)
 
 
-def neighbour_grid(rows: Sequence[tuple[Image.Image, str, list[tuple[Image.Image, str, float]]]], out: Path) -> Path:
-    """One row per query: the query image, then its neighbours with label and distance."""
+def neighbour_grid(rows: Sequence[tuple[Image.Image | None, str, list[tuple[Image.Image | None, str, float]]]],
+                   out: Path, *, value: str = "d", title: str = "") -> Path:
+    """One row per query: the query image, then its neighbours with label and ``value`` (distance by default;
+    green: the query's label). A missing image leaves its cell blank."""
     cols = 1 + max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.8 * len(rows)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, (query, label, neighbours) in enumerate(rows):
-        axes[r, 0].imshow(query, cmap="gray")
+        if query is not None:
+            axes[r, 0].imshow(query, cmap="gray")
         axes[r, 0].set_title(f"query\n{label}", fontsize=7, color="blue")
-        for c, (img, n_label, dist) in enumerate(neighbours, start=1):
-            axes[r, c].imshow(img, cmap="gray")
-            axes[r, c].set_title(f"{n_label}\nd={dist:.3f}", fontsize=7,
+        for c, (img, n_label, number) in enumerate(neighbours, start=1):
+            if img is not None:
+                axes[r, c].imshow(img, cmap="gray")
+            axes[r, c].set_title(f"{n_label}\n{value}={number:.3f}", fontsize=7,
                                  color="green" if n_label == label else "red")
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, out)
 
 
