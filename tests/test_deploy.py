@@ -63,6 +63,17 @@ def sdep(values: dict) -> dict:
     return found
 
 
+def crd_check(docs: list[dict], schema: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """tests/k8s_schema.py (strict CRD validation) over ``docs``, in .venv-k8s; one error per line of stdout."""
+    if not schema.is_file():  # a missing schema fails: a run without the check would be green for nothing
+        pytest.fail(f"CRD schema not found at {schema}: put the shared/ folder beside the repository, or set "
+                    "IMGSIM_SELDON_SCHEMA to seldondeployment-v1.18.2.schema.json (the PyTorchJob one lies beside it)")
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps(docs))
+    return subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"), str(schema),
+                           str(objects)], capture_output=True, text=True)
+
+
 def kubernetes_validate(docs: list[dict], tmp_path: Path, version: str) -> subprocess.CompletedProcess:
     path = tmp_path / f"objects-{version}.yaml"
     path.write_text(yaml.safe_dump_all(docs))
@@ -88,46 +99,26 @@ def test_builtin_objects_validate_against_kubernetes_schemas(variant, version, t
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def seldon_schema() -> Path:
-    # A missing schema fails rather than skips: a CI without it would otherwise be green without the check.
-    if not SELDON_SCHEMA.is_file():
-        pytest.fail(f"SeldonDeployment CRD schema not found at {SELDON_SCHEMA}: put the shared/ folder beside the "
-                    "repository, or set IMGSIM_SELDON_SCHEMA to seldondeployment-v1.18.2.schema.json")
-    return SELDON_SCHEMA
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_seldondeployment_validates_against_the_operator_crd(variant, tmp_path, seldon_schema):
-    objects = tmp_path / "sdep.json"
-    objects.write_text(json.dumps([sdep(VARIANTS[variant])]))
-    result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
-                             str(seldon_schema), str(objects)], capture_output=True, text=True)
+def test_seldondeployment_validates_against_the_operator_crd(variant, tmp_path):
+    result = crd_check([sdep(VARIANTS[variant])], SELDON_SCHEMA, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_crd_check_catches_mistakes(tmp_path, seldon_schema):
+def test_the_crd_check_catches_mistakes(tmp_path):
     broken = sdep({})
     broken["spec"]["predictors"][0]["graph"]["typo"] = 1
     broken["spec"]["predictors"][0]["componentSpecs"][0]["hpaSpec"]["maxReplicas"] = "ten"
-    objects = tmp_path / "sdep.json"
-    objects.write_text(json.dumps([broken]))
-    result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
-                             str(seldon_schema), str(objects)], capture_output=True, text=True)
+    result = crd_check([broken], SELDON_SCHEMA, tmp_path)
     assert result.returncode == 1 and "typo: unknown field" in result.stdout and "'ten' is not of type" in result.stdout
 
 
 def test_pytorchjob_validates_against_the_training_operator_crd(tmp_path):
-    if not PYTORCHJOB_SCHEMA.is_file():
-        pytest.fail(f"PyTorchJob CRD schema not found at {PYTORCHJOB_SCHEMA}: put the shared/ folder beside the repository")
     (job,) = of_kind(render(VARIANTS["training-operator"]), "PyTorchJob")
     broken = json.loads(json.dumps(job))
     broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "one"
     for docs, ok in (([job], True), ([broken], False)):
-        objects = tmp_path / "jobs.json"
-        objects.write_text(json.dumps(docs))
-        result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
-                                 str(PYTORCHJOB_SCHEMA), str(objects)], capture_output=True, text=True)
+        result = crd_check(docs, PYTORCHJOB_SCHEMA, tmp_path)
         assert (result.returncode == 0) == ok, result.stdout + result.stderr
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 1) and job["spec"]["nprocPerNode"] == "4"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,16 +10,11 @@ from mlflow.tracking import MlflowClient
 from imgsim import rollout, tracking
 from imgsim.errors import ImgsimError
 from tests.conftest import mlflow_store
-from tests.test_deploy import K8S_VENV, REPO, SELDON_SCHEMA, VARIANTS, sdep
+from tests.test_deploy import SELDON_SCHEMA, VARIANTS, crd_check, sdep
 
 
 def crd_errors(docs: list[dict], tmp_path) -> str:
-    if not SELDON_SCHEMA.is_file():
-        pytest.fail(f"SeldonDeployment CRD schema not found at {SELDON_SCHEMA} (see tests/test_deploy.py)")
-    objects = tmp_path / "patched.json"
-    objects.write_text(json.dumps(docs))
-    result = subprocess.run([str(K8S_VENV / "bin" / "python"), str(REPO / "tests" / "k8s_schema.py"),
-                             str(SELDON_SCHEMA), str(objects)], capture_output=True, text=True)
+    result = crd_check(docs, SELDON_SCHEMA, tmp_path)
     return result.stdout + result.stderr if result.returncode else ""
 
 
