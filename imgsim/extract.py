@@ -17,7 +17,7 @@ from imgsim.errors import ImgsimError
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
 from imgsim.metrics import index_recall, retrieval_metrics
-from imgsim.model import ModelBundle
+from imgsim.model import EmbeddingNet, ModelBundle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,8 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
 
     Without labels (an unlabelled folder, or an embed-only model) label metrics are skipped; the index's
     recall against exact search is always measured."""
-    return assemble(cfg, bundle, manifest, [embed_part(cfg, bundle, manifest, 0, 1)])
+    model = bundle.build()  # once: the embedding and the probes use the same network
+    return assemble(cfg, bundle, manifest, [embed_part(cfg, bundle, manifest, 0, 1, model)], model)
 
 
 def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple[list, list]:
@@ -120,12 +121,13 @@ def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple
     return gallery_items, query_items
 
 
-def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shard: int, num_shards: int) -> Part:
+def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shard: int, num_shards: int,
+               model: EmbeddingNet | None = None) -> Part:
     """Embed shard ``shard`` of ``num_shards``: its slice of the gallery and of the queries."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     gallery_items, query_items = _items(cfg, bundle, manifest)
-    model, root = bundle.build(), cfg.data_dir or manifest.root
+    model, root = bundle.build() if model is None else model, cfg.data_dir or manifest.root
     g0, g1 = shard_range(len(gallery_items), shard, num_shards)
     q0, q1 = shard_range(len(query_items), shard, num_shards)
     label = f" (shard {shard + 1}/{num_shards})" if num_shards > 1 else ""
@@ -143,13 +145,14 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
     return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds)
 
 
-def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts: list[Part]) -> ExtractResult:
+def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts: list[Part],
+             model: EmbeddingNet | None = None) -> ExtractResult:
     """Join the parts (every shard exactly once, in order), build the index and probes, and evaluate."""
     gallery_items, query_items = _items(cfg, bundle, manifest)
     check_parts(parts, len(gallery_items), len(query_items))
     gallery = np.concatenate([p.gallery for p in parts])
     hashes = [h for p in parts for h in p.hashes]
-    model, root = bundle.build(), cfg.data_dir or manifest.root
+    model, root = bundle.build() if model is None else model, cfg.data_dir or manifest.root
     items = [GalleryItem(i, it.path, it.label, it.split, it.sha256, h)
              for i, (it, h) in enumerate(zip(gallery_items, hashes, strict=True))]
     started = time.perf_counter()
