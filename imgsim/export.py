@@ -35,12 +35,12 @@ def locate_bundle(uri: str) -> tuple[str, str]:
     return uri, ""
 
 
-def resolve_bundle(uri: str) -> tuple[Path, str]:
+def resolve_bundle(uri: str, dst: str | Path | None = None) -> tuple[Path, str]:
     """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...) and its
-    registry version (or ""); a download stays for the process's lifetime, as the server needs (its index is
-    memory-mapped from it)."""
+    registry version (or ""); a download goes into ``dst`` and stays there until the caller deletes it, as the
+    server needs (its index is memory-mapped from it)."""
     pinned, version = locate_bundle(uri)
-    return _bundle_folder(tracking.download(pinned, "bundle")), version
+    return _bundle_folder(tracking.download(pinned, "bundle", dst)), version
 
 
 @contextlib.contextmanager

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import atexit
 import ctypes
 import dataclasses
 import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -132,6 +135,7 @@ class SimilarityService:
             self._announce_retry(1, self.cfg.load_backoff_s)  # before the first health check can ask
             threading.Thread(target=self._retry, name="imgsim-load-retry", daemon=True).start()
         _on_sighup(lambda: threading.Thread(target=self.refresh, name="imgsim-refresh", daemon=True).start())
+        _remove_downloads_on_sigterm()
         if self.cfg.poll_interval_s > 0:
             threading.Thread(target=self._poll, name="imgsim-poll", daemon=True).start()
 
@@ -203,19 +207,23 @@ class SimilarityService:
         from imgsim.export import resolve_bundle
 
         key = version = None
+        uri = self.cfg.model_uri
+        download = new_download_dir() if tracking.is_remote(uri) and not uri.startswith("file://") else None
         try:
-            if self.cfg.model_uri.startswith(("runs:", "models:")):
+            if uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
                 mlflow.set_tracking_uri(tracking.tracking_uri())
             # A bundle folder is identified by its bundle.json, read before the load so that a replacement during
             # it is seen by the next poll; a registry bundle by the version resolve_bundle pins.
-            key = None if self.cfg.model_uri.startswith("models:/") else self._source_key()
-            folder, version = resolve_bundle(self.cfg.model_uri)
+            key = None if uri.startswith("models:/") else self._source_key()
+            folder, version = resolve_bundle(uri, download)
             _keep_logging()
             searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
                                 version=version)
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
-            reason, permanent, trace = _load_failure(exc, self.cfg.model_uri)
+            if download is not None:  # each retry downloads afresh: a failed one must not pile up on disk
+                shutil.rmtree(download, ignore_errors=True)
+            reason, permanent, trace = _load_failure(exc, uri)
             if swap:
                 return self._refresh_failed(reason)
             if permanent:  # a newer version may still come: refresh() tries it
@@ -226,13 +234,13 @@ class SimilarityService:
         previous = self._download
         self.searcher, self.load_error, self.load_failed_for_good = searcher, None, False
         self._loaded_key = version or key
-        self._download = folder if tracking.is_remote(self.cfg.model_uri) else None
-        if swap and previous is not None and previous != self._download:
+        self._download = download
+        if previous is not None:
             # The old version's files are memory-mapped by requests that may still run: unlinking keeps the
             # mappings valid (Linux frees the pages with the last one) and the disk space comes back.
             shutil.rmtree(previous, ignore_errors=True)
         log.info("imgsim: loaded %d gallery items%s from %s, model on %s (%s)", searcher.size,
-                 f" (version {version})" if version else "", self.cfg.model_uri,
+                 f" (version {version})" if version else "", uri,
                  "ONNX Runtime" if self.cfg.runtime == "onnx" else "PyTorch",
                  "refresh" if swap else f"attempt {attempt}")
         return True
@@ -352,6 +360,55 @@ def _keep_logging() -> None:
         logging.getLogger(name).disabled = False
     if logging.getLogger("imgsim").level == logging.NOTSET:
         logging.getLogger("imgsim").setLevel(_START_LEVEL)
+
+
+DOWNLOADS = "imgsim-serving"  # under the temp dir: one <pid>-<random> folder per bundle a server process holds
+
+
+def new_download_dir() -> Path:
+    """A fresh folder for one registry download by this process. Folders left by server processes that are gone
+    are deleted first: a gRPC worker ends on SIGTERM without running any cleanup, and a server that follows a
+    living gallery downloads every version, so leftovers would otherwise fill the disk over restarts."""
+    root = Path(tempfile.gettempdir()) / DOWNLOADS
+    root.mkdir(exist_ok=True)
+    for folder in root.iterdir():
+        match = re.fullmatch(r"(\d+)-.+", folder.name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+@atexit.register
+def _remove_own_downloads() -> None:
+    """A process that exits normally (a gunicorn worker on SIGTERM) deletes its downloads; forked workers share
+    this hook and each deletes only the folders named by its own pid."""
+    root = Path(tempfile.gettempdir()) / DOWNLOADS
+    for folder in root.glob(f"{os.getpid()}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_downloads_on_sigterm() -> None:
+    """A process that SIGTERM would end on the spot (Seldon's gRPC worker: gunicorn's handle it and exit
+    normally) deletes its downloads first, then ends as the signal's default action would."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def handler(signum, frame) -> None:
+        _remove_own_downloads()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _on_sighup(handler) -> None:

@@ -15,6 +15,7 @@ import pytest
 import requests
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
+from imgsim.service import DOWNLOADS
 from tests.conftest import mlflow_store
 from tests.galleries import add, load_version, new_images, remove
 from tests.servers import start_server
@@ -84,7 +85,8 @@ class Clients:
 
 
 def _server(living, tmp_path, poll: float, wait_ready: bool = True):
-    env = {"IMGSIM_MODEL_URI": living["uri"], "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {"TMPDIR": str(tmp_path / "tmp"), "IMGSIM_MODEL_URI": living["uri"], "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
            "IMGSIM_POLL_INTERVAL_S": str(poll), "IMGSIM_MAX_K": "100", "GUNICORN_WORKERS": "2",
            "GUNICORN_THREADS": "2", "GRPC_WORKERS": "1"}
     return start_server(env, tmp_path / "server.log", wait_ready=wait_ready)
@@ -109,8 +111,12 @@ def test_four_clients_see_v1_v2_v3_with_no_error_and_never_a_removed_image(livin
             versions = {v: frozenset(i.id for i in load_version(f"models:/{living['name']}/{v}").index.items)
                         for v in ("1", "2", "3")}
             log = srv.log.read_text(errors="replace")  # before stopping: shutdown has noise of its own
+            downloads = sorted(p.name for p in (tmp_path / "tmp" / DOWNLOADS).iterdir())
         finally:
             srv.stop()
+    # Three versions loaded by each worker process, only the one it serves is on disk, and nothing after it stops.
+    assert downloads and len(downloads) == len({name.split("-")[0] for name in downloads})
+    assert not list((tmp_path / "tmp" / DOWNLOADS).iterdir())
     assert clients.errors == []
     assert len(clients.answers) > 100
     seen = {version for _, version, _ in clients.answers}

@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -415,3 +416,33 @@ def test_an_unreadable_bundle_says_which_file_and_which_user(monkeypatch, bundle
     service = service_module.SimilarityService(service_module.ServiceConfig(model_uri=str(bundle)))
     service.load()
     assert not service.ready and "embeddings.npy" in service.load_error and "readable" in service.load_error
+
+
+def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tmp_path):
+    # A server following a gallery downloads every version and retries failed loads: each download replaces the
+    # last, a failed one is deleted, and folders left by killed server processes are swept at the next load.
+    import tempfile
+
+    import imgsim.service as service_module
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    area = tmp_path / service_module.DOWNLOADS
+    area.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (area / f"{gone.pid}-killed").mkdir()
+    (area / f"{gone.pid}-killed" / "index.ann").write_bytes(b"0" * 1024)
+    (area / f"{os.getppid()}-running").mkdir()  # a live process's download is left alone
+    ours = lambda: sorted(p.name for p in area.glob(f"{os.getpid()}-*"))  # noqa: E731
+
+    with mlflow_store(pipeline_run["work"]):
+        service = service_module.SimilarityService(service_module.ServiceConfig(model_uri="models:/imgsim/1"))
+        real = service_module.Searcher
+        monkeypatch.setattr(service_module, "Searcher", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("bug")))
+        assert not service._try_load(1) and ours() == []
+        assert sorted(p.name for p in area.iterdir()) == [f"{os.getppid()}-running"]
+        monkeypatch.setattr(service_module, "Searcher", real)
+        assert service._try_load(2) and len(first := ours()) == 1
+        assert service._try_load(0, swap=True) and len(second := ours()) == 1 and second != first
+    service_module._remove_own_downloads()
+    assert ours() == [] and (area / f"{os.getppid()}-running").exists()
