@@ -25,6 +25,14 @@ fi
 stamp="$VENV/.imgsim-installed"
 want="$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # torch's CUDA build makes the environment ~7 GB: say so up front rather than fail deep inside pip.
+  need_gb=7; mkdir -p "$(dirname "$VENV")"
+  free_gb=$(( $(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+  if [ ! -d "$VENV" ] && [ "$free_gb" -lt "$need_gb" ]; then
+    echo "setup: $VENV needs about $need_gb GB of disk, only $free_gb GB are free on $(df -P "$(dirname "$VENV")" | awk 'NR==2 {print $6}');" \
+         "free some space (old clones, /tmp) or set VENV to a folder on a bigger disk" >&2
+    exit 1
+  fi
   echo "setup: creating $VENV and installing pinned packages (torch is large: a minute or two)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade "pip<26"
