@@ -28,13 +28,28 @@ class Gallery:
     search_k: int
     n_trees: int
     classes: list[str]
+    folder: Path | None = None  # the bundle's folder, for in-process search
+    download: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, folder: str | Path, root: str | Path | None = None) -> "Gallery":
         bundle = ServingBundle.load(folder)
         found = root or bundle.gallery.get("root")
         return cls(bundle.index, Path(found) if found else None, bundle.search_k, bundle.index.n_trees,
-                   list(bundle.spec.classes))
+                   list(bundle.spec.classes), Path(folder))
+
+    @classmethod
+    def fetch(cls, uri: str, root: str | Path | None = None) -> tuple["Gallery", str]:
+        """The gallery behind any bundle URI (folder, runs:/, models:/) and its registry version or "". A download
+        is held by the gallery (its index is memory-mapped) and deleted with it or when the kernel exits."""
+        from imgsim import tracking
+        from imgsim.export import resolve_bundle
+
+        download = None if tracking.local_path(uri) is not None else tempfile.TemporaryDirectory(prefix="imgsim-")
+        folder, version = resolve_bundle(uri, download.name if download else None)
+        gallery = cls.open(folder, root)
+        gallery.download = download
+        return gallery, version
 
     def sample(self, n: int, seed: int = 0) -> NDArray[np.int64]:
         """``n`` rows spread at random over the gallery (all of them if it is smaller)."""

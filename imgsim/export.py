@@ -35,7 +35,7 @@ def locate_bundle(uri: str) -> tuple[str, str]:
     return uri, ""
 
 
-def resolve_bundle(uri: str, dst: str | Path | None = None) -> tuple[Path, str]:
+def resolve_bundle(uri: str, dst: str | Path | None) -> tuple[Path, str]:
     """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...) and its
     registry version (or ""); a download goes into ``dst`` and stays there until the caller deletes it, as the
     server needs (its index is memory-mapped from it)."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
-import atexit
 import ctypes
 import dataclasses
 import hashlib
@@ -177,8 +177,8 @@ class SimilarityService:
         try:
             if uri.startswith("models:/") and "@" in uri:
                 return locate_bundle(uri)[1] or None
-            if not tracking.is_remote(uri) or uri.startswith("file://"):
-                folder = Path(uri.removeprefix("file://"))
+            folder = tracking.local_path(uri)
+            if folder is not None:
                 meta = folder / BUNDLE_JSON if (folder / BUNDLE_JSON).exists() else folder / "bundle" / BUNDLE_JSON
                 return hashlib.sha256(meta.read_bytes()).hexdigest()
         except (ImgsimError, OSError) as exc:  # the store is unreachable for now: try again next time
@@ -208,7 +208,7 @@ class SimilarityService:
 
         key = version = None
         uri = self.cfg.model_uri
-        download = new_download_dir() if tracking.is_remote(uri) and not uri.startswith("file://") else None
+        download = None if tracking.local_path(uri) is not None else new_download_dir()
         try:
             if uri.startswith(("runs:", "models:")):
                 # Read-only use of the registry: no experiment to create, nothing written to the (read-only) cwd.
@@ -369,13 +369,17 @@ def new_download_dir() -> Path:
     """A fresh folder for one registry download by this process. Folders left by server processes that are gone
     are deleted first: a gRPC worker ends on SIGTERM without running any cleanup, and a server that follows a
     living gallery downloads every version, so leftovers would otherwise fill the disk over restarts."""
-    root = Path(tempfile.gettempdir()) / DOWNLOADS
+    root = _downloads_root()
     root.mkdir(exist_ok=True)
     for folder in root.iterdir():
         match = re.fullmatch(r"(\d+)-.+", folder.name)
         if match and not _alive(int(match[1])):
             shutil.rmtree(folder, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+
+
+def _downloads_root() -> Path:
+    return Path(tempfile.gettempdir()) / DOWNLOADS  # read at each call: TMPDIR may differ per process
 
 
 def _alive(pid: int) -> bool:
@@ -392,8 +396,7 @@ def _alive(pid: int) -> bool:
 def _remove_own_downloads() -> None:
     """A process that exits normally (a gunicorn worker on SIGTERM) deletes its downloads; forked workers share
     this hook and each deletes only the folders named by its own pid."""
-    root = Path(tempfile.gettempdir()) / DOWNLOADS
-    for folder in root.glob(f"{os.getpid()}-*"):
+    for folder in _downloads_root().glob(f"{os.getpid()}-*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 

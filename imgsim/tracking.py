@@ -42,22 +42,29 @@ def is_remote(uri: str) -> bool:
     return "://" in uri or uri.startswith(("runs:", "models:"))
 
 
-def download(uri: str, what: str, dst: str | Path | None = None) -> Path:
-    """A local folder holding ``uri``: a local path as is, anything MLflow knows downloaded into ``dst``
-    (a new temp dir when not given, which then lives as long as the process needs it: the server's case)."""
+def local_path(uri: str) -> Path | None:
+    """The folder a local path or ``file://`` URI names; None for anything MLflow has to download."""
+    if is_remote(uri) and not uri.startswith("file://"):
+        return None
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def download(uri: str, what: str, dst: str | Path | None) -> Path:
+    """A local folder holding ``uri``: a local path as is, anything MLflow knows downloaded into ``dst`` (the
+    caller's to delete: :func:`fetched` for one use, the server for as long as it serves the version; None only
+    where :func:`local_path` says nothing is downloaded)."""
     if not uri:
         raise ImgsimError(f"no {what} given; pass a local path or an MLflow URI (runs:/<run id>/..., models:/name/version)")
-    if not is_remote(uri) or uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://")).expanduser()
+    path = local_path(uri)
+    if path is not None:
         if not path.exists():
             raise ImgsimError(f"{what} {uri} does not exist; check the path")
         return path
-    target = str(dst) if dst is not None else tempfile.mkdtemp(prefix="imgsim-")
+    if dst is None:
+        raise ValueError(f"{uri} is downloaded: pass the folder to download it into")
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except (MlflowException, OSError) as exc:
-        if dst is None:  # a failed download leaves nothing behind: the server retries loads, each in a new folder
-            shutil.rmtree(target, ignore_errors=True)
         raise ImgsimError(f"{what} {uri} cannot be fetched from MLflow at {mlflow.get_tracking_uri()}: "
                           f"{str(exc).splitlines()[0]}. Check the run id / model name and MLFLOW_TRACKING_URI.") from None
 

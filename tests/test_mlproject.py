@@ -84,7 +84,7 @@ def test_mlflow_run_split_train_extract_entry_points(tmp_path):
         split = _newest_run("split")
         assert split.data.params["seed"] == "7"  # passed with -P: beats the file
         assert split.data.params["test_ratio"] == "0.3"  # only in the file: the file beats the default
-        manifest = Manifest.load(tracking.download(f"runs:/{split.info.run_id}/split", "manifest"))
+        manifest = Manifest.load(tracking.download(f"runs:/{split.info.run_id}/split", "manifest", tmp_path / "split"))
         assert manifest.params["seed"] == 7 and manifest.params["test_ratio"] == 0.3 and len(manifest.rejected) == 6
 
         out = _mlflow_run("train", f"manifest_uri=runs:/{split.info.run_id}/split", "epochs=1", "widths=8,16",

@@ -27,15 +27,15 @@ from tests.conftest import mlflow_store
 pytestmark = pytest.mark.slow
 
 
-def test_split_artifact_reports_every_rejected_file(pipeline_run):
+def test_split_artifact_reports_every_rejected_file(pipeline_run, tmp_path):
     with mlflow_store(pipeline_run["work"]):
-        manifest = Manifest.load(tracking.download(f"runs:/{pipeline_run['result']['split']}/split", "manifest"))
+        manifest = Manifest.load(tracking.download(f"runs:/{pipeline_run['result']['split']}/split", "manifest", tmp_path))
     reasons = {r.path: r.reason for r in manifest.rejected}
     assert set(reasons) == set(pipeline_run["bad"])
     assert all(expected in reasons[path] for path, expected in pipeline_run["bad"].items())
 
 
-def test_runs_log_metrics_params_plots_and_a_registered_model(pipeline_run):
+def test_runs_log_metrics_params_plots_and_a_registered_model(pipeline_run, tmp_path):
     result = pipeline_run["result"]
     with mlflow_store(pipeline_run["work"]):
         client = mlflow.tracking.MlflowClient()
@@ -50,17 +50,17 @@ def test_runs_log_metrics_params_plots_and_a_registered_model(pipeline_run):
         assert {"embeddings_tsne.png", "query_neighbours.png"} <= plots
         assert client.list_artifacts(result["train"], "plots")[0].path.endswith("training_curves.png")
         assert result["model_uri"] == "models:/imgsim/1"
-        bundle = ModelBundle.load(tracking.download(result["model_uri"], "model"))
+        bundle = ModelBundle.load(tracking.download(result["model_uri"], "model", tmp_path / "registered"))
         assert bundle.classes == ["circle", "square", "stripes"] and bundle.preprocess.size == 32
         assert bundle.config["manifest_uri"] == f"runs:/{result['split']}/split"
-        by_run = ModelBundle.load(tracking.download(f"runs:/{result['train']}/model", "model"))
+        by_run = ModelBundle.load(tracking.download(f"runs:/{result['train']}/model", "model", tmp_path / "run"))
         assert by_run.classes == bundle.classes
 
 
-def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run):
+def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run, tmp_path):
     root = pipeline_run["root"]
     with mlflow_store(pipeline_run["work"]):
-        folder, _ = resolve_bundle(pipeline_run["result"]["bundle_uri"])
+        folder, _ = resolve_bundle(pipeline_run["result"]["bundle_uri"], tmp_path)
     bundle = ServingBundle.load(folder)
     index = bundle.index
     assert bundle.source["name"] == "imgsim" and bundle.source["version"] == "1"

@@ -77,7 +77,7 @@ def test_torchrun_two_processes_on_cpu_with_gloo(tmp_path, manifest_dir):
         tracking.setup()
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
         assert len(runs) == 1 and runs[0].data.params["world_size"] == "2"
-        bundle = ModelBundle.load(tracking.download("models:/ddp-model/1", "model"))
+        bundle = ModelBundle.load(tracking.download("models:/ddp-model/1", "model", tmp_path / "model"))
     model = bundle.build()
     x = torch.rand(4, 1, 32, 32)
     assert torch.isfinite(model(x)).all() and model.embed(x).shape == (4, 16)
