@@ -27,9 +27,9 @@ want="$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch's CUDA build makes the environment ~7 GB: say so up front rather than fail deep inside pip.
   need_gb=7; mkdir -p "$(dirname "$VENV")"
-  free_gb=$(( $(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
-  if [ ! -d "$VENV" ] && [ "$free_gb" -lt "$need_gb" ]; then
-    echo "setup: $VENV needs about $need_gb GB of disk, only $free_gb GB are free on $(df -P "$(dirname "$VENV")" | awk 'NR==2 {print $6}');" \
+  read -r free_kb mount < <(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4, $6}')
+  if [ ! -d "$VENV" ] && [ $((free_kb / 1024 / 1024)) -lt "$need_gb" ]; then
+    echo "setup: $VENV needs about $need_gb GB of disk, only $((free_kb / 1024 / 1024)) GB are free on $mount;" \
          "free some space (old clones, /tmp) or set VENV to a folder on a bigger disk" >&2
     exit 1
   fi

@@ -438,7 +438,11 @@ def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tm
     with mlflow_store(pipeline_run["work"]):
         service = service_module.SimilarityService(service_module.ServiceConfig(model_uri="models:/imgsim/1"))
         real = service_module.Searcher
-        monkeypatch.setattr(service_module, "Searcher", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("bug")))
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated library bug")
+
+        monkeypatch.setattr(service_module, "Searcher", broken)
         assert not service._try_load(1) and ours() == []
         assert sorted(p.name for p in area.iterdir()) == [f"{os.getppid()}-running"]
         monkeypatch.setattr(service_module, "Searcher", real)
