@@ -60,7 +60,7 @@ def child(mode: str, root: str, size: int) -> None:
     bundle = ModelBundle(args, pre, [], EmbeddingNet(args, pre).state_dict())
     started = time.perf_counter()
     if mode == "streamed":
-        extract(ExtractConfig(n_trees=10, workers=1, batch_size=256), bundle, manifest)
+        extract(ExtractConfig(n_trees=10, workers=1, embed_batch_size=256), bundle, manifest)
     else:  # the path before the DataLoader: decode everything, then embed
         images = load_items(manifest.items, root, pre, workers=0)
         embed_batches(bundle.build(), images, 256, "embedding")

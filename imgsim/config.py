@@ -15,23 +15,56 @@ from imgsim.errors import ImgsimError
 C = TypeVar("C")
 
 
+# The concerns settings are grouped by in --help, in this order.
+GROUPS = ("data", "model", "optimisation", "augmentation", "selection", "index", "evaluation", "gallery",
+          "compute", "tracking", "distributed")
+
+
+def setting(default: Any, help: str, group: str) -> Any:  # noqa: A002 - the word argparse uses
+    """A stage setting declared once: its default, its one-line help and its group. The CLI flag, the
+    ``mlflow run -P`` parameter and ``--help`` all come from this declaration."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+
+
+def help_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("help", "")
+
+
+def group_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("group", "")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset[str] = frozenset(),
-                  config_flag: bool = True) -> None:
-    """Add ``--field`` for every dataclass field (default None = not given: the file or the default decides)
-    and ``--config``. ``--field_name`` works too: `mlflow run -P field_name=value` passes parameters an entry
-    point does not declare that way, which is how every setting reaches a stage without masking the file."""
+                  config_flag: bool = True, title: str = "", shared: dict[str, list[str]] | None = None) -> None:
+    """Add ``--field`` for every dataclass field (default None = not given: the file or the default decides),
+    in one argument group per concern, and ``--config``. ``--field_name`` works too: `mlflow run -P
+    field_name=value` passes parameters an entry point does not declare that way, which is how every setting
+    reaches a stage without masking the file. ``title`` prefixes the groups' titles (``main`` lists each
+    stage's); ``shared`` names the stages a flag also sets, for its help."""
     if config_flag:
         parser.add_argument("--config", default=None, help="YAML file whose keys override this stage's defaults")
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        flags = ["--" + field.name.replace("_", "-")] + (["--" + field.name] if "_" in field.name else [])
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    for field in sorted(fields, key=lambda f: GROUPS.index(group_of(f)) if group_of(f) in GROUPS else len(GROUPS)):
+        name = group_of(field) or "other"
+        if name not in groups:
+            groups[name] = parser.add_argument_group(f"{title}: {name}" if title else name)
+        flags = ["--" + field.name.replace("_", "-")]
+        if "_" in field.name:  # what `mlflow run -P` passes; one spelling in --help is enough
+            groups[name].add_argument("--" + field.name, dest=field.name, default=None, help=argparse.SUPPRESS,
+                                      **({"nargs": "?", "const": "true"} if _base_type(cls, field.name) is bool else {}))
+        text = help_of(field).replace("%", "%%")  # argparse formats help with %
+        if shared and field.name in shared:
+            text += f" [sets it for {', '.join(shared[field.name])}]"
         if _base_type(cls, field.name) is bool:
-            parser.add_argument(*flags, dest=field.name, default=None, nargs="?", const="true", metavar="BOOL",
-                                help=f"true/false; the flag alone means true (default: {field.default})")
+            groups[name].add_argument(*flags, dest=field.name, default=None, nargs="?", const="true", metavar="BOOL",
+                                      help=f"{text} (true/false, the flag alone means true; default: "
+                                           f"{_show(field.default)})")
         else:
-            parser.add_argument(*flags, dest=field.name, default=None, metavar=field.name.upper(),
-                                help=f"(default: {_show(field.default)})")
+            groups[name].add_argument(*flags, dest=field.name, default=None, metavar=field.name.upper(),
+                                      help=f"{text} (default: {_show(field.default) or 'empty'})")
 
 
 def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> C:

@@ -13,7 +13,9 @@ from imgsim import dedup
 from imgsim.bundle import Probes, build_probes
 from imgsim.data import ImageFiles, label_ids
 from imgsim.embed import embed_dataset
+from imgsim.config import setting
 from imgsim.errors import ImgsimError
+from imgsim.gallery import GALLERY_ALIAS, GALLERY_NAME
 from imgsim.index import DEFAULT_SEARCH_K, GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
 from imgsim.metrics import index_recall, retrieval_metrics
@@ -24,29 +26,39 @@ from imgsim.model import EmbeddingNet, ModelBundle
 class ExtractConfig:
     """Parameters of the extract stage."""
 
-    model_uri: str = ""
-    manifest_uri: str = ""  # default: the manifest the model was trained on
-    data_dir: str = ""
-    gallery_splits: str = "train"  # comma-separated splits to index
-    query_split: str = "test"
-    n_trees: int = 20
-    search_k: int = DEFAULT_SEARCH_K
-    batch_size: int = 512
-    max_queries: int = 0  # 0 = the whole query split
-    plot_points: int = 2000
-    seed: int = 42
-    threads: int = 0
-    workers: int = -1  # decoding processes; -1: all cores but one, at most 4
-    gallery_name: str = "imgsim-gallery"  # register the bundle as a version of this gallery ("" = do not)
-    gallery_alias: str = "serving"  # and point this alias at it ("" = leave the alias alone)
-    # Sharded extraction: each of num_shards processes embeds one contiguous shard (shard; -1: the Indexed Job's
-    # JOB_COMPLETION_INDEX) and logs it under shard_group; then `merge=<shard_group>` builds the one bundle,
-    # waiting up to wait_s seconds for shards still running.
-    num_shards: int = 1
-    shard: int = -1
-    shard_group: str = ""
-    merge: str = ""
-    wait_s: float = 0.0
+    model_uri: str = setting("", "the model to embed with: runs:/<train run>/model, models:/imgsim/N, or a "
+                             "folder", "model")
+    manifest_uri: str = setting("", "the split's manifest; empty: the one the model was trained on", "data")
+    data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
+    gallery_splits: str = setting("train", "comma-separated splits to index (the gallery)", "data")
+    query_split: str = setting("test", "the split whose images query the gallery in the evaluation", "evaluation")
+    n_trees: int = setting(20, "Annoy trees: more build a larger index with better recall", "index")
+    search_k: int = setting(DEFAULT_SEARCH_K, "Annoy nodes inspected per query: more search slower with better "
+                            "recall", "index")
+    # Not batch_size: `imgsim main` takes every stage's settings as flags, and train's batch_size is the
+    # optimizer's, a different thing.
+    embed_batch_size: int = setting(512, "images per forward pass while embedding (memory, not results)",
+                                    "compute")
+    max_queries: int = setting(0, "evaluate on at most this many query images; 0: the whole query split",
+                               "evaluation")
+    plot_points: int = setting(2000, "embeddings drawn in the t-SNE picture", "evaluation")
+    seed: int = setting(42, "random seed (query sample, plot sample)", "data")
+    threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
+    workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
+    gallery_name: str = setting(GALLERY_NAME, "register the bundle as a version of this gallery; empty: do not",
+                                "tracking")
+    gallery_alias: str = setting(GALLERY_ALIAS, "point this alias at the new version; empty: leave it alone",
+                                 "tracking")
+    # Sharded extraction: each of num_shards processes embeds one contiguous shard and logs it under
+    # shard_group; then `merge=<shard_group>` builds the one bundle.
+    num_shards: int = setting(1, "split the gallery into this many shard runs", "distributed")
+    shard: int = setting(-1, "which shard this process embeds; -1: the Indexed Job's JOB_COMPLETION_INDEX",
+                         "distributed")
+    shard_group: str = setting("", "name that ties the shard runs of one extraction together", "distributed")
+    merge: str = setting("", "merge the shard runs of this shard_group into one bundle (instead of embedding)",
+                         "distributed")
+    wait_s: float = setting(0.0, "with merge: wait up to this many seconds for shards still running",
+                            "distributed")
 
 
 @dataclasses.dataclass
@@ -133,14 +145,14 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
     label = f" (shard {shard + 1}/{num_shards})" if num_shards > 1 else ""
     started = time.perf_counter()
     hashes: list[str] = []
-    gallery, _ = embed_dataset(model, ImageFiles(gallery_items[g0:g1], root, bundle.preprocess), cfg.batch_size,
+    gallery, _ = embed_dataset(model, ImageFiles(gallery_items[g0:g1], root, bundle.preprocess), cfg.embed_batch_size,
                                f"extract: embedding gallery{label}", workers=cfg.workers,
                                on_batch=lambda inputs: hashes.extend(dedup.to_hex(dedup.phash_inputs(inputs))))
     embed_seconds = time.perf_counter() - started
     queries = np.zeros((0, model.dim), dtype=np.float32)
     logits = np.zeros((0, model.args.num_classes), dtype=np.float32)
     if q1 > q0:
-        queries, logits = embed_dataset(model, ImageFiles(query_items[q0:q1], root, bundle.preprocess), cfg.batch_size,
+        queries, logits = embed_dataset(model, ImageFiles(query_items[q0:q1], root, bundle.preprocess), cfg.embed_batch_size,
                                         f"extract: embedding queries{label}", workers=cfg.workers)
     return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds)
 

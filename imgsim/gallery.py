@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from imgsim import dedup
 from imgsim.bundle import PROBE_COUNT, Probes, ServingBundle
+from imgsim.config import setting
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import GalleryItem, IndexBundle
@@ -33,32 +34,42 @@ RECALL_QUERIES = 500
 class AddConfig:
     """Parameters of ``gallery add``."""
 
-    bundle: str = f"models:/{GALLERY_NAME}@{GALLERY_ALIAS}"  # the version to add to: folder, runs:/ or models:/
-    paths: str = ""  # image files, comma-separated (the CLI takes them as arguments)
-    folder: str = ""  # or every image below this folder
-    label: str = ""  # label of every added image; default: its class folder under root, if that is a model class
-    root: str = ""  # images must lie inside it; paths are stored relative to it. Default: the bundle's image root
-    model_uri: str = ""  # optional: refuse unless this is the bundle's model (same weights checksum)
-    hash_distance: int = dedup.DEFAULT_HASH_DISTANCE
-    embedding_distance: float = dedup.DEFAULT_EMBEDDING_DISTANCE
-    skip_near_duplicates: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 256
-    register_name: str = GALLERY_NAME  # the registered name each new version is registered under ("" = none)
-    alias: str = GALLERY_ALIAS  # moved to the new version ("" = leave the alias alone)
-    seed: int = 42
+    bundle: str = setting(f"models:/{GALLERY_NAME}@{GALLERY_ALIAS}", "the gallery version to add to: folder, "
+                          "runs:/ or models:/", "gallery")
+    paths: str = setting("", "image files, comma-separated (the CLI also takes them as arguments)", "data")
+    folder: str = setting("", "or every image below this folder", "data")
+    label: str = setting("", "label of every added image; default: its class folder under root, if that is a "
+                         "model class", "data")
+    root: str = setting("", "images must lie inside it; paths are stored relative to it; default: the bundle's "
+                        "image root", "data")
+    model_uri: str = setting("", "refuse unless this is the bundle's model (same weights)", "model")
+    hash_distance: int = setting(dedup.DEFAULT_HASH_DISTANCE, "most differing bits of 64 for a near copy "
+                                 "(perceptual hash); -1: exact copies only", "gallery")
+    embedding_distance: float = setting(dedup.DEFAULT_EMBEDDING_DISTANCE, "largest cosine distance for a near "
+                                        "copy", "gallery")
+    skip_near_duplicates: bool = setting(False, "skip near copies too (exact copies are always skipped)",
+                                         "gallery")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)", "data")
+    embed_batch_size: int = setting(256, "images per forward pass while embedding (memory, not results)",
+                                    "compute")
+    register_name: str = setting(GALLERY_NAME, "register each new version under this name; empty: do not",
+                                 "tracking")
+    alias: str = setting(GALLERY_ALIAS, "move this alias to the new version; empty: leave it alone", "tracking")
+    seed: int = setting(42, "random seed (recall sample)", "data")
 
 
 @dataclasses.dataclass(frozen=True)
 class RemoveConfig:
     """Parameters of ``gallery remove``."""
 
-    bundle: str = f"models:/{GALLERY_NAME}@{GALLERY_ALIAS}"
-    ids: str = ""  # gallery ids, comma-separated
-    paths: str = ""  # or gallery paths (as stored: relative to the image root), comma-separated
-    register_name: str = GALLERY_NAME
-    alias: str = GALLERY_ALIAS
-    seed: int = 42
+    bundle: str = setting(f"models:/{GALLERY_NAME}@{GALLERY_ALIAS}", "the gallery version to remove from: "
+                          "folder, runs:/ or models:/", "gallery")
+    ids: str = setting("", "gallery ids to remove, comma-separated", "data")
+    paths: str = setting("", "or gallery paths (as stored: relative to the image root), comma-separated", "data")
+    register_name: str = setting(GALLERY_NAME, "register each new version under this name; empty: do not",
+                                 "tracking")
+    alias: str = setting(GALLERY_ALIAS, "move this alias to the new version; empty: leave it alone", "tracking")
+    seed: int = setting(42, "random seed (recall sample)", "data")
 
 
 @dataclasses.dataclass
@@ -93,7 +104,7 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
                           f"{'; ...' if len(errors) > 10 else ''}). Nothing was changed: remove or fix them and run again.")
     rel = [str(p.relative_to(root)) for p in found]
     new_rows, skipped, pairs = _drop_exact(parent.index, rel, sha)
-    embeddings = _embed(parent, inputs[new_rows], cfg.batch_size)
+    embeddings = _embed(parent, inputs[new_rows], cfg.embed_batch_size)
     hashes = dedup.phash_inputs(inputs[new_rows])
     near = _near_copies(parent.index, [rel[i] for i in new_rows], hashes, embeddings, cfg)
     pairs += near

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from imgsim import dedup
+from imgsim.config import setting
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import DEFAULT_MAX_PIXELS, decode_image
 from imgsim.manifest import Item, Manifest, Rejected
@@ -22,15 +23,18 @@ from imgsim.manifest import Item, Manifest, Rejected
 class SplitConfig:
     """Parameters of the split stage."""
 
-    data_dir: str = "data/fashion-mnist"
-    test_ratio: float = 0.2
-    eval_ratio: float = 0.05
-    seed: int = 42
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    labels: str = "auto"  # folders: one subfolder per class; none: every image, unlabelled; auto: folders if any
-    # Near copies (perceptual hashes at most this many bits of 64 apart) share a split, as exact copies do, so
-    # a re-encoded or resized copy cannot sit in test while its original trains. -1: exact copies only.
-    near_duplicate_distance: int = dedup.DEFAULT_HASH_DISTANCE
+    data_dir: str = setting("data/fashion-mnist", "the image folder: one subfolder per class, or none", "data")
+    test_ratio: float = setting(0.2, "share of each class held out as test (the evaluation's queries)", "data")
+    eval_ratio: float = setting(0.05, "share of each class held out as eval (picks the best epoch)", "data")
+    seed: int = setting(42, "random seed of the split", "data")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)", "data")
+    labels: str = setting("auto", "folders: one subfolder per class; none: every image, unlabelled; auto: "
+                          "folders if there are any", "data")
+    # Near copies share a split, as exact copies do, so a re-encoded or resized copy cannot sit in test while
+    # its original trains.
+    near_duplicate_distance: int = setting(dedup.DEFAULT_HASH_DISTANCE, "images whose perceptual hashes differ "
+                                           "in at most this many bits of 64 share a split; -1: exact copies only",
+                                           "data")
 
     def __post_init__(self) -> None:
         if self.labels not in ("auto", "folders", "none"):

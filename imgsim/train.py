@@ -16,6 +16,7 @@ from tqdm import tqdm
 from imgsim import augment, checkpoint, distributed, recipe, weights
 from imgsim.data import ImageFiles, Transformed, cache_images, label_ids, make_loader
 from imgsim.embed import embed_dataset
+from imgsim.config import setting
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.manifest import Manifest
@@ -31,46 +32,63 @@ SELECT_METRICS = ("map_at_r", "accuracy", "last")
 class TrainConfig:
     """Hyper-parameters of the train stage (0 for image_size / channels: chosen from the data)."""
 
-    manifest_uri: str = ""
-    data_dir: str = ""  # where the manifest's relative paths live, if not where split saw them
-    backbone: str = SMALL  # or resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny
-    weights: str = "none"  # none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / s3:// / models:/ URI
-    epochs: int = 0  # 0: enough for ~2000 optimizer steps, at least 12, at most 100 (12 for Fashion-MNIST)
-    batch_size: int = 0  # 0: 32 below 10k training images, else 128
-    lr: float = 0.0  # 0: 0.2 x batch_size / 128
-    backbone_lr_scale: float = 0.1  # pretrained backbones learn at lr * this; scratch backbones at lr
-    freeze_epochs: int = 0  # pretrained backbone frozen for the first epochs: the new head settles first
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    widths: tuple[int, ...] = ()  # resnet_small's stages; empty: 32,64,128 below 32 px, 32,64,128,256 from 32 px
-    depths: tuple[int, ...] = ()  # empty: one block per stage
-    embedding_dim: int = 128
-    head: str = "cosine"  # cosine, arcface or linear
-    scale: float = 16.0
-    margin: float = 0.2  # arcface's angular margin (radians)
-    image_size: int = 0  # 0: median image side within [28, 32] from scratch; the weights' size when pretrained
-    channels: int = 0  # 0: 3 if the images have colour (or the backbone is pretrained), else 1
-    augment: str = "auto"  # auto (photo for pretrained backbones, else shift), none, shift, photo
-    crop_scale: float = 0.35  # photo: smallest share of the image a random crop keeps
-    color_jitter: float = 0.2  # photo: brightness/contrast/saturation jitter (hue a quarter of it)
-    select_metric: str = "map_at_r"  # best epoch by eval mAP@R (against a train sample), accuracy, or last
-    select_gallery_items: int = 2000  # train images the eval queries are ranked against for mAP@R
-    patience: int = 0  # stop after this many epochs without a better select_metric (0: never stop early)
-    cache: str = "auto"  # decoded-image cache on disk: auto (images <= 96 px), true, false
-    workers: int = -1  # decoding processes; -1: all cores but one, at most 4
+    manifest_uri: str = setting("", "the split's manifest: runs:/<split run>/split, or a folder", "data")
+    data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
+    backbone: str = setting(SMALL, "network: resnet_small (from scratch), resnet18, resnet50, mobilenet_v3_large, "
+                            "efficientnet_b0, convnext_tiny", "model")
+    weights: str = setting("none", "backbone weights: none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a "
+                           "file / s3:// / models:/ URI of a state dict", "model")
+    widths: tuple[int, ...] = setting((), "resnet_small's stage widths, comma-separated; empty: 32,64,128 below 32 "
+                                      "px, 32,64,128,256 from 32 px", "model")
+    depths: tuple[int, ...] = setting((), "resnet_small's blocks per stage, comma-separated; empty: one each", "model")
+    embedding_dim: int = setting(128, "size of the embedding (the last hidden layer)", "model")
+    head: str = setting("cosine", "classifier head on the embedding: cosine, arcface or linear", "model")
+    scale: float = setting(16.0, "logit scale of the cosine and arcface heads", "model")
+    margin: float = setting(0.2, "arcface's angular margin, in radians", "model")
+    image_size: int = setting(0, "input side in px; 0: the median image side within [28, 32] from scratch, the "
+                              "weights' own size when pretrained", "data")
+    channels: int = setting(0, "input channels; 0: 3 if the images have colour (or the backbone is pretrained), "
+                            "else 1", "data")
+    epochs: int = setting(0, "passes over the training split; 0: enough for ~2000 optimizer steps, 12 to 100 "
+                          "(12 for Fashion-MNIST)", "optimisation")
+    batch_size: int = setting(0, "training images per optimizer step; 0: 32 below 10k training images, else 128",
+                              "optimisation")
+    lr: float = setting(0.0, "peak learning rate (SGD + Nesterov, one-cycle schedule); 0: 0.2 x batch_size / 128",
+                        "optimisation")
+    backbone_lr_scale: float = setting(0.1, "pretrained backbones learn at lr x this; scratch backbones at lr",
+                                       "optimisation")
+    freeze_epochs: int = setting(0, "keep a pretrained backbone frozen for the first N epochs while the new head "
+                                 "settles", "optimisation")
+    weight_decay: float = setting(5e-4, "SGD weight decay", "optimisation")
+    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "optimisation")
+    augment: str = setting("auto", "training augmentation: auto (photo for pretrained backbones, else shift), "
+                           "none, shift, photo", "augmentation")
+    crop_scale: float = setting(0.35, "photo: the smallest share of the image a random crop keeps", "augmentation")
+    color_jitter: float = setting(0.2, "photo: brightness/contrast/saturation jitter (hue a quarter of it)",
+                                  "augmentation")
+    select_metric: str = setting("map_at_r", "best epoch by eval mAP@R (against a train sample), accuracy, or "
+                                 "last", "selection")
+    select_gallery_items: int = setting(2000, "training images the eval queries are ranked against for mAP@R",
+                                        "selection")
+    patience: int = setting(0, "stop after this many epochs without a better select_metric; 0: never stop early",
+                            "selection")
+    max_train_items: int = setting(0, "train on a seeded subset of this many images (quick runs); 0: all", "data")
+    cache: str = setting("auto", "decoded-image cache on disk: auto (images up to 96 px), true, false", "compute")
+    workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
     # Off by default: with torch 2.14.1's oneDNN on CPU, channels-last backward crashed (SIGSEGV)
     # intermittently on small feature maps. bench/ measures whether it is worth it where it works.
-    channels_last: bool = False
-    max_train_items: int = 0  # 0 = all; a smaller number trains on a seeded subset for quick runs
-    seed: int = 42
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    checkpoint_dir: str = "checkpoints/train"
-    resume: bool = False
-    # Resume only if checkpoint_dir holds a checkpoint, else start fresh: what a cluster Job's restarted pods
-    # (torchrun --max-restarts, a Job retry) need, where the first attempt has nothing to resume.
-    resume_if_present: bool = False
-    register_name: str = "imgsim"
-    run_name: str = ""
+    channels_last: bool = setting(False, "channels-last memory format (faster on GPUs; crashed intermittently in "
+                                  "oneDNN's backward on CPU)", "compute")
+    threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
+    seed: int = setting(42, "random seed (initialisation, order, augmentation)", "data")
+    checkpoint_dir: str = setting("checkpoints/train", "folder for the per-epoch checkpoint", "tracking")
+    resume: bool = setting(False, "continue from the checkpoint in checkpoint_dir", "tracking")
+    # What a cluster Job's restarted pods (torchrun --max-restarts, a Job retry) need, where the first attempt
+    # has nothing to resume.
+    resume_if_present: bool = setting(False, "resume only if checkpoint_dir holds a checkpoint, else start fresh",
+                                      "distributed")
+    register_name: str = setting("imgsim", "register the trained model under this name in MLflow", "tracking")
+    run_name: str = setting("", "MLflow run name; empty: the stage's name", "tracking")
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
