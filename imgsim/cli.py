@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from imgsim import config
+from imgsim import config, logs
 from imgsim.errors import ImgsimError
 from imgsim.extract import ExtractConfig
 from imgsim.split import SplitConfig
@@ -17,6 +17,9 @@ from imgsim.train import TrainConfig
 STAGES = (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractConfig))
 # main sets these itself: each step reads the previous step's artifact URI.
 CHAINED = frozenset({"manifest_uri", "model_uri"})
+# Names several stages declare with one meaning; any other shared name needs a stage-specific name instead
+# (extract's inference batch is embed_batch_size, not train's batch_size).
+SAME_MEANING = frozenset({"data_dir", "seed", "threads", "workers"})
 
 
 def _split(ns):
@@ -37,11 +40,13 @@ def _extract(ns):
 
 
 def _main(ns):
+    from imgsim.result import MainResult
     from imgsim.workflow import run_main
-    result = run_main(*main_configs(ns).values())
-    print(json.dumps(result, indent=2))
-    if ns.result_file:
-        Path(ns.result_file).write_text(json.dumps(result, indent=2))
+    result = MainResult(**run_main(*main_configs(ns).values()))
+    if ns.result_file:  # the table comes with `imgsim report`, after what the caller does next
+        print(f"main: {result.summary()}; `imgsim report {result.save(ns.result_file)}` shows runs and metrics")
+    else:
+        print(result.report())
 
 
 def main_configs(ns) -> dict:
@@ -64,6 +69,17 @@ def main_configs(ns) -> dict:
     return cfgs
 
 
+def shared_settings() -> dict[str, list[str]]:
+    """Settings more than one stage declares, with those stages: ``main`` sets each of them in all, so they
+    must mean the same in each (a test holds them to :data:`SAME_MEANING`): no flag silently means two things."""
+    stages: dict[str, list[str]] = {}
+    for name, cls in STAGES:
+        for field in dataclasses.fields(cls):
+            if field.name not in CHAINED:
+                stages.setdefault(field.name, []).append(name)
+    return {k: v for k, v in stages.items() if len(v) > 1}
+
+
 def _prepare(ns):
     from imgsim.fashion_mnist import prepare
     print(f"image folder: {prepare(ns.out, source=ns.source, per_class=ns.per_class)}")
@@ -72,11 +88,42 @@ def _prepare(ns):
 def _export(ns):
     from imgsim.export import export_bundle
     from imgsim import tracking
+    if sum(map(bool, (ns.run, ns.uri, ns.result))) != 1:
+        raise ImgsimError("give one of --run <extract run id>, --uri <runs:/..., models:/..., folder> or "
+                          "--result <main's result file>")
+    uri = f"runs:/{ns.run}" if ns.run else ns.uri or _result(ns.result).bundle_uri
     tracking.setup()
-    uri = f"runs:/{ns.run}" if ns.run else ns.uri
-    if not uri:
-        raise ImgsimError("give --run <extract run id> or --uri <runs:/..., models:/..., folder>")
     print(f"bundle written to {export_bundle(uri, ns.out)}")
+
+
+def _result(path: str):
+    from imgsim.result import MainResult
+    return MainResult.load(path)
+
+
+def _pick_image(ns):
+    from imgsim import tracking
+    from imgsim.manifest import Manifest
+    if bool(ns.result) == bool(ns.manifest):
+        raise ImgsimError("give --result <main's result file> or --manifest <runs:/<split run>/split or a folder>")
+    uri = ns.manifest or _result(ns.result).manifest_uri
+    if tracking.local_path(uri) is None:
+        tracking.setup()
+    with tracking.fetched(uri, "manifest") as folder:
+        print(Manifest.load(folder).image_path(ns.split, ns.index))
+
+
+def _report(ns):
+    from imgsim import tracking
+    print(_result(ns.result).report())
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --port 8080  "
+          "(then open http://127.0.0.1:8080)")
+
+
+def _wait_ready(ns):
+    from imgsim import client
+    seconds = client.wait_ready(ns.url, ns.timeout_s, ns.pid, ns.log)
+    print(f"server at {ns.url} ready after {seconds:.0f} s")
 
 
 def _setup_tracking(ns):
@@ -200,13 +247,15 @@ def _add_operations_parsers(sub) -> None:
     p = sub.add_parser("ui", help="a search page for a running server: drop an image, browse its neighbours")
     p.add_argument("--url", default="http://127.0.0.1:9000", help="the server's REST endpoint")
     p.add_argument("--gallery-root", help="the gallery's image folder, for thumbnails (only files inside it)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8501)
-    p.set_defaults(fn=_ui)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8501, help="port to listen on (default: %(default)s)")
+    p.set_defaults(fn=_ui, log_level="INFO")  # a server: its start and requests are worth seeing
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgsim", description="Image similarity search: split, train, extract, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help=f"show every log line (MLflow's store set-up too); or set ${logs.LEVEL_ENV}=DEBUG/INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, fn, help_ in (("split", SplitConfig, _split, "validate images and write a stratified manifest"),
                                  ("train", TrainConfig, _train, "train the embedding model"),
@@ -214,45 +263,82 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         config.add_arguments(p, cls)
         p.set_defaults(fn=fn)
-    p = sub.add_parser("main", help="split -> train -> extract in one tracked run; any stage's setting as a flag")
+    p = sub.add_parser("main", help="split -> train -> extract in one tracked run; any stage's setting as a flag",
+                       description="split -> train -> extract in one tracked run. Every stage's setting is a flag; "
+                                   "a name several stages share means the same in each and sets it in each.")
     p.add_argument("--config", help="YAML file with optional split:, train:, extract: sections (or flat keys)")
+    shared = shared_settings()
     seen: set[str] = set(CHAINED)
-    for _, cls in STAGES:
-        config.add_arguments(p, cls, skip=frozenset(seen), config_flag=False)
+    for name, cls in STAGES:
+        config.add_arguments(p, cls, skip=frozenset(seen), config_flag=False, title=name, shared=shared)
         seen |= {f.name for f in dataclasses.fields(cls)}
-    p.add_argument("--result-file", "--result_file", dest="result_file", help="also write the run ids and URIs as JSON here")
+    p.add_argument("--result-file", "--result_file", dest="result_file",
+                   help="also write the run ids, URIs and metrics as JSON here (for export, pick-image, report)")
     p.set_defaults(fn=_main)
+    _add_helper_parsers(sub)
+    _add_operations_parsers(sub)
+    _verbose_everywhere(parser)
+    return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` after the command too (``imgsim main --verbose``), for every command and sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="show every log line; or set $IMGSIM_LOG_LEVEL")
+                _verbose_everywhere(child)
+
+
+def _add_helper_parsers(sub) -> None:
+    """The data set, the tracking store, bundles, in-process search, and the steps around a server."""
     p = sub.add_parser("prepare", help="write Fashion-MNIST out as a class-per-folder image tree")
-    p.add_argument("--out", default="data/fashion-mnist")
+    p.add_argument("--out", default="data/fashion-mnist", help="the image folder to write (default: %(default)s)")
     p.add_argument("--source", help="folder with the IDX files (default: Debian's dataset-fashion-mnist)")
     p.add_argument("--per-class", type=int, default=0, help="keep at most this many per class and part (0 = all)")
     p.set_defaults(fn=_prepare)
     p = sub.add_parser("export", help="write a verified serving bundle from an extract run")
     p.add_argument("--run", help="extract run id")
     p.add_argument("--uri", help="or any bundle URI: runs:/<id>/bundle, models:/name/version, models:/name@alias")
-    p.add_argument("--out", required=True)
+    p.add_argument("--result", help="or the result file of `imgsim main --result-file`: its bundle")
+    p.add_argument("--out", required=True, help="the folder to write the bundle into (replaced atomically)")
     p.set_defaults(fn=_export)
     p = sub.add_parser("setup-tracking", help="create the local MLflow store and experiment (mlflow run needs it first)")
     p.set_defaults(fn=_setup_tracking)
+    p = sub.add_parser("report", help="print the runs and metrics of a `main` result file")
+    p.add_argument("result", help="the result file of `imgsim main --result-file`")
+    p.set_defaults(fn=_report)
+    p = sub.add_parser("pick-image", help="print the path of one image of a split, e.g. a test image to query with")
+    p.add_argument("--result", help="the result file of `imgsim main --result-file`: its manifest")
+    p.add_argument("--manifest", help="or a manifest: runs:/<split run>/split or a folder")
+    p.add_argument("--split", default="test", help="train, test or eval (default: %(default)s)")
+    p.add_argument("--index", type=int, default=0, help="which image of the split, in manifest order (default: 0)")
+    p.set_defaults(fn=_pick_image)
     p = sub.add_parser("search", help="query a bundle in-process (no server)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to query with")
     p.add_argument("--bundle", required=True, help="bundle folder or URI")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=int, default=5, help="neighbours per image (default: %(default)s)")
     p.set_defaults(fn=_search)
+    p = sub.add_parser("wait-ready", help="wait until a server answers its health check")
+    p.add_argument("--url", default="http://127.0.0.1:9000", help="the server's REST endpoint (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="give up after this many seconds (default: 120)")
+    p.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
+    p.add_argument("--log", default="", help="the server's log file, named in the error if it does not come up")
+    p.set_defaults(fn=_wait_ready)
     p = sub.add_parser("query", help="ask a running server for the images most similar to IMAGE")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to query with")
     p.add_argument("--url", help="REST endpoint, e.g. http://127.0.0.1:9000")
     p.add_argument("--grpc", help="gRPC endpoint, e.g. 127.0.0.1:5000")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=int, default=5, help="neighbours per image (default: %(default)s)")
     p.add_argument("--out", help="write a PNG of the query beside its neighbours")
     p.add_argument("--gallery-root", help="local copy of the gallery, to draw the neighbours in --out")
     p.set_defaults(fn=_query)
-    _add_operations_parsers(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    logs.configure(ns.verbose, default=getattr(ns, "log_level", "WARNING"))
     try:
         ns.fn(ns)
     except ImgsimError as exc:

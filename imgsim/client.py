@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import requests
 
 from imgsim.errors import ImgsimError
+
+
+def wait_ready(url: str, timeout_s: float = 120.0, pid: int | None = None, log: str = "") -> float:
+    """Poll the server's ``/health/status`` until it answers 200; returns the seconds waited. Stops early with
+    an error if ``pid`` (the server process) has exited, pointing at ``log``."""
+    see = f"; see {log}" if log else ""
+    start = time.monotonic()
+    while True:
+        if pid is not None and not _alive(pid):
+            raise ImgsimError(f"the server (pid {pid}) exited before it was ready{see}")
+        try:
+            if requests.get(f"{url.rstrip('/')}/health/status", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except requests.RequestException:
+            pass  # not listening yet
+        if time.monotonic() - start > timeout_s:
+            raise ImgsimError(f"the server at {url} was not ready after {timeout_s:g} s{see}")
+        time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, alive
+    try:  # an exited child its shell has not reaped yet is a zombie: gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): kill's answer stands
 
 
 def query_rest(url: str, image: bytes, k: int, timeout: float = 30.0) -> dict:

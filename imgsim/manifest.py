@@ -52,6 +52,15 @@ class Manifest:
             raise ImgsimError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return [item for item in self.items if item.split == name]
 
+    def image_path(self, split: str, index: int = 0) -> Path:
+        """The file of the ``index``-th image of ``split`` (in manifest order), for a quick query."""
+        items = self.split(split)
+        if not items:
+            raise ImgsimError(f"the manifest's {split} split is empty; pick another split")
+        if not -len(items) <= index < len(items):
+            raise ImgsimError(f"the {split} split has {len(items)} images; pick an index below {len(items)}")
+        return Path(self.root) / items[index].path
+
     def summary(self) -> dict:
         """Counts per class and split, and the number rejected."""
         counts = collections.Counter((item.label, item.split) for item in self.items)

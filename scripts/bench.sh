@@ -15,9 +15,9 @@ $PY bench/extraction.py
 $PY bench/serving.py
 $PY bench/pipeline.py                     # `make demo` from a fresh clone, timed
 # The server benches below use the demo bundle (bundles/demo): make it unless a valid one is there.
-$PY -c "from bench.hostile import demo_bundle; demo_bundle()" 2>/dev/null || bash scripts/demo.sh
+[ -f bundles/demo/bundle.json ] || bash scripts/demo.sh     # each bench also verifies it before use
 $PY bench/hostile_memory.py               # server memory under hostile images (~2 min)
 $PY bench/soak.py                         # 10 minutes of mixed good and bad traffic
 $PY bench/gallery.py                      # add/remove 1% of the gallery vs a full extract; duplicates (~10 min)
 $PY bench/scale.py                        # 1 vs 2 shard processes; index build at 10^5 and 10^6 (~5 min)
-$PY bench/report.py --write               # the README's results section
+$PY bench/report.py --write               # the results section of docs/benchmarks.md

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on Fashion-MNIST through MLflow, then a real query through the real Seldon server.
+# Every step is an imgsim or mlflow command (tested like any other); this file only sequences them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,41 +15,30 @@ OUT=demo-out
 mkdir -p "$OUT"
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}
 export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-imgsim}
+# Quiet by default (imgsim commands are too); IMGSIM_LOG_LEVEL=DEBUG make demo shows every log line.
+export MLFLOW_LOGGING_LEVEL=${MLFLOW_LOGGING_LEVEL:-${IMGSIM_LOG_LEVEL:-WARNING}}
 
 imgsim setup-tracking
 imgsim prepare --out "$DATA"
 # --env-manager local: the default manager runs `pyenv install`, which needs the internet.
 mlflow run . -e main --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_NAME" \
   -P data_dir="$DATA" -P epochs="$EPOCHS" -P result_file="$PWD/$OUT/result.json"
+imgsim export --result "$OUT/result.json" --out bundles/demo
 
-bundle_uri=$(python -c "import json; print(json.load(open('$OUT/result.json'))['bundle_uri'])")
-imgsim export --uri "$bundle_uri" --out bundles/demo
-
-echo "demo: starting seldon-core-microservice on 127.0.0.1:$REST_PORT (REST) and :$GRPC_PORT (gRPC)"
+echo "demo: starting seldon-core-microservice on 127.0.0.1:$REST_PORT (REST) and :$GRPC_PORT (gRPC), log in $OUT/server.log"
 (cd model_server && IMGSIM_MODEL_URI="$PWD/../bundles/demo" IMGSIM_GALLERY_ROOT="$PWD/../$DATA" \
   PREDICTIVE_UNIT_HTTP_SERVICE_PORT=$REST_PORT PREDICTIVE_UNIT_GRPC_SERVICE_PORT=$GRPC_PORT \
   PREDICTIVE_UNIT_METRICS_SERVICE_PORT=$METRICS_PORT \
   exec setsid seldon-core-microservice ModelServer --service-type MODEL) > "$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill -- -$server 2>/dev/null || true' EXIT
-for _ in $(seq 120); do
-  curl -sf "http://127.0.0.1:$REST_PORT/health/status" >/dev/null && break
-  kill -0 $server 2>/dev/null || { echo "demo: the server exited; see $OUT/server.log"; exit 1; }
-  sleep 1
-done
-curl -sf "http://127.0.0.1:$REST_PORT/health/status" >/dev/null || { echo "demo: server not ready; see $OUT/server.log"; exit 1; }
+imgsim wait-ready --url "http://127.0.0.1:$REST_PORT" --pid $server --log "$OUT/server.log" --timeout-s 120
 
-query=$(python -c "
-from imgsim.manifest import Manifest; from imgsim import tracking, export
-import json; r = json.load(open('$OUT/result.json')); tracking.setup()
-m = Manifest.load(tracking.download('runs:/' + r['split'] + '/split', 'manifest'))
-print(m.root + '/' + m.split('test')[0].path)")
 echo
 echo "== top-5 neighbours of a test image, through the real Seldon server =="
-imgsim query "$query" --url "http://127.0.0.1:$REST_PORT" --grpc "127.0.0.1:$GRPC_PORT" -k 5 \
-  --out "$OUT/query.png" --gallery-root "$DATA"
+query=$(imgsim pick-image --result "$OUT/result.json" --split test)
+imgsim query "$query" \
+  --url "http://127.0.0.1:$REST_PORT" --grpc "127.0.0.1:$GRPC_PORT" -k 5 --out "$OUT/query.png" --gallery-root "$DATA"
 echo
 echo "== runs and metrics =="
-python -c "import json; r = json.load(open('$OUT/result.json')); print(json.dumps(r, indent=2))"
-echo
-echo "MLflow UI: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI --port 8080  (then open http://127.0.0.1:8080)"
+imgsim report "$OUT/result.json"

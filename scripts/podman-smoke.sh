@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Optional, by hand: build the serving image with podman from a locally built Debian base (no registry
 # needed), run it the way the chart does (uid 8888, read-only root, /tmp as tmpfs, bundle at /mnt/models),
-# and query it over REST and gRPC on loopback. Needs root, apt-get, and a bundle from `make demo`.
+# and query it with a test image of the demo's split over REST and gRPC on loopback. Needs root, apt-get,
+# and a bundle from `make demo`.
 #
 #   bash scripts/podman-smoke.sh            (PODMAN_VOLUMES adapts where pip finds packages)
 #
@@ -50,8 +51,7 @@ for _ in $(seq 120); do
 done
 curl -sf "http://127.0.0.1:$REST/health/status" || { "${PODMAN[@]}" logs "$name" | tail -40; exit 1; }
 echo
-query=$(.venv/bin/python -c "import csv; r = next(csv.DictReader(open('$BUNDLE/items.csv'))); print(r['path'])")
-root=${PODMAN_GALLERY_ROOT:-data/fashion-mnist}
-.venv/bin/imgsim query "$root/$query" --url "http://127.0.0.1:$REST" --grpc "127.0.0.1:$GRPC" -k 5
+query=$(.venv/bin/imgsim pick-image --result demo-out/result.json --split test)
+.venv/bin/imgsim query "$query" --url "http://127.0.0.1:$REST" --grpc "127.0.0.1:$GRPC" -k 5
 echo "podman-smoke: $IMAGE answered over REST and gRPC as uid $("${PODMAN[@]}" exec "$name" id -u)"
 echo "podman-smoke: image size $("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1 / 1e6}')"
