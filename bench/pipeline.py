@@ -1,4 +1,4 @@
-"""Bench 5: wall time of the README's demo command, from a fresh clone (install included unless cached).
+"""Bench 5: wall time of the README's demo command (`make demo`), from a fresh clone (install included unless cached).
 
 python bench/pipeline.py [--keep-venv]
 A fresh clone gets its own .venv, so the figure includes the pip install; --keep-venv links this

@@ -1,7 +1,7 @@
-"""Render bench/results/*.json as the README's results section (between the results markers).
+"""Render bench/results/*.json as the results section of docs/benchmarks.md (between the results markers).
 
 python bench/report.py            print the section
-python bench/report.py --write    replace it in README.md
+python bench/report.py --write    replace it in docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, table  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -36,7 +36,7 @@ def section() -> str:
                      f"for {quality['config']['epochs']} epochs):\n")
         parts.append(table(quality["rows"], ["embedding", "accuracy", "precision_at_1", "precision_at_10",
                                              "map_at_r", "map_full"]))
-        parts.append("\n![accuracy and mAP by epoch](bench/results/accuracy_map_by_epoch.png)\n")
+        parts.append("\n![accuracy and mAP by epoch](../bench/results/accuracy_map_by_epoch.png)\n")
     if pipeline:
         mm = pipeline["metrics"]
         parts.append(f"**Demo configuration** (`make demo`: 4 epochs, the 75/20/5 split of all 70k images): "
@@ -52,7 +52,7 @@ def section() -> str:
         if best:
             parts.append(f"\nFastest setting with recall@10 ≥ 0.99: **{best['method']}**, recall@10 "
                          f"{best['recall_at_10']:.4f} at {best['speedup']:.1f}× exact single-query speed.")
-        parts.append("\n![recall against queries per second](bench/results/recall_vs_qps.png)\n")
+        parts.append("\n![recall against queries per second](../bench/results/recall_vs_qps.png)\n")
     if serving:
         parts.append("**3. Serving** — single-image `binData` queries against the real `seldon-core-microservice` "
                      "serving the demo bundle: an echo model, imgsim on PyTorch and imgsim on ONNX Runtime (the "
@@ -207,11 +207,11 @@ def main() -> None:
     if not parser.parse_args().write:
         print(text)
         return
-    readme = README.read_text()
+    readme = PAGE.read_text()
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    print(f"updated {README}")
+    PAGE.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"updated {PAGE}")
 
 
 if __name__ == "__main__":

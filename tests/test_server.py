@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import concurrent.futures
 import io
@@ -450,3 +451,15 @@ def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tm
         assert service._try_load(0, swap=True) and len(second := ours()) == 1 and second != first
     service_module._remove_own_downloads()
     assert ours() == [] and (area / f"{os.getppid()}-running").exists()
+
+
+def test_docs_compact_grpc_client_runs_as_written(server, gallery, tmp_path):
+    from tests.doc_commands import tested_blocks
+    code = tested_blocks()["compact-grpc-client"]
+    assert '"127.0.0.1:5000"' in code  # the documented default port, pointed at this test's server
+    (tmp_path / "query.png").write_bytes(gallery["bytes"])
+    out = subprocess.run([sys.executable, "-c", code.replace('"127.0.0.1:5000"', repr(server.grpc))], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, neighbour = out.stdout.split(" ", 1)
+    assert ast.literal_eval(neighbour)["id"] == gallery["item"].id  # the query image finds itself first
