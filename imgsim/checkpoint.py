@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from imgsim import atomic
@@ -16,8 +18,8 @@ RESUMABLE_CHANGES = {"resume", "resume_if_present", "run_name"}
 
 def save(path: Path, config: dict, model, optimizer, schedule, state: dict) -> None:
     """Write everything needed to continue; a kill -9 mid-write leaves the previous file intact."""
-    payload = {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "schedule": schedule.state_dict(), "state": state}
+    payload = {"config": _plain(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "schedule": schedule.state_dict(), "state": _plain(state)}
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -26,14 +28,14 @@ def read_state(path: Path) -> dict | None:
     """The bookkeeping part of a checkpoint (epoch, history, MLflow run id), or None if there is none."""
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+    return _load(path)["state"]
 
 
 def restore(path: Path, config: dict, model, optimizer, schedule) -> dict:
     """Load model, optimizer and schedule state in place; refuse a checkpoint made with other settings."""
     if not path.exists():
         raise ImgsimError(f"--resume was given but there is no checkpoint at {path}; run without --resume to start afresh")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = _load(path)
     then = payload["config"]
     changed = sorted(k for k in config if k not in RESUMABLE_CHANGES and config[k] != then.get(k))
     if changed:
@@ -44,3 +46,22 @@ def restore(path: Path, config: dict, model, optimizer, schedule) -> dict:
     optimizer.load_state_dict(payload["optimizer"])
     schedule.load_state_dict(payload["schedule"])
     return payload["state"]
+
+
+def _load(path: Path) -> dict:
+    """Tensors and plain Python values only: checkpoints live on shared volumes, and unpickling an arbitrary
+    object would run whatever code whoever could write there put in it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ImgsimError(f"refusing the checkpoint {path}: it holds more than tensors and plain values "
+                          f"({str(exc).splitlines()[0][:200]}); delete it or use another checkpoint_dir") from None
+
+
+def _plain(value):
+    """numpy scalars (a metric's float64) as Python numbers, so the checkpoint loads with weights_only."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
