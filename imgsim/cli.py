@@ -211,7 +211,8 @@ def _ui(ns):
     from imgsim.ui import UiConfig, serve
     if ns.gallery_root and not Path(ns.gallery_root).is_dir():
         raise ImgsimError(f"--gallery-root {ns.gallery_root} is not a folder")
-    serve(UiConfig(url=ns.url.rstrip("/"), gallery_root=ns.gallery_root or ""), ns.host, ns.port)
+    cfg = dataclasses.replace(UiConfig.from_env(), url=ns.url.rstrip("/"), gallery_root=ns.gallery_root or "")
+    serve(cfg, ns.host, ns.port)  # the limits from IMGSIM_UI_* as in the chart
 
 
 def _add_operations_parsers(sub) -> None:

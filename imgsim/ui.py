@@ -4,20 +4,27 @@ gallery thumbnails from the configured root only."""
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
-import functools
 import io
+import json
+import logging
 import os
+import posixpath
+import socket
+import threading
 from pathlib import Path
 
 import requests
-from flask import Flask, Response, jsonify, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Request, Response, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wsgi import ClosingIterator
 
 from imgsim.errors import BadInput
 from imgsim.images import decode_image
 from imgsim.service import read_gallery_file
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "ui_static"
 THUMB_SIDE = 160
 
@@ -31,6 +38,9 @@ class UiConfig:
     max_image_bytes: int = 8 * 1024 * 1024
     max_k: int = 50
     timeout_s: float = 30.0
+    max_pixels: int = 12_000_000  # the server's own limit: a thumbnail decodes no larger image than a query
+    max_concurrent_decodes: int = 1  # per worker process, as in the server: decoding is where memory goes
+    thumbnail_cache_bytes: int = 16 * 1024 * 1024  # per worker process
 
     @classmethod
     def from_env(cls) -> "UiConfig":
@@ -43,10 +53,29 @@ class UiConfig:
         return cls(**values)
 
 
+SMALL_BODY = 64 * 1024  # every route but the upload: a JSON id, form fields
+SECURITY_HEADERS = {
+    # Everything the page uses is its own (no inline script or style); the query preview is a blob: URL.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def create_app(cfg: UiConfig | None = None) -> Flask:
     cfg = cfg or UiConfig.from_env()
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = cfg.max_image_bytes + 64 * 1024  # the image plus the form fields
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_image_bytes + SMALL_BODY  # the image plus the form fields
+    app.request_class = _InMemoryRequest
+    app.wsgi_app = BoundedBody(app.wsgi_app, {"/api/search": cfg.max_image_bytes + SMALL_BODY}, SMALL_BODY)
+    thumbnails = app.extensions["imgsim.thumbnails"] = ThumbnailCache(cfg)
+
+    @app.after_request
+    def secure(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     @app.get("/")
     def index():
@@ -66,7 +95,10 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
         if response.ok:
             identity = body.get("jsonData", body) if isinstance(body.get("jsonData", body), dict) else {}
             return jsonify({**identity, "ready": True, "thumbnails": bool(cfg.gallery_root)})
-        return jsonify(ready=False, message=_info(body) or f"the search server answered {response.status_code}"), 503
+        # Not the server's own text: it names the bundle URI, which can hold the tracking store's credentials.
+        log.warning("search server not ready (%s): %s", response.status_code, _info(body)[:500])
+        return jsonify(ready=False, message="the search server is not ready yet (loading or failing to load its "
+                                            "gallery); its log says why"), 503
 
     @app.post("/api/search")
     def search():
@@ -93,7 +125,7 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
         if not cfg.gallery_root:
             return _error(404, "no gallery root configured: thumbnails are off")
         try:
-            png = _thumbnail(cfg.gallery_root, rel, cfg.max_image_bytes, *_stamp(cfg.gallery_root, rel))
+            png = thumbnails.get(rel)
         except BadInput as exc:
             return _error(404 if "does not exist" in str(exc) else 400, str(exc))
         return Response(png, mimetype="image/png", headers={"Cache-Control": "public, max-age=3600"})
@@ -101,7 +133,8 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):  # JSON like every other answer, not Werkzeug's HTML pages
         if exc.code == 413:
-            return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB")
+            return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB"
+                          if request.path == "/api/search" else f"the request body is larger than {SMALL_BODY} bytes")
         return _error(exc.code or 500, exc.description or exc.name)
 
     return app
@@ -124,8 +157,11 @@ def _relay(cfg: UiConfig, body: dict):
     payload = _json(response)
     if response.ok and "jsonData" in payload:
         return jsonify(payload["jsonData"])
-    status = response.status_code if 400 <= response.status_code < 600 else 502
-    return _error(status, _info(payload) or f"the search server answered {response.status_code}")
+    if 400 <= response.status_code < 500:  # what was wrong with the query, in the server's words
+        return _error(response.status_code, _info(payload) or f"the search server answered {response.status_code}")
+    log.warning("search server answered %s: %s", response.status_code, _info(payload)[:500])
+    status = 503 if response.status_code == 503 else 502
+    return _error(status, f"the search server could not answer ({response.status_code}); try again shortly")
 
 
 def _json(response: requests.Response) -> dict:
@@ -145,9 +181,54 @@ def _error(code: int, message: str):
     return jsonify(error=message), code
 
 
+class ThumbnailCache:
+    """Thumbnails of gallery files, decoded through the server's bounded path (its pixel limit, palette images
+    reduced before expansion, at most ``max_concurrent_decodes`` at once) and kept up to a byte budget, keyed
+    by the normalised path and the file's (mtime, size) so a replaced image is noticed."""
+
+    def __init__(self, cfg: UiConfig):
+        self.cfg = cfg
+        self._slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_decodes))
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, rel: str) -> bytes:
+        rel = normalise(rel)
+        key = (rel, *_stamp(self.cfg.gallery_root, rel))
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        data = read_gallery_file(self.cfg.gallery_root, rel, self.cfg.max_image_bytes)
+        with self._slots:
+            img = decode_image(data, max_pixels=self.cfg.max_pixels, draft=THUMB_SIDE)
+        img.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        png = buf.getvalue()
+        with self._lock:
+            if key not in self._entries and len(png) <= self.cfg.thumbnail_cache_bytes:
+                self._entries[key] = png
+                self._bytes += len(png)
+                while self._bytes > self.cfg.thumbnail_cache_bytes:
+                    self._bytes -= len(self._entries.popitem(last=False)[1])
+        return png
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+
+def normalise(rel: str) -> str:
+    """One name per file: ``./a.png``, ``a.png/`` and ``x/../a.png`` are ``a.png``. The same lexical rule as
+    ``read_gallery_file``'s, so a name that escapes the root still escapes (and is refused there)."""
+    return posixpath.normpath(rel)
+
+
 def _stamp(root: str, rel: str) -> tuple[int, int]:
-    """(mtime, size) of the file, so the cache below notices a replaced image; (0, 0) if it cannot be read
-    (the checks in read_gallery_file then say why)."""
+    """(mtime, size) of the file, so the cache notices a replaced image; (0, 0) if it cannot be read (the
+    checks in read_gallery_file then say why)."""
     try:
         st = (Path(root) / rel).stat()
         return int(st.st_mtime_ns), st.st_size
@@ -155,23 +236,93 @@ def _stamp(root: str, rel: str) -> tuple[int, int]:
         return 0, 0
 
 
-@functools.lru_cache(maxsize=2048)
-def _thumbnail(root: str, rel: str, max_bytes: int, mtime: int, size: int) -> bytes:
-    img = decode_image(read_gallery_file(root, rel, max_bytes), draft=THUMB_SIDE)
-    img.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+class BoundedBody:
+    """WSGI middleware: a request body is never read past its route's limit, whatever its transfer encoding.
+    Werkzeug 2.2 checks MAX_CONTENT_LENGTH against Content-Length only, so a chunked body was read to its end.
+    A declared length over the limit is answered 413 at once; a chunked one when the limit is passed."""
+
+    def __init__(self, app, limits: dict[str, int], default: int):
+        self.app, self.limits, self.default = app, limits, default
+
+    def __call__(self, environ, start_response):
+        limit = self.limits.get(environ.get("PATH_INFO", ""), self.default)
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if declared.isdigit() and int(declared) > limit:
+            return ClosingIterator(_too_large(limit)(environ, start_response), lambda: _stop_reading(environ))
+        capped = environ["wsgi.input"] = _CappedStream(environ["wsgi.input"], limit)
+        return ClosingIterator(self.app(environ, start_response), lambda: capped.exceeded and _stop_reading(environ))
+
+
+def _stop_reading(environ) -> None:
+    """After a 413, read no more of this connection: gunicorn would otherwise read the rest of the body to
+    its end (to find the next request), a thread held for as long as the client keeps sending. With the read
+    side shut, gunicorn sees the end of the stream and closes the connection."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already gone
+
+
+class _CappedStream:
+    """Reads at most ``limit`` + 1 bytes, then raises 413 (Flask answers it through its error handler)."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.limit, self.seen = stream, limit, 0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.seen > self.limit
+
+    def read(self, size: int = -1) -> bytes:
+        room = self.limit + 1 - self.seen
+        data = self.stream.read(room if size is None or size < 0 else min(size, room)) if room > 0 else b""
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise RequestEntityTooLarge()
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        room = self.limit + 1 - self.seen
+        data = self.stream.readline(room if size is None or size < 0 else min(size, room)) if room > 0 else b""
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise RequestEntityTooLarge()
+        return data
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+def _too_large(limit: int):
+    body = json.dumps({"error": f"the request body is larger than {limit} bytes"}).encode()
+    return Response(body, status=413, mimetype="application/json", headers=SECURITY_HEADERS)
+
+
+class _InMemoryRequest(Request):
+    """Uploaded file parts stay in memory (bounded by the body limit) instead of spilling into the pod's small
+    /tmp, which Werkzeug does past 500 kB."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+# gunicorn's settings for the page, as the chart passes them too. An event-loop worker: a page waits on Seldon
+# most of the time, and a slow or idle client holds a greenlet, not one of a few threads (8 slow connections
+# froze the threaded worker). keepalive bounds how long reading a request's headers may take, the first
+# request's too (gunicorn's gevent worker reads every request line and headers under that timeout).
+GUNICORN = {"worker_class": "gevent", "worker_connections": 1000, "keepalive": 5}
 
 
 def serve(cfg: UiConfig, host: str = "127.0.0.1", port: int = 8501) -> None:
-    """Run the page under gunicorn (threaded: a page waits on Seldon most of the time), as the chart does."""
+    """Run the page under gunicorn with :data:`GUNICORN`'s worker, as the chart does."""
     from gunicorn.app.base import BaseApplication
 
     class Page(BaseApplication):
         def load_config(self):
-            for key, value in {"bind": f"{host}:{port}", "workers": 1, "threads": 8, "worker_class": "gthread",
-                               "accesslog": "-", "timeout": int(cfg.timeout_s) + 30}.items():
+            for key, value in {"bind": f"{host}:{port}", "workers": 1, **GUNICORN, "accesslog": "-",
+                               "timeout": int(cfg.timeout_s) + 30}.items():
                 self.cfg.set(key, value)
 
         def load(self):

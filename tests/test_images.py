@@ -1,6 +1,8 @@
 """Decoding every supported format to the model's channels, and clear errors for bad bytes."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +128,32 @@ def test_preprocess_rejects_bad_settings():
         Preprocess(channels=2, mean=(0.5, 0.5), std=(0.2, 0.2))
     with pytest.raises(ValueError, match="mean and std need 3 values"):
         Preprocess(channels=3)
+
+
+def test_a_large_transparent_palette_image_is_reduced_before_it_is_expanded():
+    # Blocks of colour and see-through, large enough that the reduced picture must keep them.
+    side_x, side_y = 3000, 2000
+    idx = ((np.arange(side_y)[:, None] // 250 + np.arange(side_x)[None, :] // 250) % 3).astype(np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette([255, 0, 0, 0, 0, 255, 0, 0, 0] + [0] * (253 * 3))
+    data = encode(img, "PNG", transparency=2)
+    small = decode_image(data, draft=64)
+    assert small.mode == "RGB" and min(small.size) >= 64 and min(small.size) < 2 * 128
+    full = decode_image(data).resize(small.size, Image.Resampling.BOX)  # the unbounded path, reduced after
+    assert np.abs(np.asarray(small, dtype=int) - np.asarray(full, dtype=int)).mean() < 12
+    pixels = np.asarray(small).reshape(-1, 3)
+    assert {(255, 0, 0), (0, 0, 255), (255, 255, 255)} <= {tuple(p) for p in pixels}  # red, blue, white
+
+
+@pytest.mark.slow
+def test_decoding_a_palette_bomb_costs_about_one_index_buffer():
+    # 7300 x 5470 in a few kB: expanded to RGBA before any reduction it peaked at ~700 MB.
+    code = ("import io, resource, numpy as np; from PIL import Image; from imgsim.images import decode_image;"
+            "img = Image.new('P', (7300, 5470), 0); img.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762);"
+            "buf = io.BytesIO(); img.save(buf, 'PNG', transparency=0); data = buf.getvalue();"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "decode_image(data, draft=160);"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    # the encoder's own full-size buffer sets `before`; decoding must not add much beyond one index buffer
+    growth_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert growth_mb < 100, f"decoding grew the peak by {growth_mb} MB"
