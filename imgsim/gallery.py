@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import GalleryItem, IndexBundle
 from imgsim.metrics import index_recall
+from imgsim.split import walk_files
 
 if TYPE_CHECKING:  # torch only where a model is compared
     from imgsim.model import ModelBundle
@@ -96,7 +96,7 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
     """Embed only the new images, skip copies, and build the next version's index from the stored vectors.
     Every file is checked before anything is built: one bad file fails the whole change, naming it."""
     root = _root(parent, cfg.root)
-    found = _list_inputs(files if files is not None else split_list(cfg.paths), cfg.folder, root)
+    found, left_out = _list_inputs(files if files is not None else split_list(cfg.paths), cfg.folder, root)
     inputs, sha, errors = _read_all(parent, found, cfg.max_pixels)
     if errors:
         shown = "; ".join(f"{path}: {why}" for path, why in errors[:10])
@@ -104,6 +104,7 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
                           f"{'; ...' if len(errors) > 10 else ''}). Nothing was changed: remove or fix them and run again.")
     rel = [str(p.relative_to(root)) for p in found]
     new_rows, skipped, pairs = _drop_exact(parent.index, rel, sha)
+    skipped += left_out
     embeddings = _embed(parent, inputs[new_rows], cfg.embed_batch_size)
     hashes = dedup.phash_inputs(inputs[new_rows])
     near = _near_copies(parent.index, [rel[i] for i in new_rows], hashes, embeddings, cfg)
@@ -180,15 +181,23 @@ def _root(parent: ServingBundle, root: str) -> Path:
     return path
 
 
-def _list_inputs(paths: list[str], folder: str, root: Path) -> list[Path]:
-    """The files to add, resolved; every one inside ``root`` (symlinks resolved), regular, and named once."""
+def _list_inputs(paths: list[str], folder: str, root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files to add, resolved; every one inside ``root`` (symlinks resolved), regular, and named once.
+    A folder is walked by split's rules (hidden files and folders such as ``.thumbnails/`` are not images of
+    the collection); what those rules leave out with a reason comes back as (path, why)."""
     if bool(paths) == bool(folder):
         raise ImgsimError("give the images to add: either file paths or --folder DIR (not both)")
+    left_out: list[tuple[str, str]] = []
     if folder:
         top = Path(folder).expanduser().resolve()
         if not top.is_dir():
             raise ImgsimError(f"--folder {folder} is not a folder")
-        candidates = sorted(Path(d) / f for d, dirs, names in os.walk(top) for f in names if not f.startswith("."))
+        if top != root and root not in top.parents:
+            raise ImgsimError(f"--folder {folder} lies outside the image root {root}. Copy it under the root (or "
+                              "pass --root) first; nothing was changed.")
+        found, rejected = walk_files(root, top, "")
+        candidates = [root / rel for rel, _ in found]
+        left_out = [(r.path, r.reason) for r in rejected]
         if not candidates:
             raise ImgsimError(f"--folder {folder} holds no files to add")
     else:
@@ -202,7 +211,7 @@ def _list_inputs(paths: list[str], folder: str, root: Path) -> list[Path]:
     missing = [str(p) for p, r in zip(candidates, resolved) if not r.is_file()]
     if missing:
         raise ImgsimError(f"not a file: {', '.join(missing[:5])}; nothing was changed")
-    return list(dict.fromkeys(resolved))
+    return list(dict.fromkeys(resolved)), left_out
 
 
 def _read_all(parent: ServingBundle, files: list[Path], max_pixels: int):

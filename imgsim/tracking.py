@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -111,25 +114,100 @@ def find_index_run(name: str, version: str) -> str:
     return runs[0].info.run_id
 
 
-def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", expected: str | None = None) -> str:
-    """Register the bundle at ``artifact_uri`` as a new version of ``name`` and point ``alias`` at it; returns
-    the version. ``expected``: the version the alias must still name (the one this change started from): if
-    someone moved it meanwhile, the new version stays registered but the alias is left alone, with an error."""
+INDEX_TAG = "imgsim.index_sha256"  # on registered bundle versions: which gallery (index content) it is
+LOCK_SUFFIX = ".imgsim-lock"  # a registered model that exists while a change to the gallery is registered
+LOCK_WAIT_S, LOCK_STALE_S = 30.0, 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Parent:
+    """The gallery a change was built from: its index checksum, and its registry version when it had one."""
+
+    index_sha256: str
+    version: str = ""
+
+
+def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", *, index_sha256: str = "",
+                    parent: Parent | None = None) -> str:
+    """Register the bundle at ``artifact_uri`` as a new version of ``name`` (tagged with its index checksum)
+    and point ``alias`` at it; returns the version.
+
+    With ``parent`` this is compare-and-set: the alias must still name the gallery the change was built from,
+    whatever form the change named it by (alias, pinned version, runs:/ URI, folder), or nothing is registered.
+    The check and the move run under a registry lock, so of two changes from one parent exactly one lands;
+    the other is refused, saying to run it again (its new ids would otherwise collide with the winner's)."""
     client = MlflowClient()
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="imgsim serving bundles: each version is one gallery")
-    version = str(client.create_model_version(name, artifact_uri, run_id, tags={KIND_TAG: "bundle"}).version)
-    if alias:
-        try:
-            current = str(client.get_model_version_by_alias(name, alias).version)
-        except MlflowException:
-            current = None
-        if expected is not None and current != expected:
-            raise ImgsimError(f"{name}@{alias} moved to version {current} while this change was built from version "
-                              f"{expected}: version {version} is registered but {alias!r} still names {current}. "
-                              f"Run the change again on models:/{name}@{alias}, or point the alias at {version} "
-                              "yourself if it should replace that.")
-        client.set_registered_model_alias(name, alias, version)
+        with contextlib.suppress(MlflowException):  # another process may create it at the same moment
+            client.create_registered_model(name, description="imgsim serving bundles: each version is one gallery")
+    with _registry_lock(client, name):
+        if alias and parent is not None:
+            _check_alias(client, name, alias, parent)
+        tags = {KIND_TAG: "bundle"} | ({INDEX_TAG: index_sha256} if index_sha256 else {})
+        version = str(client.create_model_version(name, artifact_uri, run_id, tags=tags).version)
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def _check_alias(client: MlflowClient, name: str, alias: str, parent: Parent) -> None:
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return  # no alias yet: nothing to overwrite
+    sha = _index_sha256(client, current)
+    same = sha == parent.index_sha256 if sha else str(current.version) == parent.version
+    if same:
+        return
+    built_from = f"version {parent.version}" if parent.version else f"the gallery with index {parent.index_sha256[:12]}"
+    raise ImgsimError(f"{name}@{alias} moved to version {current.version} while this change was built from "
+                      f"{built_from}: nothing was registered and {alias!r} still names {current.version}. Run the "
+                      f"change again on models:/{name}@{alias} (it then includes version {current.version}'s "
+                      "changes).")
+
+
+def _index_sha256(client: MlflowClient, version) -> str:
+    """A registered bundle version's index checksum: its tag, or (versions registered before the tag) the
+    bundle.json it was registered with, one small file; "" if neither can be read."""
+    from imgsim.bundle import BUNDLE_JSON
+    from imgsim.index import INDEX_FILE
+
+    if (version.tags or {}).get(INDEX_TAG):
+        return version.tags[INDEX_TAG]
+    uri = client.get_model_version_download_uri(version.name, version.version).rstrip("/") + "/" + BUNDLE_JSON
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            meta = json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)).read_text())
+            return str(meta["files"][INDEX_FILE])
+        except (MlflowException, OSError, KeyError, TypeError, ValueError):
+            return ""
+
+
+@contextlib.contextmanager
+def _registry_lock(client: MlflowClient, name: str) -> Iterator[None]:
+    """Mutual exclusion between processes through the registry itself: creating a registered model is atomic
+    (a unique name). A lock older than LOCK_STALE_S belongs to a process that died holding it."""
+    lock, deadline = name + LOCK_SUFFIX, time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            client.create_registered_model(lock, description=f"held while a change to {name} is registered")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        with contextlib.suppress(MlflowException):
+            if time.time() * 1000 - client.get_registered_model(lock).creation_timestamp > LOCK_STALE_S * 1000:
+                client.delete_registered_model(lock)
+                continue
+        if time.monotonic() > deadline:
+            raise ImgsimError(f"another change to {name} has held the registry lock {lock!r} for over {LOCK_WAIT_S:g} s; "
+                              "nothing was registered: run this change again (delete that registered model if no "
+                              "change is running)")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)

@@ -170,7 +170,7 @@ def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, ma
     print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
     if cfg.gallery_name:
         version = tracking.register_bundle(cfg.gallery_name, run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT),
-                                           cfg.gallery_alias)
+                                           cfg.gallery_alias, index_sha256=serving.files[INDEX_FILE])
         mlflow.set_tag("imgsim.gallery_version", version)
         print(f"extract: gallery models:/{cfg.gallery_name}/{version}"
               + (f" (now {cfg.gallery_name}@{cfg.gallery_alias})" if cfg.gallery_alias else ""))
@@ -342,15 +342,22 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
             mlflow.log_artifacts(str(_write_change_report(change, Path(tmp) / "changes")), "changes")
         version = None
         if cfg.register_name:
-            # Moving the alias is refused if it no longer names the version this change started from.
-            expected = parent_version if cfg.bundle.startswith(f"models:/{cfg.register_name}@") else None
-            version = tracking.register_bundle(cfg.register_name, run.info.run_id,
-                                               mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias, expected)
+            # Compare-and-set: refused (the run fails, nothing registered) unless the alias still names the
+            # gallery this change was built from, by content, whichever URI named it.
+            version = tracking.register_bundle(
+                cfg.register_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias,
+                index_sha256=change.bundle.files[INDEX_FILE],
+                parent=tracking.Parent(parent["index_sha256"], parent_version if _names(cfg.bundle, cfg.register_name) else ""))
             mlflow.set_tag("imgsim.gallery_version", version)
     return summary | {"run_id": run.info.run_id, "version": version,
                       "index_recall_at_10": round(change.metrics["index_recall_at_10"], 4),
                       "bundle_uri": f"models:/{cfg.register_name}/{version}" if version else
                       f"runs:/{run.info.run_id}/{BUNDLE_ARTIFACT}"}
+
+
+def _names(uri: str, registered: str) -> bool:
+    """Whether ``uri`` is a version or alias of the registered model ``registered``."""
+    return uri.startswith((f"models:/{registered}/", f"models:/{registered}@"))
 
 
 def _write_change_report(change: gallery.Change, out: Path) -> Path:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -18,7 +21,9 @@ from imgsim.bundle import ServingBundle
 from imgsim.cli import main as cli
 from imgsim.errors import ImgsimError
 from imgsim.export import export_bundle, fetched_version
+from imgsim.gallery import RemoveConfig
 from imgsim.search import Searcher
+from imgsim.workflow import run_gallery_remove
 from tests.bundles import other_model_bundle
 from tests.conftest import photo
 from tests.galleries import add, alias_version, load_version, new_images, remove
@@ -137,17 +142,77 @@ def test_an_alias_moved_meanwhile_is_not_overwritten(living):
     with fetched_version(living["uri"]) as (folder, version):
         parent = ServingBundle.load(folder)
     add(living, paths=",".join(new_images(living["incoming"], 1)))  # someone else: version 2
-    with pytest.raises(ImgsimError, match="moved to version 2"):
+    with pytest.raises(ImgsimError, match="moved to version 2.*nothing was registered"):
         tracking.register_bundle(living["name"], mlflow.search_runs(output_format="list", max_results=1)[0].info.run_id,
-                                 "file:///nowhere", "serving", expected=version)
+                                 "file:///nowhere", "serving", index_sha256="0" * 64,
+                                 parent=tracking.Parent(parent.files["index.ann"], version))
     assert alias_version(living) == "2" and parent.index.items
+    assert len(MlflowClient().search_model_versions(f"name='{living['name']}'")) == 2
+    assert not MlflowClient().search_registered_models(f"name='{living['name']}{tracking.LOCK_SUFFIX}'")
 
 
-def test_the_cli_adds_a_folder_and_removes_by_id(living, capsys):
+@pytest.mark.parametrize("form", ["pinned", "runs", "folder"])
+def test_a_change_from_an_older_gallery_in_any_form_cannot_undo_newer_versions(living, form, tmp_path):
+    client = MlflowClient()
+    v1 = client.get_model_version(living["name"], "1")
+    add(living, paths=",".join(new_images(living["incoming"], 1)))  # version 2: the alias moves on
+    uri = {"pinned": f"models:/{living['name']}/1", "runs": f"runs:/{v1.run_id}/bundle",
+           "folder": str(export_bundle(f"models:/{living['name']}/1", tmp_path / "v1"))}[form]
+    with pytest.raises(ImgsimError, match="moved to version 2 while this change was built from"):
+        run_gallery_remove(RemoveConfig(bundle=uri, register_name=living["name"], ids="0"))
+    assert alias_version(living) == "2"
+    assert len(client.search_model_versions(f"name='{living['name']}'")) == 2  # nothing registered
+
+
+def test_a_change_from_the_current_gallery_in_any_form_lands(living, tmp_path):
+    folder = export_bundle(living["uri"], tmp_path / "current")  # version 1, as a folder
+    summary = run_gallery_remove(RemoveConfig(bundle=str(folder), register_name=living["name"], ids="0"))
+    assert summary["version"] == "2" and alias_version(living) == "2"
+    version = MlflowClient().get_model_version(living["name"], "2")
+    assert version.tags[tracking.INDEX_TAG] == load_version(f"models:/{living['name']}/2").files["index.ann"]
+
+
+def test_two_processes_adding_from_one_parent_one_wins_the_other_is_refused(living, tmp_path):
+    # Both start from version 1 and number their new images from its next_id: both landing would give one
+    # id two images. Real processes, the real sqlite store.
+    batches = []
+    for n in range(2):
+        folder = living["incoming"] / f"batch{n}"
+        folder.mkdir()
+        batches.append(new_images(folder, 2, start=700 + 10 * n))
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    procs = [subprocess.Popen([sys.executable, "-m", "imgsim.cli", "gallery", "add", *batch, "--bundle",
+                               living["uri"], "--register-name", living["name"]], env=env, cwd=living["work"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for batch in batches]
+    outs = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    assert sorted(code for _, _, code in outs) == [0, 2], outs
+    loser = next(err for _, err, code in outs if code == 2)
+    assert "moved to version 2 while this change was built from version 1" in loser and "Run the change again" in loser
+    assert alias_version(living) == "2" and len(MlflowClient().search_model_versions(f"name='{living['name']}'")) == 2
+    # run again, as the message says: it lands on top of the winner, nothing lost, every id names one image
+    lost = batches[[code for _, _, code in outs].index(2)]
+    assert cli(["gallery", "add", *lost, "--bundle", living["uri"], "--register-name", living["name"]]) == 0
+    items = load_version(living["uri"]).index.items
+    added = [i for i in items if i.split == "added"]
+    assert len(added) == 4 and len({i.id for i in items}) == len(items)
+
+
+def test_the_cli_adds_a_folder_and_removes_by_id(living, capsys, tmp_path):
     new_images(living["incoming"], 3)
+    # What split leaves out, a folder add leaves out too: hidden folders (a file manager's thumbnails) and
+    # files; a symlinked folder is reported, not followed.
+    (living["incoming"] / ".thumbnails").mkdir()
+    new_images(living["incoming"] / ".thumbnails", 2, start=900)
+    new_images(living["incoming"], 1, start=950)
+    (living["incoming"] / "new-950.png").rename(living["incoming"] / ".hidden.png")
+    (tmp_path / "elsewhere").mkdir()
+    new_images(tmp_path / "elsewhere", 1, start=960)
+    (living["incoming"] / "linked").symlink_to(tmp_path / "elsewhere")
     assert cli(["gallery", "add", "--bundle", living["uri"], "--register-name", living["name"],
                 "--folder", str(living["incoming"]), "--label", "circle"]) == 0
-    assert json.loads(capsys.readouterr().out)["added"] == 3
+    out = capsys.readouterr()
+    assert json.loads(out.out)["added"] == 3
+    assert "linked: symlinked folder: not followed" in out.err and ".thumbnails" not in out.err + out.out
     v2 = load_version(living["uri"])
     new = [item for item in v2.index.items if item.split == "added"]
     assert len(new) == 3 and {item.label for item in new} == {"circle"}
