@@ -43,6 +43,13 @@ VARIANTS = {
     "training-operator": {"training": {"enabled": True, "nodes": 2, "gpus": 4, "manifestUri": "runs:/0123abcd/split",
                                        "checkpointClaim": "imgsim-checkpoints"}, "trainingOperator": {"enabled": True}},
     "ui": {"ui": {"enabled": True, "galleryClaim": "imgsim-data"}},
+    "every-component-locked-down": {
+        "ui": {"enabled": True, "galleryClaim": "imgsim-data"}, "networkPolicy": {"enabled": True},
+        "training": {"enabled": True, "nodes": 2, "manifestUri": "runs:/0123abcd/split",
+                     "checkpointClaim": "imgsim-checkpoints"},
+        "extraction": {"enabled": True, "modelUri": "models:/imgsim/3", "shards": 2},
+        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/imgsim-read"},
+                           "pipeline": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/imgsim-rw"}}}},
 }
 PYTORCHJOB_SCHEMA = SELDON_SCHEMA.with_name("pytorchjob-v1.9.0.schema.json")
 CRDS = ("machinelearning.seldon.io/v1", "kubeflow.org/v1")
@@ -263,11 +270,69 @@ def test_pods_are_hardened():
 
 
 def test_network_policy_keeps_metrics_internal():
-    (policy,) = of_kind(render(VARIANTS["training-gpu"]), "NetworkPolicy")
+    (policy,) = of_kind(render(VARIANTS["no-autoscaling"] | {"networkPolicy": {"enabled": True}}), "NetworkPolicy")
     open_rule, metrics_rule = policy["spec"]["ingress"]
     assert {p["port"] for p in open_rule["ports"]} == {8000, 5001} and "from" not in open_rule
     assert metrics_rule["ports"] == [{"port": 6000, "protocol": "TCP"}] and metrics_rule["from"]
     assert not of_kind(render({}), "NetworkPolicy")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and In expressions), enough for this chart."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []) if e["operator"] == "In")
+
+
+def _pod_labels(docs: list[dict]) -> dict[str, dict]:
+    """The labels of every pod the release makes, by what makes it."""
+    pods = {}
+    for doc in docs:
+        if doc["kind"] == "SeldonDeployment":
+            pods["server"] = doc["spec"]["predictors"][0]["componentSpecs"][0]["metadata"]["labels"]
+        elif doc["kind"] in ("Deployment", "Job", "StatefulSet"):
+            pods[doc["metadata"]["name"]] = doc["spec"]["template"]["metadata"]["labels"]
+    return pods
+
+
+def test_each_network_policy_selects_only_its_own_component():
+    # The generic labels are on every pod: a policy on them alone closed the page's and training's ports.
+    docs = render(VARIANTS["every-component-locked-down"])
+    policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in of_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {"server", "ui", "pipeline"}
+    pods = _pod_labels(docs)
+    for name, labels in pods.items():
+        selected = [c for c, p in policies.items() if _selects(p["spec"]["podSelector"], labels)]
+        component = labels["app.kubernetes.io/component"]
+        expected = {"server": "server", "ui": "ui"}.get(component, "pipeline")
+        assert selected == [expected], (name, selected)
+    assert policies["ui"]["spec"]["ingress"] == [{"ports": [{"port": 8501, "protocol": "TCP"}]}]
+    (peers,) = policies["pipeline"]["spec"]["ingress"]
+    training = [labels for labels in pods.values() if labels["app.kubernetes.io/component"] == "training"]
+    assert training and all(_selects(peers["from"][0]["podSelector"], labels) for labels in training)
+    assert not any(_selects(peers["from"][0]["podSelector"], labels) for labels in pods.values()
+                   if labels["app.kubernetes.io/component"] != "training")
+
+
+def test_each_component_has_its_own_service_account_without_an_api_token():
+    docs = render(VARIANTS["every-component-locked-down"])
+    accounts = {a["metadata"]["name"]: a for a in of_kind(docs, "ServiceAccount")}
+    assert set(accounts) == {"sim-imgsim", "sim-imgsim-pipeline", "sim-imgsim-ui"}
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+    role = "eks.amazonaws.com/role-arn"
+    assert accounts["sim-imgsim"]["metadata"]["annotations"][role].endswith("imgsim-read")
+    assert accounts["sim-imgsim-pipeline"]["metadata"]["annotations"][role].endswith("imgsim-rw")
+    assert "annotations" not in accounts["sim-imgsim-ui"]["metadata"]  # the page reads a volume, no cloud role
+    specs = {"server": of_kind(docs, "SeldonDeployment")[0]["spec"]["predictors"][0]["componentSpecs"][0]["spec"]}
+    specs |= {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs
+              if d["kind"] in ("Deployment", "Job", "StatefulSet")}
+    for name, spec in specs.items():
+        assert spec["automountServiceAccountToken"] is False, name
+        want = "sim-imgsim" if name == "server" else "sim-imgsim-ui" if name.endswith("-ui") else "sim-imgsim-pipeline"
+        assert spec["serviceAccountName"] == want, name
+    existing = render({"serviceAccount": {"create": False, "name": "shared"}, "ui": {"enabled": True}})
+    assert not of_kind(existing, "ServiceAccount")
+    assert of_kind(existing, "Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"] == "shared"
 
 
 def test_training_job_runs_the_real_cli_on_gpu_nodes():
@@ -381,5 +446,7 @@ def test_the_installed_package_carries_the_search_page(tmp_path):
 
 def test_training_only_release_renders_no_server():
     docs = render({"serving": {"enabled": False}, "training": {"enabled": True}, "networkPolicy": {"enabled": True}})
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "Job"}
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "Job", "NetworkPolicy"}
     assert of_kind(docs, "Job")[0]["metadata"]["name"] == "sim-imgsim-train-1"
+    assert [a["metadata"]["name"] for a in of_kind(docs, "ServiceAccount")] == ["sim-imgsim-pipeline"]
+    assert [p["metadata"]["name"] for p in of_kind(docs, "NetworkPolicy")] == ["sim-imgsim-pipeline"]

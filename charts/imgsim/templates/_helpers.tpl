@@ -41,6 +41,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* <fullname>-<suffix> within 63 characters: the full name is cut first. */}}
+{{- define "imgsim.componentName" -}}
+{{- printf "%s-%s" (include "imgsim.fullname" .root | trunc (int (sub 62 (len .suffix))) | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{/* One service account per component, each with only what it needs: the server's (reads bundles), the
+pipeline Jobs' (read data, write MLflow artifacts) and the page's (no cloud role). Not created: the server's
+name serves every component, as before. */}}
+{{- define "imgsim.pipelineServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "imgsim.componentName" (dict "root" . "suffix" "pipeline")) .Values.serviceAccount.pipeline.name }}
+{{- else }}
+{{- default (include "imgsim.serviceAccountName" .) .Values.serviceAccount.pipeline.name }}
+{{- end }}
+{{- end }}
+
+{{- define "imgsim.uiServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "imgsim.componentName" (dict "root" . "suffix" "ui")) .Values.serviceAccount.ui.name }}
+{{- else }}
+{{- default (include "imgsim.serviceAccountName" .) .Values.serviceAccount.ui.name }}
+{{- end }}
+{{- end }}
+
 {{/* The graph node and its container share this name: Seldon matches them by name. */}}
 {{- define "imgsim.nodeName" -}}similarity{{- end }}
 
@@ -114,7 +138,8 @@ limits:
 
 {{/* Pod-level settings of the pipeline pods. Call with (dict "root" $ "nodeSelector" S "tolerations" T). */}}
 {{- define "imgsim.pipelinePodSettings" -}}
-serviceAccountName: {{ include "imgsim.serviceAccountName" .root }}
+serviceAccountName: {{ include "imgsim.pipelineServiceAccountName" .root }}
+automountServiceAccountToken: false
 securityContext:
   {{- include "imgsim.podSecurityContext" .root | nindent 2 }}
 {{- with .root.Values.imagePullSecrets }}
