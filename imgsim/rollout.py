@@ -9,8 +9,10 @@ from imgsim.errors import ImgsimError
 
 GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
 ANNOTATION = "imgsim.io/bundle"  # what the user asked for (a models:/ URI, say), beside the storage URI it became
-# What Seldon's storage initializer can copy into /mnt/models.
-CLUSTER_SCHEMES = ("s3://", "gs://", "pvc://", "https://", "http://", "azure://", "wasbs://")
+# The cluster's storage that Seldon's storage initializer copies into /mnt/models. Not http(s):// (the
+# initializer fetches those too): a serving bundle comes from storage the deployment's role can read, not
+# from whatever web address a person or a compromised registry entry names.
+CLUSTER_SCHEMES = ("s3://", "gs://", "pvc://", "azure://", "wasbs://")
 
 
 def storage_uri(bundle: str) -> str:
@@ -18,6 +20,9 @@ def storage_uri(bundle: str) -> str:
     keeps the bundle artifact of a ``runs:/`` or ``models:/`` URI (an alias resolved to its version now)."""
     if bundle.startswith(CLUSTER_SCHEMES):
         return bundle
+    if bundle.startswith(("http://", "https://")):
+        raise ImgsimError(f"{bundle!r} is a web address: rollout takes bundles from the cluster's storage only "
+                          f"({', '.join(CLUSTER_SCHEMES)}) or a runs:/ / models:/ URI stored there; upload it first")
     if not bundle.startswith(("runs:/", "models:/")):
         raise ImgsimError(f"{bundle!r} is a local path, which the cluster cannot read: upload the bundle "
                           "(imgsim export, then aws s3 sync) and pass its s3:// URI, or pass the runs:/ or "
@@ -80,8 +85,13 @@ def rollout(release: str, bundle: str, *, namespace: str = "", predictor: str = 
     current = _call(lambda: api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release),
                     f"read SeldonDeployment {release} in namespace {namespace}")
     new = patched(current, uri, predictor, bundle)
-    body = {"metadata": {"annotations": {ANNOTATION: new["metadata"]["annotations"][ANNOTATION]}},
-            "spec": {"predictors": new["spec"]["predictors"]}}  # a merge patch replaces lists whole
+    # A merge patch replaces the predictors list whole, so it carries the resourceVersion it was built from:
+    # the API server refuses it (409) if anyone changed the SeldonDeployment since it was read.
+    body = {"metadata": {"annotations": {ANNOTATION: new["metadata"]["annotations"][ANNOTATION]},
+                         "resourceVersion": current.get("metadata", {}).get("resourceVersion")},
+            "spec": {"predictors": new["spec"]["predictors"]}}
+    if body["metadata"]["resourceVersion"] is None:
+        raise ImgsimError(f"SeldonDeployment {release} came back without a resourceVersion; cannot patch it safely")
     kwargs = {"dry_run": "All"} if dry_run else {}
     _call(lambda: api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release, body, **kwargs),
           f"patch SeldonDeployment {release} in namespace {namespace}")
@@ -130,5 +140,6 @@ def _call(fn, what: str):
         status = getattr(exc, "status", None)
         reason = {404: "not found (check --release, the chart's full name, and --namespace)",
                   403: "forbidden (the service account or user needs get/patch on seldondeployments)",
+                  409: "it changed since it was read (another rollout or a helm upgrade); run it again",
                   422: "refused by the API server's validation"}.get(status, str(exc).splitlines()[0][:300])
         raise ImgsimError(f"cannot {what}: {reason}") from None

@@ -21,21 +21,29 @@ def crd_errors(docs: list[dict], tmp_path) -> str:
 class FakeCustomObjects:
     """The two CustomObjectsApi calls rollout makes, against one stored object (no cluster here)."""
 
-    def __init__(self, obj: dict | None, status: int | None = None) -> None:
-        self.obj, self.status, self.patches = obj, status, []
+    def __init__(self, obj: dict | None, status: int | None = None, changed_meanwhile: bool = False) -> None:
+        self.obj, self.status, self.patches, self.changed_meanwhile = obj, status, [], changed_meanwhile
+        if obj is not None:
+            obj.setdefault("metadata", {})["resourceVersion"] = "41"
 
-    def _fail(self):
-        if self.status:
-            error = RuntimeError(f"({self.status}) Reason: fake")
-            error.status = self.status
+    def _fail(self, status):
+        if status:
+            error = RuntimeError(f"({status}) Reason: fake")
+            error.status = status
             raise error
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self._fail()
+        self._fail(self.status)
         assert (group, version, plural) == ("machinelearning.seldon.io", "v1", "seldondeployments")
-        return copy.deepcopy(self.obj)
+        answer = copy.deepcopy(self.obj)
+        if self.changed_meanwhile:  # someone else's helm upgrade lands between our read and our patch
+            self.obj["metadata"]["resourceVersion"] = "42"
+        return answer
 
     def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, **kwargs):
+        # The API server's optimistic concurrency: a resourceVersion in the patch must still be current.
+        self._fail(409 if body["metadata"].get("resourceVersion") not in (None, self.obj["metadata"]["resourceVersion"])
+                   else None)
         self.patches.append((namespace, name, body, kwargs))
         return body
 
@@ -66,6 +74,7 @@ def test_rollout_sends_a_merge_patch_of_the_predictors():
     assert (namespace, name, kwargs) == ("imgsim", "sim-imgsim", {})
     assert body["spec"]["predictors"][0]["graph"]["modelUri"] == "s3://bucket/galleries/v8"
     assert set(body) == {"metadata", "spec"} and set(body["spec"]) == {"predictors"}
+    assert body["metadata"]["resourceVersion"] == "41"  # the patch is conditional on what was read
     assert result["previous"] == ["s3://my-imgsim-bucket/bundles/v1"] and not result["dry_run"]
     rollout.rollout("sim-imgsim", "s3://bucket/galleries/v8", namespace="imgsim", api=api, dry_run=True)
     assert api.patches[-1][3] == {"dry_run": "All"}
@@ -75,6 +84,19 @@ def test_rollout_sends_a_merge_patch_of_the_predictors():
 def test_api_failures_say_what_failed(status, message):
     with pytest.raises(ImgsimError, match=f"cannot read SeldonDeployment nope.*{message}"):
         rollout.rollout("nope", "s3://bucket/x", namespace="imgsim", api=FakeCustomObjects(None, status))
+
+
+def test_a_change_between_read_and_patch_is_refused_not_overwritten():
+    api = FakeCustomObjects(sdep({}), changed_meanwhile=True)
+    with pytest.raises(ImgsimError, match="cannot patch SeldonDeployment sim-imgsim.*changed since it was read"):
+        rollout.rollout("sim-imgsim", "s3://bucket/galleries/v8", namespace="imgsim", api=api)
+    assert not api.patches
+
+
+@pytest.mark.parametrize("url", ["https://example.com/bundle.tar.gz", "http://10.0.0.1/bundle"])
+def test_a_web_address_is_not_a_bundle_source(url):
+    with pytest.raises(ImgsimError, match="web address: rollout takes bundles from the cluster's storage only"):
+        rollout.rollout("sim-imgsim", url, namespace="imgsim", api=FakeCustomObjects(sdep({})))
 
 
 def test_an_unknown_predictor_and_a_local_bundle_are_refused():
