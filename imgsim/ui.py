@@ -114,7 +114,8 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
 
     @app.post("/api/more")
     def more():
-        body = request.get_json(silent=True) or {}
+        body = request.get_json(silent=True)
+        body = body if isinstance(body, dict) else {}  # a JSON number or list is no request either (was a 500)
         item_id = body.get("id")
         if not isinstance(item_id, int) or isinstance(item_id, bool):
             return _error(400, "'id' must be a gallery id (an integer)")

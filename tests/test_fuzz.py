@@ -206,3 +206,75 @@ def test_the_server_still_answers_after_the_fuzzing(fuzz_server):
     with grpc.insecure_channel(fuzz_server.grpc) as channel:
         reply = prediction_pb2_grpc.ModelStub(channel).Predict(prediction_pb2.SeldonMessage(binData=VALID[1]), timeout=30)
     assert json_format.MessageToDict(reply)["jsonData"]["results"][0]["neighbours"]
+
+
+# ---- the search page, every route, as `imgsim ui` runs it (gunicorn) in front of the same server ---------
+
+@pytest.fixture(scope="module")
+def fuzz_page(fuzz_server, pipeline_run, tmp_path_factory):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.servers import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("fuzz-page") / "page.log"
+    proc = subprocess.Popen([sys.executable, "-m", "imgsim.cli", "ui", "--url", fuzz_server.rest, "--port", str(port),
+                             "--gallery-root", str(pipeline_run["root"])], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | {"IMGSIM_UI_MAX_IMAGE_BYTES": "200000"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if requests.get(url + "/", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.2)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, f"a request made the page log a traceback:\n{text[-3000:]}"
+
+
+@FUZZ
+@given(image=st.one_of(image_bytes, st.binary(min_size=200_001, max_size=200_100)),
+       k=st.one_of(st.none(), numbers.map(str), st.text(max_size=30)),
+       field=st.sampled_from(["image", "image", "file", ""]), filename=st.text(max_size=40))
+def test_any_upload_to_the_page_is_answered_200_or_4xx(fuzz_page, image, k, field, filename):
+    files = {field or "image": (filename or "q", image)}
+    data = {} if k is None else {"k": k}
+    _assert_4xx_or_200(requests.post(f"{fuzz_page}/api/search", files=files, data=data, timeout=60))
+
+
+@FUZZ
+@given(body=st.one_of(json_values, st.fixed_dictionaries({}, optional={"id": st.one_of(numbers, json_values),
+                                                                        "k": st.one_of(numbers, json_values)})),
+       raw=st.one_of(st.none(), st.binary(max_size=70_000)))
+def test_any_body_to_more_like_this_is_answered_200_or_4xx(fuzz_page, body, raw):
+    if raw is None:
+        answer = requests.post(f"{fuzz_page}/api/more", json=body, timeout=60)
+    else:
+        answer = requests.post(f"{fuzz_page}/api/more", data=raw, headers={"Content-Type": "application/json"},
+                               timeout=60)
+    _assert_4xx_or_200(answer)
+
+
+@FUZZ
+@given(path=paths, route=st.sampled_from(["thumb", "static", "api", ""]),
+       method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD"]))
+def test_any_path_on_the_page_is_answered_200_or_4xx(fuzz_page, path, route, method):
+    quoted = "/".join(requests.utils.quote(part, safe="") for part in path.split("/"))
+    answer = requests.request(method, f"{fuzz_page}/{route}/{quoted}", timeout=60)
+    _assert_4xx_or_200(answer)
+    if route == "thumb" and answer.status_code == 200:  # a thumbnail only ever comes from inside the root
+        assert answer.headers["Content-Type"] == "image/png"
+
+
+def test_the_page_still_answers_after_the_fuzzing(fuzz_page):
+    answer = requests.post(f"{fuzz_page}/api/search", files={"image": ("q.png", VALID[0])}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["results"][0]["neighbours"]
+    assert requests.get(f"{fuzz_page}/api/status", timeout=30).json()["ready"] is True
