@@ -90,7 +90,31 @@ def section() -> str:
     parts += hold_up_sections()
     parts += gallery_sections()
     parts += scale_sections()
+    parts += page_sections()
     return "\n".join(parts)
+
+
+def page_sections() -> list[str]:
+    """The search page under hostile clients."""
+    page = load("hostile_page")
+    if not page:
+        return []
+    return ["**14. The search page under hostile clients** — `imgsim ui` (gunicorn, gevent worker) in front of the "
+            "real server on the demo bundle; PSS of all page processes sampled every 50 ms; `python "
+            "bench/hostile_page.py`. Bodies over the limit, 4 clients each (the MiB column is what the client had "
+            "written when the 413 arrived, socket buffers included; the page reads at most the route's limit):\n",
+            table(page["bodies"], ["case", "clients", "answers", "max_mib_sent_before_answer"]),
+            "\nNormal requests (page, thumbnail, search in turn) from one client while 32 connections trickle their "
+            "headers and 8 send nothing:\n",
+            table([page["slow"]], ["slow_connections", "silent_connections", "normal_requests", "2xx", "4xx", "5xx",
+                                   "p50_ms", "p99_ms", "max_ms", "slow_closed_by_page"]),
+            "\nPalette-bomb thumbnails (transparent palette PNGs, 3 views each by 4 clients; the 40 MP one is over "
+            "the 12 MP limit):\n",
+            table([{"file": k, "what": v} for k, v in page["files"].items()], ["file", "what"]), "",
+            table([page["bombs"]], ["clients", "requests", "2xx", "4xx", "5xx"]), "",
+            table(page["phases"], ["phase", "idle_pss_mb", "peak_pss_mb", "growth_mb"]),
+            f"\nThe page answered afterwards: {page['ready_after']}. (Its idle PSS holds torch: `imgsim ui` imports "
+            "the whole CLI; the chart's gunicorn imports `imgsim.ui` only.)\n"]
 
 
 def scale_sections() -> list[str]:

@@ -123,7 +123,7 @@ def _report(ns):
 def _wait_ready(ns):
     from imgsim import client
     seconds = client.wait_ready(ns.url, ns.timeout_s, ns.pid, ns.log)
-    print(f"server at {ns.url} ready after {seconds:.0f} s")
+    print(f"server at {ns.url} ready after {seconds:.1f} s")
 
 
 def _setup_tracking(ns):

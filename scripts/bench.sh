@@ -17,6 +17,7 @@ $PY bench/pipeline.py                     # `make demo` from a fresh clone, time
 # The server benches below use the demo bundle (bundles/demo): make it unless a valid one is there.
 [ -f bundles/demo/bundle.json ] || bash scripts/demo.sh     # each bench also verifies it before use
 $PY bench/hostile_memory.py               # server memory under hostile images (~2 min)
+$PY bench/hostile_page.py                 # the search page under hostile clients (~2 min)
 $PY bench/soak.py                         # 10 minutes of mixed good and bad traffic
 $PY bench/gallery.py                      # add/remove 1% of the gallery vs a full extract; duplicates (~10 min)
 $PY bench/scale.py                        # 1 vs 2 shard processes; index build at 10^5 and 10^6 (~5 min)
