@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import io
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,24 +25,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import save, table  # noqa: E402
 from bench.hostile import DEMO_BUNDLE, PeakSampler, demo_bundle, encode, pss_mb  # noqa: E402
-from tests.servers import free_port, start_server  # noqa: E402
+from tests.servers import start_page, start_server  # noqa: E402
 
 MiB = 2**20
-
-
-def start_page(seldon_url: str, root: Path, log: Path) -> tuple[subprocess.Popen, str, int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "imgsim.cli", "ui", "--url", seldon_url, "--port", str(port),
-                             "--gallery-root", str(root)], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(url + "/", timeout=1).ok:
-                return proc, url, port
-        except requests.RequestException:
-            time.sleep(0.2)
-    raise SystemExit(f"the page did not start; see {log}")
 
 
 def gallery(root: Path) -> dict[str, str]:
@@ -177,27 +159,27 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="imgsim-bench-page-"))
     described = gallery(work / "gallery")
     seldon = start_server({"IMGSIM_MODEL_URI": str(bundle.resolve())}, work / "server.log")
-    page, url, port = start_page(seldon.rest, work / "gallery", work / "page.log")
+    page = start_page(seldon.rest, work / "page.log", work / "gallery")
+    url, port = page.url, page.port
     query = encode(Image.linear_gradient("L").resize((28, 28)), "PNG")
     try:
         for i in range(6):
             normal_request(url, query, i)
         time.sleep(1)
-        idle = pss_mb(page.pid)
+        idle = pss_mb(page.proc.pid)
         phases = []
-        with PeakSampler(page.pid) as sampler:
+        with PeakSampler(page.proc.pid) as sampler:
             body_rows = bodies(port)
         phases.append({"phase": "bodies", "peak_pss_mb": sampler.peak})
-        with PeakSampler(page.pid) as sampler:
+        with PeakSampler(page.proc.pid) as sampler:
             slow = slow_clients(url, port, query, args.normal_requests)
         phases.append({"phase": "slow clients", "peak_pss_mb": sampler.peak})
-        with PeakSampler(page.pid) as sampler:
+        with PeakSampler(page.proc.pid) as sampler:
             bomb = bombs(url, list(described), rounds=3)
         phases.append({"phase": "palette bombs", "peak_pss_mb": sampler.peak})
         ready = requests.get(url + "/", timeout=30).ok
     finally:
-        os.killpg(page.pid, signal.SIGTERM)
-        page.wait(timeout=30)
+        page.stop()
         seldon.stop()
     for row in phases:
         row |= {"idle_pss_mb": idle, "growth_mb": row["peak_pss_mb"] - idle}

@@ -277,16 +277,14 @@ class _CappedStream:
         return self.seen > self.limit
 
     def read(self, size: int = -1) -> bytes:
-        room = self.limit + 1 - self.seen
-        data = self.stream.read(room if size is None or size < 0 else min(size, room)) if room > 0 else b""
-        self.seen += len(data)
-        if self.seen > self.limit:
-            raise RequestEntityTooLarge()
-        return data
+        return self._take(self.stream.read, size)
 
     def readline(self, size: int = -1) -> bytes:
+        return self._take(self.stream.readline, size)
+
+    def _take(self, read, size) -> bytes:
         room = self.limit + 1 - self.seen
-        data = self.stream.readline(room if size is None or size < 0 else min(size, room)) if room > 0 else b""
+        data = read(room if size is None or size < 0 else min(size, room)) if room > 0 else b""
         self.seen += len(data)
         if self.seen > self.limit:
             raise RequestEntityTooLarge()

@@ -76,3 +76,38 @@ def _grpc_up(address: str) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
         return sock.connect_ex((host, int(port))) == 0
+
+
+@dataclasses.dataclass
+class Page:
+    proc: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+def start_page(seldon_url: str, log: Path, gallery_root: Path | None = None, env: dict[str, str] | None = None,
+               timeout: float = 60) -> Page:
+    """`imgsim ui` (gunicorn, as users run it) on a free loopback port, in its own session; waits for its page."""
+    port = free_port()
+    args = [sys.executable, "-m", "imgsim.cli", "ui", "--url", seldon_url, "--port", str(port)]
+    args += ["--gallery-root", str(gallery_root)] if gallery_root else []
+    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | (env or {}))
+    page = Page(proc, f"http://127.0.0.1:{port}", port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"imgsim ui exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if requests.get(page.url + "/", timeout=1).ok:
+                return page
+        except requests.RequestException:
+            time.sleep(0.2)
+    page.stop()
+    raise RuntimeError(f"imgsim ui not up within {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")

@@ -18,7 +18,7 @@ from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 from imgsim.export import export_bundle
 from tests.conftest import mlflow_store
-from tests.servers import start_server
+from tests.servers import start_page, start_server
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -212,31 +212,11 @@ def test_the_server_still_answers_after_the_fuzzing(fuzz_server):
 
 @pytest.fixture(scope="module")
 def fuzz_page(fuzz_server, pipeline_run, tmp_path_factory):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.servers import free_port
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("fuzz-page") / "page.log"
-    proc = subprocess.Popen([sys.executable, "-m", "imgsim.cli", "ui", "--url", fuzz_server.rest, "--port", str(port),
-                             "--gallery-root", str(pipeline_run["root"])], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env=os.environ | {"IMGSIM_UI_MAX_IMAGE_BYTES": "200000"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if requests.get(url + "/", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.2)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    text = log.read_text(errors="replace")
+    page = start_page(fuzz_server.rest, tmp_path_factory.mktemp("fuzz-page") / "page.log", pipeline_run["root"],
+                      {"IMGSIM_UI_MAX_IMAGE_BYTES": "200000"})
+    yield page.url
+    page.stop()
+    text = page.log.read_text(errors="replace")
     assert "Traceback" not in text, f"a request made the page log a traceback:\n{text[-3000:]}"
 
 

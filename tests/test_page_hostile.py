@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +16,7 @@ import requests
 from PIL import Image
 
 from imgsim.ui import SECURITY_HEADERS, SMALL_BODY, UiConfig, create_app
-from tests.servers import free_port
+from tests.servers import free_port, start_page
 
 
 class _Seldon(http.server.BaseHTTPRequestHandler):
@@ -108,23 +105,9 @@ def test_a_thumbnail_over_the_servers_pixel_limit_is_refused(gallery):
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, failing_seldon):
-    port = free_port()
-    log = tmp_path_factory.mktemp("page") / "page.log"
-    proc = subprocess.Popen([sys.executable, "-m", "imgsim.cli", "ui", "--url", failing_seldon, "--port", str(port)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if requests.get(url + "/", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"imgsim ui did not start:\n{log.read_text()[-3000:]}")
-    yield {"port": port, "url": url}
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    page = start_page(failing_seldon, tmp_path_factory.mktemp("page") / "page.log")
+    yield {"port": page.port, "url": page.url}
+    page.stop()
 
 
 def _read_answer(sock: socket.socket) -> bytes:
