@@ -283,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
-    """``--verbose`` after the command too (``imgsim main --verbose``), for every command and sub-command."""
+    """``--verbose`` after the command too (``imgsim main --verbose``), for every command and sub-command; and
+    no abbreviated flags anywhere: ``--epoch`` silently meant ``--epochs``, and a script or a document using a
+    prefix breaks the day a second flag shares it."""
+    parser.allow_abbrev = False
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():

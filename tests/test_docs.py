@@ -42,6 +42,7 @@ def test_documented_command_parses(command):
 
 @pytest.mark.parametrize("line, expected", [
     ("imgsim main --epochz 3", "unrecognized arguments: --epochz 3"),
+    ("imgsim main --epoch 3", "unrecognized arguments: --epoch 3"),  # no prefix matching of --epochs
     ("imgsim serach --bundle x q.png", "invalid choice: 'serach'"),
     ("mlflow run . -e mian --env-manager local", "unknown entry point 'mian'"),
     ("mlflow run . -e main --env-manager local -P data_dri=my-images", "-P data_dri"),
