@@ -190,7 +190,7 @@ def _put(values: dict, dotted: str, value) -> None:
     values[last.replace("\\.", ".")] = value
 
 
-def tested_blocks(repo: Path = REPO) -> dict[str, str]:
+def runnable_blocks(repo: Path = REPO) -> dict[str, str]:
     """The code blocks marked ``<!-- tested: NAME ... -->`` in the README and docs/, by name: the suite runs
     each as written (against fixtures), so a block a user pastes cannot rot."""
     blocks = {}

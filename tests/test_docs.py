@@ -19,7 +19,7 @@ from imgsim.train import TrainConfig
 from imgsim.workflow import run_main
 from tests import doc_commands
 from tests.conftest import make_image_folder, mlflow_store
-from tests.doc_commands import REPO, Command, check, commands, tested_blocks
+from tests.doc_commands import REPO, Command, check, commands, runnable_blocks
 
 DOCUMENTED = [c for path in doc_commands.documents() for c in commands(path.read_text(), str(path.relative_to(REPO)))]
 CHECKED = ("imgsim", "mlflow", "make", "helm")
@@ -100,14 +100,14 @@ def _project(tmp_path: Path) -> Path:
 
 def _run_block(name: str, project: Path, timeout: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV"))}
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", tested_blocks()[name]], cwd=project, env=env,
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", runnable_blocks()[name]], cwd=project, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"the {name!r} block failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
 
 def test_every_tested_block_is_run_by_a_test():
-    assert set(tested_blocks()) == {"own-images", "gallery-changes", "compact-grpc-client"}
+    assert set(runnable_blocks()) == {"own-images", "gallery-changes", "compact-grpc-client"}
 
 
 @pytest.mark.slow

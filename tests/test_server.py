@@ -372,9 +372,14 @@ def test_load_is_retried_until_the_bundle_appears_then_metadata_names_it(bundle,
         assert metadata["name"] == "imgsim" and metadata["versions"] == [identity["model_version"]] == ["1"]
         assert metadata["custom"]["index_sha256"] == identity["index_sha256"] and metadata["custom"]["ready"] == "true"
         assert metadata["custom"]["runtime"] == "onnx"
+        # The gRPC worker is its own process with its own retry clock: it may load a moment after REST's.
         with grpc.insecure_channel(srv.grpc) as channel:
-            over_grpc = json_format.MessageToDict(prediction_pb2_grpc.ModelStub(channel).Metadata(
-                prediction_pb2.SeldonMessage(), timeout=10))
+            stub, grpc_deadline = prediction_pb2_grpc.ModelStub(channel), time.monotonic() + 30
+            while True:
+                over_grpc = json_format.MessageToDict(stub.Metadata(prediction_pb2.SeldonMessage(), timeout=10))
+                if over_grpc["custom"]["ready"] == "true" or time.monotonic() > grpc_deadline:
+                    break
+                time.sleep(0.2)
         assert over_grpc["versions"] == ["1"] and over_grpc["custom"]["index_sha256"] == identity["index_sha256"]
     finally:
         srv.stop()
@@ -454,8 +459,8 @@ def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tm
 
 
 def test_docs_compact_grpc_client_runs_as_written(server, gallery, tmp_path):
-    from tests.doc_commands import tested_blocks
-    code = tested_blocks()["compact-grpc-client"]
+    from tests.doc_commands import runnable_blocks
+    code = runnable_blocks()["compact-grpc-client"]
     assert '"127.0.0.1:5000"' in code  # the documented default port, pointed at this test's server
     (tmp_path / "query.png").write_bytes(gallery["bytes"])
     out = subprocess.run([sys.executable, "-c", code.replace('"127.0.0.1:5000"', repr(server.grpc))], cwd=tmp_path,
