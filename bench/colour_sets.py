@@ -1,6 +1,6 @@
 """Colour dev sets from Debian packages: Tux Paint stamps (a few hundred) and Oxygen icons (a few thousand).
 
-python bench/colour_sets.py [--out data/colour]   -> data/colour/<set>/<class>/<file>.png
+python -m bench.colour_sets [--out data/colour]   -> data/colour/<set>/<class>/<file>.png
 
 - ``tuxpaint``: ``tuxpaint-stamps-default``; the class is the stamp's top-level category (animals, food, ...).
 - ``oxygen``: ``oxygen-icon-theme``; the class is the icon's context (actions, apps, devices, places, ...). One

@@ -35,7 +35,7 @@ def require(*names: str) -> None:
     """Stop with one line naming the command that makes ``names`` (outputs of bench/quality.py) if any is missing."""
     missing = [n for n in names if not (RESULTS / n).exists()]
     if missing:
-        raise SystemExit(f"bench/results/{missing[0]} is missing: run `python bench/quality.py` first "
+        raise SystemExit(f"bench/results/{missing[0]} is missing: run `python -m bench.quality` first "
                          "(it trains the default model, ~22 min on 2 cores, and saves its embeddings and model)")
 
 

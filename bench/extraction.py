@@ -1,21 +1,18 @@
 """Bench 4: extract's images/second against the raw forward pass of the same model, in one run.
 
-python bench/extraction.py
+python -m bench.extraction
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, protocol_manifest, require, save, table  # noqa: E402
-from imgsim.data import load_items  # noqa: E402
-from imgsim.embed import extract_embeddings  # noqa: E402
-from imgsim.model import ModelBundle  # noqa: E402
+from bench.common import RESULTS, protocol_manifest, require, save, table
+from imgsim.nn.data import load_items
+from imgsim.nn.embed import embed_batches
+from imgsim.nn.model import ModelBundle
 
 N, BATCH, REPEATS = 10000, 512, 3
 
@@ -47,7 +44,7 @@ def main() -> None:
                 model.embed(batch)
 
     raw = best_rate(raw_forward, N)
-    extract = best_rate(lambda: extract_embeddings(model, images, BATCH, desc="bench: extract"), N)
+    extract = best_rate(lambda: embed_batches(model, images, BATCH, "bench: extract")[0], N)
     rows = [{"path": "raw forward (model.embed on prepared float batches)", "images_per_second": raw, "ratio": 1.0},
             {"path": "extract (uint8 array -> embeddings, as the extract stage runs)", "images_per_second": extract,
              "ratio": extract / raw},

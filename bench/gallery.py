@@ -1,7 +1,7 @@
 """Living gallery on Fashion-MNIST: adding 1% of the gallery vs a full extract, recall after add and remove, and
 the duplicate finder's throughput and counts over all 70,000 images.
 
-    python bench/gallery.py            # ~10 min on 2 cores; needs bundles/demo (`make demo`) for its model
+    python -m bench.gallery            # ~10 min on 2 cores; needs bundles/demo (`make demo`) for its model
 
 The extract runs with the model of the demo bundle on the default split, minus 525 training images held back;
 `gallery add` then adds exactly those 525. Everything runs through a fresh MLflow store in a temp folder.
@@ -10,26 +10,24 @@ The extract runs with the model of the demo bundle on the default split, minus 5
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import DATA, save, table  # noqa: E402
-from bench.hostile import demo_bundle  # noqa: E402
-from imgsim import dedup, tracking  # noqa: E402
-from imgsim.bundle import ServingBundle  # noqa: E402
-from imgsim.export import fetched_version  # noqa: E402
-from imgsim.extract import ExtractConfig  # noqa: E402
-from imgsim.fashion_mnist import prepare  # noqa: E402
-from imgsim.gallery import AddConfig, RemoveConfig  # noqa: E402
-from imgsim.split import SplitConfig, split_dataset  # noqa: E402
-from imgsim.workflow import run_extract, run_gallery_add, run_gallery_remove  # noqa: E402
-from tests.conftest import mlflow_store  # noqa: E402
+from bench.common import DATA, save, table
+from bench.hostile import demo_bundle
+from imgsim import duplicates
+from imgsim.bundle import ServingBundle
+from imgsim.fashion_mnist import prepare
+from imgsim.runs import tracking
+from imgsim.runs.export import fetched_version
+from imgsim.runs.extract import run_extract
+from imgsim.runs.gallery import run_gallery_add, run_gallery_remove
+from imgsim.split import SplitConfig, split_dataset
+from imgsim.stages.settings import AddConfig, ExtractConfig, RemoveConfig
+from support.store import mlflow_store
 
 HELD_BACK = 525  # 1% of the 52,500-image gallery the default split indexes
 
@@ -78,10 +76,10 @@ def main() -> None:
 
         with fetched_version("models:/imgsim-gallery@serving") as (folder, _):
             started = time.perf_counter()
-            in_bundle, _ = dedup.find_in_bundle(folder)
+            in_bundle, _ = duplicates.find_in_bundle(folder)
             bundle_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    in_folder = dedup.find_in_folder(root)
+    in_folder = duplicates.find_in_folder(root)
     folder_seconds = time.perf_counter() - started
     for name, report, seconds in (("folder: 70,000 PNGs, perceptual hash", in_folder, folder_seconds),
                                   (f"gallery v3: {in_bundle.scanned} items, hash + embedding", in_bundle, bundle_seconds)):
@@ -96,8 +94,8 @@ def main() -> None:
     print(table(dup_rows, ["scan", "seconds", "images/s", "exact pairs", "near pairs", "groups", "images in groups"]))
     path = save("gallery", {"rows": rows, "duplicates": dup_rows, "extract_gallery_seconds": round(gallery_seconds, 1),
                             "split_seconds": round(split_seconds, 1), "held_back": HELD_BACK,
-                            "defaults": {"hash_distance": dedup.DEFAULT_HASH_DISTANCE,
-                                         "embedding_distance": dedup.DEFAULT_EMBEDDING_DISTANCE},
+                            "defaults": {"hash_distance": duplicates.DEFAULT_HASH_DISTANCE,
+                                         "embedding_distance": duplicates.DEFAULT_EMBEDDING_DISTANCE},
                             "extract": dataclasses.asdict(ExtractConfig())})
     print(f"\nwrote {path}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,9 +13,8 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from imgsim.bundle import ServingBundle  # noqa: E402
-from imgsim.errors import ImgsimError  # noqa: E402
+from imgsim.bundle import ServingBundle
+from imgsim.errors import ImgsimError
 
 DEMO_BUNDLE = REPO / "bundles" / "demo"
 # What the chart deploys (values.yaml), so the figures are the pod's.

@@ -1,6 +1,6 @@
 """Bench: the server's memory under a hostile image mix at 4 concurrent clients, bounded defaults vs split's limits.
 
-python bench/hostile_memory.py [--bundle bundles/demo] [--rounds 3]      (after `make demo`)
+python -m bench.hostile_memory [--bundle bundles/demo] [--rounds 3]      (after `make demo`)
 Each client sends every hostile kind as a REST JSON batch of 16 copies, as REST binData and as gRPC binData;
 PSS (all server processes, shared pages once) is sampled every 50 ms. Target: peak <= idle + 300 MB, no 5xx.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import requests
 from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save, table  # noqa: E402
-from bench.hostile import (CHART_SETTINGS, DEMO_BUNDLE, PeakSampler, b64, demo_bundle, encode,  # noqa: E402
+from bench.common import RESULTS, save, table
+from bench.hostile import (CHART_SETTINGS, DEMO_BUNDLE, PeakSampler, b64, demo_bundle, encode,
                            hostile_payloads, pss_mb)
-from tests.servers import start_server  # noqa: E402
+from support.servers import start_server
 
 CONFIGS = {
     "bounded (serving defaults)": {},

@@ -1,6 +1,6 @@
 """Bench: the search page under hostile clients, as `imgsim ui` runs it (gunicorn), in front of the real server.
 
-python bench/hostile_page.py [--bundle bundles/demo]      (after `make demo`)
+python -m bench.hostile_page [--bundle bundles/demo]      (after `make demo`)
 Phases: oversized and chunked bodies on every body route; 32 trickling + 8 silent connections while one
 client sends normal requests (page, thumbnail, search); 4 clients viewing palette-bomb thumbnails. PSS of
 all page processes is sampled every 50 ms. Targets: no 5xx, normal requests answered within 2 s under the
@@ -13,7 +13,6 @@ import argparse
 import concurrent.futures
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,9 @@ import numpy as np
 import requests
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import save, table  # noqa: E402
-from bench.hostile import DEMO_BUNDLE, PeakSampler, demo_bundle, encode, pss_mb  # noqa: E402
-from tests.servers import start_page, start_server  # noqa: E402
+from bench.common import save, table
+from bench.hostile import DEMO_BUNDLE, PeakSampler, demo_bundle, encode, pss_mb
+from support.servers import start_page, start_server
 
 MiB = 2**20
 

@@ -1,6 +1,6 @@
 """Bench: Fashion-MNIST throughput of the streaming data path against the in-memory path it replaced, in one run.
 
-python bench/loader.py [--batches 80]   -> bench/results/loader.json
+python -m bench.loader [--batches 80]   -> bench/results/loader.json
 
 - train: optimizer steps of the default model (batch 128, shift augmentation) fed from the uint8 array in
   memory (before) and from the DataLoader over the decoded-image cache (now); interleaved, best of 3.
@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import protocol_manifest, save, table  # noqa: E402
-from imgsim import augment  # noqa: E402
-from imgsim.data import ImageFiles, cache_images, label_ids, load_items, make_loader  # noqa: E402
-from imgsim.embed import embed_batches, embed_dataset  # noqa: E402
-from imgsim.images import Preprocess  # noqa: E402
-from imgsim.model import EmbeddingNet  # noqa: E402
-from imgsim.modelspec import ModelArgs  # noqa: E402
+from bench.common import protocol_manifest, save, table
+from imgsim.images import Preprocess
+from imgsim.modelspec import ModelArgs
+from imgsim.nn import augment
+from imgsim.nn.data import ImageFiles, cache_images, label_ids, load_items, make_loader
+from imgsim.nn.embed import embed_batches, embed_dataset
+from imgsim.nn.model import EmbeddingNet
 
 REPEATS, N_EXTRACT = 3, 10_000
 

@@ -1,6 +1,6 @@
 """Bench: peak memory of extract at N and 10 x N images, streamed (DataLoader) against decoding all into memory.
 
-python bench/memory.py [--n 2000] [--size 96]   -> bench/results/memory.json
+python -m bench.memory [--n 2000] [--size 96]   -> bench/results/memory.json
 
 Generated JPEG copies (160 x 160, varied) stand in for a photo collection; an untrained resnet_small at
 --size px embeds them. Each measurement runs in its own process: peak RSS of the main process and of the
@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save, table  # noqa: E402
+from bench.common import RESULTS, save, table
 
 WORK = RESULTS / "memory-data"
 
@@ -45,13 +44,14 @@ def child(mode: str, root: str, size: int) -> None:
     """One measurement: the extract stage's streaming path, or every image decoded into one array first."""
     import torch
 
-    from imgsim.data import load_items
-    from imgsim.embed import embed_batches
-    from imgsim.extract import ExtractConfig, extract
     from imgsim.images import Preprocess
-    from imgsim.model import EmbeddingNet, ModelBundle
     from imgsim.modelspec import ModelArgs
+    from imgsim.nn.data import load_items
+    from imgsim.nn.embed import embed_batches
+    from imgsim.nn.model import EmbeddingNet, ModelBundle
     from imgsim.split import SplitConfig, split_dataset
+    from imgsim.stages.extract import extract
+    from imgsim.stages.settings import ExtractConfig
 
     torch.set_num_threads(1)
     manifest = split_dataset(SplitConfig(data_dir=root, labels="none"))

@@ -1,6 +1,6 @@
 """Bench 5: wall time of the README's demo command (`make demo`), from a fresh clone (install included unless cached).
 
-python bench/pipeline.py [--keep-venv]
+python -m bench.pipeline [--keep-venv]
 A fresh clone gets its own .venv, so the figure includes the pip install; --keep-venv links this
 checkout's .venv to time the pipeline alone.
 """
@@ -15,8 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save  # noqa: E402
+from bench.common import RESULTS, save
 
 REPO = Path(__file__).resolve().parents[1]
 

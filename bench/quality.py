@@ -1,7 +1,7 @@
 """Bench 1: retrieval quality with baselines: Fashion-MNIST (10k test queries vs the 60k train gallery) and
 the colour dev sets (bench/colour_sets.py: test queries vs the train + eval gallery), each with the defaults.
 
-python bench/quality.py [--dataset fashion-mnist|tuxpaint|oxygen] [--epochs N] [--config demo] [--set key=value ...]
+python -m bench.quality [--dataset fashion-mnist|tuxpaint|oxygen] [--epochs N] [--config demo] [--set key=value ...]
   -> bench/results/quality[-<dataset>][-demo].json, a table, PNG plots
 """
 
@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import colour_sets  # noqa: E402
-from bench.common import RESULTS, protocol_manifest, save, table  # noqa: E402
-from imgsim import config as settings  # noqa: E402
-from imgsim import plots  # noqa: E402
-from imgsim.baselines import pixel_embeddings, untrained_model  # noqa: E402
-from imgsim.data import label_ids, load_items  # noqa: E402
-from imgsim.embed import embed_batches  # noqa: E402
-from imgsim.metrics import mean_average_precision, retrieval_metrics  # noqa: E402
-from imgsim.train import TrainConfig, train_model  # noqa: E402
+from bench import colour_sets
+from bench.baselines import pixel_embeddings, untrained_model
+from bench.common import RESULTS, protocol_manifest, save, table
+from imgsim import config as settings
+from imgsim import plots
+from imgsim.metrics import mean_average_precision, retrieval_metrics
+from imgsim.nn.data import label_ids, load_items
+from imgsim.nn.embed import embed_batches
+from imgsim.stages.settings import TrainConfig
+from imgsim.stages.train import train_model
 
 CONFIGS = {"default": TrainConfig(), "demo": TrainConfig(epochs=4)}
 PIXEL_SIZE = 64  # the issue's comparison: cosine similarity on raw 64 x 64 pixels

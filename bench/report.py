@@ -1,18 +1,16 @@
 """Render bench/results/*.json as the results section of docs/benchmarks.md (between the results markers).
 
-python bench/report.py            print the section
-python bench/report.py --write    replace it in docs/benchmarks.md
+python -m bench.report            print the section
+python -m bench.report --write    replace it in docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, table  # noqa: E402
+from bench.common import RESULTS, table
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -31,7 +29,7 @@ def section() -> str:
         m = quality["machine"]
         parts.append(f"Measured on {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']}, {m['date']}.\n")
         parts.append("**1. Quality on Fashion-MNIST** — 10,000 test images as queries against the 60,000 train "
-                     f"images; `python bench/quality.py --epochs {quality['config']['epochs']}` (training took "
+                     f"images; `python -m bench.quality --epochs {quality['config']['epochs']}` (training took "
                      f"{quality['train_seconds'] / 60:.1f} min wall "
                      f"for {quality['config']['epochs']} epochs):\n")
         parts.append(table(quality["rows"], ["embedding", "accuracy", "precision_at_1", "precision_at_10",
@@ -46,7 +44,7 @@ def section() -> str:
     if index:
         parts.append(f"**2. Index** — Annoy against exact search on the trained embeddings "
                      f"({index['gallery'][0]:,} x {index['gallery'][1]}), {index['queries']} queries, k=10; "
-                     "`python bench/index_speed.py`:\n")
+                     "`python -m bench.index_speed`:\n")
         parts.append(table(index["rows"], ["method", "recall_at_10", "qps", "speedup", "build_seconds", "index_mb"]))
         best = index.get("best")
         if best:
@@ -59,7 +57,7 @@ def section() -> str:
                      "default), all in the same wrapper and settings "
                      f"({', '.join(f'{k}={v}' for k, v in serving['settings'].items())}); `gRPC compact` asks for "
                      "the answer as a JSON string in `strData` (`meta.tags.format=compact`); the load generator "
-                     "shares the same cores; `python bench/serving.py`:\n")
+                     "shares the same cores; `python -m bench.serving`:\n")
         parts.append(table(serving["rows"], ["server", "protocol", "concurrency", "requests", "errors", "rps",
                                              "p50_ms", "p99_ms", "of_echo"]))
         before = load("serving-before")
@@ -79,13 +77,13 @@ def section() -> str:
                          "parse on a Python client; as `strData` it costs microseconds.")
     if extraction:
         parts.append(f"\n**4. Extraction** — {extraction['images']:,} images, batch {extraction['batch']}; "
-                     "`python bench/extraction.py`:\n")
+                     "`python -m bench.extraction`:\n")
         parts.append(table(extraction["rows"], ["path", "images_per_second", "ratio"]))
     if pipeline:
         parts.append(f"\n**5. Whole pipeline** — `{pipeline['command']}` from a fresh clone"
                      f"{' including the pip install' if pipeline['fresh_venv'] else ''}: "
                      f"{pipeline['wall_seconds'] / 60:.1f} min wall (exit {pipeline['exit_code']}); "
-                     "`python bench/pipeline.py`.\n")
+                     "`python -m bench.pipeline`.\n")
     parts += own_images_sections()
     parts += hold_up_sections()
     parts += gallery_sections()
@@ -100,8 +98,8 @@ def page_sections() -> list[str]:
     if not page:
         return []
     return ["**14. The search page under hostile clients** — `imgsim ui` (gunicorn, gevent worker) in front of the "
-            "real server on the demo bundle; PSS of all page processes sampled every 50 ms; `python "
-            "bench/hostile_page.py`. Bodies over the limit, 4 clients each (the MiB column is what the client had "
+            "real server on the demo bundle; PSS of all page processes sampled every 50 ms; `python -m "
+            "bench.hostile_page`. Bodies over the limit, 4 clients each (the MiB column is what the client had "
             "written when the 413 arrived, socket buffers included; the page reads at most the route's limit):\n",
             table(page["bodies"], ["case", "clients", "answers", "max_mib_sent_before_answer"]),
             "\nNormal requests (page, thumbnail, search in turn) from one client while 32 connections trickle their "
@@ -114,7 +112,7 @@ def page_sections() -> list[str]:
             table([page["bombs"]], ["clients", "requests", "2xx", "4xx", "5xx"]), "",
             table(page["phases"], ["phase", "idle_pss_mb", "peak_pss_mb", "growth_mb"]),
             f"\nThe page answered afterwards: {page['ready_after']}. (Its idle PSS holds torch: `imgsim ui` imports "
-            "the whole CLI; the chart's gunicorn imports `imgsim.ui` only.)\n"]
+            "the whole CLI; the chart's gunicorn imports `imgsim.serve.page` only.)\n"]
 
 
 def scale_sections() -> list[str]:
@@ -124,7 +122,7 @@ def scale_sections() -> list[str]:
         return []
     return [f"**13. Scale-out** — {scale['gallery']:,} Fashion-MNIST gallery images and {scale['queries']:,} queries "
             "embedded by real `imgsim extract` shard processes (wall time includes each process's start, ~5 s), "
-            "then merged; the 2 cores shared as 1 process × 2 torch threads or 2 × 1; `python bench/scale.py`:\n",
+            "then merged; the 2 cores shared as 1 process × 2 torch threads or 2 × 1; `python -m bench.scale`:\n",
             table(scale["extraction"], ["processes", "torch threads each", "images", "wall seconds", "images/s",
                                         "vs 1 process", "merge seconds"]),
             "\nThe merge's index build (IndexBundle.build, 20 trees, 128-d unit vectors), each size in its own "
@@ -143,7 +141,7 @@ def gallery_sections() -> list[str]:
     return [f"**12. Living gallery** — the demo model over the default split with {gallery['held_back']} training "
             "images held back, one fresh MLflow store; `gallery add` then adds exactly those, and `gallery remove` "
             f"removes {gallery['held_back']} others; recall@10 against exact search at the bundle's search_k; "
-            "`python bench/gallery.py`:\n",
+            "`python -m bench.gallery`:\n",
             table(rows, ["step", "images", "seconds", "vs extract", "recall@10"]),
             f"\nThe gallery part of extract alone (embedding + index build) took {gallery['extract_gallery_seconds']} s. "
             f"Duplicate finder (hash distance {d['hash_distance']}, embedding distance {d['embedding_distance']}):\n",
@@ -160,7 +158,7 @@ def hold_up_sections() -> list[str]:
                      "4 concurrent clients each send every kind below as a REST JSON batch of 16 copies, as REST "
                      "binData and as gRPC binData, 3 rounds; PSS of all server processes sampled every 50 ms; "
                      "the same mix against the bounded defaults, 2 decodes per worker, and split's 40 MP limit "
-                     "with no request budget or decode cap; `python bench/hostile_memory.py`:\n")
+                     "with no request budget or decode cap; `python -m bench.hostile_memory`:\n")
         parts.append(table([{"kind": k, "bytes": v} for k, v in hostile["payload_bytes"].items()], ["kind", "bytes"]))
         parts.append("")
         parts.append(table(hostile["rows"], ["config", "idle_pss_mb", "peak_pss_mb", "growth_mb", "requests", "2xx",
@@ -171,7 +169,7 @@ def hold_up_sections() -> list[str]:
         parts.append(f"**11. Soak** — the demo bundle for {sm['minutes']:g} minutes{warm} at concurrency "
                      f"{sm['concurrency']}, 70 % good queries (binData, JSON image, batch of 4, id, path; REST and "
                      "gRPC) and 30 % bad ones (junk bytes, bad base64, k out of range, a 401-digit k, unknown id, "
-                     "outside path, truncated PNG, 36 MP bombs, non-object bodies); `python bench/soak.py`:\n")
+                     "outside path, truncated PNG, 36 MP bombs, non-object bodies); `python -m bench.soak`:\n")
         parts.append(table(soak["minutes"], ["minute", "requests", "2xx", "4xx", "5xx", "p50_ms", "p99_ms", "pss_mb"]))
         parts.append(f"\n{sm['requests']:,} requests: {sm['2xx']:,} 2xx, {sm['4xx']:,} 4xx, **{sm['5xx']} 5xx**; "
                      f"PSS {sm['pss_start_mb']:,.0f} MB at the start, {sm['pss_end_mb']:,.0f} MB at the end "
@@ -187,7 +185,7 @@ def own_images_sections() -> list[str]:
         parts.append("**6. Quality on colour images** — the defaults (no settings) on two colour dev sets built from "
                      "Debian packages by `bench/colour_sets.py` (Tux Paint stamps by category; Oxygen icons by "
                      "context, one size per icon so near-duplicates cannot straddle the split); 65/25/10 split, "
-                     "test images as queries against train + eval; `python bench/quality.py --dataset NAME`:\n")
+                     "test images as queries against train + eval; `python -m bench.quality --dataset NAME`:\n")
         for q in colour:
             pre = q.get("preprocess", {})
             parts.append(f"*{q['dataset']}* ({q['rows'][0]['embedding']}, {pre.get('size')} px, "
@@ -204,7 +202,7 @@ def own_images_sections() -> list[str]:
                 row[f"{r['dataset']}_p1"], row[f"{r['dataset']}_map_at_r"] = r["precision_at_1"], r["map_at_r"]
         base = ", ".join(f"{k}={v}" for k, v in sweeps[0]["base"].items())
         parts.append(f"**7. Recipe sweep** — one setting changed at a time from a base ({base}, cosine head, "
-                     "photo augmentation, selection on eval mAP@R), both colour sets; `python bench/sweep.py` "
+                     "photo augmentation, selection on eval mAP@R), both colour sets; `python -m bench.sweep` "
                      f"(run once on a GPU machine, torch {sweeps[0]['machine']['torch']}, to compare settings quickly; "
                      "~190 and ~275 queries, so differences under ~0.03 are noise):\n")
         parts.append(table(list(rows.values()), ["variant", "tuxpaint_p1", "tuxpaint_map_at_r", "oxygen_p1",
@@ -212,13 +210,13 @@ def own_images_sections() -> list[str]:
     memory, loader = load("memory"), load("loader")
     if memory:
         parts.append(f"**8. Memory of extract** — generated JPEGs embedded at {memory['size']} px, streamed through "
-                     "the DataLoader (now) and decoded into one array first (before); `python bench/memory.py`:\n")
+                     "the DataLoader (now) and decoded into one array first (before); `python -m bench.memory`:\n")
         parts.append(table(memory["rows"], ["path", "images", "peak_rss_mb", "worker_peak_rss_mb", "growth_mb",
                                             "seconds"]) + "\n")
     if loader:
         parts.append("**9. Fashion-MNIST throughput, streaming data path against the in-memory one it replaced** "
                      f"(train: {loader['train_images']:,} images of optimizer steps; extract: "
-                     f"{loader['extract_images']:,} PNG files to embeddings); `python bench/loader.py`:\n")
+                     f"{loader['extract_images']:,} PNG files to embeddings); `python -m bench.loader`:\n")
         parts.append(table(loader["rows"], ["stage", "before_images_per_second", "now_images_per_second",
                                             "now_over_before"]) + "\n")
     return parts

@@ -1,7 +1,7 @@
 """Scale-out: extraction throughput of 1 vs 2 shard processes on this machine, and the merge's index build
 time and memory for 10^5 and 10^6 embeddings.
 
-    python bench/scale.py          # ~8 min on 2 cores; needs bundles/demo (`make demo`) for its model
+    python -m bench.scale          # ~8 min on 2 cores; needs bundles/demo (`make demo`) for its model
 
 Extraction: 20,000 Fashion-MNIST gallery images and 2,000 queries, the demo model, each configuration as real
 `imgsim extract` shard processes against one MLflow store. The machine's cores are shared fairly: one process
@@ -22,13 +22,12 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, save, table  # noqa: E402
-from bench.hostile import demo_bundle  # noqa: E402
-from imgsim.fashion_mnist import prepare  # noqa: E402
-from imgsim.split import SplitConfig, split_dataset  # noqa: E402
-from tests.conftest import mlflow_store  # noqa: E402
+from bench.common import DATA, save, table
+from bench.hostile import demo_bundle
+from imgsim.fashion_mnist import prepare
+from imgsim.split import SplitConfig, split_dataset
+from support.store import mlflow_store
 
 GALLERY, QUERIES = 20_000, 2_000
 BUILD = """

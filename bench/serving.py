@@ -1,7 +1,7 @@
 """Bench 3: REST and gRPC single-image binData queries at concurrency 1 and 4: an echo model, imgsim on
 PyTorch and imgsim on ONNX Runtime, side by side in one run, with each server's idle memory.
 
-python bench/serving.py [--bundle bundles/demo]     (after `make demo`, whose bundle it serves)
+python -m bench.serving [--bundle bundles/demo]     (after `make demo`, whose bundle it serves)
 Every server runs the real seldon-core-microservice with the same worker settings on loopback; the load
 generator shares the same 2 cores, so read the ratios rather than the absolute numbers.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,11 +22,10 @@ import requests
 from google.protobuf.internal import api_implementation
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save, table  # noqa: E402
-from bench.hostile import DEMO_BUNDLE, demo_bundle, encode, pss_mb  # noqa: E402
-from imgsim.bundle import ServingBundle  # noqa: E402
-from tests.servers import start_server  # noqa: E402
+from bench.common import RESULTS, save, table
+from bench.hostile import DEMO_BUNDLE, demo_bundle, encode, pss_mb
+from imgsim.bundle import ServingBundle
+from support.servers import start_server
 
 SETTINGS = {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2", "GRPC_WORKERS": "2", "GRPC_THREADS": "2",
             "IMGSIM_THREADS": "1", "OMP_NUM_THREADS": "1"}

@@ -1,6 +1,6 @@
 """Bench: the real server for 10 minutes under mixed good and bad traffic at concurrency 4 (loopback only).
 
-python bench/soak.py [--bundle bundles/demo] [--minutes 10] [--max-requests 200000]      (after `make demo`)
+python -m bench.soak [--bundle bundles/demo] [--minutes 10] [--max-requests 200000]      (after `make demo`)
 First a warm-up of the same mixed traffic (--warmup-seconds, 60 by default; every worker meets every kind of
 request, so its caches and allocator arenas are filled), then the measured run. Reports requests and
 answers by class, p50/p99 latency and PSS per minute, and PSS growth from the start of the measured run to
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import random
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ from google.protobuf import json_format
 from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save, table  # noqa: E402
-from bench.hostile import CHART_SETTINGS, DEMO_BUNDLE, b64, demo_bundle, encode, pss_mb  # noqa: E402
-from imgsim.bundle import ServingBundle  # noqa: E402
-from tests.servers import start_server  # noqa: E402
+from bench.common import RESULTS, save, table
+from bench.hostile import CHART_SETTINGS, DEMO_BUNDLE, b64, demo_bundle, encode, pss_mb
+from imgsim.bundle import ServingBundle
+from support.servers import start_server
 
 REPO = Path(__file__).resolve().parents[1]
 BAD_SHARE = 0.3

@@ -1,8 +1,8 @@
 """Recipe sweep: train the colour dev sets with one setting changed at a time from a base, side by side.
 
-python bench/sweep.py [--datasets tuxpaint oxygen] [--variants base arcface ...]   -> bench/results/sweep.json
+python -m bench.sweep [--datasets tuxpaint oxygen] [--variants base arcface ...]   -> bench/results/sweep.json
 
-Used to choose the colour defaults (imgsim/recipe.py, TrainConfig); each row is a full train + retrieval
+Used to choose the colour defaults (imgsim/nn/recipe.py, TrainConfig); each row is a full train + retrieval
 evaluation (test queries against the train + eval gallery), so compare rows within one run.
 """
 
@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, save, table  # noqa: E402
-from bench.colour_sets import manifest as colour_manifest  # noqa: E402
-from imgsim import config as settings  # noqa: E402
-from imgsim.data import ImageFiles, label_ids  # noqa: E402
-from imgsim.embed import embed_dataset  # noqa: E402
-from imgsim.metrics import retrieval_metrics  # noqa: E402
-from imgsim.train import TrainConfig, train_model  # noqa: E402
+from bench.colour_sets import manifest as colour_manifest
+from bench.common import RESULTS, save, table
+from imgsim import config as settings
+from imgsim.metrics import retrieval_metrics
+from imgsim.nn.data import ImageFiles, label_ids
+from imgsim.nn.embed import embed_dataset
+from imgsim.stages.settings import TrainConfig
+from imgsim.stages.train import train_model
 
 BASE = {"epochs": 40, "batch_size": 32, "lr": 0.1, "image_size": 32}
 VARIANTS = {

@@ -17,7 +17,7 @@ from imgsim.index import DEFAULT_SEARCH_K, EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FI
 from imgsim.modelspec import MODEL_JSON, ONNX_FILE, WEIGHTS, ModelSpec, file_sha256
 
 if TYPE_CHECKING:  # torch is only needed to write a bundle or to serve with runtime="torch"
-    from imgsim.model import ModelBundle
+    from imgsim.nn.model import ModelBundle
 
 BUNDLE_JSON = "bundle.json"
 PROBES_FILE = "probes.npz"
@@ -26,6 +26,8 @@ MODEL_FILES = (MODEL_JSON, WEIGHTS, ONNX_FILE)
 FILES = (*MODEL_FILES, INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE, PROBES_FILE)
 RUNTIMES = ("onnx", "torch")
 PROBE_COUNT = 32
+# A living gallery: each version is registered under this name, and this alias names the one to serve.
+GALLERY_NAME, GALLERY_ALIAS = "imgsim-gallery", "serving"
 # The loaded model must reproduce the probe embeddings recorded at extract (both float32 on the CPU: torch
 # and ONNX Runtime agree to ~1e-6) to this largest absolute difference...
 PROBE_PARITY = 1e-4
@@ -98,12 +100,12 @@ class ServingBundle:
     search_k: int = DEFAULT_SEARCH_K  # what extract measured the index's recall with; the server's default
     index_recall: float | None = None  # recall@10 against exact search at that search_k
     files: dict[str, str] = dataclasses.field(default_factory=dict)  # sha256 of each file, once saved or loaded
-    weights: "ModelBundle | None" = None  # the torch model: given to save, loaded only for runtime="torch"
+    torch_model: "ModelBundle | None" = None  # the torch model: given to save, loaded only for runtime="torch"
     engine: Engine | None = dataclasses.field(default=None, repr=False)  # set by load
     onnx_parity: float | None = None  # ONNX Runtime vs torch at export, largest absolute difference
-    # Lineage of a living gallery (imgsim.gallery): the image root its paths are relative to, the parent
+    # Lineage of a living gallery (imgsim.stages.gallery): the image root its paths are relative to, the parent
     # bundle (None for extract's), and what the change added, removed and skipped.
-    gallery: dict = dataclasses.field(default_factory=dict)
+    lineage: dict = dataclasses.field(default_factory=dict)  # stored as bundle.json's "gallery"
     version: str = ""  # the registry version it was fetched as, when it was (not stored in the bundle)
 
     def save(self, out_dir: str | Path, *, model_from: str | Path | None = None) -> Path:
@@ -111,17 +113,17 @@ class ServingBundle:
         index, probes, checksums), replacing any previous one in a single step. ``model_from``: a bundle
         folder whose model files are copied byte for byte instead (a new gallery version of the same model)."""
         out = Path(out_dir)
-        if self.weights is None and model_from is None:
-            raise ImgsimError("a ServingBundle is saved from the torch model: pass weights=ModelBundle")
+        if self.torch_model is None and model_from is None:
+            raise ImgsimError("a ServingBundle is saved from the torch model: pass torch_model=ModelBundle")
         with atomic.atomic_dir(out) as tmp:
             if model_from is not None:
                 for name in MODEL_FILES:
                     shutil.copyfile(Path(model_from) / name, tmp / name)
             else:
-                from imgsim.onnx_export import export_onnx
+                from imgsim.nn.onnx_export import export_onnx
 
-                self.weights.save(tmp)
-                self.onnx_parity = export_onnx(self.weights, tmp / ONNX_FILE, self.probes.inputs)
+                self.torch_model.save(tmp)
+                self.onnx_parity = export_onnx(self.torch_model, tmp / ONNX_FILE, self.probes.inputs)
             self.index.save(tmp)
             self.probes.save(tmp / PROBES_FILE)
             self.files = {name: file_sha256(tmp / name) for name in FILES}
@@ -129,7 +131,7 @@ class ServingBundle:
         return out
 
     def _meta(self) -> dict:
-        from imgsim.onnx_export import OPSET, PARITY
+        from imgsim.nn.onnx_export import OPSET, PARITY
 
         return {
             "format_version": FORMAT_VERSION,
@@ -137,7 +139,7 @@ class ServingBundle:
             "index": {"dim": self.index.dim, "metric": self.index.metric, "n_trees": self.index.n_trees,
                       "count": len(self.index.items), "next_id": self.index.next_id, "search_k": self.search_k,
                       "recall_at_10": self.index_recall},
-            "gallery": self.gallery,
+            "gallery": self.lineage,
             "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
             "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
             "files": self.files,
@@ -162,7 +164,7 @@ class ServingBundle:
                 source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
                 bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                              meta["index"].get("recall_at_10"), dict(meta["files"]),
-                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"), gallery=dict(meta.get("gallery") or {}))
+                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"), lineage=dict(meta.get("gallery") or {}))
             except (KeyError, ValueError, TypeError) as exc:
                 raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
             try:
@@ -189,7 +191,7 @@ class ServingBundle:
     def _disagreements(self) -> list[str]:
         recorded = self.probes.embeddings
         problems = []
-        model_file = ONNX_FILE if self.weights is None else WEIGHTS
+        model_file = ONNX_FILE if self.torch_model is None else WEIGHTS
         recomputed = self.engine(self.probes.inputs)[0]
         diff = float(np.abs(recomputed - recorded).max(initial=0.0)) if np.all(np.isfinite(recomputed)) else np.inf
         if diff > PROBE_PARITY:
@@ -228,20 +230,20 @@ class ServingBundle:
 
 def _open_engine(bundle: ServingBundle, folder: Path, runtime: str, threads: int) -> Engine:
     if runtime == "onnx":
-        from imgsim.runtime import OnnxModel
+        from imgsim.serve.runtime import OnnxModel
 
         return OnnxModel(folder / ONNX_FILE, bundle.spec.preprocess, threads)
     try:
         import torch
 
-        from imgsim.embed import embed_array
-        from imgsim.model import ModelBundle
+        from imgsim.nn.embed import embed_array
+        from imgsim.nn.model import ModelBundle
     except ImportError:
         raise ImgsimError("runtime 'torch' needs torch, which this installation (the serving image) does not "
                           "have: use runtime 'onnx'") from None
     torch.set_num_threads(max(1, threads))
-    bundle.weights = ModelBundle.load(folder)
-    net = bundle.weights.build()
+    bundle.torch_model = ModelBundle.load(folder)
+    net = bundle.torch_model.build()
     return lambda inputs: embed_array(net, inputs)
 
 
@@ -284,7 +286,7 @@ def build_probes(model, index: IndexBundle, read: Callable[[int], NDArray[np.uin
                  gallery: NDArray[np.float32] | None = None, seed: int = 42) -> Probes:
     """Probes for a fresh index; with ``gallery`` (the batched extract embeddings) also check that the serving
     path (one small batch, no DataLoader) embeds exactly as extract did."""
-    from imgsim.embed import embed_array
+    from imgsim.nn.embed import embed_array
 
     probes = Probes.take(lambda x: embed_array(model, x)[0], read, index, seed=seed)
     if gallery is not None:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from imgsim import config, logs
 from imgsim.errors import ImgsimError
-from imgsim.extract import ExtractConfig
 from imgsim.split import SplitConfig
-from imgsim.train import TrainConfig
+from imgsim.stages.settings import ExtractConfig, TrainConfig
 
 STAGES = (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractConfig))
 # main sets these itself: each step reads the previous step's artifact URI.
@@ -23,25 +22,25 @@ SAME_MEANING = frozenset({"data_dir", "seed", "threads", "workers"})
 
 
 def _split(ns):
-    from imgsim.workflow import run_split
+    from imgsim.runs.split import run_split
     print(f"split run: {run_split(config.from_namespace(SplitConfig, ns))}")
 
 
 def _train(ns):
-    from imgsim.workflow import run_train
+    from imgsim.runs.train import run_train
     run_id, model_uri = run_train(config.from_namespace(TrainConfig, ns))
     if run_id:
         print(f"train run: {run_id}\nmodel: {model_uri}")
 
 
 def _extract(ns):
-    from imgsim.workflow import run_extract
+    from imgsim.runs.extract import run_extract
     print(f"extract run: {run_extract(config.from_namespace(ExtractConfig, ns))}")
 
 
 def _main(ns):
     from imgsim.result import MainResult
-    from imgsim.workflow import run_main
+    from imgsim.runs.main import run_main
     result = MainResult(**run_main(*main_configs(ns).values()))
     if ns.result_file:  # the table comes with `imgsim report`, after what the caller does next
         print(f"main: {result.summary()}; `imgsim report {result.save(ns.result_file)}` shows runs and metrics")
@@ -86,8 +85,8 @@ def _prepare(ns):
 
 
 def _export(ns):
-    from imgsim.export import export_bundle
-    from imgsim import tracking
+    from imgsim.runs import tracking
+    from imgsim.runs.export import export_bundle
     if sum(map(bool, (ns.run, ns.uri, ns.result))) != 1:
         raise ImgsimError("give one of --run <extract run id>, --uri <runs:/..., models:/..., folder> or "
                           "--result <main's result file>")
@@ -102,8 +101,8 @@ def _result(path: str):
 
 
 def _pick_image(ns):
-    from imgsim import tracking
     from imgsim.manifest import Manifest
+    from imgsim.runs import tracking
     if bool(ns.result) == bool(ns.manifest):
         raise ImgsimError("give --result <main's result file> or --manifest <runs:/<split run>/split or a folder>")
     uri = ns.manifest or _result(ns.result).manifest_uri
@@ -114,27 +113,27 @@ def _pick_image(ns):
 
 
 def _report(ns):
-    from imgsim import tracking
+    from imgsim.runs import tracking
     print(_result(ns.result).report())
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --port 8080  "
           "(then open http://127.0.0.1:8080)")
 
 
 def _wait_ready(ns):
-    from imgsim import client
+    from imgsim.serve import client
     seconds = client.wait_ready(ns.url, ns.timeout_s, ns.pid, ns.log)
     print(f"server at {ns.url} ready after {seconds:.1f} s")
 
 
 def _setup_tracking(ns):
-    from imgsim import tracking
+    from imgsim.runs import tracking
     print(f"MLflow tracking: {tracking.setup()} (experiment {tracking.EXPERIMENT!r} or $MLFLOW_EXPERIMENT_NAME)")
 
 
 def _search(ns):
-    from imgsim import tracking
-    from imgsim.export import fetched_bundle
-    from imgsim.search import Searcher
+    from imgsim.runs import tracking
+    from imgsim.runs.export import fetched_bundle
+    from imgsim.serve.search import Searcher
     tracking.setup()
     with fetched_bundle(ns.bundle) as folder:
         searcher = Searcher(folder)
@@ -148,7 +147,7 @@ def _search(ns):
 
 
 def _query(ns):
-    from imgsim import client
+    from imgsim.serve import client
     for image in ns.images:
         data = Path(image).read_bytes()
         answers = [("REST", client.query_rest(ns.url, data, ns.k))] if ns.url else []
@@ -162,14 +161,14 @@ def _query(ns):
 
 
 def _gallery_add(ns):
-    from imgsim.gallery import AddConfig
-    from imgsim.workflow import run_gallery_add
+    from imgsim.runs.gallery import run_gallery_add
+    from imgsim.stages.settings import AddConfig
     _print_change(run_gallery_add(config.from_namespace(AddConfig, ns), ns.images or None))
 
 
 def _gallery_remove(ns):
-    from imgsim.gallery import RemoveConfig
-    from imgsim.workflow import run_gallery_remove
+    from imgsim.runs.gallery import run_gallery_remove
+    from imgsim.stages.settings import RemoveConfig
     _print_change(run_gallery_remove(config.from_namespace(RemoveConfig, ns)))
 
 
@@ -180,17 +179,17 @@ def _print_change(summary: dict) -> None:
 
 
 def _duplicates(ns):
-    from imgsim import dedup
+    from imgsim import duplicates
     if bool(ns.folder) == bool(ns.bundle):
         raise ImgsimError("give a folder of images or --bundle URI (one of them)")
     if ns.folder:
-        report, root = dedup.find_in_folder(ns.folder, ns.hash_distance), Path(ns.folder)
+        report, root = duplicates.find_in_folder(ns.folder, ns.hash_distance), Path(ns.folder)
     else:
-        from imgsim import tracking
-        from imgsim.export import fetched_bundle
+        from imgsim.runs import tracking
+        from imgsim.runs.export import fetched_bundle
         tracking.setup()
         with fetched_bundle(ns.bundle) as folder:
-            report, root = dedup.find_in_bundle(folder, ns.hash_distance, ns.embedding_distance)
+            report, root = duplicates.find_in_bundle(folder, ns.hash_distance, ns.embedding_distance)
         root = Path(ns.root) if ns.root else root
     files = report.write(ns.out, root if root and Path(root).is_dir() else None)
     for path, why in report.skipped[:20]:
@@ -199,7 +198,7 @@ def _duplicates(ns):
 
 
 def _rollout(ns):
-    from imgsim import rollout, tracking
+    from imgsim.runs import rollout, tracking
     if ns.bundle.startswith(("runs:/", "models:/")):
         tracking.setup()
     result = rollout.rollout(ns.release, ns.bundle, namespace=ns.namespace, predictor=ns.predictor,
@@ -208,17 +207,20 @@ def _rollout(ns):
 
 
 def _ui(ns):
-    from imgsim.ui import UiConfig, serve
+    from imgsim.serve.page import UiConfig, serve
     if ns.gallery_root and not Path(ns.gallery_root).is_dir():
         raise ImgsimError(f"--gallery-root {ns.gallery_root} is not a folder")
-    cfg = dataclasses.replace(UiConfig.from_env(), url=ns.url.rstrip("/"), gallery_root=ns.gallery_root or "")
-    serve(cfg, ns.host, ns.port)  # the limits from IMGSIM_UI_* as in the chart
+    # Flags win over IMGSIM_UI_* (as the chart sets them), which win over the defaults.
+    cfg = UiConfig.from_env(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(UiConfig)})
+    serve(dataclasses.replace(cfg, url=cfg.url.rstrip("/")), ns.host, ns.port)
 
 
 def _add_operations_parsers(sub) -> None:
     """Living with a deployment: gallery changes, duplicates, rollout and the search page."""
-    from imgsim import dedup
-    from imgsim.gallery import AddConfig, RemoveConfig
+    from imgsim import duplicates
+    from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
+    from imgsim.serve.page import UiConfig
+    from imgsim.stages.settings import AddConfig, RemoveConfig
     gallery = sub.add_parser("gallery", help="add or remove gallery images without retraining (a new bundle version)")
     actions = gallery.add_subparsers(dest="action", required=True)
     p = actions.add_parser("add", help="embed new images into a new gallery version; copies are skipped and reported")
@@ -230,12 +232,12 @@ def _add_operations_parsers(sub) -> None:
     p.set_defaults(fn=_gallery_remove)
     p = sub.add_parser("duplicates", help="find exact and near-duplicate groups in a folder or a gallery")
     p.add_argument("folder", nargs="?", help="folder of images (perceptual hash)")
-    p.add_argument("--bundle", help="or a gallery: folder, runs:/..., models:/imgsim-gallery@serving (hash + embedding)")
+    p.add_argument("--bundle", help=f"or a gallery: folder, runs:/..., models:/{GALLERY_NAME}@{GALLERY_ALIAS} (hash + embedding)")
     p.add_argument("--root", help="with --bundle: where its images are, for the picture (default: the bundle's root)")
-    p.add_argument("--hash-distance", type=int, default=dedup.DEFAULT_HASH_DISTANCE,
-                   help=f"most differing bits of 64 for a near copy (default {dedup.DEFAULT_HASH_DISTANCE}; -1: exact only)")
-    p.add_argument("--embedding-distance", type=float, default=dedup.DEFAULT_EMBEDDING_DISTANCE,
-                   help=f"with --bundle: largest cosine distance for a near copy (default {dedup.DEFAULT_EMBEDDING_DISTANCE})")
+    p.add_argument("--hash-distance", type=int, default=duplicates.DEFAULT_HASH_DISTANCE,
+                   help=f"most differing bits of 64 for a near copy (default {duplicates.DEFAULT_HASH_DISTANCE}; -1: exact only)")
+    p.add_argument("--embedding-distance", type=float, default=duplicates.DEFAULT_EMBEDDING_DISTANCE,
+                   help=f"with --bundle: largest cosine distance for a near copy (default {duplicates.DEFAULT_EMBEDDING_DISTANCE})")
     p.add_argument("--out", default="duplicates", help="folder for duplicates.csv and duplicates.png")
     p.set_defaults(fn=_duplicates)
     p = sub.add_parser("rollout", help="point a running SeldonDeployment at another bundle (rolling update)")
@@ -245,9 +247,10 @@ def _add_operations_parsers(sub) -> None:
     p.add_argument("--predictor", default="", help="only this predictor (default: all)")
     p.add_argument("--dry-run", action="store_true", help="let the API server validate the patch without applying it")
     p.set_defaults(fn=_rollout)
-    p = sub.add_parser("ui", help="a search page for a running server: drop an image, browse its neighbours")
-    p.add_argument("--url", default="http://127.0.0.1:9000", help="the server's REST endpoint")
-    p.add_argument("--gallery-root", help="the gallery's image folder, for thumbnails (only files inside it)")
+    p = sub.add_parser("ui", help="a search page for a running server: drop an image, browse its neighbours",
+                       epilog="Every setting can also come from IMGSIM_UI_<NAME> (IMGSIM_UI_GALLERY_ROOT, ...), as the "
+                              "chart sets them; a flag wins.")
+    config.add_arguments(p, UiConfig, config_flag=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8501, help="port to listen on (default: %(default)s)")
     p.set_defaults(fn=_ui, log_level="INFO")  # a server: its start and requests are worth seeing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +18,9 @@ C = TypeVar("C")
 
 # The concerns settings are grouped by in --help, in this order.
 GROUPS = ("data", "model", "optimisation", "augmentation", "selection", "index", "evaluation", "gallery",
-          "compute", "tracking", "distributed")
+          "compute", "tracking", "distributed",
+          # the server's and the page's
+          "page", "loading", "answers", "limits")
 
 
 def setting(default: Any, help: str, group: str) -> Any:  # noqa: A002 - the word argparse uses
@@ -26,6 +29,29 @@ def setting(default: Any, help: str, group: str) -> Any:  # noqa: A002 - the wor
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     return dataclasses.field(default=default, metadata={"help": help, "group": group})
+
+
+def from_sources(cls: type[C], prefix: str, params: dict[str, Any] | None = None, what: str = "setting") -> C:
+    """A long-running process's settings (the server, the page): ``params`` (constructor parameters) win over
+    ``<prefix><NAME>`` environment variables, which win over the defaults; "" and None mean "not given".
+    Converted and validated as every stage's settings are (:func:`resolve`)."""
+    params = dict(params or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ImgsimError(f"unknown {what}(s) {unknown}; valid: {sorted(names)}")
+    values: dict[str, Any] = {}
+    for name in names:
+        raw = params.get(name)
+        if raw is None or raw == "":
+            raw = os.environ.get(env_name(prefix, name))
+        if raw is not None and raw != "":
+            values[name] = raw
+    return resolve(cls, None, values)
+
+
+def env_name(prefix: str, name: str) -> str:
+    return f"{prefix}{name.upper()}"
 
 
 def help_of(field: dataclasses.Field) -> str:

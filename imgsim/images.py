@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,6 +15,8 @@ from imgsim.errors import BadInput
 
 # Above ~40 MP a photo is almost certainly a decompression bomb for a 28-224 px model.
 DEFAULT_MAX_PIXELS = 40_000_000
+# What a server (and the page's thumbnails) decodes at most per image: see ServiceConfig.max_pixels.
+SERVING_MAX_PIXELS = 12_000_000
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 
 
@@ -169,12 +171,6 @@ class Preprocess:
         ``max_pixels`` and ``admit``."""
         out = size or self.size
         return self.to_array(decode_image(data, draft=self.load_side * out // self.size, **limits), out)
-
-    def stack(self, images: Sequence[Image.Image]) -> NDArray[np.uint8]:
-        """Preprocess a batch into an (N, C, H, W) uint8 array."""
-        if not images:
-            return np.zeros((0, self.channels, self.size, self.size), dtype=np.uint8)
-        return np.stack([self.to_array(img) for img in images])
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocess":

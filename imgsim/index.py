@@ -32,7 +32,7 @@ class GalleryItem:
     label: str
     split: str  # train/test/eval from extract's manifest; "added" for images added to the gallery later
     sha256: str
-    phash: str = ""  # 64-bit perceptual hash as 16 hex digits (imgsim.dedup); empty in older bundles
+    phash: str = ""  # 64-bit perceptual hash as 16 hex digits (imgsim.hashing); empty in older bundles
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from imgsim.images import Preprocess
 MODEL_JSON, WEIGHTS, ONNX_FILE = "model.json", "weights.pt", "model.onnx"
 
 SMALL = "resnet_small"
-# torchvision backbones: name -> pooled feature dimension (imgsim.backbones cuts each before its classifier).
+# torchvision backbones: name -> pooled feature dimension (imgsim.nn.backbones cuts each before its classifier).
 TORCHVISION = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_large": 960, "efficientnet_b0": 1280,
                "convnext_tiny": 768}
 BACKBONES = (SMALL, *TORCHVISION)
@@ -90,3 +90,16 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+AUGMENT_MODES = ("auto", "none", "shift", "photo")
+
+
+def resolve_augment(mode: str, pretrained: bool) -> str:
+    """``auto``: crops and colour jitter when fine-tuning a pretrained backbone at its full size; shifts and flips
+    for scratch training at 28-32 px, which won on both colour dev sets (bench/sweep.py: mAP@R 0.40 vs 0.34 and
+    0.43 vs 0.32). true/false are kept for old configs."""
+    mode = {"true": "auto", "false": "none"}.get(mode.lower(), mode.lower())
+    if mode not in AUGMENT_MODES:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {mode!r}")
+    return ("photo" if pretrained else "shift") if mode == "auto" else mode

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import random
 from pathlib import Path
 
@@ -12,9 +11,11 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from imgsim import dedup
+from imgsim import hashing
 from imgsim.config import setting
+from imgsim.duplicates import group_copies
 from imgsim.errors import BadInput, ImgsimError
+from imgsim.folders import walk_files
 from imgsim.images import DEFAULT_MAX_PIXELS, decode_image
 from imgsim.manifest import Item, Manifest, Rejected
 
@@ -32,13 +33,16 @@ class SplitConfig:
                           "folders if there are any", "data")
     # Near copies share a split, as exact copies do, so a re-encoded or resized copy cannot sit in test while
     # its original trains.
-    near_duplicate_distance: int = setting(dedup.DEFAULT_HASH_DISTANCE, "images whose perceptual hashes differ "
+    near_duplicate_distance: int = setting(hashing.DEFAULT_HASH_DISTANCE, "images whose perceptual hashes differ "
                                            "in at most this many bits of 64 share a split; -1: exact copies only",
                                            "data")
 
     def __post_init__(self) -> None:
         if self.labels not in ("auto", "folders", "none"):
             raise ValueError(f"labels must be auto, folders or none, got {self.labels!r}")
+        if not (0 <= self.test_ratio < 1 and 0 <= self.eval_ratio < 1 and self.test_ratio + self.eval_ratio < 1):
+            raise ImgsimError(f"test_ratio={self.test_ratio} and eval_ratio={self.eval_ratio} must each be in [0, 1) "
+                              "and sum to less than 1, so that some images remain for training")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,6 @@ class _Scanned:
 
 def split_dataset(cfg: SplitConfig) -> Manifest:
     """Scan ``cfg.data_dir``, reject bad files with reasons, and split each class deterministically."""
-    _check_ratios(cfg)
     root = Path(cfg.data_dir).expanduser()
     if not root.is_dir():
         raise ImgsimError(f"image folder {root} does not exist or is not a folder; pass data_dir=<folder with one subfolder per class>")
@@ -80,14 +83,6 @@ def split_dataset(cfg: SplitConfig) -> Manifest:
     return Manifest(str(root.resolve()), classes, items, sorted(rejected, key=lambda r: r.path), params)
 
 
-def _check_ratios(cfg: SplitConfig) -> None:
-    if not (0 <= cfg.test_ratio < 1 and 0 <= cfg.eval_ratio < 1 and cfg.test_ratio + cfg.eval_ratio < 1):
-        raise ImgsimError(
-            f"test_ratio={cfg.test_ratio} and eval_ratio={cfg.eval_ratio} must each be in [0, 1) and sum to "
-            "less than 1, so that some images remain for training"
-        )
-
-
 def _list_files(root: Path, classes: list[str]) -> tuple[list[tuple[str, str]], list[Rejected]]:
     """Every visible file under each class folder (nested folders count for their top-level class)."""
     found: list[tuple[str, str]] = []
@@ -104,44 +99,18 @@ def _list_files(root: Path, classes: list[str]) -> tuple[list[tuple[str, str]], 
     return found, rejected
 
 
-def walk_files(root: Path, top: Path, label: str) -> tuple[list[tuple[str, str]], list[Rejected]]:
-    """Every visible file below ``top``; symlinks out of ``root``, symlinked folders and non-files rejected."""
-    found: list[tuple[str, str]] = []
-    rejected: list[Rejected] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for d in [d for d in dirnames if (here / d).is_symlink()]:
-            rejected.append(Rejected(str((here / d).relative_to(root)), "symlinked folder: not followed"))
-            dirnames.remove(d)
-        for name in sorted(f for f in filenames if not f.startswith(".")):
-            path = here / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink() and not _inside(path.resolve(), root):
-                rejected.append(Rejected(rel, "symlink pointing outside the image folder: not followed"))
-            elif not path.is_file():
-                rejected.append(Rejected(rel, "not a regular file (broken link, device or pipe)"))
-            else:
-                found.append((rel, label))
-    return found, rejected
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def _validate(path: Path, rel: str, label: str, max_pixels: int) -> _Scanned:
     data = path.read_bytes()
     img = decode_image(data, max_pixels=max_pixels)
-    return _Scanned(rel, label, hashlib.sha256(data).hexdigest(), img.width, img.height, dedup.grey_thumbnail(img))
+    return _Scanned(rel, label, hashlib.sha256(data).hexdigest(), img.width, img.height, hashing.grey_thumbnail(img))
 
 
 def copy_groups(scanned: list[_Scanned], distance: int) -> dict[str, str]:
     """Each image's group: the sha256 of the first image (by path) it is an exact or near copy of, else its own."""
     ordered = sorted(scanned, key=lambda s: s.path)
-    hashes = dedup.phash_grey(np.stack([s.thumbnail for s in ordered])) if ordered else np.zeros(0, np.uint64)
+    hashes = hashing.phash_grey(np.stack([s.thumbnail for s in ordered])) if ordered else np.zeros(0, np.uint64)
     group = {s.path: s.sha256 for s in ordered}
-    for pair in dedup.group_copies([s.path for s in ordered], [s.sha256 for s in ordered], hashes, distance):
+    for pair in group_copies([s.path for s in ordered], [s.sha256 for s in ordered], hashes, distance):
         group[pair.b] = group[pair.a]  # pairs name a group's first image, which keeps its own sha256
     return group
 

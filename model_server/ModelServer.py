@@ -17,9 +17,11 @@ from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message
 from werkzeug.exceptions import HTTPException
 
-from imgsim import seldon_compat
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.service import ServiceConfig, SimilarityService, decode_base64
+from imgsim.serve import seldon as seldon_compat
+from imgsim.serve.inputs import decode_base64
+from imgsim.serve.service import SimilarityService
+from imgsim.serve.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +29,9 @@ log = logging.getLogger(__name__)
 class ModelServer:
     """Top-k image similarity over Seldon's protocols; configuration only here, loading in ``load()``."""
 
-    def __init__(self, model_uri=None, default_k=None, max_k=None, gallery_root=None, max_image_bytes=None,
-                 max_request_bytes=None, max_batch=None, max_pixels=None, max_request_pixels=None,
-                 max_concurrent_decodes=None, search_k=None, runtime=None, threads=None, load_backoff_s=None,
-                 load_backoff_max_s=None, poll_interval_s=None) -> None:
-        params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+    def __init__(self, **params: Any) -> None:
+        """``params``: the SeldonDeployment graph's parameters, any of ServiceConfig's settings (checked there:
+        an unknown name or a bad value stops the server with a message naming it)."""
         self.service = SimilarityService(ServiceConfig.from_sources(**params))
         _survive_sighup()
         self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes, self._live_metadata)
@@ -46,7 +46,7 @@ class ModelServer:
             compact = _compact(tags)
             answer, timings = self.service.handle(json_data, bin_data, tags)
         except BadInput as exc:
-            self.service.stats.reject()
+            self.service.rejected.add()
             raise SeldonMicroserviceException(str(exc), status_code=400, reason="BAD_REQUEST") from None
         except ImgsimError as exc:
             raise SeldonMicroserviceException(str(exc), status_code=503, reason="NOT_READY") from None
@@ -78,7 +78,7 @@ class ModelServer:
 
     def _rejected(self) -> list[dict]:
         # A rejected request raises before any response carries metrics, so its count waits for the next one.
-        rejected = self.service.stats.drain_rejected()
+        rejected = self.service.rejected.drain()
         return [{"type": "COUNTER", "key": "imgsim_rejected_requests_total", "value": rejected}] if rejected else []
 
     def _request_metrics(self, answer: dict, timings: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""MLflow entry point `extract`: a thin wrapper over `imgsim extract` (see imgsim/extract.py)."""
+"""MLflow entry point `extract`: a thin wrapper over `imgsim extract` (see imgsim/stages/extract.py)."""
 
 import sys
 

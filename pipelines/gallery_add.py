@@ -1,4 +1,4 @@
-"""MLflow entry point `gallery_add`: a thin wrapper over `imgsim gallery add` (see imgsim/gallery.py)."""
+"""MLflow entry point `gallery_add`: a thin wrapper over `imgsim gallery add` (see imgsim/stages/gallery.py)."""
 
 import sys
 

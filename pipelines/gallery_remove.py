@@ -1,4 +1,4 @@
-"""MLflow entry point `gallery_remove`: a thin wrapper over `imgsim gallery remove` (see imgsim/gallery.py)."""
+"""MLflow entry point `gallery_remove`: a thin wrapper over `imgsim gallery remove` (see imgsim/stages/gallery.py)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""MLflow entry point `main`: a thin wrapper over `imgsim main` (see imgsim/workflow.py)."""
+"""MLflow entry point `main`: a thin wrapper over `imgsim main` (see imgsim/runs/main.py)."""
 
 import sys
 

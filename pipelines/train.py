@@ -1,4 +1,4 @@
-"""MLflow entry point `train`: a thin wrapper over `imgsim train` (see imgsim/train.py)."""
+"""MLflow entry point `train`: a thin wrapper over `imgsim train` (see imgsim/stages/train.py)."""
 
 import sys
 

@@ -4,21 +4,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-$PY bench/quality.py --epochs 20          # the default config for 20 epochs (~22 min on 2 cores)
-$PY bench/quality.py --dataset tuxpaint   # colour dev sets with the defaults (~8 and ~7 min)
-$PY bench/quality.py --dataset oxygen
-$PY bench/memory.py                       # extract's peak memory at N and 10 x N images
-$PY bench/loader.py                       # streaming vs in-memory data path on Fashion-MNIST
+$PY -m bench.quality --epochs 20          # the default config for 20 epochs (~22 min on 2 cores)
+$PY -m bench.quality --dataset tuxpaint   # colour dev sets with the defaults (~8 and ~7 min)
+$PY -m bench.quality --dataset oxygen
+$PY -m bench.memory                       # extract's peak memory at N and 10 x N images
+$PY -m bench.loader                       # streaming vs in-memory data path on Fashion-MNIST
 # bench/sweep.py (the recipe sweep behind the colour defaults) is not run here: ~2 h on 2 cores.
-$PY bench/index_speed.py
-$PY bench/extraction.py
-$PY bench/serving.py
-$PY bench/pipeline.py                     # `make demo` from a fresh clone, timed
+$PY -m bench.index_speed
+$PY -m bench.extraction
+$PY -m bench.serving
+$PY -m bench.pipeline                     # `make demo` from a fresh clone, timed
 # The server benches below use the demo bundle (bundles/demo): make it unless a valid one is there.
 [ -f bundles/demo/bundle.json ] || bash scripts/demo.sh     # each bench also verifies it before use
-$PY bench/hostile_memory.py               # server memory under hostile images (~2 min)
-$PY bench/hostile_page.py                 # the search page under hostile clients (~2 min)
-$PY bench/soak.py                         # 10 minutes of mixed good and bad traffic
-$PY bench/gallery.py                      # add/remove 1% of the gallery vs a full extract; duplicates (~10 min)
-$PY bench/scale.py                        # 1 vs 2 shard processes; index build at 10^5 and 10^6 (~5 min)
-$PY bench/report.py --write               # the results section of docs/benchmarks.md
+$PY -m bench.hostile_memory               # server memory under hostile images (~2 min)
+$PY -m bench.hostile_page                 # the search page under hostile clients (~2 min)
+$PY -m bench.soak                         # 10 minutes of mixed good and bad traffic
+$PY -m bench.gallery                      # add/remove 1% of the gallery vs a full extract; duplicates (~10 min)
+$PY -m bench.scale                        # 1 vs 2 shard processes; index build at 10^5 and 10^6 (~5 min)
+$PY -m bench.report --write               # the results section of docs/benchmarks.md

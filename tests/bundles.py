@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from imgsim.bundle import BUNDLE_JSON, FILES, ServingBundle, build_probes
-from imgsim.embed import embed_array
 from imgsim.index import IndexBundle
-from imgsim.model import EmbeddingNet, ModelBundle
 from imgsim.modelspec import file_sha256
+from imgsim.nn.embed import embed_array
+from imgsim.nn.model import EmbeddingNet, ModelBundle
 
 
 def rerecord_checksums(folder: Path) -> None:
@@ -33,4 +33,4 @@ def other_model_bundle(good: Path, out: Path) -> Path:
     vectors = embed_array(net, np.stack([inputs.get(i, fill) for i in range(len(first.index.items))]))[0]
     index = IndexBundle.build(vectors, first.index.items, n_trees=first.index.n_trees)
     probes = build_probes(net, index, lambda i: inputs.get(i, fill), vectors)
-    return ServingBundle(other.spec, index, probes, {"uri": "other"}, weights=other).save(out)
+    return ServingBundle(other.spec, index, probes, {"uri": "other"}, torch_model=other).save(out)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import uuid
 import zlib
 from pathlib import Path
@@ -13,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from support.store import mlflow_store
 
 CLASSES = ("circle", "square", "stripes")
 PER_CLASS = 12
@@ -80,29 +80,6 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS) -> dict[str, str]:
     return bad
 
 
-@contextlib.contextmanager
-def mlflow_store(folder: Path):
-    """A real MLflow sqlite store with local artifacts inside ``folder``, used from that folder."""
-    import mlflow
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
-    cwd = os.getcwd()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # in-process clients ignore the env once set
-    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    os.chdir(folder)
-    try:
-        yield folder
-    finally:
-        os.chdir(cwd)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture
 def image_folder(tmp_path) -> tuple[Path, dict[str, str]]:
     root = tmp_path / "images"
@@ -112,10 +89,9 @@ def image_folder(tmp_path) -> tuple[Path, dict[str, str]]:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory):
     """split -> train (2 epochs) -> extract once through the real MLflow store; shared by many tests."""
-    from imgsim.extract import ExtractConfig
+    from imgsim.runs.main import run_main
     from imgsim.split import SplitConfig
-    from imgsim.train import TrainConfig
-    from imgsim.workflow import run_main
+    from imgsim.stages.settings import ExtractConfig, TrainConfig
 
     work = tmp_path_factory.mktemp("pipeline")
     root = work / "images"
@@ -137,7 +113,7 @@ def living(pipeline_run):
     folder under the image root for the images a test adds."""
     import mlflow
 
-    from imgsim import tracking
+    from imgsim.runs import tracking
 
     name = f"gallery-{uuid.uuid4().hex[:8]}"
     with mlflow_store(pipeline_run["work"]):

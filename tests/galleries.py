@@ -7,9 +7,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from imgsim.bundle import ServingBundle, read_meta
-from imgsim.export import fetched_version
-from imgsim.gallery import AddConfig, RemoveConfig
-from imgsim.workflow import run_gallery_add, run_gallery_remove
+from imgsim.runs.export import fetched_version
+from imgsim.runs.gallery import run_gallery_add, run_gallery_remove
+from imgsim.stages.settings import AddConfig, RemoveConfig
 from tests.conftest import _picture
 
 
@@ -25,7 +25,7 @@ def load_version(uri: str) -> ServingBundle:
     with fetched_version(uri) as (folder, version):
         bundle = ServingBundle.load(folder)
         bundle.version = version
-        bundle.gallery = read_meta(folder)["gallery"]
+        bundle.lineage = read_meta(folder)["gallery"]
         return bundle
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torchvision
 
-from imgsim import backbones, modelspec, weights
+from imgsim import modelspec
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingNet, ModelBundle
 from imgsim.modelspec import ModelArgs
+from imgsim.nn import backbones, weights
+from imgsim.nn.model import EmbeddingNet, ModelBundle
 
 RGB = Preprocess(size=64, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from imgsim import checkpoint
 from imgsim.errors import ImgsimError
+from imgsim.nn import checkpoint
 
 
 class _Planted:

@@ -17,11 +17,11 @@ import pytest
 
 from imgsim import config
 from imgsim.cli import SAME_MEANING, STAGES, build_parser, main, main_configs, shared_settings
-from imgsim.gallery import AddConfig, RemoveConfig
 from imgsim.manifest import Manifest
 from imgsim.result import MainResult
-from tests.conftest import mlflow_store
-from tests.servers import free_port
+from imgsim.stages.settings import AddConfig, RemoveConfig
+from support.servers import free_port
+from support.store import mlflow_store
 
 SETTINGS = [cls for _, cls in STAGES] + [AddConfig, RemoveConfig]
 

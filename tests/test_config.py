@@ -5,7 +5,7 @@ import pytest
 from imgsim import config
 from imgsim.cli import build_parser
 from imgsim.errors import ImgsimError
-from imgsim.train import TrainConfig
+from imgsim.stages.settings import TrainConfig
 
 
 def test_file_overrides_defaults_and_cli_overrides_file(tmp_path):
@@ -42,3 +42,61 @@ def test_unreadable_config_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ImgsimError, match="must hold a mapping"):
         config.resolve(TrainConfig, str(tmp_path / "bad.yaml"))
+
+
+# The server and the page: one mechanism, constructor parameters (or flags) > IMGSIM_* variables > defaults.
+
+def test_server_settings_come_from_parameters_then_environment_then_defaults(monkeypatch):
+    from imgsim.serve.settings import ServiceConfig
+
+    monkeypatch.setenv("IMGSIM_MAX_K", "40")
+    monkeypatch.setenv("IMGSIM_DEFAULT_K", "7")
+    monkeypatch.setenv("IMGSIM_LOAD_BACKOFF_S", "0.5")
+    cfg = ServiceConfig.from_sources(default_k=3, gallery_root="", max_batch="8")  # "" is "not given"
+    assert (cfg.default_k, cfg.max_k, cfg.max_batch, cfg.load_backoff_s, cfg.gallery_root) == (3, 40, 8, 0.5, "")
+    assert ServiceConfig.from_sources().threads == ServiceConfig().threads == 1
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_kk": 3}, r"unknown server parameter\(s\) \['max_kk'\]; valid: \[.*'max_k'"),
+    ({"max_k": "lots"}, "max_k must be a whole number, got 'lots'"),
+    ({"default_k": 9, "max_k": 5}, "need 1 <= default_k <= max_k"),
+    ({"runtime": "tensorrt"}, "runtime must be one of onnx, torch"),
+    ({"max_batch": 0}, "max_batch must be at least 1"),
+])
+def test_bad_server_settings_name_the_problem(params, message):
+    from imgsim.serve.settings import ServiceConfig
+
+    with pytest.raises(ImgsimError, match=message):
+        ServiceConfig.from_sources(**params)
+
+
+def test_page_settings_flags_win_over_the_environment(monkeypatch):
+    from imgsim.serve.page import UiConfig
+
+    monkeypatch.setenv("IMGSIM_UI_MAX_K", "20")
+    monkeypatch.setenv("IMGSIM_UI_URL", "http://seldon:8000")
+    assert UiConfig.from_env(max_k=None, url="http://127.0.0.1:9") == UiConfig(max_k=20, url="http://127.0.0.1:9")
+    monkeypatch.setenv("IMGSIM_UI_MAX_PIXELS", "0")
+    with pytest.raises(ImgsimError, match="max_pixels must be at least 1"):
+        UiConfig.from_env()
+
+
+def test_every_page_setting_is_a_flag_with_its_help():
+    import dataclasses
+
+    from imgsim.serve.page import UiConfig
+
+    text = build_parser().parse_args(["ui"]) and _help(["ui", "--help"])
+    for field in dataclasses.fields(UiConfig):
+        assert "--" + field.name.replace("_", "-") in text and config.help_of(field).split()[0] in text
+
+
+def _help(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    return out.getvalue()

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from imgsim import recipe
-from imgsim.data import ImageArray, ImageFiles, cache_images, channel_stats, load_items, make_loader
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess, decode_image
 from imgsim.manifest import Item
+from imgsim.nn import recipe
+from imgsim.nn.data import ImageArray, ImageFiles, cache_images, channel_stats, load_items, make_loader
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import TrainConfig
+from imgsim.stages.settings import TrainConfig
 
 PRE = Preprocess(size=24, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 

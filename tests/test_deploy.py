@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import dataclasses
+import importlib
 import json
 import os
 import re
@@ -17,7 +19,7 @@ from seldon_core import microservice
 from seldon_core.wrapper import get_rest_microservice
 
 from imgsim.cli import build_parser
-from imgsim.service import ServiceConfig
+from imgsim.serve.settings import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "imgsim"
@@ -158,7 +160,12 @@ def test_the_search_page_relays_to_the_predictor_service_seldon_creates():
     predictor = sdep_doc["spec"]["predictors"][0]["name"]
     assert env["IMGSIM_UI_URL"] == f"http://{sdep_doc['metadata']['name']}-{predictor}:8000"
     assert env["IMGSIM_UI_GALLERY_ROOT"] == "/gallery/images"
-    assert container["command"][-1] == "imgsim.ui:create_app()" and callable(__import__("imgsim.ui").ui.create_app)
+    page = importlib.import_module("imgsim.serve.page")
+    assert container["command"][-1] == "imgsim.serve.page:create_app()" and callable(page.create_app)
+    # Every variable the chart sets is a page setting, read by the page's one settings mechanism.
+    assert {n.removeprefix(page.ENV_PREFIX).lower() for n in env} <= {f.name for f in dataclasses.fields(page.UiConfig)}
+    with _environ(env):
+        assert page.UiConfig.from_env().gallery_root == "/gallery/images"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert not [d for d in render({}) if d["kind"] == "Deployment"]  # off by default
 
@@ -210,10 +217,7 @@ def test_probes_use_the_wrappers_real_paths_and_port():
 
 
 def test_graph_parameters_are_ones_model_server_accepts():
-    sys.path.insert(0, str(REPO / "model_server"))
-    from ModelServer import ModelServer
-
-    accepted = set(inspect.signature(ModelServer.__init__).parameters) - {"self"}
+    accepted = {f.name for f in dataclasses.fields(ServiceConfig)}  # ModelServer(**params) checks against these
     casts = {"INT": int, "FLOAT": float, "DOUBLE": float, "STRING": str, "BOOL": lambda v: v == "true"}
     for values in VARIANTS.values():
         params = _predictor(values)["graph"]["parameters"]
@@ -375,9 +379,9 @@ def test_long_release_names_are_truncated_to_63_characters():
 # ---- helm test hook: its script really queries a server ---------------------------------------------------
 
 def test_helm_test_pod_sends_a_real_query(pipeline_run, tmp_path):
-    from imgsim.export import export_bundle
-    from tests.conftest import mlflow_store
-    from tests.servers import start_server
+    from imgsim.runs.export import export_bundle
+    from support.store import mlflow_store
+    from support.servers import start_server
 
     (pod,) = of_kind(render({"tests": {"k": 3}}), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -441,7 +445,10 @@ def test_the_installed_package_carries_the_search_page(tmp_path):
     import zipfile
     (wheel,) = tmp_path.glob("imgsim-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"imgsim/ui_static/index.html", "imgsim/ui_static/app.js", "imgsim/ui_static/style.css"} <= names
+    assert {"imgsim/serve/page_static/index.html", "imgsim/serve/page_static/app.js", "imgsim/serve/page_static/style.css"} <= names
+    # ...and every sub-package: a wheel of the top-level modules alone would serve nothing.
+    packages = {str(p.relative_to(REPO)) for p in (REPO / "imgsim").rglob("__init__.py")}
+    assert len(packages) > 1 and packages <= names
 
 
 def test_training_only_release_renders_no_server():
@@ -450,3 +457,14 @@ def test_training_only_release_renders_no_server():
     assert of_kind(docs, "Job")[0]["metadata"]["name"] == "sim-imgsim-train-1"
     assert [a["metadata"]["name"] for a in of_kind(docs, "ServiceAccount")] == ["sim-imgsim-pipeline"]
     assert [p["metadata"]["name"] for p in of_kind(docs, "NetworkPolicy")] == ["sim-imgsim-pipeline"]
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

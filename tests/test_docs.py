@@ -12,11 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from imgsim.extract import ExtractConfig
 from imgsim.fashion_mnist import CLASSES, PARTS, find_source, prepare, read_idx
+from imgsim.runs.main import run_main
 from imgsim.split import SplitConfig
-from imgsim.train import TrainConfig
-from imgsim.workflow import run_main
+from imgsim.stages.settings import ExtractConfig, TrainConfig
 from tests import doc_commands
 from tests.conftest import make_image_folder, mlflow_store
 from tests.doc_commands import REPO, Command, check, commands, runnable_blocks

@@ -4,13 +4,14 @@
 import numpy as np
 import pytest
 
-from imgsim.baselines import pixel_embeddings
-from imgsim.data import label_ids, load_items
-from imgsim.extract import ExtractConfig, extract
+from bench.baselines import pixel_embeddings
 from imgsim.fashion_mnist import DEBIAN_DIR, prepare, read_idx
 from imgsim.metrics import retrieval_metrics
+from imgsim.nn.data import label_ids, load_items
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import TrainConfig, train_model
+from imgsim.stages.extract import extract
+from imgsim.stages.settings import ExtractConfig, TrainConfig
+from imgsim.stages.train import train_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (DEBIAN_DIR / "train-labels-idx1-ubyte.gz").exists(),

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
-from imgsim.export import export_bundle
-from tests.conftest import mlflow_store
-from tests.servers import start_page, start_server
+from imgsim.runs.export import export_bundle
+from support.store import mlflow_store
+from support.servers import start_page, start_server
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

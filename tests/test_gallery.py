@@ -16,14 +16,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from imgsim import dedup, gallery, tracking
+from imgsim import hashing
 from imgsim.bundle import ServingBundle
 from imgsim.cli import main as cli
 from imgsim.errors import ImgsimError
-from imgsim.export import export_bundle, fetched_version
-from imgsim.gallery import RemoveConfig
-from imgsim.search import Searcher
-from imgsim.workflow import run_gallery_remove
+from imgsim.runs import tracking
+from imgsim.runs.export import export_bundle, fetched_version
+from imgsim.runs.gallery import run_gallery_remove
+from imgsim.serve.search import Searcher
+from imgsim.stages import gallery
+from imgsim.stages.settings import RemoveConfig
 from tests.bundles import other_model_bundle
 from tests.conftest import photo
 from tests.galleries import add, alias_version, load_version, new_images, remove
@@ -53,7 +55,7 @@ def test_add_embeds_only_the_new_images_keeps_ids_and_moves_the_alias(living, mo
     assert [item.id for item in new] == list(range(v1.index.next_id, v1.index.next_id + 4))
     assert all(item.split == "added" and item.path.startswith(living["incoming"].name) and item.phash for item in new)
     assert v2.files["weights.pt"] == v1.files["weights.pt"] and v2.files["model.onnx"] == v1.files["model.onnx"]
-    lineage = v2.gallery
+    lineage = v2.lineage
     assert lineage["parent"]["version"] == "1" and lineage["change"] == {"added": 4, "removed": 0, "skipped": 0}
     assert lineage["parent"]["index_sha256"] == v1.files["index.ann"]
     run = mlflow.get_run(summary["run_id"])
@@ -74,7 +76,7 @@ def test_remove_drops_images_for_good_and_never_reuses_their_ids(living):
     assert summary["removed"] == 2 and summary["version"] == "2"
     v2 = load_version(living["uri"])
     assert {item.id for item in v2.index.items} == {item.id for item in v1.index.items} - {g.id for g in gone}
-    assert v2.index.next_id == v1.index.next_id and v2.gallery["change"]["removed"] == 2
+    assert v2.index.next_id == v1.index.next_id and v2.lineage["change"]["removed"] == 2
     with fetched_version(living["uri"]) as (folder, _):
         searcher = Searcher(folder)
         for item in gone:  # not even its own bytes bring a removed image back
@@ -174,7 +176,9 @@ def test_a_change_from_the_current_gallery_in_any_form_lands(living, tmp_path):
 
 def test_two_processes_adding_from_one_parent_one_wins_the_other_is_refused(living, tmp_path):
     # Both start from version 1 and number their new images from its next_id: both landing would give one
-    # id two images. Real processes, the real sqlite store.
+    # id two images. Real processes, the real sqlite store. Both name version 1 itself: with the alias, a
+    # process that started after the other had landed would (rightly) build on version 2, and the outcome
+    # would hang on process start-up times (it did, on a busy machine).
     batches = []
     for n in range(2):
         folder = living["incoming"] / f"batch{n}"
@@ -182,7 +186,7 @@ def test_two_processes_adding_from_one_parent_one_wins_the_other_is_refused(livi
         batches.append(new_images(folder, 2, start=700 + 10 * n))
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     procs = [subprocess.Popen([sys.executable, "-m", "imgsim.cli", "gallery", "add", *batch, "--bundle",
-                               living["uri"], "--register-name", living["name"]], env=env, cwd=living["work"],
+                               f"models:/{living['name']}/1", "--register-name", living["name"]], env=env, cwd=living["work"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for batch in batches]
     outs = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     assert sorted(code for _, _, code in outs) == [0, 2], outs
@@ -253,10 +257,10 @@ def test_pairs_are_found_without_comparing_all_pairs_exactly_as_brute_force():
     base = rng.integers(0, 2**63, 300, dtype=np.uint64)
     flips = np.uint64(1) << rng.integers(0, 64, (300, 3)).astype(np.uint64)
     hashes = np.concatenate([base, base ^ flips[:, 0], base ^ flips[:, 0] ^ flips[:, 1], base[:20]])
-    all_pairs = dedup.hamming(hashes[:, None], hashes[None, :])
+    all_pairs = hashing.hamming(hashes[:, None], hashes[None, :])
     for d in (0, 2, 4):
         brute = {(i, j, int(all_pairs[i, j])) for i, j in zip(*np.nonzero(all_pairs <= d)) if i < j}
-        assert {tuple(map(int, p)) for p in dedup.near_pairs(hashes, d)} == brute
+        assert {tuple(map(int, p)) for p in hashing.near_pairs(hashes, d)} == brute
 
 
 def test_a_re_encoded_or_resized_photo_hashes_within_the_default_distance():
@@ -264,10 +268,10 @@ def test_a_re_encoded_or_resized_photo_hashes_within_the_default_distance():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=75)
     variants = [Image.open(io.BytesIO(buf.getvalue())), img.resize((100, 100)), img.resize((300, 300))]
-    base = dedup.phash_images([img])[0]
-    assert all(dedup.hamming(base, h) <= dedup.DEFAULT_HASH_DISTANCE for h in dedup.phash_images(variants))
-    others = dedup.phash_images([photo(seed, 200) for seed in range(2, 12)])
-    assert (dedup.hamming(base, others) > dedup.DEFAULT_HASH_DISTANCE).all()
+    base = hashing.phash_images([img])[0]
+    assert all(hashing.hamming(base, h) <= hashing.DEFAULT_HASH_DISTANCE for h in hashing.phash_images(variants))
+    others = hashing.phash_images([photo(seed, 200) for seed in range(2, 12)])
+    assert (hashing.hamming(base, others) > hashing.DEFAULT_HASH_DISTANCE).all()
 
 
 def test_a_gallery_version_exports_and_serves_like_an_extract_bundle(living, tmp_path):

@@ -15,10 +15,10 @@ import pytest
 import requests
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
-from imgsim.service import DOWNLOADS
-from tests.conftest import mlflow_store
+from imgsim.serve.process import DOWNLOADS
+from support.store import mlflow_store
 from tests.galleries import add, load_version, new_images, remove
-from tests.servers import start_server
+from support.servers import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -158,8 +158,8 @@ def test_sighup_moves_every_worker_to_the_newest_version(living, tmp_path):
 def test_a_server_started_on_a_broken_version_recovers_when_the_alias_moves(living, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from imgsim import tracking
-    from imgsim.export import export_bundle
+    from imgsim.runs import tracking
+    from imgsim.runs.export import export_bundle
 
     with mlflow_store(living["work"]):
         broken = export_bundle(living["uri"], tmp_path / "broken")

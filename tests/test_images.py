@@ -119,8 +119,8 @@ def test_sixteen_bit_levels_scale_without_float64():
 def test_preprocess_resizes_and_converts_channels():
     rgb = Image.new("RGB", (50, 40), (10, 20, 30))
     assert Preprocess(size=28, channels=1, mean=(0.5,), std=(0.2,)).to_array(rgb).shape == (1, 28, 28)
-    out = Preprocess(size=16, channels=3, mean=(0.5,) * 3, std=(0.2,) * 3).stack([rgb, rgb])
-    assert out.shape == (2, 3, 16, 16) and out.dtype == np.uint8
+    out = Preprocess(size=16, channels=3, mean=(0.5,) * 3, std=(0.2,) * 3).to_array(rgb)
+    assert out.shape == (3, 16, 16) and out.dtype == np.uint8
 
 
 def test_preprocess_rejects_bad_settings():

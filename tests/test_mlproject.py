@@ -10,11 +10,10 @@ import mlflow
 import pytest
 import yaml
 
-from imgsim.extract import ExtractConfig
 from imgsim.manifest import Manifest
+from imgsim.runs import tracking
 from imgsim.split import SplitConfig
-from imgsim.train import TrainConfig
-from imgsim import tracking
+from imgsim.stages.settings import ExtractConfig, TrainConfig
 from tests.conftest import make_image_folder, mlflow_store, photo
 
 REPO = Path(__file__).resolve().parents[1]

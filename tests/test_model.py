@@ -5,8 +5,8 @@ import torch
 
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingNet, ModelBundle
 from imgsim.modelspec import ModelArgs
+from imgsim.nn.model import EmbeddingNet, ModelBundle
 
 PRE = Preprocess(size=28, channels=1, mean=(0.3,), std=(0.3,))
 

@@ -10,10 +10,10 @@ import numpy as np
 import papermill
 import pytest
 
-from imgsim.export import export_bundle
-from imgsim.search import Searcher
+from imgsim.runs.export import export_bundle
+from imgsim.serve.search import Searcher
 from tests.conftest import CLASSES, mlflow_store
-from tests.servers import start_server
+from support.servers import start_server
 
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -84,3 +84,37 @@ def test_top_k_viewer_against_a_real_server_and_in_process(fixture_bundle, pipel
     wrong = [r for r in served["reviews"] if r["wrong"]]
     assert sorted(served["wrong"]) == sorted(r["id"] for r in wrong)
     assert len(served["walk"]) >= 2 and served["walk"][0] == served["start"] and len(set(served["walk"])) == len(served["walk"])
+
+
+def test_a_corrupt_or_missing_gallery_image_is_a_blank_tile_not_a_crash(fixture_bundle, tmp_path):
+    # decode_image raises BadInput (not OSError or ValueError) for a file that is not an image: the maps and
+    # the top-k grids used to crash on the first such file in a gallery.
+    import shutil
+
+    from imgsim.explore.gallery import Gallery
+
+    root = tmp_path / "images"
+    gallery = Gallery.open(fixture_bundle, root)
+    items = gallery.index.items
+    for item in items[:3]:
+        (root / item.path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(gallery_root_of(fixture_bundle)) / items[0].path, root / items[0].path)
+    (root / items[1].path).write_bytes(b"not an image at all")
+    assert gallery.thumbnail(0, 32).size[0] <= 32  # a good file: a thumbnail
+    assert gallery.thumbnail(1) is None and gallery.thumbnail(2) is None  # corrupt, missing: blank tiles
+    assert gallery.classes == list(CLASSES) and gallery.search_k > 0 and gallery.n_trees > 0
+
+
+def test_a_gallery_opens_without_starting_a_model_runtime(fixture_bundle):
+    import subprocess
+    import sys
+
+    code = ("import sys; from imgsim.explore.gallery import Gallery; g = Gallery.open(sys.argv[1]); "
+            "assert len(g.index.items) > 0; "
+            "print(sorted(m for m in ('onnxruntime', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(fixture_bundle)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def gallery_root_of(bundle: Path) -> str:
+    return json.loads((bundle / "bundle.json").read_text())["gallery"]["root"]

@@ -12,15 +12,15 @@ import requests
 import torch
 
 from imgsim.bundle import BundleError, ServingBundle
-from imgsim.export import export_bundle
 from imgsim.images import Preprocess
-from imgsim.model import EmbeddingNet, ModelBundle
 from imgsim.modelspec import BACKBONES, SMALL, ModelArgs
-from imgsim.onnx_export import PARITY, export_onnx
-from imgsim.runtime import OnnxModel
+from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.onnx_export import PARITY, export_onnx
+from imgsim.runs.export import export_bundle
+from imgsim.serve.runtime import OnnxModel
 from tests.bundles import rerecord_checksums
-from tests.conftest import mlflow_store
-from tests.servers import start_server
+from support.store import mlflow_store
+from support.servers import start_server
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -11,18 +11,16 @@ import torch
 import torchvision
 
 from imgsim.errors import ImgsimError
-from imgsim.export import export_bundle
-from imgsim.extract import ExtractConfig
-from imgsim.images import decode_image
 from imgsim.manifest import Manifest
-from imgsim.model import ModelBundle
-from imgsim.search import Searcher
+from imgsim.nn.model import ModelBundle
+from imgsim.runs import tracking
+from imgsim.runs.export import export_bundle
+from imgsim.runs.main import run_main
+from imgsim.serve.search import Searcher
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.train import TrainConfig
-from imgsim.workflow import run_main
-from imgsim import tracking
+from imgsim.stages.settings import ExtractConfig, TrainConfig
+from support.servers import start_server
 from tests.conftest import _picture, make_image_folder, mlflow_store
-from tests.servers import start_server
 
 pytestmark = pytest.mark.slow
 SMALL_PRETRAINED = {"backbone": "resnet18", "image_size": 32, "batch_size": 8}
@@ -73,8 +71,8 @@ def test_unlabelled_embed_only_pipeline_search_and_server(tmp_path, weights_file
     assert model.classes == [] and model.args.num_classes == 0 and model.args.embedding_dim == 0
     assert model.preprocess.mean == (0.485, 0.456, 0.406) and model.preprocess.resize == round(256 * 32 / 224)
     searcher = Searcher(bundle)
-    query = decode_image((root / "photo3.jpg").read_bytes())
-    answer = searcher.search_images([query], 4)[0]
+    query = (root / "photo3.jpg").read_bytes()
+    answer = searcher.search_bytes([query], 4)[0]
     assert answer.predicted_label is None and answer.neighbours[0].path == "photo3.jpg"
 
     cli = subprocess.run([sys.executable, "-m", "imgsim.cli", "search", str(root / "photo3.jpg"), "--bundle",
@@ -88,7 +86,7 @@ def test_unlabelled_embed_only_pipeline_search_and_server(tmp_path, weights_file
         assert reply.status_code == 200, reply.text
         found = reply.json()["jsonData"]["results"][0]
         assert found["predicted"] is None and [n["id"] for n in found["neighbours"]] == \
-            [n.id for n in searcher.search_images([query], 3)[0].neighbours]
+            [n.id for n in searcher.search_bytes([query], 3)[0].neighbours]
     finally:
         server.stop()
 

@@ -15,8 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
-from imgsim.ui import SECURITY_HEADERS, SMALL_BODY, UiConfig, create_app
-from tests.servers import free_port, start_page
+from imgsim.serve.page import SECURITY_HEADERS, SMALL_BODY, UiConfig, create_app
+from support.servers import free_port, start_page
 
 
 class _Seldon(http.server.BaseHTTPRequestHandler):
@@ -216,7 +216,7 @@ def test_slow_and_idle_clients_do_not_freeze_the_page(page):
 
 def test_the_chart_runs_the_page_with_the_same_worker_settings():
     template = (Path(__file__).resolve().parents[1] / "charts" / "imgsim" / "templates" / "ui.yaml").read_text()
-    from imgsim.ui import GUNICORN
+    from imgsim.serve.page import GUNICORN
     for flag, value in (("--worker-class", GUNICORN["worker_class"]),
                         ("--worker-connections", GUNICORN["worker_connections"]), ("--keep-alive", GUNICORN["keepalive"])):
         assert f'"{flag}", "{value}"' in template

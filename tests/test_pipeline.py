@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from imgsim import tracking
 from imgsim.bundle import BUNDLE_JSON, BundleError, ServingBundle
 from imgsim.errors import ImgsimError
-from imgsim.export import export_bundle, resolve_bundle
-from imgsim.extract import ExtractConfig
-from imgsim.images import decode_image
 from imgsim.manifest import Manifest
-from imgsim.model import ModelBundle
 from imgsim.modelspec import file_sha256
-from imgsim.search import Searcher
-from imgsim.workflow import run_extract
+from imgsim.nn.model import ModelBundle
+from imgsim.runs import tracking
+from imgsim.runs.export import export_bundle, resolve_bundle
+from imgsim.runs.extract import run_extract
+from imgsim.serve.search import Searcher
+from imgsim.stages.settings import ExtractConfig
+from support.store import mlflow_store
 from tests.bundles import other_model_bundle, rerecord_checksums
-from tests.conftest import mlflow_store
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +67,9 @@ def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run, tmp
     for item in index.items[:: max(1, len(index.items) // 8)]:
         data = (root / item.path).read_bytes()
         assert file_sha256(root / item.path) == item.sha256
-        result = searcher.search_images([decode_image(data)], k=3)[0]
+        result = searcher.search_bytes([data], k=3)[0]
         assert result.neighbours[0].id == item.id or result.neighbours[0].score == pytest.approx(1.0, abs=1e-5)
-        embedding, _ = searcher.embed([decode_image(data)])
+        embedding, _ = searcher.embed_inputs(searcher.preprocess.decode(data)[None])
         assert np.allclose(embedding[0], index.embeddings[item.id], atol=1e-5)
 
 

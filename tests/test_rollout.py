@@ -7,9 +7,9 @@ import copy
 import pytest
 from mlflow.tracking import MlflowClient
 
-from imgsim import rollout, tracking
 from imgsim.errors import ImgsimError
-from tests.conftest import mlflow_store
+from imgsim.runs import rollout, tracking
+from support.store import mlflow_store
 from tests.test_deploy import SELDON_SCHEMA, VARIANTS, crd_check, sdep
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from seldon_core.metrics import BINS, SeldonMetrics
 
-from imgsim import seldon_compat
+from imgsim.serve import seldon as seldon_compat
 
 
 def seldon_reference(x: float, vals: list, sumv: float):

@@ -25,11 +25,13 @@ from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 from imgsim import atomic
-from imgsim.export import export_bundle
-from imgsim.search import Searcher
-from tests.conftest import mlflow_store
-from tests.servers import start_server
+from imgsim.runs.export import export_bundle
+from imgsim.serve import process
+from imgsim.serve.search import Searcher
+from imgsim.serve.settings import ServiceConfig
 from tests.bundles import other_model_bundle, rerecord_checksums
+from support.store import mlflow_store
+from support.servers import start_server
 
 pytestmark = pytest.mark.slow
 MAX_REQUEST = 2 * 1024 * 1024
@@ -149,7 +151,7 @@ def test_compact_answers_carry_the_same_answer_as_a_json_string(server, gallery)
 
 
 def test_the_query_client_gets_the_same_answer_over_rest_and_compact_grpc(server, gallery, tmp_path):
-    from imgsim import client
+    from imgsim.serve import client
     over_rest = client.query_rest(server.rest, gallery["bytes"], 3)
     over_grpc = client.query_grpc(server.grpc, gallery["bytes"], 3)
     assert over_rest == over_grpc and finds_itself(over_grpc["results"][0], gallery["item"].id)
@@ -399,13 +401,13 @@ def test_serves_from_a_registry_alias(pipeline_run, tmp_path):
 
 def test_an_unexpected_load_failure_leaves_the_service_not_ready(monkeypatch, bundle):
     # No real part fails this way on demand, so the searcher is made to raise what a library bug would.
-    import imgsim.service as service_module
+    import imgsim.serve.service as service_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated library bug")
 
     monkeypatch.setattr(service_module, "Searcher", broken)
-    service = service_module.SimilarityService(service_module.ServiceConfig(model_uri=str(bundle)))
+    service = service_module.SimilarityService(ServiceConfig(model_uri=str(bundle)))
     service.load()
     assert not service.ready and service.versions() == {}
     assert "unexpected error while loading" in service.load_error and "simulated library bug" in service.load_error
@@ -413,13 +415,13 @@ def test_an_unexpected_load_failure_leaves_the_service_not_ready(monkeypatch, bu
 
 def test_an_unreadable_bundle_says_which_file_and_which_user(monkeypatch, bundle):
     # The tests run as root, who reads any file; the searcher raises what a uid without read access gets.
-    import imgsim.service as service_module
+    import imgsim.serve.service as service_module
 
     def unreadable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(bundle / "embeddings.npy"))
 
     monkeypatch.setattr(service_module, "Searcher", unreadable)
-    service = service_module.SimilarityService(service_module.ServiceConfig(model_uri=str(bundle)))
+    service = service_module.SimilarityService(ServiceConfig(model_uri=str(bundle)))
     service.load()
     assert not service.ready and "embeddings.npy" in service.load_error and "readable" in service.load_error
 
@@ -429,10 +431,10 @@ def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tm
     # last, a failed one is deleted, and folders left by killed server processes are swept at the next load.
     import tempfile
 
-    import imgsim.service as service_module
+    import imgsim.serve.service as service_module
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    area = tmp_path / service_module.DOWNLOADS
+    area = tmp_path / process.DOWNLOADS
     area.mkdir()
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -442,7 +444,7 @@ def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tm
     ours = lambda: sorted(p.name for p in area.glob(f"{os.getpid()}-*"))  # noqa: E731
 
     with mlflow_store(pipeline_run["work"]):
-        service = service_module.SimilarityService(service_module.ServiceConfig(model_uri="models:/imgsim/1"))
+        service = service_module.SimilarityService(ServiceConfig(model_uri="models:/imgsim/1"))
         real = service_module.Searcher
 
         def broken(*args, **kwargs):
@@ -454,7 +456,7 @@ def test_registry_downloads_do_not_pile_up_on_disk(pipeline_run, monkeypatch, tm
         monkeypatch.setattr(service_module, "Searcher", real)
         assert service._try_load(2) and len(first := ours()) == 1
         assert service._try_load(0, swap=True) and len(second := ours()) == 1 and second != first
-    service_module._remove_own_downloads()
+    process._remove_own_downloads()
     assert ours() == [] and (area / f"{os.getppid()}-running").exists()
 
 

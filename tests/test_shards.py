@@ -13,12 +13,13 @@ import pytest
 
 from imgsim.bundle import ServingBundle
 from imgsim.errors import ImgsimError
-from imgsim.export import fetched_bundle
-from imgsim.extract import ExtractConfig, shard_range
-from imgsim.model import ModelBundle
-from imgsim.workflow import run_extract
+from imgsim.nn.model import ModelBundle
+from imgsim.runs.export import fetched_bundle
+from imgsim.runs.extract import run_extract
+from imgsim.stages.extract import shard_range
+from imgsim.stages.settings import ExtractConfig
+from support.store import mlflow_store
 from tests.bundles import other_model_bundle
-from tests.conftest import mlflow_store
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ import mlflow
 import pytest
 import torch
 
-from imgsim import tracking
 from imgsim.manifest import Manifest
-from imgsim.model import ModelBundle
+from imgsim.nn.checkpoint import FILENAME as CHECKPOINT
+from imgsim.nn.model import ModelBundle
+from imgsim.runs import tracking
 from imgsim.split import SplitConfig, split_dataset
-from imgsim.checkpoint import FILENAME as CHECKPOINT
 from tests.conftest import make_image_folder, mlflow_store
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_two_node_ddp_survives_a_dead_rank_by_resuming(tmp_path, manifest_dir):
-    from tests.servers import free_port
+    from support.servers import free_port
 
     ckpt = tmp_path / "ckpt"
     args = ["--manifest-uri", str(manifest_dir), "--epochs", "30", "--checkpoint-dir", str(ckpt), "--register-name", ""]

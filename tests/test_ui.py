@@ -10,11 +10,11 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from imgsim import client
-from imgsim.export import export_bundle
-from imgsim.ui import UiConfig, create_app
-from tests.conftest import mlflow_store
-from tests.servers import free_port, start_server
+from imgsim.runs.export import export_bundle
+from imgsim.serve import client
+from imgsim.serve.page import UiConfig, create_app
+from support.store import mlflow_store
+from support.servers import free_port, start_server
 
 pytestmark = pytest.mark.slow
 OUTPUTS = Path(__file__).resolve().parents[1] / "build" / "test-screenshots"

@@ -1,0 +1,74 @@
+"""Find the serving bundle behind a local folder or MLflow URI, and export it for upload to S3 or a PVC."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from imgsim import atomic
+from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.errors import ImgsimError
+from imgsim.runs import tracking
+
+BUNDLE_ARTIFACT = "bundle"
+
+
+def bundle_uri(uri: str) -> str:
+    """Map a model or run URI onto the URI of its bundle artifact (an alias resolved to its version now)."""
+    return locate_bundle(uri)[0]
+
+
+def locate_bundle(uri: str) -> tuple[str, str]:
+    """(URI of the bundle artifact, registry version of the bundle or ""): a gallery alias is resolved once, so
+    the download and the version it is reported as cannot disagree when the alias moves meanwhile."""
+    if uri.startswith("models:/"):
+        ref = tracking.model_reference(uri)
+        if "version" not in ref:
+            raise ImgsimError(f"model {uri} is not in the model registry at {tracking.mlflow.get_tracking_uri()}; "
+                              "check the name, version or alias")
+        if ref["kind"] == "bundle":  # a gallery version: the registered artifact is the bundle itself
+            return f"models:/{ref['name']}/{ref['version']}", ref["version"]
+        return f"runs:/{tracking.find_index_run(ref['name'], ref['version'])}/{BUNDLE_ARTIFACT}", ""
+    if uri.startswith("runs:/") and uri.removeprefix("runs:/").strip("/").count("/") == 0:
+        return f"{uri.rstrip('/')}/{BUNDLE_ARTIFACT}", ""
+    return uri, ""
+
+
+def resolve_bundle(uri: str, dst: str | Path | None) -> tuple[Path, str]:
+    """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...) and its
+    registry version (or ""); a download goes into ``dst`` and stays there until the caller deletes it, as the
+    server needs (its index is memory-mapped from it)."""
+    pinned, version = locate_bundle(uri)
+    return _bundle_folder(tracking.download(pinned, "bundle", dst)), version
+
+
+@contextlib.contextmanager
+def fetched_bundle(uri: str) -> Iterator[Path]:
+    """:func:`resolve_bundle` for one use: a downloaded copy is deleted on exit."""
+    with tracking.fetched(bundle_uri(uri), "bundle") as folder:
+        yield _bundle_folder(folder)
+
+
+@contextlib.contextmanager
+def fetched_version(uri: str) -> Iterator[tuple[Path, str]]:
+    """:func:`fetched_bundle` and the registry version it was fetched as."""
+    pinned, version = locate_bundle(uri)
+    with tracking.fetched(pinned, "bundle") as folder:
+        yield _bundle_folder(folder), version
+
+
+def export_bundle(uri: str, out: str | Path) -> Path:
+    """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically)."""
+    out = Path(out)
+    with fetched_bundle(uri) as source, atomic.atomic_dir(out) as staging:
+        ServingBundle.load(source)  # refuse to export a bundle that would not serve
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+    return out
+
+
+def _bundle_folder(folder: Path) -> Path:
+    if not (folder / BUNDLE_JSON).exists() and (folder / BUNDLE_ARTIFACT / BUNDLE_JSON).exists():
+        return folder / BUNDLE_ARTIFACT
+    return folder

@@ -1,0 +1,103 @@
+"""Gallery changes as tracked runs: each add or remove is one run and one new registered gallery version."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from imgsim import config
+from imgsim.bundle import ServingBundle
+from imgsim.index import INDEX_FILE, ITEM_FIELDS
+from imgsim.modelspec import WEIGHTS
+from imgsim.nn.model import ModelBundle
+from imgsim.runs import tracking
+from imgsim.runs.common import log_params, start
+from imgsim.runs.export import BUNDLE_ARTIFACT, fetched_version
+from imgsim.stages import gallery
+from imgsim.stages.settings import AddConfig, RemoveConfig
+
+
+def run_gallery_add(cfg: AddConfig, files: list[str] | None = None) -> dict:
+    """Add images to the gallery ``cfg.bundle`` names, as a new tracked bundle version; returns a summary."""
+    tracking.setup()
+    with fetched_version(cfg.bundle) as (folder, version):
+        parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
+        if cfg.model_uri:
+            with tracking.fetched(cfg.model_uri, "model") as model_folder:
+                gallery.check_model(ModelBundle.load(folder), ModelBundle.load(model_folder))
+        change = gallery.add_images(parent, cfg, files)
+        return _log_change("gallery_add", cfg, change, parent, folder, version)
+
+
+def run_gallery_remove(cfg: RemoveConfig) -> dict:
+    """Remove images from the gallery ``cfg.bundle`` names, as a new tracked bundle version."""
+    tracking.setup()
+    with fetched_version(cfg.bundle) as (folder, version):
+        parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
+        return _log_change("gallery_remove", cfg, gallery.remove_images(parent, cfg), parent, folder, version)
+
+
+def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingBundle, parent_folder: Path,
+                parent_version: str) -> dict:
+    """Log a gallery change as one MLflow run (lineage, counts, recall, duplicates report, the new bundle) and
+    register it; a change that changes nothing writes nothing."""
+    summary = {"stage": stage, **change.counts(), "duplicates": change.duplicates.counts(),
+               "skipped": [f"{path}: {why}" for path, why in change.skipped]}
+    if not change.added and not change.removed:
+        print(f"{stage}: nothing to change ({len(change.skipped)} skipped); no new version written")
+        return summary | {"run_id": None, "version": None}
+    parent = {"uri": cfg.bundle, "version": parent_version, "run_id": parent_bundle.lineage.get("run_id", ""),
+              "index_sha256": parent_bundle.files[INDEX_FILE]}
+    with start(stage) as run:
+        mlflow.set_tags({"imgsim.stage": stage, "imgsim.parent_bundle": cfg.bundle,
+                         "imgsim.parent_version": parent_version, "imgsim.parent_run_id": parent["run_id"],
+                         "imgsim.model_sha256": parent_bundle.files[WEIGHTS]})
+        params = config.to_params(cfg)
+        if len(params.get("paths", "")) > 500:  # MLflow truncates long params; changes/added.csv lists them all
+            params["paths"] = f"{len(gallery.split_list(params['paths']))} files (see changes/)"
+        log_params(params)
+        counts = {k: v for k, v in change.counts().items() if k != "gallery_size"}
+        mlflow.log_metrics({f"{k}_images": float(v) for k, v in counts.items()} | change.metrics
+                           | {f"duplicates_{k}": float(v) for k, v in change.duplicates.counts().items()})
+        change.bundle.lineage |= {"run_id": run.info.run_id, "parent": parent, "change": counts}
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifacts(str(change.bundle.save(Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_folder)),
+                                 BUNDLE_ARTIFACT)
+            mlflow.log_artifacts(str(_write_change_report(change, Path(tmp) / "changes")), "changes")
+        version = None
+        if cfg.register_name:
+            # Compare-and-set: refused (the run fails, nothing registered) unless the alias still names the
+            # gallery this change was built from, by content, whichever URI named it.
+            version = tracking.register_bundle(
+                cfg.register_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias,
+                index_sha256=change.bundle.files[INDEX_FILE],
+                parent=tracking.Parent(parent["index_sha256"], parent_version if _names(cfg.bundle, cfg.register_name) else ""))
+            mlflow.set_tag("imgsim.gallery_version", version)
+    return summary | {"run_id": run.info.run_id, "version": version,
+                      "index_recall_at_10": round(change.metrics["index_recall_at_10"], 4),
+                      "bundle_uri": f"models:/{cfg.register_name}/{version}" if version else
+                      f"runs:/{run.info.run_id}/{BUNDLE_ARTIFACT}"}
+
+
+def _names(uri: str, registered: str) -> bool:
+    """Whether ``uri`` is a version or alias of the registered model ``registered``."""
+    return uri.startswith((f"models:/{registered}/", f"models:/{registered}@"))
+
+
+def _write_change_report(change: gallery.Change, out: Path) -> Path:
+    """added.csv, removed.csv, skipped.csv, and the duplicates CSV and PNG of the copies found."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, header, rows in (("added", ITEM_FIELDS, [dataclasses.astuple(i) for i in change.added]),
+                               ("removed", ITEM_FIELDS, [dataclasses.astuple(i) for i in change.removed]),
+                               ("skipped", ("path", "reason"), change.skipped)):
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+    change.duplicates.write(out, change.bundle.lineage.get("root") or None)
+    return out

@@ -1,0 +1,145 @@
+"""Point a running SeldonDeployment at another bundle through the Kubernetes API: the predictor rolls."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from imgsim.errors import ImgsimError
+
+GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
+ANNOTATION = "imgsim.io/bundle"  # what the user asked for (a models:/ URI, say), beside the storage URI it became
+# The cluster's storage that Seldon's storage initializer copies into /mnt/models. Not http(s):// (the
+# initializer fetches those too): a serving bundle comes from storage the deployment's role can read, not
+# from whatever web address a person or a compromised registry entry names.
+CLUSTER_SCHEMES = ("s3://", "gs://", "pvc://", "azure://", "wasbs://")
+
+
+def storage_uri(bundle: str) -> str:
+    """The URI the cluster fetches ``bundle`` from: itself when it is already a storage URI, else where MLflow
+    keeps the bundle artifact of a ``runs:/`` or ``models:/`` URI (an alias resolved to its version now)."""
+    if bundle.startswith(CLUSTER_SCHEMES):
+        return bundle
+    if bundle.startswith(("http://", "https://")):
+        raise ImgsimError(f"{bundle!r} is a web address: rollout takes bundles from the cluster's storage only "
+                          f"({', '.join(CLUSTER_SCHEMES)}) or a runs:/ / models:/ URI stored there; upload it first")
+    if not bundle.startswith(("runs:/", "models:/")):
+        raise ImgsimError(f"{bundle!r} is a local path, which the cluster cannot read: upload the bundle "
+                          "(imgsim export, then aws s3 sync) and pass its s3:// URI, or pass the runs:/ or "
+                          "models:/ URI of a bundle in an MLflow store whose artifacts live in S3")
+    from mlflow.tracking import MlflowClient
+
+    from imgsim.runs.export import locate_bundle
+
+    pinned, version = locate_bundle(bundle)
+    client = MlflowClient()
+    if pinned.startswith("models:/"):
+        name = pinned.removeprefix("models:/").split("/")[0]
+        location = client.get_model_version_download_uri(name, version)
+    else:
+        run_id, _, path = pinned.removeprefix("runs:/").partition("/")
+        location = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    if not location.startswith(CLUSTER_SCHEMES):
+        raise ImgsimError(f"{bundle} is stored at {location}, which the cluster cannot read: run the MLflow "
+                          "server with an S3 artifact store (--artifacts-destination s3://...), or export the "
+                          "bundle and upload it")
+    return location
+
+
+def patched(sdep: dict, model_uri: str, predictor: str = "", requested: str = "") -> dict:
+    """A copy of the SeldonDeployment ``sdep`` whose MODEL graph node(s) load ``model_uri``. Only the model URI
+    changes: the operator then rolls each predictor's Deployment, new pods ready before old ones go."""
+    new = copy.deepcopy(sdep)
+    predictors = [p for p in new.get("spec", {}).get("predictors", []) if not predictor or p.get("name") == predictor]
+    if not predictors:
+        names = [p.get("name") for p in new.get("spec", {}).get("predictors", [])]
+        raise ImgsimError(f"SeldonDeployment {sdep.get('metadata', {}).get('name')} has no predictor "
+                          f"{predictor or '(none at all)'}; it has {names}")
+    changed = 0
+    for p in predictors:
+        for node in _model_nodes(p.get("graph", {})):
+            node["modelUri"] = model_uri
+            changed += 1
+    if not changed:
+        raise ImgsimError("the SeldonDeployment's graph has no MODEL node with a modelUri: is it an imgsim release?")
+    new.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION] = requested or model_uri
+    return new
+
+
+def _model_nodes(node: dict):
+    if node.get("type", "MODEL") == "MODEL" and "modelUri" in node:
+        yield node
+    for child in node.get("children") or []:
+        yield from _model_nodes(child)
+
+
+def rollout(release: str, bundle: str, *, namespace: str = "", predictor: str = "", dry_run: bool = False,
+            api: Any = None) -> dict:
+    """Patch SeldonDeployment ``release`` to serve ``bundle``; with ``dry_run`` the API server validates the
+    patch (against the installed CRD) without applying it. ``api``: a CustomObjectsApi (default: from the
+    in-cluster service account or the kube config)."""
+    uri = storage_uri(bundle)
+    if api is None:
+        api, namespace = _api(namespace)
+    namespace = namespace or "default"
+    current = _call(lambda: api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release),
+                    f"read SeldonDeployment {release} in namespace {namespace}")
+    new = patched(current, uri, predictor, bundle)
+    # A merge patch replaces the predictors list whole, so it carries the resourceVersion it was built from:
+    # the API server refuses it (409) if anyone changed the SeldonDeployment since it was read.
+    body = {"metadata": {"annotations": {ANNOTATION: new["metadata"]["annotations"][ANNOTATION]},
+                         "resourceVersion": current.get("metadata", {}).get("resourceVersion")},
+            "spec": {"predictors": new["spec"]["predictors"]}}
+    if body["metadata"]["resourceVersion"] is None:
+        raise ImgsimError(f"SeldonDeployment {release} came back without a resourceVersion; cannot patch it safely")
+    kwargs = {"dry_run": "All"} if dry_run else {}
+    _call(lambda: api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release, body, **kwargs),
+          f"patch SeldonDeployment {release} in namespace {namespace}")
+    before = sorted({n["modelUri"] for p in current["spec"]["predictors"] for n in _model_nodes(p.get("graph", {}))})
+    return {"release": release, "namespace": namespace, "model_uri": uri, "previous": before, "dry_run": dry_run}
+
+
+def _api(namespace: str):
+    try:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+    except ImportError:
+        raise ImgsimError("rollout needs the kubernetes package: pip install kubernetes") from None
+    try:
+        config.load_incluster_config()
+        in_cluster = True
+    except ConfigException:
+        try:
+            config.load_kube_config()
+        except (ConfigException, OSError) as exc:
+            raise ImgsimError(f"no Kubernetes credentials: {exc}. Run inside the cluster or set up a kube config "
+                              "(aws eks update-kubeconfig --name CLUSTER)") from None
+        in_cluster = False
+    if not namespace:
+        namespace = _current_namespace(in_cluster, config)
+    return client.CustomObjectsApi(), namespace
+
+
+def _current_namespace(in_cluster: bool, config) -> str:
+    if in_cluster:
+        try:
+            with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+                return f.read().strip()
+        except OSError:
+            return "default"
+    try:
+        return config.list_kube_config_contexts()[1]["context"].get("namespace", "default")
+    except (KeyError, IndexError, TypeError):
+        return "default"
+
+
+def _call(fn, what: str):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - kubernetes.client.ApiException, urllib3 errors: say what failed
+        status = getattr(exc, "status", None)
+        reason = {404: "not found (check --release, the chart's full name, and --namespace)",
+                  403: "forbidden (the service account or user needs get/patch on seldondeployments)",
+                  409: "it changed since it was read (another rollout or a helm upgrade); run it again",
+                  422: "refused by the API server's validation"}.get(status, str(exc).splitlines()[0][:300])
+        raise ImgsimError(f"cannot {what}: {reason}") from None

@@ -1,0 +1,267 @@
+"""The search page: a small Flask app that serves the page, relays queries to Seldon's REST API and serves
+gallery thumbnails from the configured root only."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import io
+import logging
+import posixpath
+import threading
+from pathlib import Path
+from typing import Any
+
+import requests
+from flask import Flask, Response, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from imgsim import config
+from imgsim.config import setting
+from imgsim.errors import BadInput, ImgsimError
+from imgsim.images import SERVING_MAX_PIXELS, decode_image
+from imgsim.serve.bodies import BoundedBody, InMemoryRequest
+from imgsim.serve.inputs import read_gallery_file
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "page_static"
+THUMB_SIDE = 160
+
+
+@dataclasses.dataclass(frozen=True)
+class UiConfig:
+    """Where the Seldon server is, where the gallery's images are, and the page's limits."""
+
+    url: str = setting("http://127.0.0.1:9000", "the Seldon REST endpoint; the page relays to it (Seldon sends no "
+                       "CORS headers)", "page")
+    gallery_root: str = setting("", "thumbnails come from this folder only; empty: no thumbnails", "page")
+    timeout_s: float = setting(30.0, "how long to wait for the server's answer", "page")
+    max_image_bytes: int = setting(8 * 1024 * 1024, "largest upload", "limits")
+    max_k: int = setting(50, "the largest k the page asks for", "limits")
+    max_pixels: int = setting(SERVING_MAX_PIXELS, "a thumbnail decodes no larger image than the server would",
+                              "limits")
+    max_concurrent_decodes: int = setting(1, "thumbnail decodes at once per worker process, as in the server",
+                                          "limits")
+    thumbnail_cache_bytes: int = setting(16 * 1024 * 1024, "thumbnail cache per worker process", "limits")
+
+    def __post_init__(self) -> None:
+        small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and getattr(self, f.name) < 1]
+        if small:
+            raise ImgsimError(f"{', '.join(small)} must be at least 1")
+
+    @classmethod
+    def from_env(cls, **params: Any) -> "UiConfig":
+        """For gunicorn in the chart: ``params`` win over IMGSIM_UI_URL, IMGSIM_UI_GALLERY_ROOT, ..."""
+        return config.from_sources(cls, ENV_PREFIX, params, "page setting")
+
+
+ENV_PREFIX = "IMGSIM_UI_"
+SMALL_BODY = 64 * 1024  # every route but the upload: a JSON id, form fields
+SECURITY_HEADERS = {
+    # Everything the page uses is its own (no inline script or style); the query preview is a blob: URL.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def create_app(cfg: UiConfig | None = None) -> Flask:
+    cfg = cfg or UiConfig.from_env()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_image_bytes + SMALL_BODY  # the image plus the form fields
+    app.request_class = InMemoryRequest
+    app.wsgi_app = BoundedBody(app.wsgi_app, {"/api/search": cfg.max_image_bytes + SMALL_BODY}, SMALL_BODY,
+                              SECURITY_HEADERS)
+    thumbnails = app.extensions["imgsim.thumbnails"] = ThumbnailCache(cfg)
+
+    @app.after_request
+    def secure(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.get("/")
+    def index():
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/static/<path:name>")
+    def static_file(name: str):
+        return send_from_directory(STATIC, name, max_age=300)
+
+    @app.get("/api/status")
+    def status():
+        try:
+            response = requests.get(f"{cfg.url}/health/status", timeout=5)
+        except requests.RequestException:
+            return jsonify(ready=False, message=f"the search server at {cfg.url} cannot be reached"), 502
+        body = _json(response)
+        if response.ok:
+            identity = body.get("jsonData", body) if isinstance(body.get("jsonData", body), dict) else {}
+            return jsonify({**identity, "ready": True, "thumbnails": bool(cfg.gallery_root)})
+        # Not the server's own text: it names the bundle URI, which can hold the tracking store's credentials.
+        log.warning("search server not ready (%s): %s", response.status_code, _info(body)[:500])
+        return jsonify(ready=False, message="the search server is not ready yet (loading or failing to load its "
+                                            "gallery); its log says why"), 503
+
+    @app.post("/api/search")
+    def search():
+        upload = request.files.get("image")
+        if upload is None:
+            return _error(400, "choose an image file to search with")
+        data = upload.read(cfg.max_image_bytes + 1)
+        if not data:
+            return _error(400, f"{upload.filename or 'the file'} is empty")
+        if len(data) > cfg.max_image_bytes:
+            return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB")
+        return _relay(cfg, {"binData": base64.b64encode(data).decode(), "meta": {"tags": {"k": _k(cfg)}}})
+
+    @app.post("/api/more")
+    def more():
+        body = request.get_json(silent=True)
+        body = body if isinstance(body, dict) else {}  # a JSON number or list is no request either (was a 500)
+        item_id = body.get("id")
+        if not isinstance(item_id, int) or isinstance(item_id, bool):
+            return _error(400, "'id' must be a gallery id (an integer)")
+        return _relay(cfg, {"jsonData": {"id": item_id, "k": _k(cfg, body.get("k"))}})
+
+    @app.get("/thumb/<path:rel>")
+    def thumb(rel: str):
+        if not cfg.gallery_root:
+            return _error(404, "no gallery root configured: thumbnails are off")
+        try:
+            png = thumbnails.get(rel)
+        except BadInput as exc:
+            return _error(404 if "does not exist" in str(exc) else 400, str(exc))
+        return Response(png, mimetype="image/png", headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):  # JSON like every other answer, not Werkzeug's HTML pages
+        if exc.code == 413:
+            return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB"
+                          if request.path == "/api/search" else f"the request body is larger than {SMALL_BODY} bytes")
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    return app
+
+
+def _k(cfg: UiConfig, raw=None) -> int:
+    raw = request.form.get("k") if raw is None else raw
+    try:
+        return max(1, min(cfg.max_k, int(raw)))
+    except (TypeError, ValueError):
+        return 5
+
+
+def _relay(cfg: UiConfig, body: dict):
+    """Send a query to Seldon; its answer back as is, its 4xx text as our message, unreachable as 502."""
+    try:
+        response = requests.post(f"{cfg.url}/api/v1.0/predictions", json=body, timeout=cfg.timeout_s)
+    except requests.RequestException:
+        return _error(502, f"the search server at {cfg.url} cannot be reached; is it running?")
+    payload = _json(response)
+    if response.ok and "jsonData" in payload:
+        return jsonify(payload["jsonData"])
+    if 400 <= response.status_code < 500:  # what was wrong with the query, in the server's words
+        return _error(response.status_code, _info(payload) or f"the search server answered {response.status_code}")
+    log.warning("search server answered %s: %s", response.status_code, _info(payload)[:500])
+    status = 503 if response.status_code == 503 else 502
+    return _error(status, f"the search server could not answer ({response.status_code}); try again shortly")
+
+
+def _json(response: requests.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _info(body: dict) -> str:
+    status = body.get("status")
+    return str(status.get("info", "")) if isinstance(status, dict) else ""
+
+
+def _error(code: int, message: str):
+    return jsonify(error=message), code
+
+
+class ThumbnailCache:
+    """Thumbnails of gallery files, decoded through the server's bounded path (its pixel limit, palette images
+    reduced before expansion, at most ``max_concurrent_decodes`` at once) and kept up to a byte budget, keyed
+    by the normalised path and the file's (mtime, size) so a replaced image is noticed."""
+
+    def __init__(self, cfg: UiConfig):
+        self.cfg = cfg
+        self._slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_decodes))
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, rel: str) -> bytes:
+        rel = normalise(rel)
+        key = (rel, *_stamp(self.cfg.gallery_root, rel))
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        data = read_gallery_file(self.cfg.gallery_root, rel, self.cfg.max_image_bytes)
+        with self._slots:
+            img = decode_image(data, max_pixels=self.cfg.max_pixels, draft=THUMB_SIDE)
+        img.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        png = buf.getvalue()
+        with self._lock:
+            if key not in self._entries and len(png) <= self.cfg.thumbnail_cache_bytes:
+                self._entries[key] = png
+                self._bytes += len(png)
+                while self._bytes > self.cfg.thumbnail_cache_bytes:
+                    self._bytes -= len(self._entries.popitem(last=False)[1])
+        return png
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+
+def normalise(rel: str) -> str:
+    """One name per file: ``./a.png``, ``a.png/`` and ``x/../a.png`` are ``a.png``. The same lexical rule as
+    ``read_gallery_file``'s, so a name that escapes the root still escapes (and is refused there)."""
+    return posixpath.normpath(rel)
+
+
+def _stamp(root: str, rel: str) -> tuple[int, int]:
+    """(mtime, size) of the file, so the cache notices a replaced image; (0, 0) if it cannot be read (the
+    checks in read_gallery_file then say why)."""
+    try:
+        st = (Path(root) / rel).stat()
+        return int(st.st_mtime_ns), st.st_size
+    except (OSError, ValueError):
+        return 0, 0
+
+
+# gunicorn's settings for the page, as the chart passes them too. An event-loop worker: a page waits on Seldon
+# most of the time, and a slow or idle client holds a greenlet, not one of a few threads (8 slow connections
+# froze the threaded worker). keepalive bounds how long reading a request's headers may take, the first
+# request's too (gunicorn's gevent worker reads every request line and headers under that timeout).
+GUNICORN = {"worker_class": "gevent", "worker_connections": 1000, "keepalive": 5}
+
+
+def serve(cfg: UiConfig, host: str = "127.0.0.1", port: int = 8501) -> None:
+    """Run the page under gunicorn with :data:`GUNICORN`'s worker, as the chart does."""
+    from gunicorn.app.base import BaseApplication
+
+    class Page(BaseApplication):
+        def load_config(self):
+            for key, value in {"bind": f"{host}:{port}", "workers": 1, **GUNICORN, "accesslog": "-",
+                               "timeout": int(cfg.timeout_s) + 30}.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return create_app(cfg)
+
+    print(f"imgsim ui: http://{host}:{port}/ -> {cfg.url}" + (f", thumbnails from {cfg.gallery_root}"
+                                                              if cfg.gallery_root else ", no thumbnails"), flush=True)
+    Page().run()

@@ -1,0 +1,76 @@
+"""Fixes for seldon-core 1.18's Python wrapper, installed by the ModelServer adapter at import."""
+
+from __future__ import annotations
+
+import bisect
+
+import grpc
+from seldon_core import seldon_methods
+from seldon_core import wrapper as seldon_wrapper
+from seldon_core.flask_utils import SeldonMicroserviceException
+from seldon_core.metrics import BINS, SeldonMetrics
+from seldon_core.utils import json_to_seldon_model_metadata
+
+
+def install() -> None:
+    """Idempotent: proper gRPC status codes, metadata from the loaded model, a cheaper custom-metrics update."""
+    _install_grpc_status_mapping()
+    _install_live_grpc_metadata()
+    SeldonMetrics._update_hist = staticmethod(update_histogram)
+
+
+def update_histogram(x: float, vals: list, sumv: float) -> tuple[list[float], float]:
+    """Seldon's ``_update_hist`` with plain floats instead of numpy scalars.
+
+    Seldon pickles every worker's whole metrics dict to and from its Manager process twice per request;
+    numpy scalars in the histograms made that ~3x slower (0.81 vs 0.26 ms per update with our three timers,
+    more under load). Same bins as ``np.histogram(x, BINS)``: [a, b), the last bin closed, outside ignored.
+    """
+    vals = [float(v) for v in vals]
+    i = bisect.bisect_right(BINS, x) - 1
+    if x == BINS[-1]:
+        i = len(BINS) - 2
+    if 0 <= i < len(vals):
+        vals[i] += 1.0
+    return vals, float(sumv + x)
+
+
+def grpc_status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, SeldonMicroserviceException):
+        codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE}
+        return codes.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _install_grpc_status_mapping() -> None:
+    """seldon-core 1.18's gRPC servicer lets every exception become UNKNOWN; map ours to proper status codes."""
+    servicer = seldon_wrapper.SeldonModelGRPC
+    if getattr(servicer.Predict, "_imgsim", False):
+        return
+    original = servicer.Predict
+
+    def predict(self, request_grpc, context):
+        try:
+            return original(self, request_grpc, context)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a status; none leaks a trace
+            code, message = grpc_status_for(exc)
+            context.abort(code, message)
+
+    predict._imgsim = True
+    servicer.Predict = predict
+
+
+def _install_live_grpc_metadata() -> None:
+    """seldon-core 1.18 asks the model for its metadata once, before load(): ask on every Metadata call."""
+    servicer = seldon_wrapper.SeldonModelGRPC
+    if getattr(servicer.ModelMetadata, "_imgsim", False):
+        return
+
+    def metadata(self, request_grpc, context):
+        data = seldon_methods.init_metadata(self.user_model)
+        if data is None:
+            context.abort(grpc.StatusCode.INTERNAL, "model metadata failed validation; see the server log")
+        return json_to_seldon_model_metadata(data)
+
+    metadata._imgsim = True
+    servicer.Metadata = servicer.ModelMetadata = metadata

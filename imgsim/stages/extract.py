@@ -1,0 +1,176 @@
+"""Stage 3: embed the gallery (streamed), build the Annoy index and evaluate retrieval on the test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from imgsim import hashing
+from imgsim.bundle import Probes, build_probes
+from imgsim.errors import ImgsimError
+from imgsim.index import GalleryItem, IndexBundle
+from imgsim.manifest import SPLITS, Manifest
+from imgsim.metrics import index_recall, retrieval_metrics
+from imgsim.nn.data import ImageFiles, label_ids
+from imgsim.nn.embed import embed_dataset
+from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.stages.settings import ExtractConfig
+
+
+@dataclasses.dataclass
+class ExtractResult:
+    """The built index with its probe set, evaluation metrics, and the query embeddings used for plots."""
+
+    index: IndexBundle
+    probes: Probes
+    metrics: dict[str, float]
+    queries: NDArray[np.float32]
+    query_items: list
+
+
+@dataclasses.dataclass
+class Part:
+    """One shard's embeddings: the gallery and query items in ``[start, stop)`` of each list (all of them when
+    unsharded), with their perceptual hashes. Saved by a shard process, concatenated by the merge."""
+
+    shard: int
+    num_shards: int
+    gallery_range: tuple[int, int]
+    query_range: tuple[int, int]
+    gallery: NDArray[np.float32]
+    hashes: list[str]
+    queries: NDArray[np.float32]
+    logits: NDArray[np.float32]
+    embed_seconds: float = 0.0
+
+    def save(self, path: Path) -> Path:
+        from imgsim import atomic
+
+        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, shard=self.shard, num_shards=self.num_shards, gallery_range=self.gallery_range,
+                     query_range=self.query_range, gallery=self.gallery, hashes=np.asarray(self.hashes, dtype="U16"),
+                     queries=self.queries, logits=self.logits, embed_seconds=self.embed_seconds)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Part":
+        with np.load(path, allow_pickle=False) as d:
+            return cls(int(d["shard"]), int(d["num_shards"]), tuple(int(x) for x in d["gallery_range"]),
+                       tuple(int(x) for x in d["query_range"]), d["gallery"].astype(np.float32),
+                       [str(h) for h in d["hashes"]], d["queries"].astype(np.float32), d["logits"].astype(np.float32),
+                       float(d["embed_seconds"]))
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Shard ``shard``'s contiguous slice of ``n`` items: sizes differ by at most one, the order is kept."""
+    bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
+    return int(bounds[shard]), int(bounds[shard + 1])
+
+
+def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> ExtractResult:
+    """Embed gallery and queries, build the index, and measure classification and retrieval quality.
+
+    Without labels (an unlabelled folder, or an embed-only model) label metrics are skipped; the index's
+    recall against exact search is always measured."""
+    model = bundle.build()  # once: the embedding and the probes use the same network
+    return assemble(cfg, bundle, manifest, [embed_part(cfg, bundle, manifest, 0, 1, model)], model)
+
+
+def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple[list, list]:
+    """The gallery and query items of ``manifest``, in the order every shard and the merge agree on."""
+    if bundle.classes and list(manifest.classes) != list(bundle.classes):
+        raise ImgsimError(f"the model was trained on classes {bundle.classes} but the manifest has "
+                          f"{manifest.classes}; use the manifest the model was trained on")
+    splits = [s.strip() for s in cfg.gallery_splits.split(",") if s.strip()]
+    if not splits or set(splits) - set(SPLITS):
+        raise ImgsimError(f"gallery_splits={cfg.gallery_splits!r} must name splits from {SPLITS}")
+    gallery_items = [item for item in manifest.items if item.split in splits]
+    query_items = manifest.split(cfg.query_split)[: cfg.max_queries or None] if manifest.classes else []
+    return gallery_items, query_items
+
+
+def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shard: int, num_shards: int,
+               model: EmbeddingNet | None = None) -> Part:
+    """Embed shard ``shard`` of ``num_shards``: its slice of the gallery and of the queries."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    gallery_items, query_items = _items(cfg, bundle, manifest)
+    model, root = bundle.build() if model is None else model, cfg.data_dir or manifest.root
+    g0, g1 = shard_range(len(gallery_items), shard, num_shards)
+    q0, q1 = shard_range(len(query_items), shard, num_shards)
+    label = f" (shard {shard + 1}/{num_shards})" if num_shards > 1 else ""
+    started = time.perf_counter()
+    hashes: list[str] = []
+    gallery, _ = embed_dataset(model, ImageFiles(gallery_items[g0:g1], root, bundle.preprocess), cfg.embed_batch_size,
+                               f"extract: embedding gallery{label}", workers=cfg.workers,
+                               on_batch=lambda inputs: hashes.extend(hashing.to_hex(hashing.phash_inputs(inputs))))
+    embed_seconds = time.perf_counter() - started
+    queries = np.zeros((0, model.dim), dtype=np.float32)
+    logits = np.zeros((0, model.args.num_classes), dtype=np.float32)
+    if q1 > q0:
+        queries, logits = embed_dataset(model, ImageFiles(query_items[q0:q1], root, bundle.preprocess), cfg.embed_batch_size,
+                                        f"extract: embedding queries{label}", workers=cfg.workers)
+    return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds)
+
+
+def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts: list[Part],
+             model: EmbeddingNet | None = None) -> ExtractResult:
+    """Join the parts (every shard exactly once, in order), build the index and probes, and evaluate."""
+    gallery_items, query_items = _items(cfg, bundle, manifest)
+    check_parts(parts, len(gallery_items), len(query_items))
+    gallery = np.concatenate([p.gallery for p in parts])
+    hashes = [h for p in parts for h in p.hashes]
+    model, root = bundle.build() if model is None else model, cfg.data_dir or manifest.root
+    items = [GalleryItem(i, it.path, it.label, it.split, it.sha256, h)
+             for i, (it, h) in enumerate(zip(gallery_items, hashes, strict=True))]
+    started = time.perf_counter()
+    index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed)
+    probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
+    embed_seconds = sum(p.embed_seconds for p in parts)  # summed over shards: images per second of one process
+    metrics = {"gallery_size": float(len(items)), "embed_images_per_second": len(items) / max(embed_seconds, 1e-9),
+               "index_build_seconds": time.perf_counter() - started}
+    queries = np.concatenate([p.queries for p in parts])
+    if query_items:
+        logits = np.concatenate([p.logits for p in parts])
+        metrics |= evaluate(queries, logits, label_ids(query_items, manifest.classes), gallery,
+                            label_ids(gallery_items, manifest.classes), index, cfg.search_k)
+    else:  # no labelled queries: the index is still checked against exact search, on a sample of the gallery
+        sample = gallery[np.random.default_rng(cfg.seed).permutation(len(gallery))[:1000]]
+        metrics |= index_recall(sample, gallery, index, cfg.search_k)
+    return ExtractResult(index, probes, metrics, queries, query_items)
+
+
+def check_parts(parts: list[Part], n_gallery: int, n_queries: int) -> None:
+    """Every shard of one split of this manifest, exactly once: else a clear error, before anything is built."""
+    counts = {p.num_shards for p in parts}
+    if len(counts) != 1:
+        raise ImgsimError(f"the shards disagree on how many there are ({sorted(counts)}): they come from different "
+                          "sharded runs; run every shard of one group with the same --num-shards")
+    n = counts.pop()
+    seen = sorted(p.shard for p in parts)
+    missing, repeated = sorted(set(range(n)) - set(seen)), sorted({s for s in seen if seen.count(s) > 1})
+    if missing or repeated:
+        raise ImgsimError(f"shards of {n}: " + "; ".join(filter(None, [
+            f"missing {missing}" if missing else "", f"present more than once {repeated}" if repeated else ""])) +
+            ". Run the missing shards (or start a new group for repeated ones); no bundle was written.")
+    parts.sort(key=lambda p: p.shard)
+    for p in parts:
+        want_g, want_q = shard_range(n_gallery, p.shard, n), shard_range(n_queries, p.shard, n)
+        if p.gallery_range != want_g or p.query_range != want_q or len(p.gallery) != want_g[1] - want_g[0] \
+                or len(p.queries) != want_q[1] - want_q[0]:
+            raise ImgsimError(f"shard {p.shard} covers gallery items {p.gallery_range} and queries {p.query_range}, "
+                              f"but this manifest's shard {p.shard} of {n} is {want_g} and {want_q}: it was embedded "
+                              "from another manifest or gallery_splits; no bundle was written")
+
+
+def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: IndexBundle,
+             search_k: int = -1, k: int = 10) -> dict[str, float]:
+    """Accuracy, Precision@1/@10, mAP@R (exact search) and the Annoy index's recall@k against exact search."""
+    metrics = {"accuracy": float((logits.argmax(1) == query_labels).mean())} if logits.shape[1] else {}
+    metrics |= retrieval_metrics(queries, query_labels, gallery, gallery_labels)
+    return metrics | index_recall(queries, gallery, index, search_k, k)

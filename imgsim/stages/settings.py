@@ -1,0 +1,170 @@
+"""Every stage's settings but split's (in imgsim.split): declared once with their help and group, and importable
+without torch, so the command line and `imgsim ui` start without loading it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from imgsim import duplicates
+from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
+from imgsim.config import setting
+from imgsim.images import DEFAULT_MAX_PIXELS
+from imgsim.index import DEFAULT_SEARCH_K
+from imgsim.modelspec import HEADS, SMALL, check_backbone, resolve_augment
+
+SELECT_METRICS = ("map_at_r", "accuracy", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the train stage (0 for image_size / channels: chosen from the data)."""
+
+    manifest_uri: str = setting("", "the split's manifest: runs:/<split run>/split, or a folder", "data")
+    data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
+    backbone: str = setting(SMALL, "network: resnet_small (from scratch), resnet18, resnet50, mobilenet_v3_large, "
+                            "efficientnet_b0, convnext_tiny", "model")
+    weights: str = setting("none", "backbone weights: none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a "
+                           "file / s3:// / models:/ URI of a state dict", "model")
+    widths: tuple[int, ...] = setting((), "resnet_small's stage widths, comma-separated; empty: 32,64,128 below 32 "
+                                      "px, 32,64,128,256 from 32 px", "model")
+    depths: tuple[int, ...] = setting((), "resnet_small's blocks per stage, comma-separated; empty: one each", "model")
+    embedding_dim: int = setting(128, "size of the embedding (the last hidden layer)", "model")
+    head: str = setting("cosine", "classifier head on the embedding: cosine, arcface or linear", "model")
+    scale: float = setting(16.0, "logit scale of the cosine and arcface heads", "model")
+    margin: float = setting(0.2, "arcface's angular margin, in radians", "model")
+    image_size: int = setting(0, "input side in px; 0: the median image side within [28, 32] from scratch, the "
+                              "weights' own size when pretrained", "data")
+    channels: int = setting(0, "input channels; 0: 3 if the images have colour (or the backbone is pretrained), "
+                            "else 1", "data")
+    epochs: int = setting(0, "passes over the training split; 0: enough for ~2000 optimizer steps, 12 to 100 "
+                          "(12 for Fashion-MNIST)", "optimisation")
+    batch_size: int = setting(0, "training images per optimizer step; 0: 32 below 10k training images, else 128",
+                              "optimisation")
+    lr: float = setting(0.0, "peak learning rate (SGD + Nesterov, one-cycle schedule); 0: 0.2 x batch_size / 128",
+                        "optimisation")
+    backbone_lr_scale: float = setting(0.1, "pretrained backbones learn at lr x this; scratch backbones at lr",
+                                       "optimisation")
+    freeze_epochs: int = setting(0, "keep a pretrained backbone frozen for the first N epochs while the new head "
+                                 "settles", "optimisation")
+    weight_decay: float = setting(5e-4, "SGD weight decay", "optimisation")
+    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "optimisation")
+    augment: str = setting("auto", "training augmentation: auto (photo for pretrained backbones, else shift), "
+                           "none, shift, photo", "augmentation")
+    crop_scale: float = setting(0.35, "photo: the smallest share of the image a random crop keeps", "augmentation")
+    color_jitter: float = setting(0.2, "photo: brightness/contrast/saturation jitter (hue a quarter of it)",
+                                  "augmentation")
+    select_metric: str = setting("map_at_r", "best epoch by eval mAP@R (against a train sample), accuracy, or "
+                                 "last", "selection")
+    select_gallery_items: int = setting(2000, "training images the eval queries are ranked against for mAP@R",
+                                        "selection")
+    patience: int = setting(0, "stop after this many epochs without a better select_metric; 0: never stop early",
+                            "selection")
+    max_train_items: int = setting(0, "train on a seeded subset of this many images (quick runs); 0: all", "data")
+    cache: str = setting("auto", "decoded-image cache on disk: auto (images up to 96 px), true, false", "compute")
+    workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
+    # Off by default: with torch 2.14.1's oneDNN on CPU, channels-last backward crashed (SIGSEGV)
+    # intermittently on small feature maps. bench/ measures whether it is worth it where it works.
+    channels_last: bool = setting(False, "channels-last memory format (faster on GPUs; crashed intermittently in "
+                                  "oneDNN's backward on CPU)", "compute")
+    threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
+    seed: int = setting(42, "random seed (initialisation, order, augmentation)", "data")
+    checkpoint_dir: str = setting("checkpoints/train", "folder for the per-epoch checkpoint", "tracking")
+    resume: bool = setting(False, "continue from the checkpoint in checkpoint_dir", "tracking")
+    # What a cluster Job's restarted pods (torchrun --max-restarts, a Job retry) need, where the first attempt
+    # has nothing to resume.
+    resume_if_present: bool = setting(False, "resume only if checkpoint_dir holds a checkpoint, else start fresh",
+                                      "distributed")
+    register_name: str = setting("imgsim", "register the trained model under this name in MLflow", "tracking")
+    run_name: str = setting("", "MLflow run name; empty: the stage's name", "tracking")
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+        resolve_augment(self.augment, False)
+        # Configs written before the presets said augment: true/false; keep them meaning what they meant.
+        object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
+        check_backbone(self.backbone)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Parameters of the extract stage."""
+
+    model_uri: str = setting("", "the model to embed with: runs:/<train run>/model, models:/imgsim/N, or a "
+                             "folder", "model")
+    manifest_uri: str = setting("", "the split's manifest; empty: the one the model was trained on", "data")
+    data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
+    gallery_splits: str = setting("train", "comma-separated splits to index (the gallery)", "data")
+    query_split: str = setting("test", "the split whose images query the gallery in the evaluation", "evaluation")
+    n_trees: int = setting(20, "Annoy trees: more build a larger index with better recall", "index")
+    search_k: int = setting(DEFAULT_SEARCH_K, "Annoy nodes inspected per query: more search slower with better "
+                            "recall", "index")
+    # Not batch_size: `imgsim main` takes every stage's settings as flags, and train's batch_size is the
+    # optimizer's, a different thing.
+    embed_batch_size: int = setting(512, "images per forward pass while embedding (memory, not results)",
+                                    "compute")
+    max_queries: int = setting(0, "evaluate on at most this many query images; 0: the whole query split",
+                               "evaluation")
+    plot_points: int = setting(2000, "embeddings drawn in the t-SNE picture", "evaluation")
+    seed: int = setting(42, "random seed (query sample, plot sample)", "data")
+    threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
+    workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
+    gallery_name: str = setting(GALLERY_NAME, "register the bundle as a version of this gallery; empty: do not",
+                                "tracking")
+    gallery_alias: str = setting(GALLERY_ALIAS, "point this alias at the new version; empty: leave it alone",
+                                 "tracking")
+    # Sharded extraction: each of num_shards processes embeds one contiguous shard and logs it under
+    # shard_group; then `merge=<shard_group>` builds the one bundle.
+    num_shards: int = setting(1, "split the gallery into this many shard runs", "distributed")
+    shard: int = setting(-1, "which shard this process embeds; -1: the Indexed Job's JOB_COMPLETION_INDEX",
+                         "distributed")
+    shard_group: str = setting("", "name that ties the shard runs of one extraction together", "distributed")
+    merge: str = setting("", "merge the shard runs of this shard_group into one bundle (instead of embedding)",
+                         "distributed")
+    wait_s: float = setting(0.0, "with merge: wait up to this many seconds for shards still running",
+                            "distributed")
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryChangeConfig:
+    """What every gallery change names: the version it starts from and where the next one is registered."""
+
+    bundle: str = setting(f"models:/{GALLERY_NAME}@{GALLERY_ALIAS}", "the gallery version to change: folder, "
+                          "runs:/ or models:/", "gallery")
+    register_name: str = setting(GALLERY_NAME, "register each new version under this name; empty: do not",
+                                 "tracking")
+    alias: str = setting(GALLERY_ALIAS, "move this alias to the new version; empty: leave it alone", "tracking")
+
+
+@dataclasses.dataclass(frozen=True)
+class AddConfig(GalleryChangeConfig):
+    """Parameters of ``gallery add``."""
+
+    paths: str = setting("", "image files, comma-separated (the CLI also takes them as arguments)", "data")
+    folder: str = setting("", "or every image below this folder", "data")
+    label: str = setting("", "label of every added image; default: its class folder under root, if that is a "
+                         "model class", "data")
+    root: str = setting("", "images must lie inside it; paths are stored relative to it; default: the bundle's "
+                        "image root", "data")
+    model_uri: str = setting("", "refuse unless this is the bundle's model (same weights)", "model")
+    hash_distance: int = setting(duplicates.DEFAULT_HASH_DISTANCE, "most differing bits of 64 for a near copy "
+                                 "(perceptual hash); -1: exact copies only", "gallery")
+    embedding_distance: float = setting(duplicates.DEFAULT_EMBEDDING_DISTANCE, "largest cosine distance for a near "
+                                        "copy", "gallery")
+    skip_near_duplicates: bool = setting(False, "skip near copies too (exact copies are always skipped)",
+                                         "gallery")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)", "data")
+    embed_batch_size: int = setting(256, "images per forward pass while embedding (memory, not results)",
+                                    "compute")
+    seed: int = setting(42, "random seed (recall sample)", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoveConfig(GalleryChangeConfig):
+    """Parameters of ``gallery remove``."""
+
+    ids: str = setting("", "gallery ids to remove, comma-separated", "data")
+    paths: str = setting("", "or gallery paths (as stored: relative to the image root), comma-separated", "data")
+    seed: int = setting(42, "random seed (recall sample)", "data")

@@ -1,0 +1,1 @@
+"""What tests and benchmarks share (real servers on loopback ports, a real MLflow store); never imports pytest."""

@@ -1,0 +1,116 @@
+"""Run the real seldon-core-microservice on free loopback ports for tests and benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: servers run its model_server/
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """End a server started in its own session and every worker it forked (gunicorn, gRPC): SIGTERM to the
+    process group, SIGKILL if it has not ended within ``timeout`` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen
+    rest: str
+    grpc: str
+    metrics: str
+    log: Path
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServer", wait_ready: bool = True,
+                 timeout: float = 120, cwd: Path = REPO / "model_server") -> Server:
+    """Start the wrapper with ``env`` added; wait until /health/ping answers (and /health/status is 200)."""
+    rest, grpc_port, metrics = free_port(), free_port(), free_port()
+    full_env = os.environ | {
+        "PREDICTIVE_UNIT_HTTP_SERVICE_PORT": str(rest), "PREDICTIVE_UNIT_GRPC_SERVICE_PORT": str(grpc_port),
+        "PREDICTIVE_UNIT_METRICS_SERVICE_PORT": str(metrics), "PYTHONPATH": str(REPO)} | env
+    binary = Path(sys.executable).parent / "seldon-core-microservice"
+    handle = open(log, "wb")
+    proc = subprocess.Popen([str(binary), interface, "--service-type", "MODEL"], cwd=cwd,
+                            env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
+        try:
+            if requests.get(f"{server.rest}/health/ping", timeout=1).ok and _grpc_up(server.grpc) and (
+                    not wait_ready or requests.get(f"{server.rest}/health/status", timeout=5).ok):
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"server not up within {timeout}s:\n{server.logs()}")
+
+
+def _grpc_up(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, int(port))) == 0
+
+
+@dataclasses.dataclass
+class Page:
+    proc: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+
+def start_page(seldon_url: str, log: Path, gallery_root: Path | None = None, env: dict[str, str] | None = None,
+               timeout: float = 60) -> Page:
+    """`imgsim ui` (gunicorn, as users run it) on a free loopback port, in its own session; waits for its page."""
+    port = free_port()
+    args = [sys.executable, "-m", "imgsim.cli", "ui", "--url", seldon_url, "--port", str(port)]
+    args += ["--gallery-root", str(gallery_root)] if gallery_root else []
+    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | (env or {}))
+    page = Page(proc, f"http://127.0.0.1:{port}", port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"imgsim ui exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if requests.get(page.url + "/", timeout=1).ok:
+                return page
+        except requests.RequestException:
+            time.sleep(0.2)
+    page.stop()
+    raise RuntimeError(f"imgsim ui not up within {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
