@@ -111,8 +111,8 @@ def page_sections() -> list[str]:
             table([{"file": k, "what": v} for k, v in page["files"].items()], ["file", "what"]), "",
             table([page["bombs"]], ["clients", "requests", "2xx", "4xx", "5xx"]), "",
             table(page["phases"], ["phase", "idle_pss_mb", "peak_pss_mb", "growth_mb"]),
-            f"\nThe page answered afterwards: {page['ready_after']}. (Its idle PSS holds torch: `imgsim ui` imports "
-            "the whole CLI; the chart's gunicorn imports `imgsim.serve.page` only.)\n"]
+            f"\nThe page answered afterwards: {page['ready_after']}. (`imgsim ui` serves the app the chart's gunicorn "
+            "serves, `imgsim.serve.page`; the CLI loads torch only for a stage that needs it.)\n"]
 
 
 def scale_sections() -> list[str]:
