@@ -1,1 +1,1 @@
-"""nn"""
+"""The networks and everything torch: backbones, weights, data loading, augmentation, embedding, ONNX export."""

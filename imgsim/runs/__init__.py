@@ -1,1 +1,1 @@
-"""runs"""
+"""Each stage as a tracked MLflow run, the registry and artifact store (tracking), export and rollout."""
