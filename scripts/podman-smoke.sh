@@ -4,10 +4,10 @@
 # and query it with a test image of the demo's split over REST and gRPC on loopback. Needs root, apt-get,
 # and a bundle from `make demo`.
 #
-#   bash scripts/podman-smoke.sh            (PODMAN_VOLUMES adapts where pip finds packages)
+#   bash scripts/podman-smoke.sh            (PODMAN_VOLUMES: extra build volumes, e.g. local wheel folders)
 #
-# The serve image has no torch (ONNX Runtime runs the model). The host's pip configuration and wheel folders
-# are mounted into the build, so it installs from the same sources as the host.
+# The serve image has no torch (ONNX Runtime runs the model). The build uses the host's pip configuration
+# (index, CA bundle); PODMAN_VOLUMES adds build volumes, such as local wheel folders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${PODMAN_BUNDLE:-bundles/demo}
@@ -33,7 +33,16 @@ if ! "${PODMAN[@]}" image exists "$BASE"; then
   rm -rf "$WORK/rootfs"
 fi
 
-read -r -a VOLUMES <<<"${PODMAN_VOLUMES:--v /etc/xdg/pip:/etc/xdg/pip:ro -v /root/.config/pip:/root/.config/pip:ro -v /opt/pypi:/opt/pypi:ro -v /opt/pypi-more:/opt/pypi-more:ro -v /opt/wheels:/opt/wheels:ro -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro}"
+# The host's pip configuration and the CA bundle pip trusts (a TLS-inspecting proxy's, say), where they exist,
+# so the build reaches the package index the host reaches. Local wheel folders that configuration names are
+# not mounted (pip skips them with a warning): add them with PODMAN_VOLUMES="-v /srv/wheels:/srv/wheels:ro".
+VOLUMES=()
+for path in /etc/pip.conf /etc/xdg/pip "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"; do
+  if [ -e "$path" ]; then VOLUMES+=(-v "$path:$path:ro"); fi
+done
+if [ -d "$HOME/.config/pip" ]; then VOLUMES+=(-v "$HOME/.config/pip:/root/.config/pip:ro"); fi
+read -r -a EXTRA <<<"${PODMAN_VOLUMES:-}"
+VOLUMES+=("${EXTRA[@]}")
 echo "podman-smoke: building $IMAGE (target serve)"
 "${PODMAN[@]}" build --format docker --network host "${ULIMITS[@]}" "${VOLUMES[@]}" \
   --build-arg PYTHON_IMAGE="$BASE" \

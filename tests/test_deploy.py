@@ -360,6 +360,7 @@ def test_training_job_runs_the_real_cli_on_gpu_nodes():
     ({"replicas": -1}, "/replicas': minimum: got -1"),
     ({"server": {"gunicornWorkers": "two"}}, "/server/gunicornWorkers': got string, want integer"),
     ({"model": {"uri": "ftp://bucket/x"}}, "/model/uri': 'ftp://bucket/x' does not match"),
+    ({"model": {"uri": "https://example.com/bundle"}}, "/model/uri': 'https://example.com/bundle' does not match"),
     ({"autoscaling": {"targetCPUUtilizationPercentage": 150}}, "maximum: got 150"),
     ({"terminationGracePeriodSeconds": 5}, "minimum: got 5, want 45"),
     ({"modle": {}}, "additional properties 'modle' not allowed"),
@@ -469,3 +470,14 @@ def _environ(values: dict[str, str]):
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_the_chart_and_rollout_accept_the_same_bundle_storage():
+    # A bundle comes from the cluster's storage, never a web address: whether it is set with the chart's
+    # values or moved by `imgsim rollout`.
+    from imgsim.runs.rollout import CLUSTER_SCHEMES
+
+    pattern = json.loads((REPO / "charts/imgsim/values.schema.json").read_text())["properties"]["model"][
+        "properties"]["uri"]["pattern"]
+    schemes = re.fullmatch(r"\^\((.+)\)://\.\+", pattern).group(1).split("|")
+    assert sorted(f"{s}://" for s in schemes) == sorted(CLUSTER_SCHEMES)
