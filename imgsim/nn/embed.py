@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from imgsim.nn import allocator
 from imgsim.nn.data import ImageArray, make_loader
 from imgsim.nn.model import EmbeddingNet
 
@@ -20,6 +21,7 @@ def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, 
     """Normalised embeddings and logits of a dataset, streamed through a DataLoader (workers decode) into
     preallocated arrays: memory holds the outputs and a few batches, never the images. ``on_batch`` sees each
     batch of model inputs, in order (extract hashes them for duplicate detection)."""
+    allocator.keep_freed_memory()
     n, classes = len(dataset), model.args.num_classes
     embeddings = np.empty((n, model.dim), dtype=np.float32)
     logits = np.empty((n, classes), dtype=np.float32)
