@@ -1,4 +1,5 @@
-"""Colour dev sets from Debian packages: Tux Paint stamps (a few hundred) and Oxygen icons (a few thousand).
+"""Colour dev sets from Debian packages: Tux Paint stamps (a few hundred), Oxygen icons (a few thousand) and
+Wesnoth map tiles (a couple of thousand).
 
 python -m bench.colour_sets [--out data/colour]   -> data/colour/<set>/<class>/<file>.png
 
@@ -6,6 +7,9 @@ python -m bench.colour_sets [--out data/colour]   -> data/colour/<set>/<class>/<
 - ``oxygen``: ``oxygen-icon-theme``; the class is the icon's context (actions, apps, devices, places, ...). One
   icon exists at up to eight sizes: near-duplicates that must not sit on both sides of a split, so only one size
   of each icon (the largest up to 128 px) is kept.
+- ``wesnoth``: ``wesnoth-1.16-data``; 72 px hexagonal map tiles, the class is the terrain (castle, forest, hills,
+  water, ...), at most 150 tiles per terrain. Folders that are not a kind of ground (masks, fog, symbols, ...) are
+  left out. Unit sprites were not used: each unit has dozens of near-identical animation frames.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {"tuxpaint": ("tuxpaint-stamps-default", Path("/usr/share/tuxpaint/stamps")),
-           "oxygen": ("oxygen-icon-theme", Path("/usr/share/icons/oxygen/base"))}
-MIN_PER_CLASS, OXYGEN_PER_CLASS = 8, 300
+           "oxygen": ("oxygen-icon-theme", Path("/usr/share/icons/oxygen/base")),
+           "wesnoth": ("wesnoth-1.16-data", Path("/usr/share/games/wesnoth/1.16/data/core/images/terrain"))}
+MIN_PER_CLASS, OXYGEN_PER_CLASS, WESNOTH_PER_CLASS = 8, 300, 150
+WESNOTH_TERRAINS = ("bridge", "castle", "cave", "chasm", "desert_mountains", "flat", "forest", "frozen", "grass",
+                    "hills", "interior", "mountains", "sand", "swamp", "unwalkable", "village", "walls", "water")
 OXYGEN_SIZES = ("128x128", "64x64", "48x48", "32x32")
 
 
@@ -55,20 +62,32 @@ def oxygen_files(folder: Path, seed: int = 0) -> dict[str, list[Path]]:
     return {c: sorted(rng.sample(paths, min(len(paths), OXYGEN_PER_CLASS))) for c, paths in by_class.items()}
 
 
+def wesnoth_files(folder: Path, seed: int = 0) -> dict[str, list[Path]]:
+    rng = random.Random(seed)
+    by_class = {}
+    for terrain in WESNOTH_TERRAINS:
+        paths = sorted((folder / terrain).rglob("*.png"))
+        by_class[terrain] = sorted(rng.sample(paths, min(len(paths), WESNOTH_PER_CLASS)))
+    return by_class
+
+
+FILES = {"tuxpaint": tuxpaint_files, "oxygen": oxygen_files, "wesnoth": wesnoth_files}
+
+
 def build(name: str, out: Path) -> Path:
     """Write the dev set once (copies, so split's symlink rule does not reject them); returns its root."""
     root = out / name
     if (root / ".complete").exists():
         return root
     folder = ensure_package(name)
-    files = tuxpaint_files(folder) if name == "tuxpaint" else oxygen_files(folder)
+    files = FILES[name](folder)
     shutil.rmtree(root, ignore_errors=True)
     for label, paths in files.items():
         if len(paths) < MIN_PER_CLASS:
             continue
         (root / label).mkdir(parents=True, exist_ok=True)
         for path in paths:
-            flat = "_".join(path.relative_to(folder).parts[1:]) if name == "tuxpaint" else \
+            flat = "_".join(path.relative_to(folder).parts[1:]) if name != "oxygen" else \
                 f"{path.parent.name}_{path.name}"
             shutil.copyfile(path, root / label / flat)
     (root / ".complete").write_text("")
