@@ -1,14 +1,18 @@
 """Bench 1: retrieval quality with baselines: Fashion-MNIST (10k test queries vs the 60k train gallery) and
-the colour dev sets (bench/colour_sets.py: test queries vs the train + eval gallery), each with the defaults.
+the colour dev sets (bench/colour_sets.py: test queries vs the train + eval gallery).
 
-python -m bench.quality [--dataset fashion-mnist|tuxpaint|oxygen] [--epochs N] [--config demo] [--set key=value ...]
-  -> bench/results/quality[-<dataset>][-demo].json, a table, PNG plots
+python -m bench.quality [--epochs N] [--config demo] [--set key=value ...]
+  -> bench/results/quality[-demo].json, a table, PNG plots (Fashion-MNIST, the default config)
+python -m bench.quality --dataset tuxpaint|oxygen|wesnoth [--routes pixels,features,scratch,head,full,default]
+  -> bench/results/quality-<dataset>.json: the training routes side by side, one run (P@1, P@10, mAP@R,
+     training time, embedding throughput at the model's input size)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -20,14 +24,23 @@ from bench.baselines import pixel_embeddings, untrained_model
 from bench.common import RESULTS, protocol_manifest, save, table
 from imgsim import config as settings
 from imgsim import plots
+from imgsim.images import Preprocess
 from imgsim.metrics import mean_average_precision, retrieval_metrics
 from imgsim.nn.data import label_ids, load_items
 from imgsim.nn.embed import embed_batches
 from imgsim.stages.settings import TrainConfig
-from imgsim.stages.train import train_model
+from imgsim.stages.train import resolve_schedule, train_model
 
 CONFIGS = {"default": TrainConfig(), "demo": TrainConfig(epochs=4)}
 PIXEL_SIZE = 64  # the issue's comparison: cosine similarity on raw 64 x 64 pixels
+PRETRAINED = {"backbone": "efficientnet_lite0", "weights": "DEFAULT"}
+# The colour routes compared: settings over TrainConfig's defaults. "default" is whatever auto picks.
+ROUTES = {"features": PRETRAINED | {"mode": "none"},
+          "scratch": {"backbone": "resnet_small", "weights": "none", "mode": "full"},
+          "head": PRETRAINED | {"mode": "head"},
+          # Full fine-tuning at a size and length that fit the 15-minute budget on 2 cores.
+          "full": PRETRAINED | {"mode": "full", "image_size": 128, "epochs": 4, "batch_size": 32, "lr": 0.02},
+          "default": {}}
 
 
 def evaluate(name: str, gallery, queries, g_labels, q_labels, logits=None) -> dict:
@@ -68,6 +81,51 @@ def _plot_by_epoch(history: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def compare(dataset: str, routes: list[str], overrides: dict, tag: str) -> None:
+    """One run per dev set: each route trained and measured on the same split, side by side."""
+    manifest = colour_sets.manifest(dataset)
+    root = manifest.root
+    gallery_items = [i for i in manifest.items if i.split in ("train", "eval")]
+    query_items = manifest.split("test")
+    g_labels, q_labels = label_ids(gallery_items, manifest.classes), label_ids(query_items, manifest.classes)
+    rows = []
+    for route in routes:
+        if route == "pixels":
+            pixels = Preprocess(size=PIXEL_SIZE, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+            rows.append(evaluate(f"raw pixels ({PIXEL_SIZE} px)", pixel_embeddings(load_items(gallery_items, root, pixels)),
+                                 pixel_embeddings(load_items(query_items, root, pixels)), g_labels, q_labels))
+            continue
+        cfg = settings.resolve(TrainConfig, None, ROUTES[route] | overrides | {
+            "checkpoint_dir": str(RESULTS / "checkpoints" / f"{dataset}-{route}{tag}"), "register_name": ""})
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # no cached features: training time from scratch
+        started = time.perf_counter()
+        result = train_model(cfg, manifest)
+        train_seconds = time.perf_counter() - started
+        bundle = result.bundle
+        model = bundle.build()
+        g_x = load_items(gallery_items, root, bundle.preprocess, desc="bench: gallery")
+        q_x = load_items(query_items, root, bundle.preprocess, desc="bench: queries")
+        started = time.perf_counter()
+        gallery, _ = embed_batches(model, g_x, 64, "bench: embedding gallery")
+        rate = len(g_x) / (time.perf_counter() - started)
+        queries, logits = embed_batches(model, q_x, 64, "bench: embedding queries")
+        used = resolve_schedule(cfg, manifest)
+        name = f"{route}: {used.backbone}, {used.mode}" + (f", {len(result.history)} epochs" if result.history else "")
+        rows.append(evaluate(name, gallery, queries, g_labels, q_labels, logits if logits.shape[1] else None) |
+                    {"train_min": train_seconds / 60, "embed_img_s": rate, "size_px": bundle.preprocess.size})
+        print(table(rows[-1:], COLUMNS), flush=True)
+    print(f"\n{dataset}: {len(query_items)} queries, {len(gallery_items)} gallery images, {len(manifest.classes)} "
+          f"classes; {torch.get_num_threads()} threads")
+    print(table(rows, COLUMNS))
+    path = save(f"quality-{dataset}{tag}", {"dataset": dataset, "routes": {r: ROUTES.get(r) for r in routes},
+                                             "overrides": overrides, "rows": rows})
+    print(f"wrote {path}")
+
+
+COLUMNS = ["embedding", "precision_at_1", "precision_at_10", "map_at_r", "accuracy", "train_min", "embed_img_s",
+           "size_px"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["fashion-mnist", *colour_sets.SOURCES], default="fashion-mnist")
@@ -75,9 +133,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the config's epochs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other TrainConfig settings")
     parser.add_argument("--tag", default="", help="suffix for the result file (to compare settings)")
+    parser.add_argument("--routes", default="pixels,features,scratch,head,full",
+                        help=f"colour dev sets: comma-separated, of pixels, {', '.join(ROUTES)}")
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    if args.dataset != "fashion-mnist":
+        return compare(args.dataset, args.routes.split(","), overrides | ({"epochs": args.epochs} if args.epochs else {}),
+                       f"-{args.tag}" if args.tag else "")
     cfg = settings.resolve(TrainConfig, None, dataclasses.asdict(cfg) | {"epochs": args.epochs or cfg.epochs} |
                            overrides | {"checkpoint_dir": str(RESULTS / "checkpoints" / f"{args.dataset}{args.tag}"),
                                         "register_name": ""})

@@ -177,22 +177,68 @@ def hold_up_sections() -> list[str]:
     return parts
 
 
+COLOUR_SETS = ("tuxpaint", "oxygen", "wesnoth")
+COLOUR_NOTES = (
+    "With ~190 to ~620 queries, differences under ~0.03 are noise. **Head mode is the default for colour "
+    "images**: against the former default (the small ResNet from scratch) it raises mAP@R on all three (+0.17, "
+    "+0.02, +0.05) in a fraction of the training time; its P@1 is the ImageNet features' own within noise on "
+    "Tux Paint (-0.02) and Oxygen (-0.003) and above it on Wesnoth (+0.04), where the small ResNet's is higher "
+    "still (0.909). Full fine-tuning within the budget fell far short. Choices made on these sets, each "
+    "checked on all three (cached features, last epoch, `imgsim.stages.head`): an MLP embedding head (mAP@R "
+    "0.730 / 0.653 / 0.799 on Tux Paint / Oxygen / Wesnoth against a linear layer's 0.692 / 0.649 / 0.616), dropout "
+    "0.5 on the features (0.756 / 0.701 / 0.805 against 0.2's 0.730 / 0.653 / 0.799), ~2000 AdamW steps rather "
+    "than at most 60 epochs (540 steps on Oxygen), and the last epoch rather than the best of hundreds of "
+    "evaluations on a small eval split (Oxygen, 89 eval images: mAP@R 0.630 selected against 0.657 last).\n")
+
+
+def colour_rows() -> list[dict]:
+    """Every measured route of every colour dev set, one table."""
+    rows = []
+    for name in COLOUR_SETS:
+        for suffix in ("", "-scratch", "-ft"):
+            q = load(f"quality-{name}{suffix}")
+            for r in (q or {}).get("rows", []):
+                if suffix and not r["embedding"].startswith(("scratch", "full", "trained")):
+                    continue  # the baselines come from the main run
+                route, _, how = r["embedding"].partition(": ")
+                if route.startswith("trained"):  # files from before the routes: the then default, from scratch
+                    route, how = "scratch", f"resnet_small, full, {route.split(', ')[1].rstrip(')')}"
+                row = {"dev_set": name, "route": f"{route}: {how}" if how else route,
+                             "precision_at_1": r["precision_at_1"], "precision_at_10": r["precision_at_10"],
+                             "map_at_r": r["map_at_r"], "train_min": r.get("train_min", q.get("train_seconds", 0) / 60
+                                                                         if route == "scratch" else None),
+                             "embed_img_s": r.get("embed_img_s"), "size_px": r.get("size_px") or
+                             (q.get("preprocess") or {}).get("size")}
+                rows.append({k: v for k, v in row.items() if v is not None})
+    return rows
+
+
 def own_images_sections() -> list[str]:
     """Colour dev sets, the recipe sweep, and the streaming data path's memory and throughput."""
     parts = []
-    colour = [q for q in (load("quality-tuxpaint"), load("quality-oxygen")) if q]
-    if colour:
-        parts.append("**6. Quality on colour images** — the defaults (no settings) on two colour dev sets built from "
-                     "Debian packages by `bench/colour_sets.py` (Tux Paint stamps by category; Oxygen icons by "
-                     "context, one size per icon so near-duplicates cannot straddle the split); 65/25/10 split, "
-                     "test images as queries against train + eval; `python -m bench.quality --dataset NAME`:\n")
-        for q in colour:
-            pre = q.get("preprocess", {})
-            parts.append(f"*{q['dataset']}* ({q['rows'][0]['embedding']}, {pre.get('size')} px, "
-                         f"{pre.get('channels')} channels; training {q['train_seconds'] / 60:.1f} min on "
-                         f"{q['machine']['torch_threads']} threads):\n")
-            parts.append(table(q["rows"], ["embedding", "accuracy", "precision_at_1", "precision_at_10", "map_at_r",
-                                           "map_full"]) + "\n")
+    rows = colour_rows()
+    if rows:
+        parts.append("**6. Quality on colour images** — the training routes side by side on three colour dev sets "
+                     "built from Debian packages by `bench/colour_sets.py`: Tux Paint stamps by category (771 images, "
+                     "13 classes); Oxygen icons by context (1,111, 9; one size per icon so near-duplicates cannot "
+                     "straddle the split); Wesnoth map tiles by terrain (2,295, 18). 65/25/10 split, test images as "
+                     "queries against train + eval; 2 CPU threads. `python -m bench.quality --dataset NAME --routes "
+                     "pixels,features,head` (one run per set): raw pixels, the pretrained features as they are, and "
+                     "the default (head mode). The from-scratch rows are the former default, from earlier runs "
+                     "(`--routes scratch`, `quality-NAME-scratch.json`). Wesnoth's scratch and head runs each shared "
+                     "the two cores with another job, so their times are upper bounds. Full fine-tuning was run on Tux Paint only (`--routes "
+                     "full`: Lite0 at 128 px, 4 epochs, batch 32, lr 0.02). Throughput: the model's embedding rate "
+                     "at its input size (torch, batch 64, decoded images).\n")
+        parts.append(table(rows, ["dev_set", "route", "precision_at_1", "precision_at_10", "map_at_r", "train_min",
+                                  "embed_img_s", "size_px"]) + "\n")
+        parts.append(COLOUR_NOTES)
+    allocator = load("allocator")
+    if allocator:
+        parts.append("CPU inference got faster on the way: `imgsim.nn.allocator` keeps freed memory in the "
+                     "process, where glibc's malloc handed each batch's activations back to the kernel and "
+                     f"page-faulted them in again (EfficientNet-Lite0 at 224 px, {allocator['images']} images, batch "
+                     f"{allocator['batch']}, each row a fresh process); `python -m bench.allocator`:\n")
+        parts.append(table(allocator["rows"], ["thresholds", "img_s", "user_s", "sys_s", "minor_faults"]) + "\n")
     sweeps = [s for s in (load("sweep-tuxpaint"), load("sweep-oxygen")) if s]
     if sweeps:
         rows = {}

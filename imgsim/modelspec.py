@@ -22,12 +22,17 @@ IN_WHEEL = {"efficientnet_lite0": 1280}
 PRETRAINED = {**TORCHVISION, **IN_WHEEL}
 BACKBONES = (SMALL, *PRETRAINED)
 HEADS = ("cosine", "arcface", "linear")
+# What the train stage does with the backbone: see imgsim.stages.settings.TrainConfig.mode.
+AUTO, MODES = "auto", ("auto", "head", "full", "none")
+# backbone=auto on colour images or an unlabelled folder: the pretrained route that won on the colour dev sets
+# (bench/quality.py); on grayscale images: the small ResNet from scratch (Fashion-MNIST's tuned default).
+PRETRAINED_DEFAULT = "efficientnet_lite0"
 
 
-def check_backbone(name: str) -> None:
-    """A clear error for a backbone we do not build."""
-    if name not in BACKBONES:
-        raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+def check_backbone(name: str, *, auto: bool = False) -> None:
+    """A clear error for a backbone we do not build (``auto`` allows "auto": chosen from the data)."""
+    if name not in BACKBONES and not (auto and name == AUTO):
+        raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join((AUTO, *BACKBONES) if auto else BACKBONES)}")
 
 
 def feature_dim(name: str, widths: tuple[int, ...]) -> int:
@@ -44,6 +49,7 @@ class ModelArgs:
     widths: tuple[int, ...] = (32, 64, 128)  # resnet_small only
     depths: tuple[int, ...] = (1, 1, 1)
     embedding_dim: int = 128  # 0: the backbone's pooled features are the embedding
+    embedding_hidden: int = 0  # >0: Linear-BatchNorm-ReLU of this width before the embedding layer
     head: str = "cosine"  # cosine: scale * cos(embedding, class weight); arcface: with an angular margin; linear
     scale: float = 16.0
     margin: float = 0.2  # arcface only: radians added to the true class's angle while training
@@ -55,6 +61,9 @@ class ModelArgs:
         if min(self.widths) < 1 or min(self.depths) < 1 or self.embedding_dim == 1 or self.embedding_dim < 0:
             raise ImgsimError(f"widths {self.widths} and depths {self.depths} must be >= 1 and "
                               f"embedding_dim 0 (the backbone's features) or >= 2 (got {self.embedding_dim})")
+        if self.embedding_hidden < 0 or (self.embedding_hidden and not self.embedding_dim):
+            raise ImgsimError(f"embedding_hidden must be 0 or, with an embedding_dim, >= 1 (got "
+                              f"{self.embedding_hidden} with embedding_dim {self.embedding_dim})")
         if self.num_classes == 1 or self.num_classes < 0:
             raise ImgsimError(f"a classifier needs at least 2 classes, got {self.num_classes}; add class folders")
         if self.head not in HEADS:

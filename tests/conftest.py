@@ -39,6 +39,20 @@ def photo(seed: int, side: int = 96) -> Image.Image:
     return Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC)
 
 
+TINTS = {"red": (1.0, 0.35, 0.35), "green": (0.35, 1.0, 0.35), "blue": (0.35, 0.35, 1.0)}
+
+
+def colour_folder(root, per_class: int = 10):
+    """Three classes of smooth random pictures, each class tinted its own colour: learnable from ImageNet
+    features, unlike each other within a class."""
+    for c, (label, tint) in enumerate(TINTS.items()):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.asarray(photo(100 * c + i, side=48), dtype=np.float32) * np.array(tint, dtype=np.float32)
+            Image.fromarray(arr.astype(np.uint8)).save(root / label / f"{i:02d}.png")
+    return root
+
+
 def make_image_folder(root: Path, per_class: int = PER_CLASS) -> dict[str, str]:
     """Write a class-per-folder tree plus every awkward case; returns {relative path: expected rejection}."""
     for label in CLASSES:

@@ -17,7 +17,7 @@ from imgsim.runs.main import run_main
 from imgsim.split import SplitConfig
 from imgsim.stages.settings import ExtractConfig, TrainConfig
 from tests import doc_commands
-from tests.conftest import make_image_folder, mlflow_store
+from tests.conftest import colour_folder, mlflow_store
 from tests.doc_commands import REPO, Command, check, commands, runnable_blocks
 
 DOCUMENTED = [c for path in doc_commands.documents() for c in commands(path.read_text(), str(path.relative_to(REPO)))]
@@ -112,7 +112,7 @@ def test_every_tested_block_is_run_by_a_test():
 @pytest.mark.slow
 def test_readme_own_images_quick_start_runs_as_written(tmp_path):
     project = _project(tmp_path)
-    make_image_folder(project / "my-images")
+    colour_folder(project / "my-images")  # colour images in class folders: the pretrained route, no settings
     _run_block("own-images", project, timeout=1200)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -120,6 +120,8 @@ def test_readme_own_images_quick_start_runs_as_written(tmp_path):
     assert {"main", "split", "train", "extract"} <= set(runs)
     assert all(run.info.status == "FINISHED" for run in runs.values())
     assert runs["split"].data.params["data_dir"] == "my-images"
+    train = runs["train"].data.params
+    assert (train["backbone"], train["weights"], train["mode"]) == ("efficientnet_lite0", "DEFAULT", "head")
     assert runs["extract"].data.metrics["gallery_size"] > 0 and "map_at_r" in runs["extract"].data.metrics
     assert str(client.get_model_version_by_alias("imgsim-gallery", "serving").version) == "1"
 

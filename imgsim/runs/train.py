@@ -32,7 +32,8 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         manifest = Manifest.load(folder)
     cfg = resolve_schedule(cfg, manifest)  # log the batch size, epochs and lr actually used, not "0 = auto"
     if not distributed.is_main():
-        train_model(cfg, manifest)
+        if cfg.mode == "full":  # head and none run on rank 0 alone: there is nothing worth sharding
+            train_model(cfg, manifest)
         distributed.shutdown()
         return "", ""
     previous = read_checkpoint(cfg) if resumes(cfg) else None
@@ -42,7 +43,7 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         mlflow.set_tag("imgsim.manifest_uri", cfg.manifest_uri)
         if run_id is None:
             log_params(config.to_params(cfg) | {"world_size": str(distributed.world())})
-        if not manifest.classes:  # an unlabelled folder: the pretrained backbone as is
+        if cfg.mode == "none":  # an unlabelled folder, or asked for: the pretrained backbone as is
             bundle, history = embed_only(cfg, manifest), []
             mlflow.set_tag("imgsim.embed_only", "true")
         else:

