@@ -119,3 +119,25 @@ def test_a_head_mode_model_exports_to_onnx_and_round_trips(tmp_path, colour_mani
     assert loaded.args == bundle.args and loaded.fingerprint() == bundle.fingerprint()
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
     assert export_onnx(loaded, tmp_path / "model.onnx", images) <= PARITY
+
+
+def test_cosine_prototypes_start_short_and_learn_faster_a_linear_head_does_not(tmp_path, colour_manifest):
+    cfg = resolve_schedule(_quick(tmp_path), colour_manifest)
+    from imgsim.stages.train import prepare_model
+
+    model, _ = prepare_model(cfg, colour_manifest, len(colour_manifest.classes))
+    optimizer = head._optimizer(cfg, model)
+    rest, prototypes = optimizer.param_groups
+    assert prototypes["params"] == [model.classifier.weight] and prototypes["lr"] == cfg.lr * head.PROTOTYPE_LR
+    assert rest["lr"] == cfg.lr and not any(p is model.classifier.weight for p in rest["params"])
+    norms = model.classifier.weight.norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, head.PROTOTYPE_INIT * cfg.embedding_dim ** 0.5), rtol=0.3)
+    # Same seed, same start: the initialisation is part of the run's reproducibility.
+    again, _ = prepare_model(cfg, colour_manifest, len(colour_manifest.classes))
+    head._optimizer(cfg, again)
+    assert torch.equal(again.classifier.weight, model.classifier.weight)
+
+    linear = dataclasses.replace(cfg, head="linear")
+    model, _ = prepare_model(linear, colour_manifest, len(colour_manifest.classes))
+    before = model.classifier.weight.detach().clone()
+    assert len(head._optimizer(linear, model).param_groups) == 1 and torch.equal(model.classifier.weight, before)

@@ -67,7 +67,11 @@ class EmbeddingNet(nn.Module):
 
     def embed_and_classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised embeddings and logits (N x 0 without a classifier) from one backbone pass."""
-        emb = self.embedding(self.forward_features(x))
+        return self.embed_features(self.forward_features(x))
+
+    def embed_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed_and_classify`` from pooled backbone features (head mode trains on cached ones)."""
+        emb = self.embedding(features)
         return F.normalize(emb, dim=1), self.head(emb)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
