@@ -29,7 +29,7 @@ from imgsim.metrics import mean_average_precision, retrieval_metrics
 from imgsim.nn.data import label_ids, load_items
 from imgsim.nn.embed import embed_batches
 from imgsim.stages.settings import TrainConfig
-from imgsim.stages.train import resolve_schedule, train_model
+from imgsim.stages.train import train_model
 
 CONFIGS = {"default": TrainConfig(), "demo": TrainConfig(epochs=4)}
 PIXEL_SIZE = 64  # the comparison: cosine similarity on raw 64 x 64 pixels
@@ -109,8 +109,9 @@ def compare(dataset: str, routes: list[str], overrides: dict, tag: str) -> None:
         gallery, _ = embed_batches(model, g_x, 64, "bench: embedding gallery")
         rate = len(g_x) / (time.perf_counter() - started)
         queries, logits = embed_batches(model, q_x, 64, "bench: embedding queries")
-        used = resolve_schedule(cfg, manifest)
-        name = f"{route}: {used.backbone}, {used.mode}" + (f", {len(result.history)} epochs" if result.history else "")
+        used = bundle.config  # the route train_model resolved
+        name = f"{route}: {used['backbone']}, {used['mode']}"
+        name += f", {len(result.history)} epochs" if result.history else ""
         rows.append(evaluate(name, gallery, queries, g_labels, q_labels, logits if logits.shape[1] else None) |
                     {"train_min": train_seconds / 60, "embed_img_s": rate, "size_px": bundle.preprocess.size})
         print(table(rows[-1:], COLUMNS), flush=True)
