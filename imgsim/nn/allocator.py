@@ -1,7 +1,8 @@
 """Keep freed memory in the process: glibc's malloc returns large blocks to the kernel when they are freed and
 maps them again on the next batch. On a 2-core CPU that page-faulting took as long as the network itself:
-EfficientNet-Lite0's inference ran at 9.8 images/s with 10.1 s of system time against 9.4 s of user time for
-192 images, and at 19.9 images/s (0.9 s system) with the thresholds raised (python -m bench.allocator)."""
+EfficientNet-Lite0's inference ran at 19.4 images/s with 11.0 s of system time against 7.6 s of user time for
+192 images, and at 53.8 images/s (1.0 s system) with the thresholds raised (python -m bench.allocator,
+bench/results/allocator.json)."""
 
 from __future__ import annotations
 
