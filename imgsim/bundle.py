@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from imgsim import atomic
 from imgsim.errors import ImgsimError
-from imgsim.index import DEFAULT_SEARCH_K, EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, IndexBundle
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, IndexBundle
 from imgsim.modelspec import MODEL_JSON, ONNX_FILE, WEIGHTS, ModelSpec, file_sha256
 
 if TYPE_CHECKING:  # torch is only needed to write a bundle or to serve with runtime="torch"
@@ -136,7 +136,8 @@ class ServingBundle:
         return {
             "format_version": FORMAT_VERSION,
             "model": {**self.source, "embedding_dim": self.spec.args.dim, "classes": self.spec.classes},
-            "index": {"dim": self.index.dim, "metric": self.index.metric, "n_trees": self.index.n_trees,
+            "index": {"backend": self.index.backend, "dim": self.index.dim, "metric": self.index.metric,
+                      "n_trees": self.index.n_trees,
                       "count": len(self.index.items), "next_id": self.index.next_id, "search_k": self.search_k,
                       "recall_at_10": self.index_recall},
             "gallery": self.lineage,
@@ -160,7 +161,8 @@ class ServingBundle:
             try:
                 spec, probes = ModelSpec.load(pinned), Probes.load(pinned / PROBES_FILE)
                 index = IndexBundle.load(pinned, n_trees=int(meta["index"]["n_trees"]),
-                                         next_id=int(meta["index"].get("next_id", -1)))
+                                         next_id=int(meta["index"].get("next_id", -1)),
+                                         backend=index_backend(meta))
                 source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
                 bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                              meta["index"].get("recall_at_10"), dict(meta["files"]),
@@ -207,14 +209,15 @@ class ServingBundle:
         if stored > PROBE_TOLERANCE:
             problems.append(f"{EMBEDDINGS_FILE} holds other vectors for the probe items (cosine distance up to "
                             f"{stored:.3g}): the embeddings come from another model")
-        # The Annoy file must hold the probes' recorded vectors, and the stored embeddings on a spread of rows.
-        annoy = lambda rows: np.asarray([self.index.annoy.get_item_vector(int(r)) for r in rows], dtype=np.float32)
+        # The index file must hold the probes' recorded vectors, and the stored embeddings on a spread of rows.
+        indexed_vectors = self.index.ann.vectors
         spread = np.linspace(0, len(self.index.items) - 1, 16).astype(np.int64)
-        indexed = max(_worst(cosine_distances(annoy(rows_in), recorded)),
-                      _worst(cosine_distances(annoy(spread), np.asarray(self.index.embeddings[spread]))))
+        indexed = max(_worst(cosine_distances(indexed_vectors(rows_in), recorded)),
+                      _worst(cosine_distances(indexed_vectors(spread), np.asarray(self.index.embeddings[spread]))))
         if indexed > PROBE_TOLERANCE:
             problems.append(f"{INDEX_FILE} holds other vectors for the probe items (cosine distance up to "
-                            f"{indexed:.3g}): the Annoy index was built from another model's embeddings")
+                            f"{indexed:.3g}): the {self.index.backend} index was built from another model's "
+                            "embeddings")
         sha = [s for s, keep in zip(self.probes.sha256, present) if keep]
         if [self.index.items[r].sha256 for r in rows_in] != sha:
             problems.append(f"{ITEMS_FILE} names other images for the probe ids: the item table belongs to "
@@ -267,6 +270,11 @@ def read_meta(folder: str | Path, name: str | Path | None = None) -> dict:
         raise BundleError(f"bundle {name} has format {found}, this imgsim reads format {FORMAT_VERSION} (with a "
                           "probe set and an ONNX export): run extract again with this version and export its bundle")
     return meta
+
+
+def index_backend(meta: dict) -> str:
+    """The index backend bundle.json names (bundles written before there was a choice hold an Annoy index)."""
+    return str(meta.get("index", {}).get("backend", ANNOY))
 
 
 def _check_files(folder: Path, meta: dict, name: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""The IndexBundle artifact: gallery embeddings, their items (stable ids), and the Annoy index over them."""
+"""The IndexBundle artifact: gallery embeddings, their items (stable ids), and the nearest-neighbour index over
+them, in one of the BACKENDS (Annoy by default; faiss's exact and HNSW indexes where faiss-cpu is installed)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,124 @@ from numpy.typing import NDArray
 from imgsim import atomic
 from imgsim.errors import ImgsimError
 
+# index.ann: the approximate-nearest-neighbour index in its backend's own format (bundle.json names the backend).
 INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE = "index.ann", "items.csv", "embeddings.npy"
+ANNOY, FAISS_FLAT, FAISS_HNSW = "annoy", "faiss-flat", "faiss-hnsw"
+BACKENDS = (ANNOY, FAISS_FLAT, FAISS_HNSW)
 ITEM_FIELDS = ("id", "path", "label", "split", "sha256", "phash")
 # Annoy nodes inspected per query: with extract's 20 trees, recall@10 0.994 at 6.7x exact single-query speed
 # on 60k items (bench/index_speed.py); 10 trees / 1250 is faster (8.5x) but only just reaches 0.99.
 # -1 would be Annoy's own default, n_trees * k, far less exact.
 DEFAULT_SEARCH_K = 1500
+# faiss-hnsw: 32 links per node, efConstruction 80; efSearch 32 is the smallest that reaches recall@10 0.99 on
+# the demo's own embeddings (0.997; faiss's default 16 gives 0.980) and on them tiled to 10^5 and 10^6 items
+# (bench/index_backends.py).
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 32
+
+
+def check_backend(name: str) -> None:
+    """A clear error for an index backend we do not build, or one whose package is not installed."""
+    if name not in BACKENDS:
+        raise ImgsimError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name != ANNOY:
+        _faiss(name)
+
+
+def _faiss(name: str):
+    try:
+        import faiss
+    except ImportError:
+        raise ImgsimError(f"index backend {name} needs faiss-cpu, which is not installed here: "
+                          "pip install faiss-cpu==1.15.1 (or use index=annoy)") from None
+    return faiss
+
+
+class AnnoyBackend:
+    """Annoy's random-projection forest over angular distance; the file is memory-mapped."""
+
+    name = ANNOY
+
+    def __init__(self, index: AnnoyIndex) -> None:
+        self.index = index
+
+    @classmethod
+    def build(cls, embeddings: NDArray[np.float32], *, n_trees: int, seed: int) -> "AnnoyBackend":
+        index = AnnoyIndex(embeddings.shape[1], "angular")
+        index.set_seed(seed)
+        for i, vector in enumerate(embeddings):
+            index.add_item(i, vector)
+        index.build(n_trees, n_jobs=-1)
+        return cls(index)
+
+    def __len__(self) -> int:
+        return self.index.get_n_items()
+
+    def search(self, vector: NDArray[np.float32], k: int, search_k: int) -> tuple[list[int], list[float]]:
+        return self.index.get_nns_by_vector(vector.tolist(), k, search_k=search_k, include_distances=True)
+
+    def vectors(self, rows: Sequence[int]) -> NDArray[np.float32]:
+        return np.asarray([self.index.get_item_vector(int(r)) for r in rows], dtype=np.float32).reshape(len(rows), -1)
+
+    def save(self, path: Path) -> None:
+        self.index.save(str(path))  # annoy re-opens the saved file; the mapping survives the rename
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> "AnnoyBackend":
+        index = AnnoyIndex(dim, "angular")
+        if not index.load(str(path)):  # mmap; prefault off so workers page in lazily
+            raise OSError(f"annoy could not load {path}")
+        return cls(index)
+
+
+class FaissBackend:
+    """faiss on inner product (cosine: the embeddings are unit vectors): ``faiss-flat`` searches exactly,
+    ``faiss-hnsw`` walks a graph (HNSW_* above). Distances are reported as Annoy's angular sqrt(2 - 2 cos), so
+    every backend answers alike."""
+
+    def __init__(self, name: str, index) -> None:
+        self.name, self.index = name, index
+
+    @classmethod
+    def build(cls, name: str, embeddings: NDArray[np.float32]) -> "FaissBackend":
+        faiss, dim = _faiss(name), embeddings.shape[1]
+        if name == FAISS_FLAT:
+            index = faiss.IndexFlatIP(dim)
+        else:
+            index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        return cls(name, index)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, vector: NDArray[np.float32], k: int, search_k: int) -> tuple[list[int], list[float]]:
+        sims, rows = self.index.search(np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1), k)
+        keep = rows[0] >= 0  # faiss pads with -1 when the gallery has fewer than k items
+        angular = np.sqrt(np.clip(2.0 - 2.0 * sims[0][keep], 0.0, 4.0))
+        return rows[0][keep].tolist(), angular.tolist()
+
+    def vectors(self, rows: Sequence[int]) -> NDArray[np.float32]:
+        return np.stack([self.index.reconstruct(int(r)) for r in rows]).astype(np.float32) if len(rows) else \
+            np.zeros((0, self.index.d), np.float32)
+
+    def save(self, path: Path) -> None:
+        _faiss(self.name).write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, name: str, path: Path) -> "FaissBackend":
+        faiss = _faiss(name)
+        try:  # memory-mapped, so server workers share its pages, where the index type allows it
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            index = faiss.read_index(str(path))
+        expected = faiss.IndexFlatIP if name == FAISS_FLAT else faiss.IndexHNSWFlat
+        if not isinstance(index, expected) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"{path.name} is a {type(index).__name__}, not the {name} index bundle.json names")
+        return cls(name, index)
+
+
+Backend = AnnoyBackend | FaissBackend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +150,14 @@ class GalleryItem:
 
 @dataclasses.dataclass
 class IndexBundle:
-    """Embeddings (N x D float32, L2-normalised), their items, and an angular Annoy index; row i of each is
-    the same image. Annoy ids are rows (dense: Annoy allocates up to the largest id), items carry stable ids."""
+    """Embeddings (N x D float32, L2-normalised), their items, and a nearest-neighbour index over them; row i of
+    each is the same image. The index's ids are rows (dense: Annoy allocates up to the largest id), items carry
+    stable ids. ``n_trees`` is Annoy's; the faiss backends keep their parameters in their file."""
 
     embeddings: NDArray[np.float32]
     items: list[GalleryItem]
     n_trees: int
-    annoy: AnnoyIndex
+    ann: Backend
     metric: str = "angular"
     next_id: int = -1  # the id the next added image gets; -1: one past the largest id in items
 
@@ -56,6 +170,10 @@ class IndexBundle:
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
 
+    @property
+    def backend(self) -> str:
+        return self.ann.name
+
     def row(self, item_id: int) -> int | None:
         """The row of the item with stable id ``item_id``, or None if this version does not hold it."""
         if self._rows is None:
@@ -64,31 +182,29 @@ class IndexBundle:
 
     @classmethod
     def build(cls, embeddings: NDArray[np.float32], items: Sequence[GalleryItem], *, n_trees: int = 50,
-              seed: int = 42, next_id: int = -1) -> "IndexBundle":
-        """Build the Annoy index; angular distance on unit vectors ranks exactly like cosine similarity."""
+              seed: int = 42, next_id: int = -1, backend: str = ANNOY) -> "IndexBundle":
+        """Build the index; angular distance on unit vectors ranks exactly like cosine similarity."""
+        check_backend(backend)
         if len(embeddings) != len(items) or len(items) == 0:
             raise ImgsimError(f"cannot index {len(embeddings)} embeddings for {len(items)} items; need a non-empty gallery")
         if n_trees < 1:
             raise ImgsimError(f"n_trees must be at least 1, got {n_trees}")
-        index = AnnoyIndex(embeddings.shape[1], "angular")
-        index.set_seed(seed)
-        for i, vector in enumerate(embeddings):
-            index.add_item(i, vector)
-        index.build(n_trees, n_jobs=-1)
-        return cls(np.ascontiguousarray(embeddings, dtype=np.float32), list(items), n_trees, index, next_id=next_id)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        ann = AnnoyBackend.build(embeddings, n_trees=n_trees, seed=seed) if backend == ANNOY else \
+            FaissBackend.build(backend, embeddings)
+        return cls(embeddings, list(items), n_trees, ann, next_id=next_id)
 
     def search(self, vector: NDArray[np.float32], k: int, search_k: int = -1) -> tuple[list[int], list[float]]:
         """Rows (not ids: see ``items[row].id``) and angular distances (sqrt(2 - 2 cos)) of the ``k`` nearest
-        gallery items."""
-        ids, dists = self.annoy.get_nns_by_vector(vector.tolist(), k, search_k=search_k, include_distances=True)
-        return ids, dists
+        gallery items; ``search_k`` is Annoy's search effort (faiss-hnsw's is in its file)."""
+        return self.ann.search(vector, k, search_k)
 
     def save(self, out_dir: str | Path) -> None:
         """Write the three files, each atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(out / INDEX_FILE) as tmp:
-            self.annoy.save(str(tmp))  # annoy re-opens the saved file; the mapping survives the rename
+            self.ann.save(tmp)
         with atomic.atomic_path(out / EMBEDDINGS_FILE) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, self.embeddings)
@@ -100,30 +216,28 @@ class IndexBundle:
                 writer.writerows((i.id, i.path, i.label, i.split, i.sha256, i.phash) for i in self.items)
 
     @classmethod
-    def load(cls, in_dir: str | Path, n_trees: int, next_id: int = -1) -> "IndexBundle":
-        """Open an index folder; the Annoy file is memory-mapped so server workers share its pages."""
+    def load(cls, in_dir: str | Path, n_trees: int, next_id: int = -1, backend: str = ANNOY) -> "IndexBundle":
+        """Open an index folder written by ``backend``; the index file is memory-mapped where the backend allows,
+        so server workers share its pages."""
         folder = Path(in_dir)
+        check_backend(backend)
         try:
             embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r")
             with open(folder / ITEMS_FILE, newline="") as f:
                 items = [GalleryItem(int(r["id"]), r["path"], r["label"], r["split"], r["sha256"], r.get("phash") or "")
                          for r in csv.DictReader(f)]
-            annoy = _load_annoy(folder / INDEX_FILE, int(embeddings.shape[1]))
-        except (OSError, KeyError, ValueError) as exc:
-            raise ImgsimError(f"cannot open the index in {folder}: {exc}; rebuild it with the extract stage") from None
-        if annoy.get_n_items() != len(items) or len(embeddings) != len(items):
-            raise ImgsimError(f"index in {folder} is inconsistent: {annoy.get_n_items()} indexed vectors, "
+            path = folder / INDEX_FILE
+            ann = AnnoyBackend.load(path, int(embeddings.shape[1])) if backend == ANNOY else \
+                FaissBackend.load(backend, path)
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise ImgsimError(f"cannot open the {backend} index in {folder}: {exc}; rebuild it with the extract "
+                              "stage") from None
+        if len(ann) != len(items) or len(embeddings) != len(items):
+            raise ImgsimError(f"index in {folder} is inconsistent: {len(ann)} indexed vectors, "
                               f"{len(embeddings)} embeddings, {len(items)} items; rebuild it with extract")
         if len({item.id for item in items}) != len(items):
             raise ImgsimError(f"index in {folder} is inconsistent: {ITEMS_FILE} repeats an id; rebuild it with extract")
-        return cls(embeddings, items, n_trees, annoy, next_id=next_id)
-
-
-def _load_annoy(path: Path, dim: int) -> AnnoyIndex:
-    index = AnnoyIndex(dim, "angular")
-    if not index.load(str(path)):  # mmap; prefault off so workers page in lazily
-        raise OSError(f"annoy could not load {path}")
-    return index
+        return cls(embeddings, items, n_trees, ann, next_id=next_id)
 
 
 def cosine_from_angular(distance: float) -> float:

@@ -10,6 +10,7 @@ import numpy as np
 import papermill
 import pytest
 
+from imgsim.index import BACKENDS
 from imgsim.runs.export import export_bundle
 from imgsim.serve.search import Searcher
 from tests.conftest import CLASSES, mlflow_store
@@ -42,8 +43,13 @@ def test_committed_without_outputs(name):
 
 
 def test_ann_vs_exact(fixture_bundle, pipeline_run, tmp_path):
-    rows = run("ann_vs_exact", tmp_path, bundle=str(fixture_bundle), gallery_root=str(pipeline_run["root"]),
-               n_trees=[1, 3], search_k=[-1, 2, 10, 50], queries=20, k=5)["rows"]
+    result = run("ann_vs_exact", tmp_path, bundle=str(fixture_bundle), gallery_root=str(pipeline_run["root"]),
+                 n_trees=[1, 3], search_k=[-1, 2, 10, 50], queries=20, k=5)
+    rows, backends = result["rows"], {r["backend"]: r for r in result["backends"]}
+    # Every backend on the same gallery; the fixture bundle's own (annoy) is marked; exact search is exact (but
+    # for the order of tied copies).
+    assert sorted(backends) == sorted(BACKENDS) and [b for b, r in backends.items() if r["bundle_backend"]] == ["annoy"]
+    assert backends["faiss-flat"]["recall_at_k"] > 0.98 and all(0 < r["recall_at_k"] <= 1 for r in backends.values())
     assert sum(r["bundle_setting"] for r in rows) == 1 and (tmp_path / "out" / "ann_vs_exact.png").stat().st_size
     for trees in {r["n_trees"] for r in rows}:
         line = sorted((r for r in rows if r["n_trees"] == trees),

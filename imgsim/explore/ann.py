@@ -1,4 +1,5 @@
-"""ann_vs_exact.ipynb: Annoy against exact search over a grid of n_trees and search_k."""
+"""ann_vs_exact.ipynb: Annoy against exact search over a grid of n_trees and search_k, and every index backend
+on the same gallery."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgsim.explore.gallery import Gallery
-from imgsim.index import INDEX_FILE, GalleryItem, IndexBundle
+from imgsim.index import ANNOY, BACKENDS, INDEX_FILE, GalleryItem, IndexBundle
 from imgsim.metrics import exact_topk, recall_at_k
 
 
@@ -31,6 +32,31 @@ def ann_grid(gallery: Gallery, n_trees: Sequence[int], search_k: Sequence[int], 
     return [row | {"speedup_vs_exact": row["qps"] / exact_qps,
                    "bundle_setting": row["n_trees"] == gallery.n_trees and row["search_k"] == gallery.search_k}
             for row in annoy_grid(vectors, picked, truth, grid, k, seed)]
+
+
+def backend_table(gallery: Gallery, queries: int = 500, k: int = 10, seed: int = 0) -> list[dict]:
+    """Every index backend built on the gallery's vectors at its default setting (Annoy: the bundle's n_trees
+    and search_k), with recall@k against exact search on gallery vectors as queries, single-query speed, build
+    seconds and file size; the bundle's own backend is marked."""
+    vectors = np.asarray(gallery.index.embeddings, dtype=np.float32)
+    picked = vectors[gallery.sample(queries, seed)]
+    truth = exact_topk(picked, vectors, k)
+    items = [GalleryItem(i, "", "", "", "") for i in range(len(vectors))]
+    rows = []
+    for backend in BACKENDS:
+        started = time.perf_counter()
+        index = IndexBundle.build(vectors, items, n_trees=gallery.n_trees, seed=seed, backend=backend)
+        build = time.perf_counter() - started
+        with tempfile.TemporaryDirectory() as tmp:
+            index.save(tmp)
+            size_mb = (Path(tmp) / INDEX_FILE).stat().st_size / 2**20
+        effort = gallery.search_k if backend == ANNOY else -1
+        started = time.perf_counter()
+        found = [index.search(q, k, effort)[0] for q in picked]
+        qps = len(picked) / (time.perf_counter() - started)
+        rows.append({"backend": backend, "recall_at_k": recall_at_k(found, truth, k), "qps": qps,
+                     "build_seconds": build, "index_mb": size_mb, "bundle_backend": backend == gallery.index.backend})
+    return rows
 
 
 def annoy_grid(vectors: NDArray[np.float32], queries: NDArray[np.float32], truth: NDArray[np.int64],

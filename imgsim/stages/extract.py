@@ -129,7 +129,7 @@ def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts:
     items = [GalleryItem(i, it.path, it.label, it.split, it.sha256, h)
              for i, (it, h) in enumerate(zip(gallery_items, hashes, strict=True))]
     started = time.perf_counter()
-    index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed)
+    index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed, backend=cfg.index)
     probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
     embed_seconds = sum(p.embed_seconds for p in parts)  # summed over shards: images per second of one process
     metrics = {"gallery_size": float(len(items)), "embed_images_per_second": len(items) / max(embed_seconds, 1e-9),

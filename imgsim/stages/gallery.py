@@ -81,7 +81,7 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
         return Change(parent, [], [], skipped, report, {})
     vectors = np.concatenate([np.asarray(parent.index.embeddings), embeddings])
     index = IndexBundle.build(vectors, parent.index.items + added, n_trees=parent.index.n_trees, seed=cfg.seed,
-                              next_id=first + len(added))
+                              next_id=first + len(added), backend=parent.index.backend)
     probes = _top_up(parent.probes, index, added, inputs[new_rows], embeddings)
     new = len(parent.index.items) + np.arange(len(added))
     return _finish(parent, index, probes, added, [], skipped, report, cfg.seed, new, root)
@@ -98,7 +98,8 @@ def remove_images(parent: ServingBundle, cfg: RemoveConfig) -> Change:
     removed = [parent.index.items[r] for r in rows]
     index = IndexBundle.build(np.asarray(parent.index.embeddings)[keep],
                               [item for item, k in zip(parent.index.items, keep) if k],
-                              n_trees=parent.index.n_trees, seed=cfg.seed, next_id=parent.index.next_id)
+                              n_trees=parent.index.n_trees, seed=cfg.seed, next_id=parent.index.next_id,
+                              backend=parent.index.backend)
     # Probes of removed images stay: they still prove the model; the index is checked on the others.
     return _finish(parent, index, parent.probes, [], removed, [], duplicates.DuplicateReport([], 0), cfg.seed,
                    np.zeros(0, dtype=np.int64), parent.lineage.get("root", ""))

@@ -9,7 +9,7 @@ from imgsim import duplicates
 from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
 from imgsim.config import setting
 from imgsim.images import DEFAULT_MAX_PIXELS
-from imgsim.index import DEFAULT_SEARCH_K
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, check_backend
 from imgsim.modelspec import AUTO, HEADS, MODES, check_backbone, resolve_augment
 
 SELECT_METRICS = ("auto", "map_at_r", "accuracy", "last")
@@ -117,6 +117,9 @@ class ExtractConfig:
     data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
     gallery_splits: str = setting("train", "comma-separated splits to index (the gallery)", "data")
     query_split: str = setting("test", "the split whose images query the gallery in the evaluation", "evaluation")
+    index: str = setting(ANNOY, "nearest-neighbour index: annoy (memory-mapped forest), faiss-flat (exact: "
+                         "every query scans the gallery), faiss-hnsw (graph: faster than annoy at the same recall, "
+                         "a larger file); faiss needs faiss-cpu", "index")
     n_trees: int = setting(20, "Annoy trees: more build a larger index with better recall", "index")
     search_k: int = setting(DEFAULT_SEARCH_K, "Annoy nodes inspected per query: more search slower with better "
                             "recall", "index")
@@ -144,6 +147,10 @@ class ExtractConfig:
                          "distributed")
     wait_s: float = setting(0.0, "with merge: wait up to this many seconds for shards still running",
                             "distributed")
+
+
+    def __post_init__(self) -> None:
+        check_backend(self.index)
 
 
 @dataclasses.dataclass(frozen=True)
