@@ -21,4 +21,5 @@ $PY -m bench.hostile_page                 # the search page under hostile client
 $PY -m bench.soak                         # 10 minutes of mixed good and bad traffic
 $PY -m bench.gallery                      # add/remove 1% of the gallery vs a full extract; duplicates (~10 min)
 $PY -m bench.scale                        # 1 vs 2 shard processes; index build at 10^5 and 10^6 (~5 min)
+$PY -m bench.index_backends               # annoy, faiss-flat, faiss-hnsw at 10^5 and 10^6 items (~10 min)
 $PY -m bench.report --write               # the results section of docs/benchmarks.md
