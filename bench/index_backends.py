@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.common import save, table
 from imgsim.index import ANNOY, BACKENDS, DEFAULT_SEARCH_K, FAISS_HNSW, HNSW_EF_SEARCH, INDEX_FILE, IndexBundle
-from imgsim.metrics import exact_topk
+from imgsim.metrics import exact_topk, recall_at_k
 
 K, N_QUERIES, N_TREES, NOISE = 10, 1000, 20, 0.01
 EF_SWEEP = (16, 32, 48, 64, 96, 128)
@@ -88,8 +88,7 @@ def timed_search(index: IndexBundle, queries: np.ndarray, search_k: int, threads
 
 
 def recall(index: IndexBundle, queries: np.ndarray, truth: np.ndarray, search_k: int) -> float:
-    found = [index.search(q, K, search_k)[0] for q in queries]
-    return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+    return recall_at_k([index.search(q, K, search_k)[0] for q in queries], truth, K)
 
 
 def main() -> None:

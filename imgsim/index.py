@@ -71,7 +71,7 @@ class AnnoyBackend:
         return self.index.get_nns_by_vector(vector.tolist(), k, search_k=search_k, include_distances=True)
 
     def vectors(self, rows: Sequence[int]) -> NDArray[np.float32]:
-        return np.asarray([self.index.get_item_vector(int(r)) for r in rows], dtype=np.float32).reshape(len(rows), -1)
+        return np.asarray([self.index.get_item_vector(int(r)) for r in rows], dtype=np.float32)
 
     def save(self, path: Path) -> None:
         self.index.save(str(path))  # annoy re-opens the saved file; the mapping survives the rename
@@ -113,8 +113,7 @@ class FaissBackend:
         return rows[0][keep].tolist(), angular.tolist()
 
     def vectors(self, rows: Sequence[int]) -> NDArray[np.float32]:
-        return np.stack([self.index.reconstruct(int(r)) for r in rows]).astype(np.float32) if len(rows) else \
-            np.zeros((0, self.index.d), np.float32)
+        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64)).astype(np.float32, copy=False)
 
     def save(self, path: Path) -> None:
         _faiss(self.name).write_index(self.index, str(path))

@@ -44,12 +44,7 @@ def backend_table(gallery: Gallery, queries: int = 500, k: int = 10, seed: int =
     items = [GalleryItem(i, "", "", "", "") for i in range(len(vectors))]
     rows = []
     for backend in BACKENDS:
-        started = time.perf_counter()
-        index = IndexBundle.build(vectors, items, n_trees=gallery.n_trees, seed=seed, backend=backend)
-        build = time.perf_counter() - started
-        with tempfile.TemporaryDirectory() as tmp:
-            index.save(tmp)
-            size_mb = (Path(tmp) / INDEX_FILE).stat().st_size / 2**20
+        index, build, size_mb = _timed_build(vectors, items, gallery.n_trees, seed, backend)
         effort = gallery.search_k if backend == ANNOY else -1
         started = time.perf_counter()
         found = [index.search(q, k, effort)[0] for q in picked]
@@ -66,12 +61,7 @@ def annoy_grid(vectors: NDArray[np.float32], queries: NDArray[np.float32], truth
     items = [GalleryItem(i, "", "", "", "") for i in range(len(vectors))]
     rows = []
     for trees, budgets in grid.items():
-        started = time.perf_counter()
-        index = IndexBundle.build(vectors, items, n_trees=trees, seed=seed)
-        build = time.perf_counter() - started
-        with tempfile.TemporaryDirectory() as tmp:
-            index.save(tmp)
-            size_mb = (Path(tmp) / INDEX_FILE).stat().st_size / 2**20
+        index, build, size_mb = _timed_build(vectors, items, trees, seed, ANNOY)
         for budget in budgets:
             started = time.perf_counter()
             found = [index.search(q, k, budget)[0] for q in queries]
@@ -79,6 +69,17 @@ def annoy_grid(vectors: NDArray[np.float32], queries: NDArray[np.float32], truth
             rows.append({"n_trees": trees, "search_k": budget, "recall_at_k": recall_at_k(found, truth, k),
                          "qps": qps, "build_seconds": build, "index_mb": size_mb})
     return rows
+
+
+def _timed_build(vectors: NDArray[np.float32], items: list[GalleryItem], n_trees: int, seed: int,
+                 backend: str) -> tuple[IndexBundle, float, float]:
+    """A fresh index, the seconds its build took, and its file's size in MB."""
+    started = time.perf_counter()
+    index = IndexBundle.build(vectors, items, n_trees=n_trees, seed=seed, backend=backend)
+    build = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        index.save(tmp)
+        return index, build, (Path(tmp) / INDEX_FILE).stat().st_size / 2**20
 
 
 def plot_ann_grid(rows: list[dict], out: Path | None = None):
