@@ -163,6 +163,29 @@ def test_the_query_client_gets_the_same_answer_over_rest_and_compact_grpc(server
     assert cli.stdout.count(gallery["item"].path) >= 2  # in the REST table and in the gRPC one
 
 
+def test_filtered_queries_over_rest_grpc_and_the_client_equal_in_process_search(server, gallery, tmp_path):
+    from imgsim.serve import client
+    from imgsim.serve.search import Filter
+    searcher, item = gallery["searcher"], gallery["item"]
+    other = sorted({i.label for i in searcher.index.items} - {item.label})[0]
+    where = Filter(frozenset([other]), frozenset([searcher.index.items[1].id]))
+    expected = [n.id for n in searcher.search_bytes([gallery["bytes"]], 4, where)[0].neighbours]
+    tags = {"labels": [other], "exclude_ids": [searcher.index.items[1].id]}
+    assert len(expected) == 4 and item.id not in expected
+    by_id = rest(server, {"jsonData": {"id": item.id, "k": 4, **tags}}).json()["jsonData"]
+    assert {n["label"] for n in by_id["results"][0]["neighbours"]} == {other} and len(ids(by_id)) == 4
+    assert ids(rest(server, {"binData": b64(gallery["bytes"]), "meta": {"tags": {"k": 4, **tags}}}).json()["jsonData"]) \
+        == expected
+    assert ids(client.query_rest(server.rest, gallery["bytes"], 4, tags)) == expected
+    assert ids(client.query_grpc(server.grpc, gallery["bytes"], 4, tags)) == expected
+    query = tmp_path / "query.png"
+    query.write_bytes(gallery["bytes"])
+    cli = subprocess.run([sys.executable, "-m", "imgsim.cli", "query", str(query), "--url", server.rest, "-k", "4",
+                          "--labels", other, "--exclude-ids", str(searcher.index.items[1].id)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and item.path not in cli.stdout and cli.stdout.count(f" {other} ") == 4, cli.stdout
+
+
 def test_answers_equal_in_process_search(server, gallery):
     searcher, root = gallery["searcher"], gallery["root"]
     for item in searcher.index.items[:5]:
@@ -206,6 +229,11 @@ BAD_REQUESTS = [
     ({"jsonData": {"path": "circle/notes.txt"}}, "not an image"),
     ({"jsonData": {"path": "circle/nope.png"}}, "does not exist"),
     ({"jsonData": {"image": "aGk=", "id": 1}}, "exactly one of"),
+    ({"jsonData": {"id": 0, "labels": "circle"}}, "'labels' must be a non-empty list of label strings"),
+    ({"jsonData": {"id": 0, "labels": ["hexagon"]}}, "unknown label(s) ['hexagon'] in 'labels'"),
+    ({"jsonData": {"id": 0, "exclude_ids": 3}}, "'exclude_ids' must be a list of gallery ids"),
+    ({"jsonData": {"id": 0, "exclude_ids": ["x"]}}, "exclude_ids[] must be an integer"),
+    ({"jsonData": {"id": 0, "exclude_ids": list(range(1001))}}, "at most 1000 per query"),
     ({"jsonData": [1, 2]}, "send an image as binData"),
     ({"strData": "hello"}, "send an image as binData"),
     ({"binData": 12}, "binData must be a base64 string"),

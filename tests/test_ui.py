@@ -107,6 +107,33 @@ def test_upload_shows_the_neighbours_imgsim_query_gets_then_more_like_this(brows
     browser.save_screenshot(str(OUTPUTS / "more-like-this.png"))
 
 
+def test_only_labels_filters_search_and_more_like_this_and_an_unknown_label_is_said(browser, ui, seldon, pipeline_run):
+    from selenium.webdriver.common.by import By
+
+    image = pipeline_run["root"] / "circle" / "000.png"
+    browser.get(ui)
+    _wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("ready"))
+    browser.find_element(By.ID, "labels").send_keys("square, stripes")
+    _upload(browser, image, 5)
+    _wait(browser, lambda d: len(_cards(d)) == 5)
+    tags = {"labels": ["square", "stripes"]}
+    expected = client.query_rest(seldon.rest, image.read_bytes(), 5, tags)["results"][0]["neighbours"]
+    assert [int(c.get_attribute("data-id")) for c in _cards(browser)] == [n["id"] for n in expected]
+    assert {n["label"] for n in expected} <= {"square", "stripes"}
+    clicked = int(_cards(browser)[1].get_attribute("data-id"))
+    _cards(browser)[1].click()
+    _wait(browser, lambda d: "more like" in d.find_element(By.ID, "query-title").text and _cards(d)
+          and int(_cards(d)[0].get_attribute("data-id")) == clicked)
+    by_id = requests.post(f"{seldon.rest}/api/v1.0/predictions", timeout=30,
+                          json={"jsonData": {"id": clicked, "k": 5, **tags}}).json()["jsonData"]["results"][0]
+    assert [int(c.get_attribute("data-id")) for c in _cards(browser)] == [n["id"] for n in by_id["neighbours"]]
+    browser.find_element(By.ID, "labels").clear()
+    browser.find_element(By.ID, "labels").send_keys("hexagon")
+    _upload(browser, pipeline_run["root"] / "circle" / "001.png", 5)  # another file: the same one fires no change
+    message = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#message.error").text)
+    assert "unknown label(s) ['hexagon']" in message
+
+
 def test_a_non_image_shows_the_server_s_message(browser, ui, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -79,8 +79,9 @@ def _query(ns):
     from imgsim.serve import client
     for image in ns.images:
         data = Path(image).read_bytes()
-        answers = [("REST", client.query_rest(ns.url, data, ns.k))] if ns.url else []
-        answers += [("gRPC", client.query_grpc(ns.grpc, data, ns.k))] if ns.grpc else []
+        where = client.filter_tags(ns.labels, ns.exclude_ids)
+        answers = [("REST", client.query_rest(ns.url, data, ns.k, where))] if ns.url else []
+        answers += [("gRPC", client.query_grpc(ns.grpc, data, ns.k, where))] if ns.grpc else []
         if not answers:
             raise ImgsimError("give --url http://HOST:9000 and/or --grpc HOST:5000")
         for protocol, answer in answers:
@@ -129,6 +130,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--url", help="REST endpoint, e.g. http://127.0.0.1:9000")
     p.add_argument("--grpc", help="gRPC endpoint, e.g. 127.0.0.1:5000")
     p.add_argument("-k", type=int, default=5, help="neighbours per image (default: %(default)s)")
+    p.add_argument("--labels", help="only neighbours with one of these labels, comma-separated")
+    p.add_argument("--exclude-ids", help="never these gallery ids, comma-separated")
     p.add_argument("--out", help="write a PNG of the query beside its neighbours")
     p.add_argument("--gallery-root", help="local copy of the gallery, to draw the neighbours in --out")
     p.set_defaults(fn=_query)

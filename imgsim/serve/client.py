@@ -43,11 +43,26 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): kill's answer stands
 
 
-def query_rest(url: str, image: bytes, k: int, timeout: float = 30.0) -> dict:
-    """POST the raw image as Seldon ``binData`` (multipart) with ``k`` in ``meta.tags``; returns jsonData."""
+def filter_tags(labels: str | None, exclude_ids: str | None) -> dict:
+    """The request tags of a filter given on the command line as comma-separated lists."""
+    tags: dict = {}
+    if labels:
+        tags["labels"] = [label.strip() for label in labels.split(",") if label.strip()]
+    if exclude_ids:
+        try:
+            tags["exclude_ids"] = [int(i) for i in exclude_ids.split(",") if i.strip()]
+        except ValueError:
+            raise ImgsimError(f"--exclude-ids must be comma-separated gallery ids, got {exclude_ids!r}") from None
+    return tags
+
+
+def query_rest(url: str, image: bytes, k: int, where: dict | None = None, timeout: float = 30.0) -> dict:
+    """POST the raw image as Seldon ``binData`` (multipart) with ``k`` (and a filter's ``labels`` /
+    ``exclude_ids``, see :func:`filter_tags`) in ``meta.tags``; returns jsonData."""
+    meta = json.dumps({"tags": {"k": k, **(where or {})}})
     try:
         response = requests.post(f"{url.rstrip('/')}/api/v1.0/predictions", timeout=timeout,
-                                 files={"binData": ("query", image)}, data={"meta": f'{{"tags": {{"k": {k}}}}}'})
+                                 files={"binData": ("query", image)}, data={"meta": meta})
     except requests.RequestException as exc:
         raise ImgsimError(f"cannot reach the server at {url}: {exc}") from None
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
@@ -57,7 +72,7 @@ def query_rest(url: str, image: bytes, k: int, timeout: float = 30.0) -> dict:
     return body["jsonData"]
 
 
-def query_grpc(address: str, image: bytes, k: int, timeout: float = 30.0) -> dict:
+def query_grpc(address: str, image: bytes, k: int, where: dict | None = None, timeout: float = 30.0) -> dict:
     """Call ``seldon.protos.Model/Predict`` with ``binData``, asking for the compact answer (a JSON string in
     strData, cheap to parse); returns the answer as jsonData would carry it."""
     import grpc
@@ -66,6 +81,8 @@ def query_grpc(address: str, image: bytes, k: int, timeout: float = 30.0) -> dic
     message = prediction_pb2.SeldonMessage(binData=image)
     message.meta.tags["k"].number_value = k
     message.meta.tags["format"].string_value = "compact"
+    for key, values in (where or {}).items():
+        message.meta.tags[key].list_value.extend(values)
     with grpc.insecure_channel(address) as channel:
         try:
             reply = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=timeout)

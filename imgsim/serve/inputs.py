@@ -7,9 +7,12 @@ import binascii
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgsim.errors import BadInput
+
+if TYPE_CHECKING:  # the page imports this module without the search stack
+    from imgsim.serve.search import Filter
 
 
 def read_gallery_file(gallery_root: str | Path, path: Any, max_bytes: int) -> bytes:
@@ -61,6 +64,24 @@ def integer(value: Any, name: str) -> int:
     if not isinstance(value, float) or not math.isfinite(value) or not value.is_integer():
         raise BadInput(f"{name} must be an integer, got {_short(value)}")
     return int(value)
+
+
+def filter_of(labels: Any, exclude_ids: Any, max_ids: int) -> Filter | None:
+    """A query's filter from its ``labels`` (a list of label strings) and ``exclude_ids`` (a list of gallery
+    ids), either absent; None when both are."""
+    from imgsim.serve.search import Filter
+
+    if labels is None and exclude_ids is None:
+        return None
+    if labels is not None and (not isinstance(labels, list) or not labels or
+                               not all(isinstance(label, str) for label in labels)):
+        raise BadInput(f"'labels' must be a non-empty list of label strings, got {_short(labels)}")
+    if exclude_ids is not None and not isinstance(exclude_ids, list):
+        raise BadInput(f"'exclude_ids' must be a list of gallery ids, got {_short(exclude_ids)}")
+    if exclude_ids is not None and len(exclude_ids) > max_ids:
+        raise BadInput(f"'exclude_ids' has {len(exclude_ids)} ids; at most {max_ids} per query")
+    return Filter(None if labels is None else frozenset(labels),
+                  frozenset(integer(i, "exclude_ids[]") for i in exclude_ids or []))
 
 
 def _short(value: Any, limit: int = 40) -> str:

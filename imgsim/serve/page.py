@@ -58,6 +58,7 @@ class UiConfig:
 
 ENV_PREFIX = "IMGSIM_UI_"
 SMALL_BODY = 64 * 1024  # every route but the upload: a JSON id, form fields
+MAX_LABELS_FIELD = 2000  # characters of the "only labels" field that are read
 SECURITY_HEADERS = {
     # Everything the page uses is its own (no inline script or style); the query preview is a blob: URL.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
@@ -115,7 +116,8 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
             return _error(400, f"{upload.filename or 'the file'} is empty")
         if len(data) > cfg.max_image_bytes:
             return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB")
-        return _relay(cfg, {"binData": base64.b64encode(data).decode(), "meta": {"tags": {"k": _k(cfg)}}})
+        tags = {"k": _k(cfg), **_labels(request.form.get("labels"))}
+        return _relay(cfg, {"binData": base64.b64encode(data).decode(), "meta": {"tags": tags}})
 
     @app.post("/api/more")
     def more():
@@ -124,7 +126,9 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
         item_id = body.get("id")
         if not isinstance(item_id, int) or isinstance(item_id, bool):
             return _error(400, "'id' must be a gallery id (an integer)")
-        return _relay(cfg, {"jsonData": {"id": item_id, "k": _k(cfg, body.get("k"))}})
+        labels = body.get("labels")
+        return _relay(cfg, {"jsonData": {"id": item_id, "k": _k(cfg, body.get("k")),
+                                         **_labels(labels if isinstance(labels, str) else None)}})
 
     @app.get("/thumb/<path:rel>")
     def thumb(rel: str):
@@ -152,6 +156,13 @@ def _k(cfg: UiConfig, raw=None) -> int:
         return max(1, min(cfg.max_k, int(raw)))
     except (TypeError, ValueError):
         return 5
+
+
+def _labels(raw: str | None) -> dict:
+    """The page's "only labels" field (comma-separated) as the server's ``labels`` filter; the server says
+    which label it does not know."""
+    labels = [label.strip() for label in (raw or "")[:MAX_LABELS_FIELD].split(",") if label.strip()]
+    return {"labels": labels} if labels else {}
 
 
 def _relay(cfg: UiConfig, body: dict):

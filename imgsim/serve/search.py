@@ -25,6 +25,23 @@ class Neighbour:
     score: float
 
 
+# Filtered queries: with at most this many admissible items, rank them exactly (a few ms at 128-d); with more,
+# ask the index for OVERFETCH x k candidates at a time (up to MAX_FETCH), then rank the admissible rest exactly.
+EXACT_FILTER_ITEMS, OVERFETCH, MAX_FETCH = 20_000, 4, 4096
+MAX_FILTER_IDS = 1000  # excluded ids per query
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    """What a query may return: items with one of ``labels`` (None: any), minus the ids in ``exclude_ids``."""
+
+    labels: frozenset[str] | None = None
+    exclude_ids: frozenset[int] = frozenset()
+
+    def admits(self, label: str, item_id: int) -> bool:
+        return (self.labels is None or label in self.labels) and item_id not in self.exclude_ids
+
+
 @dataclasses.dataclass(frozen=True)
 class QueryResult:
     """The neighbours of one query and the model's class prediction for it."""
@@ -48,6 +65,7 @@ class Searcher:
         self.preprocess = self.bundle.spec.preprocess
         self.classes = self.bundle.spec.classes
         self.search_k = search_k or self.bundle.search_k
+        self._rows_by_label: dict[str, np.ndarray] | None = None
 
     @property
     def version(self) -> str:
@@ -62,12 +80,12 @@ class Searcher:
         embedding, logits = self.bundle.engine(inputs)
         return embedding, _softmax(logits)
 
-    def search_bytes(self, payloads: Sequence[bytes], k: int) -> list[QueryResult]:
+    def search_bytes(self, payloads: Sequence[bytes], k: int, where: Filter | None = None) -> list[QueryResult]:
         """Top-``k`` neighbours of each image file's bytes."""
         embeddings, probs = self.embed_inputs(np.stack([self.preprocess.decode(data) for data in payloads]))
-        return [self.rank(e, p, k) for e, p in zip(embeddings, probs)]
+        return [self.rank(e, p, k, where) for e, p in zip(embeddings, probs)]
 
-    def search_id(self, item_id: int, k: int) -> QueryResult:
+    def search_id(self, item_id: int, k: int, where: Filter | None = None) -> QueryResult:
         """"More like this": neighbours of a gallery item (the item itself ranks first)."""
         row = self.index.row(item_id)
         if row is None:
@@ -76,11 +94,58 @@ class Searcher:
         label = self.index.items[row].label
         probs = np.eye(len(self.classes), dtype=np.float32)[self.classes.index(label)] \
             if label in self.classes else np.zeros(len(self.classes), dtype=np.float32)
-        return self.rank(np.asarray(self.index.embeddings[row]), probs, k)
+        return self.rank(np.asarray(self.index.embeddings[row]), probs, k, where)
 
-    def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int) -> QueryResult:
-        """The ``k`` nearest gallery items to one embedding, with the class prediction ``probs``."""
-        rows, dists = self.index.search(embedding, k, self.search_k)
+    def check_filter(self, where: Filter) -> None:
+        """A clear error for a filter that names a label this gallery does not hold."""
+        unknown = sorted(where.labels - self._label_rows().keys()) if where.labels is not None else []
+        if unknown:
+            known = sorted(self._label_rows())
+            raise BadInput(f"unknown label(s) {unknown[:5]} in 'labels'; this gallery holds {len(known)} labels: "
+                           f"{known[:20]}{' ...' if len(known) > 20 else ''}")
+
+    def _label_rows(self) -> dict[str, np.ndarray]:
+        if self._rows_by_label is None:
+            groups: dict[str, list[int]] = {}
+            for row, item in enumerate(self.index.items):
+                groups.setdefault(item.label, []).append(row)
+            self._rows_by_label = {label: np.asarray(rows, dtype=np.int64) for label, rows in groups.items()}
+        return self._rows_by_label
+
+    def nearest(self, embedding: np.ndarray, k: int, where: Filter | None = None) -> tuple[list[int], list[float]]:
+        """Rows and angular distances of the ``k`` nearest admissible items: as many as the gallery has when
+        fewer are admissible."""
+        if where is None or (where.labels is None and not where.exclude_ids):
+            return self.index.search(embedding, k, self.search_k)
+        items = self.index.items
+        if where.labels is not None:
+            candidates = np.concatenate([self._label_rows()[label] for label in sorted(where.labels)])
+            if len(candidates) <= EXACT_FILTER_ITEMS:
+                return self._exact(embedding, k, candidates, where)
+        fetch = k
+        while True:
+            fetch = min(self.size, fetch * OVERFETCH + len(where.exclude_ids))
+            # Annoy stops after search_k nodes: give it room for the larger answer (faiss-hnsw widens by itself).
+            rows, dists = self.index.search(embedding, fetch, max(self.search_k, fetch * self.index.n_trees))
+            kept = [(r, d) for r, d in zip(rows, dists) if where.admits(items[r].label, items[r].id)]
+            if len(kept) >= k or fetch >= self.size:
+                return [r for r, _ in kept[:k]], [d for _, d in kept[:k]]
+            if fetch >= MAX_FETCH:  # a filter that admits little of a large gallery: rank what it admits
+                everything = np.arange(self.size) if where.labels is None else candidates
+                return self._exact(embedding, k, everything, where)
+
+    def _exact(self, embedding: np.ndarray, k: int, rows: np.ndarray, where: Filter) -> tuple[list[int], list[float]]:
+        items = self.index.items
+        if where.exclude_ids:
+            rows = np.asarray([r for r in rows if items[r].id not in where.exclude_ids], dtype=np.int64)
+        sims = np.asarray(self.index.embeddings[rows]) @ embedding.astype(np.float32) if len(rows) else np.zeros(0)
+        top = np.argsort(-sims, kind="stable")[:k]
+        return rows[top].tolist(), np.sqrt(np.clip(2.0 - 2.0 * sims[top], 0.0, 4.0)).tolist()
+
+    def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int, where: Filter | None = None) -> QueryResult:
+        """The ``k`` nearest gallery items to one embedding (those ``where`` admits), with the class prediction
+        ``probs``."""
+        rows, dists = self.nearest(embedding, k, where)
         items = self.index.items
         neighbours = [Neighbour(rank + 1, items[r].id, items[r].path, items[r].label, float(d), cosine_from_angular(d))
                       for rank, (r, d) in enumerate(zip(rows, dists))]

@@ -16,7 +16,7 @@ import numpy as np
 from imgsim.bundle import BundleError
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.serve import inputs, process
-from imgsim.serve.search import Searcher, make_answer
+from imgsim.serve.search import MAX_FILTER_IDS, Filter, Searcher, make_answer
 from imgsim.serve.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class SimilarityService:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"), searcher.size)
+        where = self._filter(json_data if isinstance(json_data, dict) else {}, tags, searcher)
         if bin_data is not None:
             payloads: Iterable[bytes] = [bin_data]
         elif isinstance(json_data, dict):
@@ -208,7 +209,8 @@ class SimilarityService:
             if len(forms) != 1:
                 raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
             if forms == ["id"]:
-                return make_answer(searcher, [searcher.search_id(inputs.integer(json_data["id"], "id"), k)]), timings
+                return make_answer(searcher, [searcher.search_id(inputs.integer(json_data["id"], "id"), k, where)]), \
+                    timings
             payloads = self._json_payloads(json_data, forms[0])
         else:
             raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
@@ -218,7 +220,7 @@ class SimilarityService:
         embeddings, probs = searcher.embed_inputs(batch)
         timings["embed_ms"] = _ms_since(started)
         started = time.perf_counter()
-        results = [searcher.rank(e, p, k) for e, p in zip(embeddings, probs)]
+        results = [searcher.rank(e, p, k, where) for e, p in zip(embeddings, probs)]
         timings["search_ms"] = _ms_since(started)
         return make_answer(searcher, results), timings
 
@@ -250,6 +252,15 @@ class SimilarityService:
         if not self.cfg.gallery_root:
             raise BadInput("path queries are disabled on this server (no gallery_root configured); send the image bytes")
         return inputs.read_gallery_file(self.cfg.gallery_root, path, self.cfg.max_image_bytes)
+
+    @staticmethod
+    def _filter(json_data: dict, tags: dict, searcher: Searcher) -> Filter | None:
+        """``labels`` / ``exclude_ids`` from jsonData, else from meta.tags (how a binData query carries them)."""
+        source = json_data if "labels" in json_data or "exclude_ids" in json_data else tags
+        where = inputs.filter_of(source.get("labels"), source.get("exclude_ids"), MAX_FILTER_IDS)
+        if where is not None:
+            searcher.check_filter(where)
+        return where
 
     def _k(self, from_json: Any, from_tags: Any, size: int) -> int:
         raw = from_json if from_json is not None else from_tags

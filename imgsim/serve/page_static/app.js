@@ -77,13 +77,15 @@ async function search(file) {
   const form = new FormData();
   form.append("image", file);
   form.append("k", $("k").value);
+  form.append("labels", $("labels").value);
   const answer = await call("/api/search", {method: "POST", body: form});
   if (answer) show(answer, file.name, URL.createObjectURL(file));
 }
 
 async function more(neighbour, thumb) {
   const answer = await call("/api/more", {method: "POST", headers: {"Content-Type": "application/json"},
-                                          body: JSON.stringify({id: neighbour.id, k: Number($("k").value)})});
+                                          body: JSON.stringify({id: neighbour.id, k: Number($("k").value),
+                                                                labels: $("labels").value})});
   if (answer) show(answer, `more like ${neighbour.path}`, thumb);
 }
 
