@@ -24,10 +24,9 @@ from imgsim.serve.search import Filter, Searcher
 K, N_QUERIES = 10, 500
 
 
-def exact(searcher: Searcher, query: np.ndarray, where: Filter | None) -> list[int]:
-    """Brute force over the admissible items."""
-    labels = np.asarray([it.label for it in searcher.index.items])
-    ids = np.asarray([it.id for it in searcher.index.items])
+def exact(searcher: Searcher, query: np.ndarray, where: Filter | None, labels: np.ndarray,
+          ids: np.ndarray) -> list[int]:
+    """Brute force over the admissible items (``labels`` and ``ids``: every item's, as arrays)."""
     keep = np.ones(len(ids), dtype=bool)
     if where is not None and where.labels is not None:
         keep &= np.isin(labels, sorted(where.labels))
@@ -46,6 +45,9 @@ def main() -> None:
     vectors = np.asarray(searcher.index.embeddings)
     queries = np.random.default_rng(0).choice(len(vectors), N_QUERIES, replace=False)
     labels = sorted({item.label for item in searcher.index.items})
+    # The items stay the same under every backend: their labels and ids as arrays, for the brute force.
+    item_labels = np.asarray([item.label for item in searcher.index.items])
+    item_ids = np.asarray([item.id for item in searcher.index.items])
     rows, default_limit = [], search.EXACT_FILTER_ITEMS
     for backend in BACKENDS:
         searcher.index = IndexBundle.build(vectors, searcher.index.items, n_trees=searcher.index.n_trees,
@@ -54,7 +56,7 @@ def main() -> None:
         cases = {"none": lambda q: None, "1 label": lambda q: Filter(frozenset(labels[:1])),
                  "2 labels": lambda q: Filter(frozenset(labels[:2])),
                  "exclude its 10 nearest": lambda q: Filter(None, frozenset(
-                     searcher.index.items[r].id for r in exact(searcher, vectors[q], None)))}
+                     searcher.index.items[r].id for r in exact(searcher, vectors[q], None, item_labels, item_ids)))}
         for limit, path in ((default_limit, "default"), (0, "index only")):
             search.EXACT_FILTER_ITEMS = limit
             for name, make in cases.items():
@@ -66,7 +68,8 @@ def main() -> None:
                     started = time.perf_counter()
                     found.append(searcher.nearest(vectors[q], K, where)[0])
                     lat.append(time.perf_counter() - started)
-                truth = np.asarray([exact(searcher, vectors[q], where) for q, where in zip(queries, filters)])
+                truth = np.asarray([exact(searcher, vectors[q], where, item_labels, item_ids)
+                                    for q, where in zip(queries, filters)])
                 rows.append({"backend": backend, "filter": name, "path": path,
                              "recall_at_10": recall_at_k(found, truth, K),
                              "p50_ms": 1000 * float(np.percentile(lat, 50)),

@@ -109,8 +109,7 @@ class FaissBackend:
     def search(self, vector: NDArray[np.float32], k: int, search_k: int) -> tuple[list[int], list[float]]:
         sims, rows = self.index.search(np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1), k)
         keep = rows[0] >= 0  # faiss pads with -1 when the gallery has fewer than k items
-        angular = np.sqrt(np.clip(2.0 - 2.0 * sims[0][keep], 0.0, 4.0))
-        return rows[0][keep].tolist(), angular.tolist()
+        return rows[0][keep].tolist(), angular_from_cosine(sims[0][keep]).tolist()
 
     def vectors(self, rows: Sequence[int]) -> NDArray[np.float32]:
         return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64)).astype(np.float32, copy=False)
@@ -237,6 +236,11 @@ class IndexBundle:
         if len({item.id for item in items}) != len(items):
             raise ImgsimError(f"index in {folder} is inconsistent: {ITEMS_FILE} repeats an id; rebuild it with extract")
         return cls(embeddings, items, n_trees, ann, next_id=next_id)
+
+
+def angular_from_cosine(cosines: NDArray) -> NDArray:
+    """Annoy's angular distance sqrt(2 - 2 cos) from cosine similarities (clipped: float noise past +-1)."""
+    return np.sqrt(np.clip(2.0 - 2.0 * cosines, 0.0, 4.0))
 
 
 def cosine_from_angular(distance: float) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 
 from imgsim.bundle import ServingBundle
 from imgsim.errors import BadInput
-from imgsim.index import cosine_from_angular
+from imgsim.index import angular_from_cosine, cosine_from_angular
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ class Searcher:
             rows = np.asarray([r for r in rows if items[r].id not in where.exclude_ids], dtype=np.int64)
         sims = np.asarray(self.index.embeddings[rows]) @ embedding.astype(np.float32) if len(rows) else np.zeros(0)
         top = np.argsort(-sims, kind="stable")[:k]
-        return rows[top].tolist(), np.sqrt(np.clip(2.0 - 2.0 * sims[top], 0.0, 4.0)).tolist()
+        return rows[top].tolist(), angular_from_cosine(sims[top]).tolist()
 
     def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int, where: Filter | None = None) -> QueryResult:
         """The ``k`` nearest gallery items to one embedding (those ``where`` admits), with the class prediction
