@@ -65,7 +65,7 @@ CMD ["imgsim", "--help"]
 FROM runtime AS serve
 COPY --from=build-serve /opt/venv /opt/venv
 WORKDIR /app/model_server
-COPY model_server/ModelServer.py ./
+COPY model_server/*.py ./
 USER 8888:8888
 # REST, gRPC, Prometheus metrics (Seldon's python wrapper defaults).
 EXPOSE 9000 5000 6000

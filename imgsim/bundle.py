@@ -107,6 +107,9 @@ class ServingBundle:
     # bundle (None for extract's), and what the change added, removed and skipped.
     lineage: dict = dataclasses.field(default_factory=dict)  # stored as bundle.json's "gallery"
     version: str = ""  # the registry version it was fetched as, when it was (not stored in the bundle)
+    # One part of a sharded gallery (imgsim.sharded): its role (embedder or shard), index, the shard count and
+    # the whole gallery's identity; empty for a whole bundle. Stored as bundle.json's "shard".
+    shard: dict = dataclasses.field(default_factory=dict)
 
     def save(self, out_dir: str | Path, *, model_from: str | Path | None = None) -> Path:
         """Write the whole bundle into ``out_dir`` (the torch weights, their ONNX export checked against them,
@@ -141,6 +144,7 @@ class ServingBundle:
                       "count": len(self.index.items), "next_id": self.index.next_id, "search_k": self.search_k,
                       "recall_at_10": self.index_recall},
             "gallery": self.lineage,
+            **({"shard": self.shard} if self.shard else {}),
             "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
             "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
             "files": self.files,
@@ -166,7 +170,8 @@ class ServingBundle:
                 source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
                 bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                              meta["index"].get("recall_at_10"), dict(meta["files"]),
-                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"), lineage=dict(meta.get("gallery") or {}))
+                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"), lineage=dict(meta.get("gallery") or {}),
+                             shard=dict(meta.get("shard") or {}))
             except (KeyError, ValueError, TypeError) as exc:
                 raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
             try:
@@ -212,7 +217,8 @@ class ServingBundle:
         # The index file must hold the probes' recorded vectors, and the stored embeddings on a spread of rows.
         indexed_vectors = self.index.ann.vectors
         spread = np.linspace(0, len(self.index.items) - 1, 16).astype(np.int64)
-        indexed = max(_worst(cosine_distances(indexed_vectors(rows_in), recorded)),
+        # (A shard of a sharded gallery may hold none of the probe items: its spread rows still check it.)
+        indexed = max(_worst(cosine_distances(indexed_vectors(rows_in), recorded)) if len(rows_in) else 0.0,
                       _worst(cosine_distances(indexed_vectors(spread), np.asarray(self.index.embeddings[spread]))))
         if indexed > PROBE_TOLERANCE:
             problems.append(f"{INDEX_FILE} holds other vectors for the probe items (cosine distance up to "

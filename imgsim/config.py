@@ -20,7 +20,7 @@ C = TypeVar("C")
 GROUPS = ("data", "model", "optimisation", "augmentation", "selection", "index", "evaluation", "gallery",
           "compute", "tracking", "distributed",
           # the server's and the page's
-          "page", "loading", "answers", "limits")
+          "page", "loading", "answers", "limits", "graph")
 
 
 def setting(default: Any, help: str, group: str) -> Any:  # noqa: A002 - the word argparse uses

@@ -29,10 +29,13 @@ log = logging.getLogger(__name__)
 class ModelServer:
     """Top-k image similarity over Seldon's protocols; configuration only here, loading in ``load()``."""
 
+    service_class: type[SimilarityService] = SimilarityService
+    compact_answers = True  # meta.tags.format=compact may ask for the answer as a JSON string (see _compact)
+
     def __init__(self, **params: Any) -> None:
         """``params``: the SeldonDeployment graph's parameters, any of ServiceConfig's settings (checked there:
         an unknown name or a bad value stops the server with a message naming it)."""
-        self.service = SimilarityService(ServiceConfig.from_sources(**params))
+        self.service = self.service_class(ServiceConfig.from_sources(**params))
         _survive_sighup()
         self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes, self._live_metadata)
 
@@ -43,7 +46,7 @@ class ModelServer:
         is_proto = isinstance(request, prediction_pb2.SeldonMessage)
         try:
             json_data, bin_data, tags = _parse_proto(request) if is_proto else _parse_rest(request)
-            compact = _compact(tags)
+            compact = _compact(tags) and self.compact_answers
             answer, timings = self.service.handle(json_data, bin_data, tags)
         except BadInput as exc:
             self.service.rejected.add()
@@ -55,7 +58,8 @@ class ModelServer:
             raise SeldonMicroserviceException("internal error; see the server log", status_code=500,
                                               reason="INTERNAL_ERROR") from None
         metrics = self._request_metrics(answer, timings)
-        tags = {k: v for k, v in answer.items() if k != "results"}  # the version that answered, not the newest
+        # The version that answered (not the newest); a graph node's answer also holds its message's fields.
+        tags = {k: v for k, v in answer.items() if isinstance(v, str)}
         if is_proto:
             return _proto_answer(answer, tags, metrics, compact)
         payload = {"strData": json.dumps(answer)} if compact else {"jsonData": answer}

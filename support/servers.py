@@ -50,15 +50,16 @@ class Server:
 
 
 def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServer", wait_ready: bool = True,
-                 timeout: float = 120, cwd: Path = REPO / "model_server") -> Server:
-    """Start the wrapper with ``env`` added; wait until /health/ping answers (and /health/status is 200)."""
+                 timeout: float = 120, cwd: Path = REPO / "model_server", service_type: str = "MODEL") -> Server:
+    """Start the wrapper with ``env`` added as a ``service_type`` node (MODEL, TRANSFORMER, COMBINER); wait until
+    /health/ping answers (and /health/status is 200)."""
     rest, grpc_port, metrics = free_port(), free_port(), free_port()
     full_env = os.environ | {
         "PREDICTIVE_UNIT_HTTP_SERVICE_PORT": str(rest), "PREDICTIVE_UNIT_GRPC_SERVICE_PORT": str(grpc_port),
         "PREDICTIVE_UNIT_METRICS_SERVICE_PORT": str(metrics), "PYTHONPATH": str(REPO)} | env
     binary = Path(sys.executable).parent / "seldon-core-microservice"
     handle = open(log, "wb")
-    proc = subprocess.Popen([str(binary), interface, "--service-type", "MODEL"], cwd=cwd,
+    proc = subprocess.Popen([str(binary), interface, "--service-type", service_type], cwd=cwd,
                             env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
     deadline = time.monotonic() + timeout

@@ -24,6 +24,15 @@ def _export(ns):
     print(f"bundle written to {export_bundle(uri, ns.out)}")
 
 
+def _shard_bundle(ns):
+    from imgsim.sharded import shard_bundle
+    summary = shard_bundle(ns.bundle, ns.out, ns.shards)
+    print(f"sharded gallery {summary['gallery']} written to {summary['out']}: {summary['items']} images in "
+          f"{summary['shards']} shards of {min(summary['shard_items'])}-{max(summary['shard_items'])}, plus the "
+          f"embedder part ({summary['bytes'] / 1e6:.1f} MB). Serve it with the chart's serving.shards="
+          f"{summary['shards']} and model.uri pointing at that folder's copy in your store.")
+
+
 def _result(path: str):
     from imgsim.result import MainResult
     return MainResult.load(path)
@@ -103,6 +112,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--result", help="or the result file of `imgsim main --result-file`: its bundle")
     p.add_argument("--out", required=True, help="the folder to write the bundle into (replaced atomically)")
     p.set_defaults(fn=_export)
+    p = sub.add_parser("shard-bundle", help="cut a bundle into an embedder part and N index shards for the chart's "
+                       "serving.shards")
+    p.add_argument("bundle", help="the bundle folder (imgsim export)")
+    p.add_argument("--shards", type=int, required=True, help="how many index shards (2 or more); an image goes to "
+                   "shard id %% N")
+    p.add_argument("--out", required=True, help="the folder to write embedder/ and shard-<i>/ into (replaced "
+                   "atomically)")
+    p.set_defaults(fn=_shard_bundle)
     p = sub.add_parser("setup-tracking", help="create the local MLflow store and experiment (mlflow run needs it first)")
     p.set_defaults(fn=_setup_tracking)
     p = sub.add_parser("report", help="print the runs and metrics of a `main` result file")

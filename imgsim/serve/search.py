@@ -75,6 +75,11 @@ class Searcher:
     def size(self) -> int:
         return len(self.index.items)
 
+    @property
+    def gallery_size(self) -> int:
+        """Images in the whole gallery: this bundle's, or all shards' when it is one part of a sharded gallery."""
+        return int(self.bundle.shard.get("items", self.size))
+
     def embed_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and class probabilities for preprocessed uint8 inputs (N, C, H, W)."""
         embedding, logits = self.bundle.engine(inputs)
@@ -98,9 +103,11 @@ class Searcher:
 
     def check_filter(self, where: Filter) -> None:
         """A clear error for a filter that names a label this gallery does not hold."""
-        unknown = sorted(where.labels - self._label_rows().keys()) if where.labels is not None else []
+        # One part of a sharded gallery checks against the whole gallery's labels, which it records.
+        known = set(self.bundle.shard["labels"]) if "labels" in self.bundle.shard else self._label_rows().keys()
+        unknown = sorted(where.labels - known) if where.labels is not None else []
         if unknown:
-            known = sorted(self._label_rows())
+            known = sorted(known)
             raise BadInput(f"unknown label(s) {unknown[:5]} in 'labels'; this gallery holds {len(known)} labels: "
                            f"{known[:20]}{' ...' if len(known) > 20 else ''}")
 
@@ -119,7 +126,8 @@ class Searcher:
             return self.index.search(embedding, k, self.search_k)
         items = self.index.items
         if where.labels is not None:
-            candidates = np.concatenate([self._label_rows()[label] for label in sorted(where.labels)])
+            none = np.zeros(0, dtype=np.int64)  # a shard may hold no item of a label the gallery has
+            candidates = np.concatenate([self._label_rows().get(label, none) for label in sorted(where.labels)])
             if len(candidates) <= EXACT_FILTER_ITEMS:
                 return self._exact(embedding, k, candidates, where)
         fetch = k

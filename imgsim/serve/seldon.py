@@ -43,21 +43,26 @@ def grpc_status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 def _install_grpc_status_mapping() -> None:
-    """seldon-core 1.18's gRPC servicer lets every exception become UNKNOWN; map ours to proper status codes."""
+    """seldon-core 1.18's gRPC servicer lets every exception become UNKNOWN; map ours to proper status codes, for
+    a model's Predict and for a sharded graph's TransformInput (embedder) and Aggregate (merger)."""
     servicer = seldon_wrapper.SeldonModelGRPC
-    if getattr(servicer.Predict, "_imgsim", False):
-        return
-    original = servicer.Predict
+    for name in ("Predict", "TransformInput", "Aggregate"):
+        original = getattr(servicer, name)
+        if not getattr(original, "_imgsim", False):
+            setattr(servicer, name, _with_status(original))
 
-    def predict(self, request_grpc, context):
+
+def _with_status(original):
+    def call(self, request_grpc, context):
         try:
             return original(self, request_grpc, context)
         except Exception as exc:  # noqa: BLE001 - every failure gets a status; none leaks a trace
             code, message = grpc_status_for(exc)
             context.abort(code, message)
 
-    predict._imgsim = True
-    servicer.Predict = predict
+    call._imgsim = True
+    call.__name__ = original.__name__
+    return call
 
 
 def _install_live_grpc_metadata() -> None:

@@ -150,6 +150,7 @@ class SimilarityService:
             process.keep_logging()
             searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
                                 version=version)
+            self.accept(searcher, uri)
         except Exception as exc:  # noqa: BLE001 - stay up and report not-ready rather than crash-loop the worker
             if download is not None:  # each retry downloads afresh: a failed one must not pile up on disk
                 shutil.rmtree(download, ignore_errors=True)
@@ -195,26 +196,13 @@ class SimilarityService:
 
     def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
         """Answer one request; returns (answer, timings in ms). Raises ``BadInput`` for client errors."""
-        searcher = self.searcher  # this request's gallery version, even if a refresh switches meanwhile
-        if not searcher:
-            raise ImgsimError(f"not ready: {self.load_error or 'still loading'}")
+        searcher = self.serving()
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"), searcher.size)
-        where = self._filter(json_data if isinstance(json_data, dict) else {}, tags, searcher)
-        if bin_data is not None:
-            payloads: Iterable[bytes] = [bin_data]
-        elif isinstance(json_data, dict):
-            forms = [key for key in ("image", "images", "path", "id") if key in json_data]
-            if len(forms) != 1:
-                raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
-            if forms == ["id"]:
-                return make_answer(searcher, [searcher.search_id(inputs.integer(json_data["id"], "id"), k, where)]), \
-                    timings
-            payloads = self._json_payloads(json_data, forms[0])
-        else:
-            raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
-        batch = self._preprocess(payloads, searcher)
+        k, where, query = self.parse(json_data, bin_data, tags, searcher)
+        if isinstance(query, int):
+            return make_answer(searcher, [searcher.search_id(query, k, where)]), timings
+        batch = self._preprocess(query, searcher)
         timings["decode_ms"] = _ms_since(started)
         started = time.perf_counter()
         embeddings, probs = searcher.embed_inputs(batch)
@@ -223,6 +211,32 @@ class SimilarityService:
         results = [searcher.rank(e, p, k, where) for e, p in zip(embeddings, probs)]
         timings["search_ms"] = _ms_since(started)
         return make_answer(searcher, results), timings
+
+    def serving(self) -> Searcher:
+        """The version this request is answered from, even if a refresh switches meanwhile."""
+        searcher = self.searcher
+        if not searcher:
+            raise ImgsimError(f"not ready: {self.load_error or 'still loading'}")
+        return searcher
+
+    def parse(self, json_data: Any, bin_data: bytes | None, tags: dict,
+              searcher: Searcher) -> tuple[int, Filter | None, Iterable[bytes] | int]:
+        """A query's k, filter, and images (the encoded bytes, read lazily) or the gallery id it names."""
+        k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"), searcher.gallery_size)
+        where = self._filter(json_data if isinstance(json_data, dict) else {}, tags, searcher)
+        if bin_data is not None:
+            return k, where, [bin_data]
+        if not isinstance(json_data, dict):
+            raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
+        forms = [key for key in ("image", "images", "path", "id") if key in json_data]
+        if len(forms) != 1:
+            raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
+        if forms == ["id"]:
+            return k, where, inputs.integer(json_data["id"], "id")
+        return k, where, self._json_payloads(json_data, forms[0])
+
+    def accept(self, searcher: Searcher, where: str) -> None:
+        """Raise ``BundleError`` if this server must not serve the loaded bundle (a graph node's wrong part)."""
 
     def _json_payloads(self, data: dict, form: str) -> Iterable[bytes]:
         if form == "image":

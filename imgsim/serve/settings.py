@@ -11,6 +11,7 @@ from imgsim.bundle import RUNTIMES
 from imgsim.config import setting
 from imgsim.errors import ImgsimError
 from imgsim.images import SERVING_MAX_PIXELS
+from imgsim.sharded import MAX_SHARDS
 
 ENV_PREFIX = "IMGSIM_"
 
@@ -45,12 +46,18 @@ class ServiceConfig:
     load_backoff_max_s: float = setting(60.0, "longest wait between load attempts", "loading")
     poll_interval_s: float = setting(30.0, "how often to look for a newer gallery (the version an alias names, or a "
                                      "replaced bundle folder); 0: only on SIGHUP", "loading")
+    shards: int = setting(0, "a node of a sharded gallery's Seldon graph: how many index shards the gallery has "
+                          "(0: this server serves a whole bundle)", "graph")
+    shard: int = setting(0, "an index-shard node: which shard it serves, 0 .. shards - 1", "graph")
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_k <= self.max_k:
             raise ImgsimError(f"need 1 <= default_k <= max_k, got default_k={self.default_k}, max_k={self.max_k}")
         if self.runtime not in RUNTIMES:
             raise ImgsimError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.shards and not (2 <= self.shards <= MAX_SHARDS and 0 <= self.shard < self.shards):
+            raise ImgsimError(f"need 2 <= shards <= {MAX_SHARDS} and 0 <= shard < shards, got shards={self.shards}, "
+                              f"shard={self.shard}")
         small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and getattr(self, f.name) < 1]
         if small or self.threads < 1:
             raise ImgsimError(f"{', '.join(small or ['threads'])} must be at least 1")

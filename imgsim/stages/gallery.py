@@ -50,6 +50,7 @@ def split_list(text: str) -> list[str]:
 def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = None) -> Change:
     """Embed only the new images, skip copies, and build the next version's index from the stored vectors.
     Every file is checked before anything is built: one bad file fails the whole change, naming it."""
+    _whole(parent)
     root = intake.image_root(parent, cfg.root)
     found, left_out = intake.list_inputs(files if files is not None else split_list(cfg.paths), cfg.folder, root)
     inputs, sha, errors = intake.read_all(parent, found, cfg.max_pixels)
@@ -89,6 +90,7 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
 
 def remove_images(parent: ServingBundle, cfg: RemoveConfig) -> Change:
     """Drop items by id or path; the ids of what remains do not change, and a removed id is never reused."""
+    _whole(parent)
     rows = _rows_to_remove(parent.index, split_list(cfg.ids), split_list(cfg.paths))
     if len(rows) == len(parent.index.items):
         raise ImgsimError(f"removing all {len(rows)} images would leave an empty gallery; a gallery needs at least "
@@ -103,6 +105,12 @@ def remove_images(parent: ServingBundle, cfg: RemoveConfig) -> Change:
     # Probes of removed images stay: they still prove the model; the index is checked on the others.
     return _finish(parent, index, parent.probes, [], removed, [], duplicates.DuplicateReport([], 0), cfg.seed,
                    np.zeros(0, dtype=np.int64), parent.lineage.get("root", ""))
+
+
+def _whole(parent: ServingBundle) -> None:
+    if parent.shard:
+        raise ImgsimError("this bundle is one part of a sharded gallery: change the whole gallery's bundle, then "
+                          "shard the new version again (imgsim shard-bundle)")
 
 
 def _finish(parent: ServingBundle, index: IndexBundle, probes: Probes, added: list[GalleryItem],
