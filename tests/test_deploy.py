@@ -19,6 +19,7 @@ from seldon_core import microservice
 from seldon_core.wrapper import get_rest_microservice
 
 from imgsim.cli import build_parser
+from imgsim.serve.graph import EmbedService, ShardService
 from imgsim.serve.settings import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ VARIANTS = {
     "training-operator": {"training": {"enabled": True, "nodes": 2, "gpus": 4, "manifestUri": "runs:/0123abcd/split",
                                        "checkpointClaim": "imgsim-checkpoints"}, "trainingOperator": {"enabled": True}},
     "ui": {"ui": {"enabled": True, "galleryClaim": "imgsim-data"}},
+    "sharded-serving": {"serving": {"shards": 3}, "networkPolicy": {"enabled": True}},
     "every-component-locked-down": {
         "ui": {"enabled": True, "galleryClaim": "imgsim-data"}, "networkPolicy": {"enabled": True},
         "training": {"enabled": True, "nodes": 2, "manifestUri": "runs:/0123abcd/split",
@@ -198,11 +200,51 @@ def _container(values: dict) -> dict:
     return container
 
 
+def _nodes(graph: dict) -> list[dict]:
+    return [graph, *(node for child in graph.get("children", []) for node in _nodes(child))]
+
+
 def test_graph_node_name_equals_its_container_name():
     for values in VARIANTS.values():
         predictor = _predictor(values)
-        assert predictor["graph"]["name"] == _container(values)["name"]
-        assert predictor["graph"]["type"] == "MODEL"
+        containers = [c["name"] for spec in predictor["componentSpecs"] for c in spec["spec"]["containers"]]
+        assert sorted(node["name"] for node in _nodes(predictor["graph"])) == sorted(containers)
+        assert predictor["graph"]["name"] == _container(values)["name"]  # the executor runs beside the first
+        assert predictor["graph"]["type"] == ("TRANSFORMER" if values.get("serving", {}).get("shards") else "MODEL")
+
+
+def test_a_sharded_gallery_renders_seldon_s_graph_one_component_per_node():
+    predictor = _predictor({"serving": {"shards": 3}})
+    embedder = predictor["graph"]
+    (merger,) = embedder["children"]
+    assert (embedder["name"], embedder["type"], merger["name"], merger["type"]) == \
+        ("embedder", "TRANSFORMER", "merger", "COMBINER")
+    assert [(n["name"], n["type"]) for n in merger["children"]] == [(f"shard-{i}", "MODEL") for i in range(3)]
+    assert embedder["modelUri"] == "s3://my-imgsim-bucket/bundles/v1/embedder" and "modelUri" not in merger
+    assert [n["modelUri"] for n in merger["children"]] == [f"s3://my-imgsim-bucket/bundles/v1/shard-{i}" for i in range(3)]
+    casts = {"INT": int, "FLOAT": float, "STRING": str}
+    interfaces = {"TRANSFORMER": ("Embedder", EmbedService), "COMBINER": ("ShardMerger", None),
+                  "MODEL": ("IndexShard", ShardService)}
+    specs = {spec["spec"]["containers"][0]["name"]: spec for spec in predictor["componentSpecs"]}
+    for node in _nodes(embedder):
+        spec = specs[node["name"]]
+        (container,) = spec["spec"]["containers"]
+        interface, service = interfaces[node["type"]]
+        # Each node's container runs the wrapper class of its type, which model_server/ holds.
+        assert container["command"] == ["seldon-core-microservice", interface, "--service-type", node["type"]]
+        source = (REPO / "model_server" / f"{interface}.py").read_text()
+        assert f"class {interface}" in source and (service is None or service.__name__ in source)
+        # Ports declared, so the operator does not number them across the graph: the probes' 9000 is right.
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 9000, "grpc": 9500,
+                                                                               "metrics": 6000}
+        assert "hpaSpec" in spec and "pdbSpec" in spec  # each node scales on its own
+        params = {p["name"]: casts[p["type"]](p["value"]) for p in node["parameters"]}
+        cfg = ServiceConfig.from_sources(**params)  # what the wrapper class validates at start
+        assert cfg.shards == 3 and cfg.shard == (int(node["name"][6:]) if node["type"] == "MODEL" else 0)
+    assert specs["shard-0"]["hpaSpec"]["maxReplicas"] == 6 and specs["merger"]["spec"]["containers"][0][
+        "resources"]["requests"]["memory"] == "256Mi"
+    fixed = _predictor({"serving": {"shards": 2}, "autoscaling": {"enabled": False}, "replicas": 3})
+    assert fixed["replicas"] == 3 and not any("hpaSpec" in spec for spec in fixed["componentSpecs"])
 
 
 def test_probes_use_the_wrappers_real_paths_and_port():
@@ -279,6 +321,15 @@ def test_network_policy_keeps_metrics_internal():
     assert {p["port"] for p in open_rule["ports"]} == {8000, 5001} and "from" not in open_rule
     assert metrics_rule["ports"] == [{"port": 6000, "protocol": "TCP"}] and metrics_rule["from"]
     assert not of_kind(render({}), "NetworkPolicy")
+    # A sharded graph: the nodes' own ports open to the executor's pods (the embedder's) only.
+    docs = render(VARIANTS["sharded-serving"])
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    _, graph_rule, _ = policy["spec"]["ingress"]
+    assert {p["port"] for p in graph_rule["ports"]} == {9000, 9500}
+    pods = {spec["metadata"]["labels"]["imgsim.io/graph-node"]: spec["metadata"]["labels"]
+            for spec in of_kind(docs, "SeldonDeployment")[0]["spec"]["predictors"][0]["componentSpecs"]}
+    assert all(_selects(policy["spec"]["podSelector"], labels) for labels in pods.values())
+    assert [n for n, labels in pods.items() if _selects(graph_rule["from"][0]["podSelector"], labels)] == ["embedder"]
 
 
 def _selects(selector: dict, labels: dict) -> bool:

@@ -155,3 +155,128 @@ tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* One componentSpec of the SeldonDeployment: the pods of one graph node. dict: root, name (the node's and
+its container's), resources, minReplicas, maxReplicas; interface and type for a node of a sharded graph (its
+container then runs that wrapper class and declares the ports Seldon would otherwise number across the graph). */}}
+{{- define "imgsim.component" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+- metadata:
+    labels:
+      {{- include "imgsim.labels" $root | nindent 6 }}
+      app.kubernetes.io/component: server
+      imgsim.io/graph-node: {{ .name }}
+    {{- with $v.podAnnotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  {{- if $v.autoscaling.enabled }}
+  hpaSpec:
+    minReplicas: {{ .minReplicas }}
+    maxReplicas: {{ .maxReplicas }}
+    metricsv2:
+      - type: Resource
+        resource:
+          name: cpu
+          target:
+            type: Utilization
+            averageUtilization: {{ $v.autoscaling.targetCPUUtilizationPercentage }}
+  {{- end }}
+  {{- if $v.podDisruptionBudget.enabled }}
+  pdbSpec:
+    minAvailable: {{ $v.podDisruptionBudget.minAvailable }}
+  {{- end }}
+  spec:
+    serviceAccountName: {{ include "imgsim.serviceAccountName" $root }}
+    automountServiceAccountToken: false  # the server never calls the Kubernetes API
+    terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+    securityContext:
+      {{- include "imgsim.podSecurityContext" $root | nindent 6 }}
+    {{- with $v.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: {{ .name }}
+        image: {{ include "imgsim.image" (merge (dict "appVersion" $root.Chart.AppVersion) $v.image) }}
+        imagePullPolicy: {{ $v.image.pullPolicy }}
+        {{- if .interface }}
+        command: ["seldon-core-microservice", {{ .interface | quote }}, "--service-type", {{ .type | quote }}]
+        ports:
+          - {name: http, containerPort: 9000, protocol: TCP}
+          - {name: grpc, containerPort: 9500, protocol: TCP}
+          - {name: metrics, containerPort: 6000, protocol: TCP}
+        {{- end }}
+        env:
+          - name: GUNICORN_WORKERS
+            value: {{ $v.server.gunicornWorkers | int64 | quote }}
+          - name: GUNICORN_THREADS
+            value: {{ $v.server.gunicornThreads | int64 | quote }}
+          - name: GRPC_WORKERS
+            value: {{ $v.server.grpcWorkers | int64 | quote }}
+          - name: OMP_NUM_THREADS
+            value: {{ $v.server.threads | int64 | quote }}
+        resources:
+          {{- toYaml .resources | nindent 10 }}
+        securityContext:
+          {{- include "imgsim.containerSecurityContext" $root | nindent 10 }}
+        startupProbe:
+          httpGet: {path: /health/ping, port: 9000}
+          periodSeconds: {{ $v.probes.startup.periodSeconds }}
+          failureThreshold: {{ $v.probes.startup.failureThreshold }}
+        readinessProbe:
+          httpGet: {path: /health/status, port: 9000}
+          periodSeconds: {{ $v.probes.readiness.periodSeconds }}
+          timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
+          failureThreshold: {{ $v.probes.readiness.failureThreshold }}
+        livenessProbe:
+          httpGet: {path: /health/ping, port: 9000}
+          periodSeconds: {{ $v.probes.liveness.periodSeconds }}
+          timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
+          failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+        volumeMounts:
+          - name: tmp
+            mountPath: /tmp
+    volumes:
+      - name: tmp
+        emptyDir:
+          sizeLimit: 1Gi
+{{- end }}
+
+{{/* How Seldon's storage initializer reads model.uri: a secret's credentials, or the service account's role. */}}
+{{- define "imgsim.modelStorage" -}}
+{{- if .Values.model.envSecretRefName }}
+envSecretRefName: {{ .Values.model.envSecretRefName }}
+{{- else }}
+serviceAccountName: {{ include "imgsim.serviceAccountName" . }}
+{{- end }}
+{{- end }}
+
+{{/* The server's graph parameters (ServiceConfig's settings), for a whole bundle and for a sharded graph's nodes. */}}
+{{- define "imgsim.serverParameters" -}}
+- {name: model_uri, type: STRING, value: /mnt/models}
+- {name: default_k, type: INT, value: {{ .Values.model.defaultK | int64 | quote }}}
+- {name: max_k, type: INT, value: {{ .Values.model.maxK | int64 | quote }}}
+- {name: search_k, type: INT, value: {{ .Values.model.searchK | int64 | quote }}}
+- {name: runtime, type: STRING, value: {{ .Values.server.runtime | quote }}}
+- {name: threads, type: INT, value: {{ .Values.server.threads | int64 | quote }}}
+- {name: max_request_bytes, type: INT, value: {{ .Values.server.maxRequestBytes | int64 | quote }}}
+- {name: max_image_bytes, type: INT, value: {{ .Values.server.maxImageBytes | int64 | quote }}}
+- {name: max_pixels, type: INT, value: {{ .Values.server.maxPixels | int64 | quote }}}
+- {name: max_request_pixels, type: INT, value: {{ .Values.server.maxRequestPixels | int64 | quote }}}
+- {name: max_concurrent_decodes, type: INT, value: {{ .Values.server.maxConcurrentDecodes | int64 | quote }}}
+- {name: poll_interval_s, type: FLOAT, value: {{ .Values.server.pollIntervalS | float64 | quote }}}
+{{- end }}
