@@ -91,6 +91,7 @@ def section() -> str:
     parts += page_sections()
     parts += index_backend_sections()
     parts += filter_sections()
+    parts += shard_sections()
     return "\n".join(parts)
 
 
@@ -151,6 +152,21 @@ def filter_sections() -> list[str]:
             "a label filter's items exactly (it admits at most 20,000 here), `index only` forces the over-fetch "
             "path (4× k candidates at a time) the default takes for larger label sets; `python -m bench.filters`:\n",
             table(f["rows"], ["backend", "filter", "path", "recall_at_10", "p50_ms", "p99_ms"]) + "\n"]
+
+
+def shard_sections() -> list[str]:
+    """A sharded gallery against the whole one per backend: recall, the critical path, what shard-bundle writes."""
+    sh = load("shards")
+    if not sh:
+        return []
+    columns = ["backend", "shards", "recall whole", "recall sharded", "p50 ms whole", "p50 ms slowest shard",
+               "p50 ms merge", "shard-bundle s", "MB written", "whole bundle MB"]
+    return [f"**17. Sharded gallery** — the demo bundle ({sh['gallery']:,} items) indexed whole and cut into shards by "
+            f"`imgsim shard-bundle`; {sh['queries']:,} gallery vectors as queries (each query's own item left out), "
+            "k = 10, recall@10 against brute force (faiss-flat's shortfall from 1 is ties between duplicate images); "
+            "the sharded answer is each shard's top k merged by the graph's COMBINER code; latency in-process, the "
+            "slowest shard being the critical path of the graph's parallel fan-out; `python -m bench.shards`:\n",
+            table(sh["rows"], columns) + "\n"]
 
 
 def scale_sections() -> list[str]:

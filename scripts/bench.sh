@@ -23,4 +23,5 @@ $PY -m bench.gallery                      # add/remove 1% of the gallery vs a fu
 $PY -m bench.scale                        # 1 vs 2 shard processes; index build at 10^5 and 10^6 (~5 min)
 $PY -m bench.index_backends               # annoy, faiss-flat, faiss-hnsw at 10^5 and 10^6 items (~10 min)
 $PY -m bench.filters                      # label / excluded-id filters per backend (~1 min)
+$PY -m bench.shards                       # a sharded gallery vs the whole one, per backend (~1 min)
 $PY -m bench.report --write               # the results section of docs/benchmarks.md
