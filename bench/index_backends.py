@@ -1,4 +1,4 @@
-"""Index backends side by side: Annoy, faiss exact (flat) and faiss HNSW on real demo embeddings.
+"""Index backends side by side: Annoy, faiss exact (flat), faiss HNSW and faiss IVF on real demo embeddings.
 
 python -m bench.index_backends [--bundle bundles/demo] [--sizes real,100000,1000000]   (after `make demo`)
 
@@ -10,7 +10,7 @@ to that many items; 1,000 other noisy copies are the queries. Per backend at its
 p50/p99 and queries/second from 1 and 4 client threads (every backend searches one query on one core: faiss's
 OpenMP is set to 1 thread), build seconds on all cores, index bytes per item and the build's peak memory (a fresh process per
 build, its peak RSS minus its RSS before loading the vectors). An efSearch sweep at each size shows how
-HNSW_EF_SEARCH was chosen: the smallest effort with recall@10 >= 0.99 at every size.
+HNSW_EF_SEARCH was chosen: the smallest effort with recall@10 >= 0.99 at every size; an nprobe sweep, IVF_NPROBE.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import save, table
-from imgsim.index import ANNOY, BACKENDS, DEFAULT_SEARCH_K, FAISS_HNSW, HNSW_EF_SEARCH, INDEX_FILE, IndexBundle
+from imgsim.index import (ANNOY, BACKENDS, DEFAULT_SEARCH_K, FAISS_HNSW, FAISS_IVF, HNSW_EF_SEARCH, INDEX_FILE,
+                          IVF_NPROBE, IndexBundle)
 from imgsim.metrics import exact_topk, recall_at_k
 
 K, N_QUERIES, N_TREES, NOISE = 10, 1000, 20, 0.01
 EF_SWEEP = (16, 32, 48, 64, 96, 128)
+NPROBE_SWEEP = (4, 8, 16, 32, 64)
 TARGET_RECALL = 0.99
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     if not base_file.exists():
         raise SystemExit(f"{base_file} not found: run `make demo` first (or pass --bundle)")
     base = np.load(base_file)
-    rows, sweep = [], []
+    rows, sweep, probe_sweep = [], [], []
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             if size == "real":
@@ -129,6 +131,14 @@ def main() -> None:
                         sweep.append({"items": n, "data": "real" if size == "real" else "tiled", "ef_search": ef, "recall_at_10": recall(index, queries, truth, -1),
                                       "qps_1": qps})
                     index.ann.index.hnsw.efSearch = chosen
+                if backend == FAISS_IVF:
+                    for nprobe in NPROBE_SWEEP:
+                        index.ann.index.nprobe = nprobe
+                        lat, qps = timed_search(index, queries[:300], search_k, 1)
+                        probe_sweep.append({"items": n, "data": "real" if size == "real" else "tiled",
+                                            "lists": index.ann.index.nlist, "nprobe": nprobe,
+                                            "recall_at_10": recall(index, queries, truth, -1), "qps_1": qps})
+                    index.ann.index.nprobe = IVF_NPROBE
                 lat, qps1 = timed_search(index, queries, search_k, 1)
                 _, qps4 = timed_search(index, queries, search_k, 4)
                 rows.append({"items": n, "data": "real" if size == "real" else "tiled", "backend": backend, "recall_at_10": recall(index, queries, truth, search_k),
@@ -147,7 +157,10 @@ def main() -> None:
     if sweep:
         print("\nfaiss-hnsw efSearch sweep (the default is the smallest with recall@10 >= "
               f"{TARGET_RECALL}):\n" + table(sweep, list(sweep[0])))
-    print(f"wrote {save('index_backends', {'rows': rows, 'ef_sweep': sweep, 'noise': NOISE, 'queries': N_QUERIES, 'ef_search': HNSW_EF_SEARCH})}")
+    if probe_sweep:
+        print("\nfaiss-ivf nprobe sweep (the default is the smallest with recall@10 >= "
+              f"{TARGET_RECALL}):\n" + table(probe_sweep, list(probe_sweep[0])))
+    print(f"wrote {save('index_backends', {'rows': rows, 'ef_sweep': sweep, 'nprobe_sweep': probe_sweep, 'noise': NOISE, 'queries': N_QUERIES, 'ef_search': HNSW_EF_SEARCH, 'nprobe': IVF_NPROBE})}")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def page_sections() -> list[str]:
 
 
 def index_backend_sections() -> list[str]:
-    """Annoy, faiss exact and faiss HNSW side by side at 10^5 and 10^6 tiled demo embeddings."""
+    """Annoy, faiss exact, HNSW and IVF side by side at 10^5 and 10^6 tiled demo embeddings."""
     ib = load("index_backends")
     if not ib:
         return []
@@ -129,7 +129,9 @@ def index_backend_sections() -> list[str]:
             f"as queries), then tiled with noise (σ {ib['noise']} per dimension) to each size with {ib['queries']:,} "
             "other noisy copies as queries; k = 10; each backend at its "
             "default (annoy: 20 trees, search_k 1500; faiss-hnsw: M 32, efConstruction 80, efSearch "
-            f"{ib.get('ef_search', 64)}); one query per core, builds on all cores, each in a fresh process; "
+            f"{ib.get('ef_search', 64)}; faiss-ivf: 4√n lists of 8-bit vectors, nprobe {ib.get('nprobe', 16)}, 4 × k "
+            "candidates re-ranked with the memory-mapped embeddings, which its bytes_per_item, the index file's, "
+            "leave out); one query per core, builds on all cores, each in a fresh process; "
             "`python -m bench.index_backends`:\n",
             table(ib["rows"], ["items", "data", "backend", "recall_at_10", "p50_ms", "p99_ms", "qps_1", "qps_4",
                                "qps_1_vs_annoy", "build_s", "bytes_per_item", "peak_build_mib"]),
@@ -139,7 +141,10 @@ def index_backend_sections() -> list[str]:
             "linearly, so it alone would take about half an hour.\n"
             "\nfaiss-hnsw's search effort (efSearch), swept at each size; the default is the smallest with "
             "recall@10 ≥ 0.99 at every size:\n",
-            table(ib["ef_sweep"], ["items", "data", "ef_search", "recall_at_10", "qps_1"]) + "\n"]
+            table(ib["ef_sweep"], ["items", "data", "ef_search", "recall_at_10", "qps_1"]) + "\n",
+            *(["\nfaiss-ivf's search effort (lists searched, nprobe), swept the same way:\n",
+               table(ib["nprobe_sweep"], ["items", "data", "lists", "nprobe", "recall_at_10", "qps_1"]) + "\n"]
+              if ib.get("nprobe_sweep") else [])]
 
 
 def filter_sections() -> list[str]:

@@ -17,8 +17,8 @@ from imgsim.errors import ImgsimError
 
 # index.ann: the approximate-nearest-neighbour index in its backend's own format (bundle.json names the backend).
 INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE = "index.ann", "items.csv", "embeddings.npy"
-ANNOY, FAISS_FLAT, FAISS_HNSW = "annoy", "faiss-flat", "faiss-hnsw"
-BACKENDS = (ANNOY, FAISS_FLAT, FAISS_HNSW)
+ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF = "annoy", "faiss-flat", "faiss-hnsw", "faiss-ivf"
+BACKENDS = (ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF)
 ITEM_FIELDS = ("id", "path", "label", "split", "sha256", "phash")
 # Annoy nodes inspected per query: with extract's 20 trees, recall@10 0.994 at 6.7x exact single-query speed
 # on 60k items (bench/index_speed.py); 10 trees / 1250 is faster (8.5x) but only just reaches 0.99.
@@ -28,6 +28,13 @@ DEFAULT_SEARCH_K = 1500
 # the demo's own embeddings (0.997; faiss's default 16 gives 0.980) and on them tiled to 10^5 and 10^6 items
 # (bench/index_backends.py).
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 32
+# faiss-ivf: the vectors in 8-bit scalar quantization (1 byte per dimension) in inverted lists, 4 sqrt(n) lists
+# (at most 4096; k-means trains on 40 points per list), IVF_NPROBE lists searched per query, and its
+# IVF_REFINE x k candidates re-ranked exactly with the memory-mapped embeddings: recall@10 0.995 on the demo's
+# embeddings at 153 B per item in memory (HNSW: 784). Product quantization (IVFPQ) was measured and left out:
+# on these embeddings 16-64 bytes per vector reach only recall@10 0.78-0.98 even re-ranking 10 x k, and training
+# its codebooks took 29-129 s at 52k items against 2 s here (bench/index_backends.py).
+IVF_LISTS_PER_SQRT, IVF_MAX_LISTS, IVF_TRAIN_PER_LIST, IVF_NPROBE, IVF_REFINE = 4, 4096, 40, 16, 4
 
 
 def check_backend(name: str) -> None:
@@ -86,8 +93,9 @@ class AnnoyBackend:
 
 class FaissBackend:
     """faiss on inner product (cosine: the embeddings are unit vectors): ``faiss-flat`` searches exactly,
-    ``faiss-hnsw`` walks a graph (HNSW_* above). Distances are reported as Annoy's angular sqrt(2 - 2 cos), so
-    every backend answers alike."""
+    ``faiss-hnsw`` walks a graph (HNSW_* above), ``faiss-ivf`` scans the nearest inverted lists of quantized
+    vectors (IVF_* above; IndexBundle.search re-ranks its candidates exactly). Distances are reported as Annoy's
+    angular sqrt(2 - 2 cos), so every backend answers alike."""
 
     def __init__(self, name: str, index) -> None:
         self.name, self.index = name, index
@@ -95,12 +103,24 @@ class FaissBackend:
     @classmethod
     def build(cls, name: str, embeddings: NDArray[np.float32]) -> "FaissBackend":
         faiss, dim = _faiss(name), embeddings.shape[1]
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         if name == FAISS_FLAT:
             index = faiss.IndexFlatIP(dim)
-        else:
+        elif name == FAISS_HNSW:
             index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
-        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        else:
+            n = len(vectors)
+            lists = max(1, min(int(IVF_LISTS_PER_SQRT * np.sqrt(n)), IVF_MAX_LISTS, n // IVF_TRAIN_PER_LIST))
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+            index.cp.min_points_per_centroid = 1  # a small gallery: fewer lists, and no warning about it
+            sample = np.random.default_rng(0).choice(n, min(n, IVF_TRAIN_PER_LIST * lists), replace=False)
+            index.train(vectors[np.sort(sample)])
+            index.nprobe = IVF_NPROBE  # stored in the file
+        index.add(vectors)
+        if name == FAISS_IVF:
+            index.make_direct_map()  # vectors(): the probe check reads indexed vectors back (stored in the file)
         return cls(name, index)
 
     def __len__(self) -> int:
@@ -120,11 +140,14 @@ class FaissBackend:
     @classmethod
     def load(cls, name: str, path: Path) -> "FaissBackend":
         faiss = _faiss(name)
-        try:  # memory-mapped, so server workers share its pages, where the index type allows it
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        try:  # memory-mapped, so server workers share its pages, where the index type allows it and it pays
+            # (a memory-mapped IVF index searched 20x slower, 1.2 vs 0.06 ms: it is small, so it is read instead)
+            index = faiss.read_index(str(path)) if name == FAISS_IVF else \
+                faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
             index = faiss.read_index(str(path))
-        expected = faiss.IndexFlatIP if name == FAISS_FLAT else faiss.IndexHNSWFlat
+        expected = {FAISS_FLAT: faiss.IndexFlatIP, FAISS_HNSW: faiss.IndexHNSWFlat,
+                    FAISS_IVF: faiss.IndexIVFScalarQuantizer}[name]
         if not isinstance(index, expected) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path.name} is a {type(index).__name__}, not the {name} index bundle.json names")
         return cls(name, index)
@@ -194,8 +217,14 @@ class IndexBundle:
 
     def search(self, vector: NDArray[np.float32], k: int, search_k: int = -1) -> tuple[list[int], list[float]]:
         """Rows (not ids: see ``items[row].id``) and angular distances (sqrt(2 - 2 cos)) of the ``k`` nearest
-        gallery items; ``search_k`` is Annoy's search effort (faiss-hnsw's is in its file)."""
-        return self.ann.search(vector, k, search_k)
+        gallery items; ``search_k`` is Annoy's search effort (faiss-hnsw's and faiss-ivf's are in their file)."""
+        if self.backend != FAISS_IVF:
+            return self.ann.search(vector, k, search_k)
+        # The quantized index proposes IVF_REFINE x k candidates; their stored vectors rank them exactly.
+        rows = np.asarray(self.ann.search(vector, k * IVF_REFINE, search_k)[0], dtype=np.int64)
+        sims = np.asarray(self.embeddings[rows]) @ np.asarray(vector, dtype=np.float32) if len(rows) else np.zeros(0)
+        top = np.argsort(-sims, kind="stable")[:k]
+        return rows[top].tolist(), angular_from_cosine(sims[top]).tolist()
 
     def save(self, out_dir: str | Path) -> None:
         """Write the three files, each atomically."""

@@ -11,8 +11,8 @@ import pytest
 from imgsim import config
 from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import ImgsimError
-from imgsim.index import (BACKENDS, FAISS_FLAT, FAISS_HNSW, HNSW_EF_SEARCH, GalleryItem, IndexBundle, check_backend,
-                          cosine_from_angular)
+from imgsim.index import (BACKENDS, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, HNSW_EF_SEARCH, IVF_NPROBE, GalleryItem,
+                          IndexBundle, check_backend, cosine_from_angular)
 from imgsim.metrics import exact_topk
 from imgsim.runs.export import export_bundle
 from imgsim.runs.extract import run_extract
@@ -42,6 +42,8 @@ def test_every_backend_saves_loads_and_answers_like_exact_search(backend, tmp_pa
     assert index.backend == backend and len(index.ann) == len(gallery)
     if backend == FAISS_HNSW:  # its search effort travels in the file
         assert index.ann.index.hnsw.efSearch == HNSW_EF_SEARCH
+    if backend == FAISS_IVF:  # so does IVF's, with lists for the gallery's size
+        assert index.ann.index.nprobe == IVF_NPROBE and 1 < index.ann.index.nlist <= len(gallery) // 40
     truth = exact_topk(queries, gallery, 10)
     found = [index.search(q, 10, 2000) for q in queries]
     recall = np.mean([len(set(rows) & set(t)) / 10 for (rows, _), t in zip(found, truth)])
@@ -53,7 +55,9 @@ def test_every_backend_saves_loads_and_answers_like_exact_search(backend, tmp_pa
         assert recall > 0.999
     else:
         assert recall >= 0.95, f"{backend} recall@10 {recall:.3f}"
-    np.testing.assert_allclose(index.ann.vectors([0, 17, 2999]), gallery[[0, 17, 2999]], atol=1e-6)
+    # The indexed vectors read back: exact, or (faiss-ivf) 8-bit quantized, which its exact re-ranking undoes above.
+    np.testing.assert_allclose(index.ann.vectors([0, 17, 2999]), gallery[[0, 17, 2999]],
+                               atol=1e-2 if backend == FAISS_IVF else 1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,8 +68,8 @@ def test_a_gallery_smaller_than_k_returns_what_it_has(backend):
 
 
 def test_an_unknown_backend_or_a_file_of_another_backend_is_a_clear_error(tmp_path):
-    with pytest.raises(ImgsimError, match=r"unknown index backend 'faiss-ivf'; choose one of annoy, faiss-flat"):
-        config.resolve(ExtractConfig, None, {"index": "faiss-ivf"})
+    with pytest.raises(ImgsimError, match=r"unknown index backend 'faiss-ivfpq'; choose one of annoy, faiss-flat"):
+        config.resolve(ExtractConfig, None, {"index": "faiss-ivfpq"})
     IndexBundle.build(clustered(50), items(50), n_trees=2).save(tmp_path / "annoy")
     with pytest.raises(ImgsimError, match="cannot open the faiss-hnsw index in .*annoy.*rebuild it with the extract"):
         IndexBundle.load(tmp_path / "annoy", n_trees=2, backend=FAISS_HNSW)

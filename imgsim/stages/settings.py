@@ -119,7 +119,8 @@ class ExtractConfig:
     query_split: str = setting("test", "the split whose images query the gallery in the evaluation", "evaluation")
     index: str = setting(ANNOY, "nearest-neighbour index: annoy (memory-mapped forest), faiss-flat (exact: "
                          "every query scans the gallery), faiss-hnsw (graph: faster than annoy at the same recall, "
-                         "a larger file); faiss needs faiss-cpu", "index")
+                         "a file of the same size), faiss-ivf (inverted lists of 8-bit vectors, re-ranked exactly: "
+                         "a fifth of the memory); faiss needs faiss-cpu", "index")
     n_trees: int = setting(20, "Annoy trees: more build a larger index with better recall", "index")
     search_k: int = setting(DEFAULT_SEARCH_K, "Annoy nodes inspected per query: more search slower with better "
                             "recall", "index")
