@@ -234,7 +234,9 @@ class ServingBundle:
         """Model and index identity for response tags, health and metadata."""
         return {"model_name": str(self.source.get("name", "")), "model_version": str(self.source.get("version", "")),
                 "model_sha256": self.files.get(WEIGHTS, "")[:12], "index_sha256": self.files.get(INDEX_FILE, "")[:12],
-                "index_size": str(len(self.index.items)), "bundle_version": self.version}
+                # A sharded gallery's embedder part indexes only its probe items: it reports the whole gallery.
+                "index_size": str(self.shard["items"] if self.shard.get("role") == "embedder" else len(self.index.items)),
+                "bundle_version": self.version}
 
 
 def _open_engine(bundle: ServingBundle, folder: Path, runtime: str, threads: int) -> Engine:

@@ -77,7 +77,7 @@ class ModelServer:
     def metrics(self) -> list[dict]:
         """Called by Seldon on health checks: flushes rejected-request counts and reports the index size."""
         gauge = {"type": "GAUGE", "key": "imgsim_index_size",
-                 "value": float(self.service.searcher.size if self.service.ready else 0)}
+                 "value": float(self.service.versions().get("index_size") or 0)}  # a shard's own, an embedder's all
         return [gauge, *self._rejected()]
 
     def _rejected(self) -> list[dict]:

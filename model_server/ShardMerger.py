@@ -23,7 +23,7 @@ class ShardMerger:
     def __init__(self, **params: Any) -> None:
         cfg = ServiceConfig.from_sources(**params)
         self.merger = Merger.from_config(cfg)
-        self.model_error_handler = _error_blueprint(cfg.max_request_bytes, lambda: None)
+        self.model_error_handler = _error_blueprint(cfg.max_request_bytes, self.init_metadata)
 
     def aggregate_raw(self, request: Any) -> Any:
         is_proto = isinstance(request, prediction_pb2.SeldonMessageList)
@@ -47,6 +47,10 @@ class ShardMerger:
 
     def health_status(self) -> dict:
         return {"ready": True, "shards": self.merger.shards}
+
+    def init_metadata(self) -> dict:
+        return {"name": "imgsim-merger", "versions": [f"{self.merger.shards}-shards"], "platform": "seldon",
+                "inputs": [{"messagetype": "jsonData"}], "outputs": [{"messagetype": "jsonData"}]}
 
 
 def _rest_answers(request: Any) -> list[Any]:

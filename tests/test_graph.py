@@ -230,6 +230,10 @@ def test_the_sharded_graph_answers_exactly_like_one_server(flat, sharded, pipeli
         assert incomplete.status_code == 503 and "did not answer" in incomplete.json()["status"]["info"]
         assert graph({"jsonData": {"image": image, "k": 2}}).status_code == 200
         assert requests.get(f"{servers['shard-1'].rest}/health/status", timeout=5).ok
+        assert requests.get(f"{servers['merger'].rest}/metadata", timeout=5).json()["versions"] == ["3-shards"]
+        # The embedder's health names the whole gallery's size, not its own index of probe items.
+        health = requests.get(f"{servers['embedder'].rest}/health/status", timeout=5).json()["jsonData"]
+        assert health["index_size"] == str(size)
     finally:
         for server in servers.values():
             server.stop()
