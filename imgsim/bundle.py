@@ -170,8 +170,8 @@ class ServingBundle:
                 source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
                 bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                              meta["index"].get("recall_at_10"), dict(meta["files"]),
-                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"), lineage=dict(meta.get("gallery") or {}),
-                             shard=dict(meta.get("shard") or {}))
+                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"),
+                             lineage=dict(meta.get("gallery") or {}), shard=dict(meta.get("shard") or {}))
             except (KeyError, ValueError, TypeError) as exc:
                 raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
             try:
@@ -232,11 +232,11 @@ class ServingBundle:
 
     def identity(self) -> dict[str, str]:
         """Model and index identity for response tags, health and metadata."""
+        # A sharded gallery's embedder part indexes only its probe items: it reports the whole gallery.
+        size = self.shard["items"] if self.shard.get("role") == "embedder" else len(self.index.items)
         return {"model_name": str(self.source.get("name", "")), "model_version": str(self.source.get("version", "")),
                 "model_sha256": self.files.get(WEIGHTS, "")[:12], "index_sha256": self.files.get(INDEX_FILE, "")[:12],
-                # A sharded gallery's embedder part indexes only its probe items: it reports the whole gallery.
-                "index_size": str(self.shard["items"] if self.shard.get("role") == "embedder" else len(self.index.items)),
-                "bundle_version": self.version}
+                "index_size": str(size), "bundle_version": self.version}
 
 
 def _open_engine(bundle: ServingBundle, folder: Path, runtime: str, threads: int) -> Engine:

@@ -47,8 +47,9 @@ def shard_bundle(source: str | Path, out: str | Path, shards: int) -> dict:
         raise ImgsimError(f"shards must be an integer between 2 and {MAX_SHARDS}, got {shards!r}")
     whole = ServingBundle.load(source)
     if whole.shard:
-        raise ImgsimError(f"{source} is already one part ({part_name(whole.shard['role'], whole.shard.get('index', 0))})"
-                          " of a sharded gallery: shard the whole bundle it came from")
+        part = part_name(whole.shard["role"], whole.shard.get("index", 0))
+        raise ImgsimError(f"{source} is already one part ({part}) of a sharded gallery: shard the whole bundle it "
+                          "came from")
     items, index = whole.index.items, whole.index
     ids = np.asarray([item.id for item in items], dtype=np.int64)
     owner = shard_of(ids, shards)

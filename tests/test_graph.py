@@ -146,7 +146,8 @@ def test_the_merger_refuses_a_missing_duplicated_or_foreign_shard(sharded, pipel
             embedder.handle(bad, None, {})
     for bad, reason in [({"image": image}, "an index shard answers the embedder's message"),
                         ({**message, "results": [{"embedding": [1.0, 2.0]}]}, r"results\[0\].embedding must be a list"),
-                        ({**message, "results": [{"embedding": ["x"] * 16}]}, r"results\[0\].embedding must be a list")]:
+                        ({**message, "results": [{"embedding": ["x"] * 16}]},
+                         r"results\[0\].embedding must be a list")]:
         with pytest.raises(BadInput, match=reason):
             shards[0].handle(bad, None, {})
 
@@ -186,7 +187,8 @@ def test_the_sharded_graph_answers_exactly_like_one_server(flat, sharded, pipeli
         compared = 0
         for file in files:
             image = base64.b64encode(file.read_bytes()).decode()
-            for extra in ({"k": 5}, {"k": size}, {"k": 3, "labels": ["circle", "square"]}, {"k": 4, "exclude_ids": [0, 1]}):
+            for extra in ({"k": 5}, {"k": size}, {"k": 3, "labels": ["circle", "square"]},
+                          {"k": 4, "exclude_ids": [0, 1]}):
                 body = {"jsonData": {"image": image, **extra}}
                 want = requests.post(f"{servers['single'].rest}/predict", json=body, timeout=30)
                 got = graph(body)

@@ -21,7 +21,7 @@ from imgsim.errors import BadInput, ImgsimError
 from imgsim.index import cosine_from_angular
 from imgsim.serve import inputs
 from imgsim.serve.search import MAX_FILTER_IDS, Searcher
-from imgsim.serve.service import SimilarityService, _ms_since
+from imgsim.serve.service import SimilarityService, ms_since
 from imgsim.serve.settings import ServiceConfig
 from imgsim.sharded import EMBEDDER, SHARD, check_part
 
@@ -49,11 +49,7 @@ class EmbedService(SimilarityService):
         if isinstance(query, int):
             raise BadInput("a sharded gallery answers image queries only ('id' needs the item's shard): send the "
                            "image, or its 'path'")
-        batch = self._preprocess(query, searcher)
-        timings["decode_ms"] = _ms_since(started)
-        started = time.perf_counter()
-        embeddings, probs = searcher.embed_inputs(batch)
-        timings["embed_ms"] = _ms_since(started)
+        embeddings, probs = self.embed(query, searcher, started, timings)
         # float32 -> Python float -> JSON -> float32 is exact, so each shard ranks the very vector embedded here.
         results = []
         for embedding, p in zip(embeddings, probs):
@@ -101,8 +97,9 @@ class ShardService(SimilarityService):
             answers.append({"neighbours": [{"id": items[r].id, "path": items[r].path, "label": items[r].label,
                                             "distance": float(d)} for r, d in zip(rows, dists)],
                             "predicted": result.get("predicted")})
-        return {"results": answers, "query": query, "gallery": gallery, "shard": self.cfg.shard,
-                "shards": self.cfg.shards, "items": searcher.size, **_identity(searcher)}, {"search_ms": _ms_since(started)}
+        answer = {"results": answers, "query": query, "gallery": gallery, "shard": self.cfg.shard,
+                  "shards": self.cfg.shards, "items": searcher.size, **_identity(searcher)}
+        return answer, {"search_ms": ms_since(started)}
 
 
 def _embedding(result: Any, dim: int, i: int) -> np.ndarray:

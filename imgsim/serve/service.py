@@ -202,14 +202,10 @@ class SimilarityService:
         k, where, query = self.parse(json_data, bin_data, tags, searcher)
         if isinstance(query, int):
             return make_answer(searcher, [searcher.search_id(query, k, where)]), timings
-        batch = self._preprocess(query, searcher)
-        timings["decode_ms"] = _ms_since(started)
-        started = time.perf_counter()
-        embeddings, probs = searcher.embed_inputs(batch)
-        timings["embed_ms"] = _ms_since(started)
+        embeddings, probs = self.embed(query, searcher, started, timings)
         started = time.perf_counter()
         results = [searcher.rank(e, p, k, where) for e, p in zip(embeddings, probs)]
-        timings["search_ms"] = _ms_since(started)
+        timings["search_ms"] = ms_since(started)
         return make_answer(searcher, results), timings
 
     def serving(self) -> Searcher:
@@ -234,6 +230,17 @@ class SimilarityService:
         if forms == ["id"]:
             return k, where, inputs.integer(json_data["id"], "id")
         return k, where, self._json_payloads(json_data, forms[0])
+
+    def embed(self, payloads: Iterable[bytes], searcher: Searcher, started: float,
+              timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Decode and embed a query's images: embeddings and class probabilities. Adds ``decode_ms`` (since
+        ``started``, the request's parsing included) and ``embed_ms`` to ``timings``."""
+        batch = self._preprocess(payloads, searcher)
+        timings["decode_ms"] = ms_since(started)
+        started = time.perf_counter()
+        embeddings, probs = searcher.embed_inputs(batch)
+        timings["embed_ms"] = ms_since(started)
+        return embeddings, probs
 
     def accept(self, searcher: Searcher, where: str) -> None:
         """Raise ``BundleError`` if this server must not serve the loaded bundle (a graph node's wrong part)."""
@@ -298,5 +305,5 @@ def _load_failure(exc: Exception, uri: str) -> tuple[str, bool, bool]:
     return f"unexpected error while loading: {exc!r}", False, True
 
 
-def _ms_since(started: float) -> float:
+def ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
