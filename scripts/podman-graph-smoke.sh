@@ -39,21 +39,6 @@ for port in 19100 19101 $(seq 19110 $((19110 + SHARDS - 1))); do
   curl -sf "http://127.0.0.1:$port/health/status" >/dev/null || { "${PODMAN[@]}" logs "${names[-1]}" | tail -30; exit 1; }
 done
 query=$(.venv/bin/imgsim pick-image --result demo-out/result.json --split test)
-.venv/bin/python - "$query" "$BUNDLE" "$SHARDS" <<'EOF'
-import base64, sys
-import numpy as np, requests
-from imgsim.serve.search import Searcher
-query, bundle, shards = sys.argv[1], sys.argv[2], int(sys.argv[3])
-body = {"jsonData": {"image": base64.b64encode(open(query, "rb").read()).decode(), "k": 5}}
-message = requests.post("http://127.0.0.1:19100/transform-input", json=body, timeout=30).json()
-answers = [requests.post(f"http://127.0.0.1:{19110 + i}/predict", json=message, timeout=30).json() for i in range(shards)]
-merged = requests.post("http://127.0.0.1:19101/aggregate", json={"seldonMessages": answers}, timeout=30).json()
-got = [n["id"] for n in merged["jsonData"]["results"][0]["neighbours"]]
-searcher = Searcher(bundle)
-vector = np.asarray(message["jsonData"]["results"][0]["embedding"], dtype=np.float32)
-exact = np.argsort(-(np.asarray(searcher.index.embeddings) @ vector), kind="stable")[:5]
-want = [searcher.index.items[r].id for r in exact]
-print(f"podman-graph-smoke: {query} through embedder -> {shards} shards -> merger: {got}; exact: {want}")
-sys.exit(0 if set(got) == set(want) else 1)
-EOF
+.venv/bin/python -m support.graph_smoke "$query" "$BUNDLE" http://127.0.0.1:19100 http://127.0.0.1:19101 \
+  $(for i in $(seq 0 $((SHARDS - 1))); do echo "http://127.0.0.1:$((19110 + i))"; done)
 echo "podman-graph-smoke: the graph's $((SHARDS + 2)) nodes answered from $IMAGE as uid $("${PODMAN[@]}" exec "${names[0]}" id -u)"

@@ -77,6 +77,19 @@ def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServe
     raise RuntimeError(f"server not up within {timeout}s:\n{server.logs()}")
 
 
+def run_graph(body: dict, embedder: str, shards: list[str], merger: str) -> requests.Response:
+    """One query through a sharded gallery's graph over REST, in the graph's order: what Seldon's executor does in
+    a cluster. Each node's answer becomes the next one's request; the first refusal is returned as it is."""
+    message = requests.post(f"{embedder}/transform-input", json=body, timeout=30)
+    if not message.ok:
+        return message
+    answers = [requests.post(f"{shard}/predict", json=message.json(), timeout=30) for shard in shards]
+    refused = next((answer for answer in answers if not answer.ok), None)
+    if refused is not None:
+        return refused
+    return requests.post(f"{merger}/aggregate", json={"seldonMessages": [a.json() for a in answers]}, timeout=30)
+
+
 def _grpc_up(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     with socket.socket() as sock:

@@ -30,7 +30,7 @@ from imgsim.serve.settings import ServiceConfig
 from imgsim.sharded import part_name, shard_bundle
 from imgsim.stages.gallery import remove_images
 from imgsim.stages.settings import RemoveConfig
-from support.servers import start_server
+from support.servers import run_graph, start_server
 from support.store import mlflow_store
 
 pytestmark = pytest.mark.slow
@@ -171,15 +171,8 @@ def test_the_sharded_graph_answers_exactly_like_one_server(flat, sharded, pipeli
     try:
         def graph(body: dict) -> requests.Response:
             """The executor's part: each node's answer becomes the next one's request, in the graph's order."""
-            message = requests.post(f"{servers['embedder'].rest}/transform-input", json=body, timeout=30)
-            if not message.ok:
-                return message
-            answers = [requests.post(f"{servers[f'shard-{i}'].rest}/predict", json=message.json(), timeout=30)
-                       for i in range(SHARDS)]
-            for answer in answers:
-                assert answer.status_code == 200, answer.text
-            return requests.post(f"{servers['merger'].rest}/aggregate",
-                                 json={"seldonMessages": [a.json() for a in answers]}, timeout=30)
+            return run_graph(body, servers["embedder"].rest, [servers[f"shard-{i}"].rest for i in range(SHARDS)],
+                             servers["merger"].rest)
 
         size = ServingBundle.load(flat).index.items.__len__()
         files = sorted(pipeline_run["root"].glob("*/00[0-1].png"))
