@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgsim import atomic
+from imgsim.changes import CHANGE_FILES, Changes
 from imgsim.errors import ImgsimError
 from imgsim.index import ANNOY, DEFAULT_SEARCH_K, EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, IndexBundle
 from imgsim.modelspec import MODEL_JSON, ONNX_FILE, WEIGHTS, ModelSpec, file_sha256
@@ -24,6 +26,10 @@ PROBES_FILE = "probes.npz"
 FORMAT_VERSION = 3
 MODEL_FILES = (MODEL_JSON, WEIGHTS, ONNX_FILE)
 FILES = (*MODEL_FILES, INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE, PROBES_FILE)
+# A version stored as changes over a base version (imgsim.changes) holds only these; the rest is its base's.
+CHANGES_VERSION_FILES = (*CHANGE_FILES, PROBES_FILE)
+# Where a fetched or exported version of changes keeps its base version, inside its own folder.
+BASE_DIR = "base"
 RUNTIMES = ("onnx", "torch")
 PROBE_COUNT = 32
 # A living gallery: each version is registered under this name, and this alias names the one to serve.
@@ -110,12 +116,18 @@ class ServingBundle:
     # One part of a sharded gallery (imgsim.sharded): its role (embedder or shard), index, the shard count and
     # the whole gallery's identity; empty for a whole bundle. Stored as bundle.json's "shard".
     shard: dict = dataclasses.field(default_factory=dict)
+    # A version stored as changes (index.changes) names its base version: where it is stored ("uri"), its
+    # files' checksums ("files": the base must be exactly that version) and its size. Stored as "base".
+    base: dict = dataclasses.field(default_factory=dict)
+    model_folder: Path | None = None  # where the model files were read from (the base's folder for changes)
 
     def save(self, out_dir: str | Path, *, model_from: str | Path | None = None) -> Path:
         """Write the whole bundle into ``out_dir`` (the torch weights, their ONNX export checked against them,
         index, probes, checksums), replacing any previous one in a single step. ``model_from``: a bundle
         folder whose model files are copied byte for byte instead (a new gallery version of the same model)."""
         out = Path(out_dir)
+        if self.index.changes is not None:
+            return self._save_changes(out)
         if self.torch_model is None and model_from is None:
             raise ImgsimError("a ServingBundle is saved from the torch model: pass torch_model=ModelBundle")
         with atomic.atomic_dir(out) as tmp:
@@ -133,6 +145,27 @@ class ServingBundle:
             atomic.write_text(tmp / BUNDLE_JSON, json.dumps(self._meta(), indent=2))
         return out
 
+    def _save_changes(self, out: Path) -> Path:
+        """Only what changed since the base version: the change files and the probes; the model files and the
+        base's index stay the base's (bundle.json names them by checksum)."""
+        if not self.base.get("files"):
+            raise ImgsimError("a gallery version of changes is saved with its base version (ServingBundle.base)")
+        with atomic.atomic_dir(out) as tmp:
+            self.index.changes.save(tmp)
+            self.probes.save(tmp / PROBES_FILE)
+            self.files = {**self.base["files"], **{name: file_sha256(tmp / name) for name in CHANGES_VERSION_FILES}}
+            atomic.write_text(tmp / BUNDLE_JSON, json.dumps(self._meta(), indent=2))
+        return out
+
+    @property
+    def gallery_sha256(self) -> str:
+        """The gallery's content identity: its index file's checksum, or for a version of changes one over its
+        base's index and its change files (what the registry's compare-and-set compares)."""
+        if not self.base:
+            return self.files.get(INDEX_FILE, "")
+        parts = [self.base["files"][INDEX_FILE], *(self.files[name] for name in CHANGE_FILES)]
+        return hashlib.sha256(" ".join(parts).encode()).hexdigest()
+
     def _meta(self) -> dict:
         from imgsim.nn.onnx_export import OPSET, PARITY
 
@@ -145,15 +178,21 @@ class ServingBundle:
                       "recall_at_10": self.index_recall},
             "gallery": self.lineage,
             **({"shard": self.shard} if self.shard else {}),
+            **({"base": self.base, "changes": {"added": len(self.index.changes.added_items),
+                                               "removed": len(self.index.changes.removed)}}
+               if self.index.changes is not None else {}),
             "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
             "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
-            "files": self.files,
+            "files": {name: self.files[name] for name in (CHANGES_VERSION_FILES if self.base else FILES)},
         }
 
     @classmethod
-    def load(cls, folder: str | Path, *, runtime: str = "onnx", threads: int = 1) -> "ServingBundle":
+    def load(cls, folder: str | Path, *, runtime: str = "onnx", threads: int = 1,
+             base: str | Path | None = None) -> "ServingBundle":
         """Check the files, open the model with ``runtime`` (onnx: ONNX Runtime, no torch needed; torch: the
-        PyTorch weights) and the memory-mapped index, and :meth:`verify` them.
+        PyTorch weights) and the memory-mapped index, and :meth:`verify` them. A version stored as changes is
+        read with its base version: ``base``, else the folder's own ``base/`` (where imgsim puts it when it
+        fetches or exports one), else the local folder its bundle.json names.
 
         The folder is read as one version even if an export replaces it meanwhile (``FolderReplaced`` then:
         load again)."""
@@ -161,24 +200,45 @@ class ServingBundle:
             raise ImgsimError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         with atomic.pinned_dir(folder) as pinned:
             meta = read_meta(pinned, folder)
-            _check_files(pinned, meta, folder)
-            try:
-                spec, probes = ModelSpec.load(pinned), Probes.load(pinned / PROBES_FILE)
-                index = IndexBundle.load(pinned, n_trees=int(meta["index"]["n_trees"]),
-                                         next_id=int(meta["index"].get("next_id", -1)),
-                                         backend=index_backend(meta))
-                source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
-                bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
-                             meta["index"].get("recall_at_10"), dict(meta["files"]),
-                             onnx_parity=meta.get("onnx", {}).get("parity_max_abs"),
-                             lineage=dict(meta.get("gallery") or {}), shard=dict(meta.get("shard") or {}))
-            except (KeyError, ValueError, TypeError) as exc:
-                raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
-            try:
-                bundle.engine = _open_engine(bundle, pinned, runtime, threads)
-            except ImgsimError as exc:
-                raise BundleError(f"bundle {folder}: {exc}") from None
+            if not meta.get("base"):
+                bundle = cls._read(pinned, folder, meta, None, runtime, threads)
+            else:
+                base_path = _base_folder(pinned, folder, meta, base)
+                named = Path(folder) / BASE_DIR if base_path == pinned / BASE_DIR else base_path
+                with atomic.pinned_dir(base_path) as base_pinned:
+                    bundle = cls._read(pinned, folder, meta, (base_pinned, named), runtime, threads)
         bundle.verify()
+        return bundle
+
+    @classmethod
+    def _read(cls, pinned: Path, folder: str | Path, meta: dict, base: tuple[Path, Path] | None, runtime: str,
+              threads: int) -> "ServingBundle":
+        _check_files(pinned, meta, folder, CHANGES_VERSION_FILES if base else FILES)
+        files = dict(meta["files"])
+        model_dir = pinned
+        if base:
+            model_dir, base_path = base
+            base_meta = _base_meta(model_dir, base_path, meta, folder)
+            _check_files(model_dir, base_meta, base_path, FILES)
+            files = {**base_meta["files"], **files}
+        try:
+            spec, probes = ModelSpec.load(model_dir), Probes.load(pinned / PROBES_FILE)
+            index = IndexBundle.load(model_dir, n_trees=int(meta["index"]["n_trees"]),
+                                     next_id=int(meta["index"].get("next_id", -1)), backend=index_backend(meta))
+            if base:
+                index = Changes.load(index, pinned).index(next_id=int(meta["index"]["next_id"]))
+            source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
+            bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
+                         meta["index"].get("recall_at_10"), files,
+                         onnx_parity=meta.get("onnx", {}).get("parity_max_abs"),
+                         lineage=dict(meta.get("gallery") or {}), shard=dict(meta.get("shard") or {}),
+                         base=dict(meta.get("base") or {}), model_folder=Path(base[1] if base else folder))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
+        try:
+            bundle.engine = _open_engine(bundle, model_dir, runtime, threads)
+        except ImgsimError as exc:
+            raise BundleError(f"bundle {folder}: {exc}") from None
         return bundle
 
     def verify(self) -> None:
@@ -235,7 +295,7 @@ class ServingBundle:
         # A sharded gallery's embedder part indexes only its probe items: it reports the whole gallery.
         size = self.shard["items"] if self.shard.get("role") == "embedder" else len(self.index.items)
         return {"model_name": str(self.source.get("name", "")), "model_version": str(self.source.get("version", "")),
-                "model_sha256": self.files.get(WEIGHTS, "")[:12], "index_sha256": self.files.get(INDEX_FILE, "")[:12],
+                "model_sha256": self.files.get(WEIGHTS, "")[:12], "index_sha256": self.gallery_sha256[:12],
                 "index_size": str(size), "bundle_version": self.version}
 
 
@@ -285,10 +345,51 @@ def index_backend(meta: dict) -> str:
     return str(meta.get("index", {}).get("backend", ANNOY))
 
 
-def _check_files(folder: Path, meta: dict, name: str | Path) -> None:
+def load_index(folder: str | Path) -> tuple[IndexBundle, Path]:
+    """A bundle's index without its model (exploring and finding duplicates need only vectors; no checksum is
+    computed), a version of changes put together with its base; and the folder that holds the model files."""
+    meta = read_meta(folder)
+    n_trees, next_id = int(meta["index"]["n_trees"]), int(meta["index"].get("next_id", -1))
+    if not meta.get("base"):
+        return IndexBundle.load(folder, n_trees=n_trees, next_id=next_id, backend=index_backend(meta)), Path(folder)
+    base = _base_folder(Path(folder), folder, meta, None)
+    _base_meta(base, base, meta, folder)
+    index = IndexBundle.load(base, n_trees=n_trees, next_id=next_id, backend=index_backend(meta))
+    return Changes.load(index, Path(folder)).index(next_id), base
+
+
+def _base_meta(base: Path, name: str | Path, meta: dict, folder: str | Path) -> dict:
+    """The bundle.json of the base of the changes in ``folder``, refused unless it is exactly the base they name."""
+    base_meta = read_meta(base, name)
+    if base_meta.get("base"):
+        raise BundleError(f"{name}, the base of {folder}, is itself a version of changes; a base must hold a whole "
+                          "gallery. Export the version again.")
+    if base_meta.get("files") != meta["base"].get("files"):
+        raise BundleError(f"{name} is not the gallery version the changes in {folder} were made on (its files' "
+                          f"checksums differ from those bundle.json names for {meta['base'].get('uri') or 'its base'})"
+                          ": fetch that version as its base")
+    return base_meta
+
+
+def _base_folder(pinned: Path, folder: str | Path, meta: dict, given: str | Path | None) -> Path:
+    """Where the base version of a version of changes is: given, inside it, or the local folder it names."""
+    if given is not None:
+        return Path(given)
+    if (pinned / BASE_DIR / BUNDLE_JSON).is_file():
+        return pinned / BASE_DIR
+    uri = str(meta["base"].get("uri", "")) if isinstance(meta["base"], dict) else ""
+    local = Path(uri.removeprefix("file://")) if uri and (uri.startswith("file://") or ":/" not in uri) else None
+    if local is not None and (local / BUNDLE_JSON).is_file():
+        return local
+    raise BundleError(f"{folder} holds the changes of a gallery version over its base version {uri or '(unnamed)'}, "
+                      "which is not here: load it by its runs:/ or models:/ URI (imgsim fetches the base with it), "
+                      "or export it (imgsim export --uri URI --out DIR writes one folder with its base)")
+
+
+def _check_files(folder: Path, meta: dict, name: str | Path, names: tuple[str, ...] = FILES) -> None:
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     problems = []
-    for file in FILES:
+    for file in names:
         path = folder / file
         if not path.is_file():
             problems.append(f"{file} is missing")

@@ -206,11 +206,10 @@ def find_in_bundle(folder: str | Path, hash_distance: int = DEFAULT_HASH_DISTANC
                    embedding_distance: float = DEFAULT_EMBEDDING_DISTANCE) -> tuple[DuplicateReport, Path | None]:
     """Exact and near duplicate groups among a gallery's items, from what the bundle stores (sha256, perceptual
     hash, embedding): no image is read. Also returns the gallery's image root, if recorded."""
-    from imgsim.bundle import index_backend, read_meta
-    from imgsim.index import IndexBundle
+    from imgsim.bundle import load_index, read_meta
 
     meta = read_meta(folder)
-    index = IndexBundle.load(folder, n_trees=int(meta["index"]["n_trees"]), backend=index_backend(meta))
+    index = load_index(folder)[0]
     if not all(item.phash for item in index.items):
         raise ImgsimError(f"bundle {folder} has no perceptual hashes (made before imgsim stored them): run extract "
                           "again, or run 'imgsim duplicates' on the image folder")

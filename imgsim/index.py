@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from annoy import AnnoyIndex
@@ -14,6 +14,9 @@ from numpy.typing import NDArray
 
 from imgsim import atomic
 from imgsim.errors import ImgsimError
+
+if TYPE_CHECKING:
+    from imgsim.changes import Changes
 
 # index.ann: the approximate-nearest-neighbour index in its backend's own format (bundle.json names the backend).
 INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE = "index.ann", "items.csv", "embeddings.npy"
@@ -181,6 +184,9 @@ class IndexBundle:
     ann: Backend
     metric: str = "angular"
     next_id: int = -1  # the id the next added image gets; -1: one past the largest id in items
+    # A gallery version stored as changes over a base version (imgsim.changes): what ``ann`` and ``embeddings``
+    # put together; None for an index of its own.
+    changes: "Changes | None" = None
 
     def __post_init__(self) -> None:
         largest = max((item.id for item in self.items), default=-1)
@@ -218,7 +224,7 @@ class IndexBundle:
     def search(self, vector: NDArray[np.float32], k: int, search_k: int = -1) -> tuple[list[int], list[float]]:
         """Rows (not ids: see ``items[row].id``) and angular distances (sqrt(2 - 2 cos)) of the ``k`` nearest
         gallery items; ``search_k`` is Annoy's search effort (faiss-hnsw's and faiss-ivf's are in their file)."""
-        if self.backend != FAISS_IVF:
+        if self.backend != FAISS_IVF or self.changes is not None:  # (changes: the base's search re-ranks)
             return self.ann.search(vector, k, search_k)
         # The quantized index proposes IVF_REFINE x k candidates; their stored vectors rank them exactly.
         rows = np.asarray(self.ann.search(vector, k * IVF_REFINE, search_k)[0], dtype=np.int64)
@@ -235,12 +241,7 @@ class IndexBundle:
         with atomic.atomic_path(out / EMBEDDINGS_FILE) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, self.embeddings)
-        with atomic.atomic_path(out / ITEMS_FILE) as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(ITEM_FIELDS)
-                # Plain tuples: dataclasses.astuple deep-copies every field (1.3 s for 52k items).
-                writer.writerows((i.id, i.path, i.label, i.split, i.sha256, i.phash) for i in self.items)
+        write_items(out / ITEMS_FILE, self.items)
 
     @classmethod
     def load(cls, in_dir: str | Path, n_trees: int, next_id: int = -1, backend: str = ANNOY) -> "IndexBundle":
@@ -250,9 +251,7 @@ class IndexBundle:
         check_backend(backend)
         try:
             embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r")
-            with open(folder / ITEMS_FILE, newline="") as f:
-                items = [GalleryItem(int(r["id"]), r["path"], r["label"], r["split"], r["sha256"], r.get("phash") or "")
-                         for r in csv.DictReader(f)]
+            items = read_items(folder / ITEMS_FILE)
             path = folder / INDEX_FILE
             ann = AnnoyBackend.load(path, int(embeddings.shape[1])) if backend == ANNOY else \
                 FaissBackend.load(backend, path)
@@ -265,6 +264,22 @@ class IndexBundle:
         if len({item.id for item in items}) != len(items):
             raise ImgsimError(f"index in {folder} is inconsistent: {ITEMS_FILE} repeats an id; rebuild it with extract")
         return cls(embeddings, items, n_trees, ann, next_id=next_id)
+
+
+def write_items(path: Path, items: Sequence[GalleryItem]) -> None:
+    """An item table as CSV (ITEM_FIELDS), atomically."""
+    with atomic.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(ITEM_FIELDS)
+            # Plain tuples: dataclasses.astuple deep-copies every field (1.3 s for 52k items).
+            writer.writerows((i.id, i.path, i.label, i.split, i.sha256, i.phash) for i in items)
+
+
+def read_items(path: Path) -> list[GalleryItem]:
+    with open(path, newline="") as f:
+        return [GalleryItem(int(r["id"]), r["path"], r["label"], r["split"], r["sha256"], r.get("phash") or "")
+                for r in csv.DictReader(f)]
 
 
 def angular_from_cosine(cosines: NDArray) -> NDArray:

@@ -71,7 +71,7 @@ def shard_bundle(source: str | Path, out: str | Path, shards: int) -> dict:
             bundle = ServingBundle(whole.spec, part, whole.probes, dict(whole.source), whole.search_k,
                                    whole.index_recall, onnx_parity=whole.onnx_parity, lineage=dict(whole.lineage),
                                    shard={"role": role, **({"index": i} if role == SHARD else {}), **common})
-            bundle.save(tmp / part_name(role, i), model_from=source)
+            bundle.save(tmp / part_name(role, i), model_from=whole.model_folder)
         for role, i, _ in parts:  # the probe check of every part, before the folder replaces the old one
             ServingBundle.load(tmp / part_name(role, i))
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())

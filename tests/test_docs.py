@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from imgsim.bundle import ServingBundle
 from imgsim.fashion_mnist import CLASSES, PARTS, find_source, prepare, read_idx
 from imgsim.runs.main import run_main
 from imgsim.split import SplitConfig
@@ -152,5 +153,7 @@ def test_gallery_changes_block_runs_as_written(tmp_path):
     assert str(client.get_model_version_by_alias("imgsim-gallery", "serving").version) == "5"
     assert (project / "demo-out" / "duplicates-sandal" / "duplicates.csv").is_file()
     assert (project / "demo-out" / "duplicates-gallery" / "duplicates.csv").is_file()
-    items = (project / "bundles" / "current" / "items.csv").read_text()
+    current = ServingBundle.load(project / "bundles" / "current")  # the changes of version 5 over 1, with it
+    items = {item.path for item in current.index.items}
     assert "bag/t10k-00018.png" in items and "bag/t10k-00069.png" in items and "bag/t10k-00030.png" not in items
+    assert current.base["uri"] == "models:/imgsim-gallery/1" and current.index.changes.removed.size == 2

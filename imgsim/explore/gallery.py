@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from imgsim.bundle import index_backend, read_meta
+from imgsim.bundle import load_index, read_meta
 from imgsim.errors import BadInput
 from imgsim.index import DEFAULT_SEARCH_K, IndexBundle
 from imgsim.modelspec import ModelSpec
@@ -32,11 +32,10 @@ class Gallery:
     def open(cls, folder: str | Path, root: str | Path | None = None) -> "Gallery":
         """The index (memory-mapped), the class names and the image root; no model is opened."""
         meta = read_meta(folder)
-        index = IndexBundle.load(folder, n_trees=int(meta["index"]["n_trees"]),
-                                 next_id=int(meta["index"].get("next_id", -1)), backend=index_backend(meta))
+        index, model_folder = load_index(folder)
         found = root or (meta.get("gallery") or {}).get("root")
         return cls(index, Path(found) if found else None, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
-                   index.n_trees, list(ModelSpec.load(folder).classes), Path(folder))
+                   index.n_trees, list(ModelSpec.load(model_folder).classes), Path(folder))
 
     @classmethod
     def fetch(cls, uri: str, root: str | Path | None = None) -> tuple["Gallery", str]:

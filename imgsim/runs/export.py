@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from imgsim import atomic
-from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.bundle import BASE_DIR, BUNDLE_JSON, ServingBundle
 from imgsim.errors import ImgsimError
 from imgsim.runs import tracking
 
@@ -41,14 +42,15 @@ def resolve_bundle(uri: str, dst: str | Path | None) -> tuple[Path, str]:
     registry version (or ""); a download goes into ``dst`` and stays there until the caller deletes it, as the
     server needs (its index is memory-mapped from it)."""
     pinned, version = locate_bundle(uri)
-    return _bundle_folder(tracking.download(pinned, "bundle", dst)), version
+    return _with_base(_bundle_folder(tracking.download(pinned, "bundle", dst)), pinned), version
 
 
 @contextlib.contextmanager
 def fetched_bundle(uri: str) -> Iterator[Path]:
     """:func:`resolve_bundle` for one use: a downloaded copy is deleted on exit."""
-    with tracking.fetched(bundle_uri(uri), "bundle") as folder:
-        yield _bundle_folder(folder)
+    pinned = bundle_uri(uri)
+    with tracking.fetched(pinned, "bundle") as folder:
+        yield _with_base(_bundle_folder(folder), pinned)
 
 
 @contextlib.contextmanager
@@ -56,7 +58,7 @@ def fetched_version(uri: str) -> Iterator[tuple[Path, str]]:
     """:func:`fetched_bundle` and the registry version it was fetched as."""
     pinned, version = locate_bundle(uri)
     with tracking.fetched(pinned, "bundle") as folder:
-        yield _bundle_folder(folder), version
+        yield _with_base(_bundle_folder(folder), pinned), version
 
 
 def export_bundle(uri: str, out: str | Path) -> Path:
@@ -66,6 +68,25 @@ def export_bundle(uri: str, out: str | Path) -> Path:
         ServingBundle.load(source)  # refuse to export a bundle that would not serve
         shutil.copytree(source, staging, dirs_exist_ok=True)
     return out
+
+
+def _with_base(folder: Path, uri: str) -> Path:
+    """A downloaded version of changes gets its base version downloaded into its ``base/`` (ServingBundle.load
+    reads it from there; an export copies both). A local folder is left as it is: its base must be in its own
+    ``base/`` or the local folder it names."""
+    if tracking.local_path(uri) is not None:
+        return folder
+    try:
+        base = json.loads((folder / BUNDLE_JSON).read_text()).get("base") or {}
+    except (OSError, ValueError, AttributeError):
+        return folder  # not a bundle: ServingBundle.load says so
+    if not base or (folder / BASE_DIR / BUNDLE_JSON).is_file():
+        return folder
+    staging = folder / (BASE_DIR + ".download")
+    got = _bundle_folder(tracking.download(str(base.get("uri", "")), "base gallery version", staging))
+    got.rename(folder / BASE_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def _bundle_folder(folder: Path) -> Path:

@@ -12,12 +12,12 @@ import mlflow
 
 from imgsim import config
 from imgsim.bundle import ServingBundle
-from imgsim.index import INDEX_FILE, ITEM_FIELDS
+from imgsim.index import ITEM_FIELDS
 from imgsim.modelspec import WEIGHTS
 from imgsim.nn.model import ModelBundle
 from imgsim.runs import tracking
 from imgsim.runs.common import log_params, start
-from imgsim.runs.export import BUNDLE_ARTIFACT, fetched_version
+from imgsim.runs.export import BUNDLE_ARTIFACT, fetched_version, locate_bundle
 from imgsim.stages import gallery
 from imgsim.stages.settings import AddConfig, RemoveConfig
 
@@ -25,24 +25,33 @@ from imgsim.stages.settings import AddConfig, RemoveConfig
 def run_gallery_add(cfg: AddConfig, files: list[str] | None = None) -> dict:
     """Add images to the gallery ``cfg.bundle`` names, as a new tracked bundle version; returns a summary."""
     tracking.setup()
-    with fetched_version(cfg.bundle) as (folder, version):
+    pinned = locate_bundle(cfg.bundle)[0]
+    with fetched_version(pinned) as (folder, version):
         parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
         if cfg.model_uri:
             with tracking.fetched(cfg.model_uri, "model") as model_folder:
-                gallery.check_model(ModelBundle.load(folder), ModelBundle.load(model_folder))
-        change = gallery.add_images(parent, cfg, files)
-        return _log_change("gallery_add", cfg, change, parent, folder, version)
+                gallery.check_model(ModelBundle.load(parent.model_folder), ModelBundle.load(model_folder))
+        change = gallery.add_images(parent, cfg, files, as_changes=_lasting(pinned))
+        return _log_change("gallery_add", cfg, change, parent, pinned, version)
 
 
 def run_gallery_remove(cfg: RemoveConfig) -> dict:
     """Remove images from the gallery ``cfg.bundle`` names, as a new tracked bundle version."""
     tracking.setup()
-    with fetched_version(cfg.bundle) as (folder, version):
+    pinned = locate_bundle(cfg.bundle)[0]
+    with fetched_version(pinned) as (folder, version):
         parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
-        return _log_change("gallery_remove", cfg, gallery.remove_images(parent, cfg), parent, folder, version)
+        change = gallery.remove_images(parent, cfg, as_changes=_lasting(pinned))
+        return _log_change("gallery_remove", cfg, change, parent, pinned, version)
 
 
-def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingBundle, parent_folder: Path,
+def _lasting(pinned: str) -> bool:
+    """Whether a version can name this parent as its base: a stored bundle (runs:/, models:/ version, storage),
+    not a local folder that may be gone or replaced tomorrow."""
+    return tracking.local_path(pinned) is None
+
+
+def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingBundle, parent_uri: str,
                 parent_version: str) -> dict:
     """Log a gallery change as one MLflow run (lineage, counts, recall, duplicates report, the new bundle) and
     register it; a change that changes nothing writes nothing."""
@@ -52,7 +61,7 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
         print(f"{stage}: nothing to change ({len(change.skipped)} skipped); no new version written")
         return summary | {"run_id": None, "version": None}
     parent = {"uri": cfg.bundle, "version": parent_version, "run_id": parent_bundle.lineage.get("run_id", ""),
-              "index_sha256": parent_bundle.files[INDEX_FILE]}
+              "index_sha256": parent_bundle.gallery_sha256}
     with start(stage) as run:
         mlflow.set_tags({"imgsim.stage": stage, "imgsim.parent_bundle": cfg.bundle,
                          "imgsim.parent_version": parent_version, "imgsim.parent_run_id": parent["run_id"],
@@ -65,9 +74,15 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
         mlflow.log_metrics({f"{k}_images": float(v) for k, v in counts.items()} | change.metrics
                            | {f"duplicates_{k}": float(v) for k, v in change.duplicates.counts().items()})
         change.bundle.lineage |= {"run_id": run.info.run_id, "parent": parent, "change": counts}
+        if change.bundle.base and not change.bundle.base["uri"]:
+            change.bundle.base["uri"] = parent_uri  # the parent, whole, is the base of this version of changes
+        if change.bundle.base:
+            mlflow.set_tag(tracking.BASE_TAG, change.bundle.base["uri"])
         with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifacts(str(change.bundle.save(Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_folder)),
-                                 BUNDLE_ARTIFACT)
+            saved = change.bundle.save(Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_bundle.model_folder)
+            stored = sum(f.stat().st_size for f in saved.iterdir())
+            mlflow.log_metric("version_bytes", float(stored))
+            mlflow.log_artifacts(str(saved), BUNDLE_ARTIFACT)
             mlflow.log_artifacts(str(_write_change_report(change, Path(tmp) / "changes")), "changes")
         version = None
         if cfg.register_name:
@@ -75,11 +90,12 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
             # gallery this change was built from, by content, whichever URI named it.
             version = tracking.register_bundle(
                 cfg.register_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias,
-                index_sha256=change.bundle.files[INDEX_FILE],
+                index_sha256=change.bundle.gallery_sha256, base=change.bundle.base.get("uri", ""),
                 parent=tracking.Parent(parent["index_sha256"], parent_version if _names(cfg.bundle, cfg.register_name) else ""))
             mlflow.set_tag("imgsim.gallery_version", version)
     return summary | {"run_id": run.info.run_id, "version": version,
                       "index_recall_at_10": round(change.metrics["index_recall_at_10"], 4),
+                      "stored": "changes" if change.bundle.base else "whole", "stored_bytes": stored,
                       "bundle_uri": f"models:/{cfg.register_name}/{version}" if version else
                       f"runs:/{run.info.run_id}/{BUNDLE_ARTIFACT}"}
 

@@ -30,15 +30,24 @@ def storage_uri(bundle: str) -> str:
     from mlflow.tracking import MlflowClient
 
     from imgsim.runs.export import locate_bundle
+    from imgsim.runs.tracking import BASE_TAG
 
     pinned, version = locate_bundle(bundle)
     client = MlflowClient()
     if pinned.startswith("models:/"):
         name = pinned.removeprefix("models:/").split("/")[0]
         location = client.get_model_version_download_uri(name, version)
+        base = (client.get_model_version(name, version).tags or {}).get(BASE_TAG)
     else:
         run_id, _, path = pinned.removeprefix("runs:/").partition("/")
-        location = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+        run = client.get_run(run_id)
+        location, base = f"{run.info.artifact_uri.rstrip('/')}/{path}", run.data.tags.get(BASE_TAG)
+    if base:
+        # The storage initializer copies one folder; a version of changes needs its base beside it.
+        raise ImgsimError(f"{bundle} is stored as its changes over the gallery version {base}, and the cluster's "
+                          "storage initializer copies one folder: export it (imgsim export --uri "
+                          f"{bundle} --out DIR writes it with its base), upload DIR and roll out its s3:// URI; or "
+                          "write the next change with --full")
     if not location.startswith(CLUSTER_SCHEMES):
         raise ImgsimError(f"{bundle} is stored at {location}, which the cluster cannot read: run the MLflow "
                           "server with an S3 artifact store (--artifacts-destination s3://...), or export the "

@@ -115,6 +115,9 @@ def find_index_run(name: str, version: str) -> str:
 
 
 INDEX_TAG = "imgsim.index_sha256"  # on registered bundle versions: which gallery (index content) it is
+# On gallery-change runs and their registered versions: the base version's URI when the version is stored as its
+# changes over that base (imgsim.changes), absent when it holds the whole gallery.
+BASE_TAG = "imgsim.base"
 LOCK_SUFFIX = ".imgsim-lock"  # a registered model that exists while a change to the gallery is registered
 LOCK_WAIT_S, LOCK_STALE_S = 30.0, 600.0
 
@@ -128,7 +131,7 @@ class Parent:
 
 
 def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", *, index_sha256: str = "",
-                    parent: Parent | None = None) -> str:
+                    parent: Parent | None = None, base: str = "") -> str:
     """Register the bundle at ``artifact_uri`` as a new version of ``name`` (tagged with its index checksum)
     and point ``alias`` at it; returns the version.
 
@@ -145,7 +148,8 @@ def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", 
     with _registry_lock(client, name):
         if alias and parent is not None:
             _check_alias(client, name, alias, parent)
-        tags = {KIND_TAG: "bundle"} | ({INDEX_TAG: index_sha256} if index_sha256 else {})
+        tags = {KIND_TAG: "bundle"} | ({INDEX_TAG: index_sha256} if index_sha256 else {}) | \
+            ({BASE_TAG: base} if base else {})
         version = str(client.create_model_version(name, artifact_uri, run_id, tags=tags).version)
         if alias:
             client.set_registered_model_alias(name, alias, version)

@@ -1,4 +1,8 @@
-"""A living gallery: add and remove images of a serving bundle without retraining, as a new bundle version."""
+"""A living gallery: add and remove images of a serving bundle without retraining, as a new bundle version.
+
+A new version is stored as its changes over the gallery's base version (imgsim.changes: the added vectors and
+items, the removed ids) while they stay small (imgsim.changes.fits); then, or when asked (``full``), as
+a whole gallery with a rebuilt index, which becomes the base of the versions after it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from tqdm import tqdm
 
 from imgsim import duplicates, hashing
 from imgsim.bundle import PROBE_COUNT, Probes, ServingBundle
+from imgsim.changes import Changes, fits
 from imgsim.errors import ImgsimError
 from imgsim.index import GalleryItem, IndexBundle
 from imgsim.metrics import index_recall
@@ -47,9 +52,11 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = None) -> Change:
-    """Embed only the new images, skip copies, and build the next version's index from the stored vectors.
-    Every file is checked before anything is built: one bad file fails the whole change, naming it."""
+def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = None, *,
+               as_changes: bool = True) -> Change:
+    """Embed only the new images, skip copies, and make the next version: the changes over the parent's base, or
+    (``as_changes`` False, ``cfg.full``, or changes past imgsim.changes.fits) an index rebuilt from the stored
+    vectors. Every file is checked before anything is built: one bad file fails the whole change, naming it."""
     _whole(parent)
     root = intake.image_root(parent, cfg.root)
     found, left_out = intake.list_inputs(files if files is not None else split_list(cfg.paths), cfg.folder, root)
@@ -80,28 +87,23 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
     report = duplicates.DuplicateReport([p.pair for p in pairs], len(found))
     if not added:
         return Change(parent, [], [], skipped, report, {})
-    vectors = np.concatenate([np.asarray(parent.index.embeddings), embeddings])
-    index = IndexBundle.build(vectors, parent.index.items + added, n_trees=parent.index.n_trees, seed=cfg.seed,
-                              next_id=first + len(added), backend=parent.index.backend)
+    index = _next_index(parent, embeddings, added, set(), seed=cfg.seed, next_id=first + len(added),
+                        full=cfg.full or not as_changes)
     probes = _top_up(parent.probes, index, added, inputs[new_rows], embeddings)
     new = len(parent.index.items) + np.arange(len(added))
     return _finish(parent, index, probes, added, [], skipped, report, cfg.seed, new, root)
 
 
-def remove_images(parent: ServingBundle, cfg: RemoveConfig) -> Change:
+def remove_images(parent: ServingBundle, cfg: RemoveConfig, *, as_changes: bool = True) -> Change:
     """Drop items by id or path; the ids of what remains do not change, and a removed id is never reused."""
     _whole(parent)
     rows = _rows_to_remove(parent.index, split_list(cfg.ids), split_list(cfg.paths))
     if len(rows) == len(parent.index.items):
         raise ImgsimError(f"removing all {len(rows)} images would leave an empty gallery; a gallery needs at least "
                           "one image. Nothing was changed.")
-    keep = np.ones(len(parent.index.items), dtype=bool)
-    keep[rows] = False
     removed = [parent.index.items[r] for r in rows]
-    index = IndexBundle.build(np.asarray(parent.index.embeddings)[keep],
-                              [item for item, k in zip(parent.index.items, keep) if k],
-                              n_trees=parent.index.n_trees, seed=cfg.seed, next_id=parent.index.next_id,
-                              backend=parent.index.backend)
+    index = _next_index(parent, np.zeros((0, parent.index.dim), dtype=np.float32), [], {item.id for item in removed},
+                        seed=cfg.seed, next_id=parent.index.next_id, full=cfg.full or not as_changes)
     # Probes of removed images stay: they still prove the model; the index is checked on the others.
     return _finish(parent, index, parent.probes, [], removed, [], duplicates.DuplicateReport([], 0), cfg.seed,
                    np.zeros(0, dtype=np.int64), parent.lineage.get("root", ""))
@@ -113,12 +115,36 @@ def _whole(parent: ServingBundle) -> None:
                           "shard the new version again (imgsim shard-bundle)")
 
 
+def _next_index(parent: ServingBundle, vectors: NDArray[np.float32], added: list[GalleryItem], removed: set[int],
+                *, seed: int, next_id: int, full: bool) -> IndexBundle:
+    """The parent's changes over its base plus this change's, as one index; rebuilt as a whole when asked or when
+    the changes have outgrown a version of changes (imgsim.changes.fits)."""
+    prior = parent.index.changes
+    base = prior.base if prior is not None else parent.index
+    vectors = np.concatenate([prior.added, vectors]) if prior is not None else vectors
+    items = (prior.added_items if prior is not None else []) + added
+    kept = [i for i, item in enumerate(items) if item.id not in removed]  # an added image removed again
+    from_base = [i for i in removed if base.row(i) is not None]
+    changes = Changes(base, vectors[kept], [items[i] for i in kept],
+                      np.union1d(prior.removed if prior is not None else [], from_base))
+    index = changes.index(next_id)
+    if not full and fits(len(changes), len(base.items)):
+        return index
+    return IndexBundle.build(np.asarray(index.embeddings), index.items, n_trees=base.n_trees, seed=seed,
+                             next_id=next_id, backend=base.backend)
+
+
 def _finish(parent: ServingBundle, index: IndexBundle, probes: Probes, added: list[GalleryItem],
             removed: list[GalleryItem], skipped, report, seed: int, new_rows: NDArray[np.int64],
             root: str | Path) -> Change:
     metrics = _recall(index, parent.search_k, seed, new_rows)
+    # A version of changes names its base: the parent's own base, or the parent itself when it is whole (where
+    # it is stored is the caller's to fill in: imgsim.runs.gallery).
+    base = {} if index.changes is None else dict(parent.base) or \
+        {"uri": "", "files": dict(parent.files), "count": len(parent.index.items)}
     bundle = ServingBundle(parent.spec, index, probes, dict(parent.source), parent.search_k,
-                           metrics["index_recall_at_10"], onnx_parity=parent.onnx_parity, lineage={"root": str(root)})
+                           metrics["index_recall_at_10"], onnx_parity=parent.onnx_parity, lineage={"root": str(root)},
+                           base=base)
     return Change(bundle, added, removed, skipped, report, metrics | {"gallery_size": float(len(index.items))})
 
 

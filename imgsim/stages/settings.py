@@ -7,6 +7,7 @@ import dataclasses
 
 from imgsim import duplicates
 from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
+from imgsim.changes import MAX_CHANGE_FRACTION, MAX_CHANGES
 from imgsim.config import setting
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import ANNOY, DEFAULT_SEARCH_K, check_backend
@@ -163,6 +164,9 @@ class GalleryChangeConfig:
     register_name: str = setting(GALLERY_NAME, "register each new version under this name; empty: do not",
                                  "tracking")
     alias: str = setting(GALLERY_ALIAS, "move this alias to the new version; empty: leave it alone", "tracking")
+    full: bool = setting(False, "write the whole gallery with a rebuilt index, not only the changes over its base "
+                         f"version (done anyway once changes pass {MAX_CHANGE_FRACTION:.0%} of the base or "
+                         f"{MAX_CHANGES:,} images, or when the gallery is given as a local folder)", "gallery")
 
 
 @dataclasses.dataclass(frozen=True)

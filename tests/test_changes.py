@@ -1,0 +1,181 @@
+"""Gallery versions stored as their changes over a base version: the same answers as a rebuilt index, a version
+that holds only what changed, a base that must be exactly the one the changes were made on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+from imgsim.bundle import BASE_DIR, BUNDLE_JSON, CHANGES_VERSION_FILES, BundleError, ServingBundle
+from imgsim.changes import MAX_CHANGE_FRACTION, Changes, fits
+from imgsim.duplicates import find_in_bundle
+from imgsim.errors import ImgsimError
+from imgsim.explore.gallery import Gallery
+from imgsim.index import ANNOY, BACKENDS, FAISS_FLAT, GalleryItem, IndexBundle
+from imgsim.metrics import exact_topk
+from imgsim.modelspec import file_sha256
+from imgsim.runs import rollout, tracking
+from imgsim.runs.export import export_bundle, fetched_version
+from imgsim.serve.search import Searcher
+from imgsim.sharded import shard_bundle
+from tests.galleries import add, load_version, new_images, remove
+from tests.test_index_backends import clustered, items
+
+
+def _changed(base: IndexBundle, vectors: np.ndarray, removed_rows: list[int]) -> tuple[IndexBundle, IndexBundle]:
+    """(the base with these changes, the same gallery rebuilt as one faiss-flat index)."""
+    n = len(base.items)
+    added = [GalleryItem(5000 + i, f"new-{i}.png", "", "added", f"{i:064x}") for i in range(len(vectors))]
+    changes = Changes(base, vectors, added, np.asarray([base.items[r].id for r in removed_rows], dtype=np.int64))
+    index = changes.index(next_id=5000 + len(vectors))
+    keep = np.setdiff1d(np.arange(n), removed_rows)
+    whole = np.concatenate([np.asarray(base.embeddings)[keep], vectors])
+    rebuilt = IndexBundle.build(whole, [base.items[r] for r in keep] + added, backend=FAISS_FLAT)
+    return index, rebuilt
+
+
+def test_an_exact_base_with_changes_answers_exactly_like_the_rebuilt_gallery():
+    base = IndexBundle.build(clustered(600), items(600), backend=FAISS_FLAT)
+    removed = list(range(0, 600, 7))  # 86 removed, among them many a query's nearest
+    index, rebuilt = _changed(base, clustered(40, seed=3), removed)
+    assert index.items == rebuilt.items and len(index.ann) == len(rebuilt.items) == 600 - 86 + 40
+    np.testing.assert_array_equal(np.asarray(index.embeddings), np.asarray(rebuilt.embeddings))
+    for q in np.concatenate([clustered(30, seed=4), clustered(40, seed=3)[:10]]):  # new images as queries too
+        for k in (1, 10, len(rebuilt.items)):
+            rows, dists = index.search(q, k)
+            want_rows, want_dists = rebuilt.search(q, k)
+            assert [index.items[r].id for r in rows] == [rebuilt.items[r].id for r in want_rows]
+            # (compared as cosines: float32 noise of 1e-7 in a cosine near 1 is 3e-4 in sqrt(2 - 2 cos))
+            np.testing.assert_allclose(1 - np.square(dists) / 2, 1 - np.square(want_dists) / 2, atol=1e-6)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10 ** 6)), min_size=1, max_size=12))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_sequence_of_changes_keeps_rows_vectors_and_ids_in_step(steps):
+    """Adds and removes in any order (removing base items and items added earlier): the rows of items,
+    embeddings and indexed vectors stay the same images, and the nearest item of a stored vector is itself."""
+    base = IndexBundle.build(clustered(120, seed=5), items(120), backend=FAISS_FLAT)
+    vectors, added, removed, next_id = np.zeros((0, base.dim), np.float32), [], set(), 5000
+    for is_add, seed in steps:
+        if is_add:
+            vectors = np.concatenate([vectors, clustered(3, seed=seed)])
+            added += [GalleryItem(next_id + i, f"n{next_id + i}.png", "", "added", "") for i in range(3)]
+            next_id += 3
+        else:
+            alive = [it.id for it in base.items if it.id not in removed] + [it.id for it in added]
+            gone = alive[seed % len(alive)]
+            keep = [i for i, it in enumerate(added) if it.id != gone]
+            vectors, added = vectors[keep], [added[i] for i in keep]
+            removed |= {gone} if base.row(gone) is not None else set()
+    index = Changes(base, vectors, added, np.asarray(sorted(removed), dtype=np.int64)).index(next_id)
+    assert len(index.items) == len(index.ann) == len(index.embeddings) == 120 - len(removed) + len(added)
+    assert not {it.id for it in index.items} & removed
+    stored = np.asarray(index.embeddings)
+    rows = np.arange(len(index.items))
+    np.testing.assert_array_equal(index.ann.vectors(rows), stored)
+    np.testing.assert_array_equal(index.embeddings[rows[::-1]], stored[::-1])
+    for r in range(0, len(rows), 7):  # (a row or a copy of it: a seed may repeat)
+        np.testing.assert_array_equal(stored[index.search(stored[r], 1)[0][0]], stored[r])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != FAISS_FLAT])
+def test_approximate_bases_keep_their_recall_with_changes(backend):
+    base = IndexBundle.build(clustered(3000), items(3000), n_trees=10, backend=backend)
+    index, rebuilt = _changed(base, clustered(300, seed=6), list(range(0, 3000, 11)))
+    queries = clustered(200, seed=7)
+    truth = exact_topk(queries, np.asarray(rebuilt.embeddings), 10)
+    found = [index.search(q, 10, 1500)[0] for q in queries]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall >= 0.95, f"{backend}: recall@10 {recall:.3f} with changes"
+
+
+def test_changes_made_on_another_base_are_refused():
+    base = IndexBundle.build(clustered(50), items(50), backend=ANNOY)
+    with pytest.raises(ImgsimError, match="remove ids \\[7\\] that the base gallery does not hold"):
+        Changes(base, np.zeros((0, base.dim), np.float32), [], np.asarray([7])).index(5000)
+    clash = [GalleryItem(1003, "x.png", "", "added", "")]
+    with pytest.raises(ImgsimError, match="add ids \\[1003\\] that the base gallery already holds"):
+        Changes(base, clustered(1), clash, np.zeros(0, np.int64)).index(5000)
+
+
+def _dir_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_small_change_stores_only_what_changed_and_serves(living, tmp_path):
+    v1 = load_version(living["uri"])
+    summary = add(living, paths=",".join(new_images(living["incoming"], 3)))
+    assert summary["stored"] == "changes"
+    with fetched_version(f"models:/{living['name']}/1") as (folder, _):
+        whole_bytes = _dir_bytes(folder)
+    client = MlflowClient()
+    stored = client.get_model_version_download_uri(living["name"], summary["version"])
+    with tracking.fetched(stored, "bundle") as folder:  # the artifact as stored, before imgsim adds the base
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*CHANGES_VERSION_FILES, BUNDLE_JSON])
+        meta = json.loads((folder / BUNDLE_JSON).read_text())
+        assert _dir_bytes(folder) == summary["stored_bytes"] < whole_bytes / 2  # (mostly the probe images here)
+    assert meta["base"]["uri"] == f"models:/{living['name']}/1" and meta["changes"] == {"added": 3, "removed": 0}
+    assert meta["base"]["files"] == v1.files  # the base named by every file's checksum
+    # Removing a base image and one just added: still changes over version 1, the added one simply gone.
+    v2 = load_version(living["uri"])
+    gone = [v2.index.items[0], v2.index.items[-1]]
+    summary = remove(living, ids=f"{gone[0].id},{gone[1].id}")
+    v3 = load_version(living["uri"])
+    assert summary["stored"] == "changes" and v3.base["uri"] == f"models:/{living['name']}/1"
+    assert len(v3.index.changes.added_items) == 2 and v3.index.changes.removed.tolist() == [gone[0].id]
+    assert [it.id for it in v3.index.items] == [it.id for it in v2.index.items if it not in gone]
+    assert v3.gallery_sha256 not in (v1.gallery_sha256, v2.gallery_sha256)
+    # Served through its URI (the base fetched with it), and as one exported folder that needs no MLflow.
+    out = export_bundle(living["uri"], tmp_path / "exported")
+    assert (out / BASE_DIR / BUNDLE_JSON).is_file()
+    searcher = Searcher(out)
+    for item in v3.index.items[-2:]:
+        top = searcher.search_bytes([(living["root"] / item.path).read_bytes()], 1)[0].neighbours[0]
+        assert top.id == item.id
+    assert gone[0].id not in {n.id for n in searcher.search_bytes(
+        [(living["root"] / gone[0].path).read_bytes()], len(v3.index.items))[0].neighbours}
+    with pytest.raises(ImgsimError, match="stored as its changes over the gallery version"):
+        rollout.storage_uri(living["uri"])
+    assert find_in_bundle(out)[0].scanned == len(v3.index.items)  # the model-free readers put them together too
+    assert Gallery.open(out).index.items == v3.index.items
+    sharded = shard_bundle(out, tmp_path / "sharded", 2)  # whole parts, from base + changes
+    assert sharded["items"] == len(v3.index.items) and not ServingBundle.load(tmp_path / "sharded" / "shard-1").base
+    # --full writes the whole gallery again, and the next change is made over it.
+    summary = add(living, paths=",".join(new_images(living["incoming"], 1, start=900)), full=True)
+    assert summary["stored"] == "whole" and not load_version(living["uri"]).base
+    add(living, paths=",".join(new_images(living["incoming"], 1, start=950)))
+    assert load_version(living["uri"]).base["uri"] == f"models:/{living['name']}/{summary['version']}"
+
+
+def test_changes_past_the_limit_write_the_whole_gallery(living):
+    v1 = load_version(living["uri"])
+    many = int(MAX_CHANGE_FRACTION * len(v1.index.items)) + 1
+    assert not fits(many, len(v1.index.items)) and fits(many - 1, len(v1.index.items))
+    summary = remove(living, ids=",".join(str(it.id) for it in v1.index.items[:many]))
+    assert summary["stored"] == "whole" and len(load_version(living["uri"]).index.items) == len(v1.index.items) - many
+
+
+def test_a_version_of_changes_without_its_exact_base_is_refused_by_name(living, tmp_path):
+    add(living, paths=",".join(new_images(living["incoming"], 2)))
+    out = export_bundle(living["uri"], tmp_path / "v2")
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone, ignore=shutil.ignore_patterns(BASE_DIR))
+    with pytest.raises(BundleError, match="holds the changes of a gallery version over its base version models:/"):
+        ServingBundle.load(alone)
+    shutil.copyfile(out / BASE_DIR / "embeddings.npy", out / BASE_DIR / "items.csv")  # a damaged base
+    with pytest.raises(BundleError, match="base is damaged: items.csv does not match its recorded sha256"):
+        ServingBundle.load(out)
+    other = tmp_path / "other"  # a whole, healthy gallery, but not the version the changes were made on
+    shutil.copytree(out / BASE_DIR, other)
+    meta = json.loads((other / BUNDLE_JSON).read_text())
+    shutil.copyfile(alone / "added.csv", other / "items.csv")
+    meta["files"]["items.csv"] = file_sha256(other / "items.csv")
+    (other / BUNDLE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="is not the gallery version the changes in .* were made on"):
+        ServingBundle.load(alone, base=other)
