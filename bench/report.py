@@ -92,6 +92,7 @@ def section() -> str:
     parts += index_backend_sections()
     parts += filter_sections()
     parts += shard_sections()
+    parts += change_sections()
     return "\n".join(parts)
 
 
@@ -172,6 +173,23 @@ def shard_sections() -> list[str]:
             "the sharded answer is each shard's top k merged by the graph's COMBINER code; latency in-process, the "
             "slowest shard being the critical path of the graph's parallel fan-out; `python -m bench.shards`:\n",
             table(sh["rows"], columns) + "\n"]
+
+
+def change_sections() -> list[str]:
+    """A gallery version stored as its changes over the base against a whole rebuilt copy, per backend."""
+    ch = load("changes")
+    if not ch:
+        return []
+    columns = ["backend", "version", "seconds", "index s", "MB stored", "recall@10", "search p50 ms", "vs whole"]
+    return [f"**18. Gallery versions as changes** — the demo gallery ({ch['gallery']:,} items) indexed whole per "
+            f"backend and registered in a fresh MLflow store; {ch['changed']} images it does not hold (1 %) added "
+            "through the real `gallery add`, as changes over that version (the default) and as a whole rebuilt copy "
+            f"(`--full`); then {ch['changed']} others removed as changes. seconds: the whole change (fetch, load and "
+            "verify the parent, embed, check copies, measure recall, write, log); index s: the changed index made "
+            "from base + changes against rebuilt whole from the same vectors; MB stored: what the version writes to "
+            f"MLflow; search: {ch['queries']:,} gallery vectors as queries, k = 10, one thread, in-process, the "
+            "versions timed in turn query by query; `python -m bench.changes`:\n",
+            table(ch["rows"], columns) + "\n"]
 
 
 def scale_sections() -> list[str]:

@@ -24,4 +24,5 @@ $PY -m bench.scale                        # 1 vs 2 shard processes; index build 
 $PY -m bench.index_backends               # annoy, faiss-flat, faiss-hnsw at 10^5 and 10^6 items (~10 min)
 $PY -m bench.filters                      # label / excluded-id filters per backend (~1 min)
 $PY -m bench.shards                       # a sharded gallery vs the whole one, per backend (~1 min)
+$PY -m bench.changes                      # gallery versions as changes vs whole copies, per backend (~6 min)
 $PY -m bench.report --write               # the results section of docs/benchmarks.md
