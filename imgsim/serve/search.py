@@ -177,7 +177,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def make_answer(searcher: Searcher, results: list[QueryResult]) -> dict:
     """The answer, naming the model and gallery version that produced it."""
-    return {"results": [{"neighbours": [dataclasses.asdict(n) for n in r.neighbours],
+    # (a plain dict per neighbour: dataclasses.asdict deep-copies every field, 0.1 ms for ten neighbours)
+    return {"results": [{"neighbours": [dict(vars(n)) for n in r.neighbours],
                          "predicted": None if r.predicted_label is None else
                          {"label": r.predicted_label, "probability": r.probability}}
                         for r in results],

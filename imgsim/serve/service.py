@@ -197,9 +197,15 @@ class SimilarityService:
     def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
         """Answer one request; returns (answer, timings in ms). Raises ``BadInput`` for client errors."""
         searcher = self.serving()
-        timings: dict[str, float] = {}
         started = time.perf_counter()
         k, where, query = self.parse(json_data, bin_data, tags, searcher)
+        return self.answer(searcher, k, where, query, started)
+
+    def answer(self, searcher: Searcher, k: int, where: Filter | None, query: Iterable[bytes] | int,
+               started: float) -> tuple[dict, dict[str, float]]:
+        """Answer a parsed query (images, or the gallery id it names) from ``searcher``; (answer, timings in ms)
+        since ``started``. Every protocol's adapter ends here."""
+        timings: dict[str, float] = {}
         if isinstance(query, int):
             return make_answer(searcher, [searcher.search_id(query, k, where)]), timings
         embeddings, probs = self.embed(query, searcher, started, timings)
@@ -207,6 +213,15 @@ class SimilarityService:
         results = [searcher.rank(e, p, k, where) for e, p in zip(embeddings, probs)]
         timings["search_ms"] = ms_since(started)
         return make_answer(searcher, results), timings
+
+    def options(self, params: dict, searcher: Searcher) -> tuple[int, Filter | None]:
+        """A query's k and filter from named parameters (``k``, ``labels``, ``exclude_ids``), as the Open
+        Inference Protocol's request parameters carry them."""
+        return self._k(params.get("k"), None, searcher.gallery_size), self._filter(params, {}, searcher)
+
+    def gallery_file(self, path: Any) -> bytes:
+        """The bytes of a gallery image a client names by path (inside the configured gallery_root only)."""
+        return self._read_gallery_file(path)
 
     def serving(self) -> Searcher:
         """The version this request is answered from, even if a refresh switches meanwhile."""
