@@ -47,4 +47,15 @@ if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
   "$PYTHON" -m venv "$K8S_VENV"
   "$K8S_VENV/bin/pip" install -q "pip<26" "kubernetes-validate==1.37.0" "jsonschema>=4.23,<5" "pyyaml>=6"
 fi
-echo "setup: ready ($VENV, $K8S_VENV)"
+# The Open Inference Protocol server (MLServer 1.7, protobuf 6) cannot share $VENV with seldon-core 1.18
+# (protobuf < 4): its own environment, rebuilt when its requirements change.
+V2_VENV=${V2_VENV:-.venv-serve-v2}
+v2_want="$(sha256sum requirements-serve-v2.txt | cut -d' ' -f1)"
+if [ ! -f "$V2_VENV/.imgsim-installed" ] || [ "$(cat "$V2_VENV/.imgsim-installed")" != "$v2_want" ]; then
+  echo "setup: creating $V2_VENV for the Open Inference Protocol server (MLServer)"
+  "$PYTHON" -m venv "$V2_VENV"
+  "$V2_VENV/bin/pip" install -q "pip<26"
+  "$V2_VENV/bin/pip" install -q -r requirements-serve-v2.txt
+  echo "$v2_want" > "$V2_VENV/.imgsim-installed"
+fi
+echo "setup: ready ($VENV, $K8S_VENV, $V2_VENV)"

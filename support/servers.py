@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,51 @@ def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServe
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"server not up within {timeout}s:\n{server.logs()}")
+
+
+# MLServer's environment (scripts/setup.sh creates it): the Open Inference Protocol server and its gRPC client.
+V2_VENV = Path(os.environ.get("V2_VENV", REPO / ".venv-serve-v2"))
+
+
+def v2_python() -> Path:
+    python = V2_VENV if V2_VENV.is_absolute() else REPO / V2_VENV
+    python = python / "bin" / "python"
+    if not python.exists():
+        raise RuntimeError(f"{python} is missing: run `bash scripts/setup.sh` (it creates the MLServer environment)")
+    return python
+
+
+def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120) -> Server:
+    """`mlserver start model_server/v2` (the Open Inference Protocol server) with ``env`` added, on free loopback
+    ports; waits until /v2/health/ready answers 200 (every model loaded and verified)."""
+    rest, grpc_port, metrics = free_port(), free_port(), free_port()
+    full_env = os.environ | {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_HTTP_PORT": str(rest),
+                             "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_METRICS_PORT": str(metrics),
+                             "PYTHONPATH": str(REPO)} | env
+    proc = subprocess.Popen([str(v2_python().parent / "mlserver"), "start", "."], cwd=REPO / "model_server" / "v2",
+                            env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlserver exited with {proc.returncode}:\n{server.logs()}")
+        try:
+            if requests.get(f"{server.rest}/v2/health/ready", timeout=1).ok and _grpc_up(server.grpc):
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"mlserver not ready within {timeout}s:\n{server.logs()}")
+
+
+def oip_grpc(server: Server, *args: str) -> dict:
+    """One Open Inference Protocol gRPC call through support/oip_client.py in MLServer's environment."""
+    out = subprocess.run([str(v2_python()), str(REPO / "support" / "oip_client.py"), "--grpc", server.grpc, *args],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"oip_client failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_graph(body: dict, embedder: str, shards: list[str], merger: str) -> requests.Response:

@@ -1,0 +1,142 @@
+"""Open Inference Protocol (KServe V2) adapter: an MLServer runtime over the same similarity service as the Seldon v1
+wrapper (model_server/ModelServer.py): the same bundle, limits, validation and answers.
+
+Request: one input tensor, ``images`` (BYTES, one element per encoded image: raw bytes over gRPC, base64 strings
+in REST JSON), ``id`` (INT64, a gallery id) or ``path`` (BYTES, a gallery path under gallery_root); request
+parameters ``k``, ``labels``, ``exclude_ids``, ``format``. Response: ``ids`` (INT64), ``scores`` (FP32, cosine
+similarity) and ``labels`` (BYTES), each [queries, k] with id -1 where a query has fewer neighbours; ``predicted``
+(BYTES, [queries]); with ``format`` "json" also ``answer`` (BYTES, [1]: the v1 server's JSON answer); response
+parameters name the model and gallery version. Runs in its own environment (requirements-serve-v2.txt: MLServer
+needs protobuf >= 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from mlserver import MLModel
+from mlserver.errors import MLServerError
+from mlserver.types import InferenceRequest, InferenceResponse, Parameters, ResponseOutput
+
+from imgsim.errors import BadInput, ImgsimError
+from imgsim.serve import inputs
+from imgsim.serve.service import SimilarityService
+from imgsim.serve.settings import ServiceConfig
+
+log = logging.getLogger(__name__)
+QUERY_INPUTS = ("images", "id", "path")
+FORMATS = ("tensors", "json")  # request parameter "format": "json" adds the v1 server's JSON answer as "answer"
+
+
+class ImgsimRuntime(MLModel):
+    """Top-k image similarity over the Open Inference Protocol; ready once the bundle is loaded and verified."""
+
+    async def load(self) -> bool:
+        extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
+        self.service = SimilarityService(ServiceConfig.from_sources(**extra))
+        await asyncio.get_running_loop().run_in_executor(None, self.service.load)
+        if not self.service.ready and self.service.load_failed_for_good:
+            raise MLServerError(f"imgsim: {self.service.load_error}", 500)
+        return self.service.ready
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        try:
+            params = _params(payload.parameters)
+            fmt = params.pop("format", "tensors")
+            if fmt not in FORMATS:
+                raise BadInput(f"parameter 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
+            answer = self._answer(payload, params)
+        except BadInput as exc:
+            self.service.rejected.add()
+            raise MLServerError(str(exc), 400) from None
+        except ImgsimError as exc:
+            raise MLServerError(str(exc), 503) from None
+        return _response(self.name, answer, with_json=fmt == "json")
+
+    def _answer(self, payload: InferenceRequest, params: dict) -> dict:
+        started = time.perf_counter()
+        searcher = self.service.serving()
+        k, where = self.service.options(params, searcher)
+        given = [i for i in payload.inputs if i.name in QUERY_INPUTS]
+        if len(given) != 1 or len(payload.inputs) != 1:
+            raise BadInput(f"send exactly one input tensor, one of {', '.join(QUERY_INPUTS)} (got "
+                           f"{[i.name for i in payload.inputs]})")
+        tensor = given[0]
+        elements = list(tensor.data)
+        if not elements:
+            raise BadInput(f"input '{tensor.name}' is empty")
+        if tensor.name == "id":
+            if len(elements) != 1:
+                raise BadInput("input 'id' takes one gallery id")
+            query: Any = inputs.integer(elements[0], "id")
+        elif tensor.name == "path":
+            if len(elements) != 1:
+                raise BadInput("input 'path' takes one gallery path")
+            query = [self.service.gallery_file(_text(elements[0], "path"))]
+        else:
+            if len(elements) > self.service.cfg.max_batch:
+                raise BadInput(f"'images' has {len(elements)} elements; at most {self.service.cfg.max_batch} per "
+                               "request")
+            base64_bytes = _params(tensor.parameters).get("content_type") == "base64"
+            query = (_image(e, i, base64_bytes) for i, e in enumerate(elements))
+        return self.service.answer(searcher, k, where, query, started)[0]
+
+
+def _params(parameters: Parameters | None) -> dict:
+    """Request or tensor parameters as a dict. gRPC parameters hold scalars only, so ``labels`` and
+    ``exclude_ids`` may come as a JSON list in a string there ('["bag", "shirt"]')."""
+    if parameters is None:
+        return {}
+    params = dict(parameters.model_extra or {})
+    if parameters.content_type:
+        params["content_type"] = parameters.content_type
+    for key in ("labels", "exclude_ids"):
+        if isinstance(params.get(key), str):
+            try:
+                params[key] = json.loads(params[key])
+            except ValueError:
+                raise BadInput(f"parameter '{key}' must be a list, or a JSON list in a string") from None
+    return params
+
+
+def _image(element: Any, i: int, base64_bytes: bool) -> bytes:
+    """An image element: raw bytes (gRPC), or base64 text (REST JSON cannot carry bytes; or content_type base64)."""
+    if isinstance(element, bytes) and not base64_bytes:
+        return element
+    return inputs.decode_base64(element, f"images[{i}]")
+
+
+def _text(element: Any, name: str) -> str:
+    if isinstance(element, bytes):
+        try:
+            return element.decode()
+        except UnicodeDecodeError:
+            raise BadInput(f"'{name}' must be UTF-8 text") from None
+    if not isinstance(element, str):
+        raise BadInput(f"'{name}' must be a string")
+    return element
+
+
+def _response(model_name: str, answer: dict, with_json: bool) -> InferenceResponse:
+    results = answer["results"]
+    width = max((len(r["neighbours"]) for r in results), default=0)
+    ids = [[n["id"] for n in r["neighbours"]] + [-1] * (width - len(r["neighbours"])) for r in results]
+    scores = [[n["score"] for n in r["neighbours"]] + [0.0] * (width - len(r["neighbours"])) for r in results]
+    # BYTES elements as bytes: gRPC's bytes_contents takes nothing else; REST's JSON writes them as UTF-8 strings.
+    labels = [[n["label"].encode() for n in r["neighbours"]] + [b""] * (width - len(r["neighbours"])) for r in results]
+    predicted = [(r["predicted"] or {}).get("label", "").encode() for r in results]
+    shape = [len(results), width]
+    flat = [x for row in ids for x in row], [x for row in scores for x in row], [x for row in labels for x in row]
+    tags = {k: v for k, v in answer.items() if isinstance(v, str)}
+    outputs = [ResponseOutput(name="ids", datatype="INT64", shape=shape, data=flat[0]),
+               ResponseOutput(name="scores", datatype="FP32", shape=shape, data=flat[1]),
+               ResponseOutput(name="labels", datatype="BYTES", shape=shape, data=flat[2]),
+               ResponseOutput(name="predicted", datatype="BYTES", shape=[len(results)], data=predicted)]
+    if with_json:
+        outputs.append(ResponseOutput(name="answer", datatype="BYTES", shape=[1], data=[json.dumps(answer).encode()],
+                                      parameters=Parameters(content_type="str")))
+    return InferenceResponse(model_name=model_name, parameters=Parameters(**tags), outputs=outputs)
