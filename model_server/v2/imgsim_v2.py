@@ -55,6 +55,9 @@ class ImgsimRuntime(MLModel):
             raise MLServerError(str(exc), 400) from None
         except ImgsimError as exc:
             raise MLServerError(str(exc), 503) from None
+        except Exception:  # noqa: BLE001 - the client gets a generic message; the log keeps the trace
+            log.exception("imgsim: unexpected failure while answering a request")
+            raise MLServerError("internal error; see the server log", 500) from None
         return _response(self.name, answer, with_json=fmt == "json")
 
     def _answer(self, payload: InferenceRequest, params: dict) -> dict:
@@ -66,9 +69,9 @@ class ImgsimRuntime(MLModel):
             raise BadInput(f"send exactly one input tensor, one of {', '.join(QUERY_INPUTS)} (got "
                            f"{[i.name for i in payload.inputs]})")
         tensor = given[0]
-        elements = list(tensor.data)
-        if not elements:
-            raise BadInput(f"input '{tensor.name}' is empty")
+        elements = tensor.data.root if tensor.data is not None else None
+        if not isinstance(elements, list) or not elements:
+            raise BadInput(f"input '{tensor.name}' needs a non-empty list of data")
         if tensor.name == "id":
             if len(elements) != 1:
                 raise BadInput("input 'id' takes one gallery id")
