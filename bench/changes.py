@@ -99,7 +99,7 @@ def main() -> None:
             whole_dir = Path(tmp) / backend
             source.index = IndexBundle.build(vectors, source.index.items, n_trees=source.index.n_trees,
                                              next_id=source.index.next_id, backend=backend)
-            source.save(whole_dir, model_from=args.bundle)
+            source.save(whole_dir, model_from=source.model_folder)
             v1 = _register(whole_dir, f"bench-{backend}")
             found = {"1: the whole gallery": {"seconds": "", "MB stored": f"{_mb(whole_dir):.1f}", "uri": v1,
                                               "recall@10": round(index_recall(

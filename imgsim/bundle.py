@@ -161,7 +161,7 @@ class ServingBundle:
     def gallery_sha256(self) -> str:
         """The gallery's content identity: its index file's checksum, or for a version of changes one over its
         base's index and its change files (what the registry's compare-and-set compares)."""
-        if not self.base:
+        if self.index.changes is None:
             return self.files.get(INDEX_FILE, "")
         parts = [self.base["files"][INDEX_FILE], *(self.files[name] for name in CHANGE_FILES)]
         return hashlib.sha256(" ".join(parts).encode()).hexdigest()
@@ -183,7 +183,8 @@ class ServingBundle:
                if self.index.changes is not None else {}),
             "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
             "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
-            "files": {name: self.files[name] for name in (CHANGES_VERSION_FILES if self.base else FILES)},
+            "files": {name: self.files[name] for name in
+                      (CHANGES_VERSION_FILES if self.index.changes is not None else FILES)},
         }
 
     @classmethod
@@ -226,7 +227,10 @@ class ServingBundle:
             index = IndexBundle.load(model_dir, n_trees=int(meta["index"]["n_trees"]),
                                      next_id=int(meta["index"].get("next_id", -1)), backend=index_backend(meta))
             if base:
-                index = Changes.load(index, pinned).index(next_id=int(meta["index"]["next_id"]))
+                try:
+                    index = Changes.load(index, pinned).index(next_id=int(meta["index"]["next_id"]))
+                except ImgsimError as exc:  # changes that do not fit their base: loading again cannot help
+                    raise BundleError(f"bundle {folder}: {exc}") from None
             source = {k: v for k, v in meta["model"].items() if k not in ("embedding_dim", "classes")}
             bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                          meta["index"].get("recall_at_10"), files,

@@ -90,9 +90,10 @@ def v2_python() -> Path:
     return python
 
 
-def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120) -> Server:
+def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait_ready: bool = True) -> Server:
     """`mlserver start model_server/v2` (the Open Inference Protocol server) with ``env`` added, on free loopback
-    ports; waits until /v2/health/ready answers 200 (every model loaded and verified)."""
+    ports; waits until /v2/health/ready answers 200 (every model loaded and verified), or with ``wait_ready``
+    False until /v2/health/live does."""
     rest, grpc_port, metrics = free_port(), free_port(), free_port()
     full_env = os.environ | {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_HTTP_PORT": str(rest),
                              "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_METRICS_PORT": str(metrics),
@@ -105,7 +106,8 @@ def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120) -> S
         if proc.poll() is not None:
             raise RuntimeError(f"mlserver exited with {proc.returncode}:\n{server.logs()}")
         try:
-            if requests.get(f"{server.rest}/v2/health/ready", timeout=1).ok and _grpc_up(server.grpc):
+            probe = "/v2/health/ready" if wait_ready else "/v2/health/live"
+            if requests.get(f"{server.rest}{probe}", timeout=1).ok and _grpc_up(server.grpc):
                 return server
         except requests.RequestException:
             pass

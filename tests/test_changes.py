@@ -95,6 +95,22 @@ def test_approximate_bases_keep_their_recall_with_changes(backend):
     assert recall >= 0.95, f"{backend}: recall@10 {recall:.3f} with changes"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_removing_a_query_s_whole_neighbourhood_still_answers_k_nearest_remaining(backend):
+    """A fifth of the base removed, all of it around the queries (a whole class gone): the answers are the
+    exact k nearest of what remains, however deep the base's index has to be asked (or, past that, exactly)."""
+    base = IndexBundle.build(clustered(20_000, seed=8), items(20_000), n_trees=20, backend=backend)
+    vectors = np.asarray(base.embeddings)
+    centre = vectors[0]
+    removed = np.argsort(-(vectors @ centre))[:4000]  # the 4,000 items nearest the queries
+    index, rebuilt = _changed(base, np.zeros((0, base.dim), np.float32), sorted(removed.tolist()))
+    queries = vectors[removed[:10]] + 0.01 * np.random.default_rng(9).normal(size=(10, base.dim)).astype(np.float32)
+    remaining = np.asarray(rebuilt.embeddings)
+    for q, truth in zip(queries, exact_topk(queries, remaining, 10)):
+        rows, _ = index.search(q, 10, 1500)
+        assert len(rows) == 10 and len(set(rows) & set(truth)) >= 9, (backend, rows, truth)
+
+
 def test_changes_made_on_another_base_are_refused():
     base = IndexBundle.build(clustered(50), items(50), backend=ANNOY)
     with pytest.raises(ImgsimError, match="remove ids \\[7\\] that the base gallery does not hold"):

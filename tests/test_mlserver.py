@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -133,6 +135,25 @@ def test_health_metadata_and_still_serving_after_bad_requests(server, gallery):
     good = infer(server, [{"name": "id", "datatype": "INT64", "shape": [1], "data": [item.id]}])
     assert good.status_code == 200
     assert requests.get(f"{server.metrics}/metrics", timeout=5).status_code == 200
+
+
+def test_a_bundle_that_appears_after_start_makes_the_model_ready(bundle, tmp_path):
+    target = tmp_path / "later"
+    srv = start_mlserver({"IMGSIM_MODEL_URI": str(target), "IMGSIM_LOAD_BACKOFF_S": "0.2",
+                          "IMGSIM_LOAD_BACKOFF_MAX_S": "0.5"}, tmp_path / "later.log", wait_ready=False)
+    try:
+        ready = f"{srv.rest}/v2/models/imgsim/ready"
+        assert requests.get(ready, timeout=5).status_code != 200
+        assert requests.get(f"{srv.rest}/v2/health/ready", timeout=5).status_code != 200
+        shutil.copytree(bundle, target)
+        deadline = time.monotonic() + 60
+        while requests.get(ready, timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, srv.logs()
+            time.sleep(0.3)
+        item = Searcher(bundle).index.items[0]
+        assert infer(srv, [{"name": "id", "datatype": "INT64", "shape": [1], "data": [item.id]}]).status_code == 200
+    finally:
+        srv.stop()
 
 
 # ---- hostile clients: the v1 server's fuzz properties against this one -----------------------------------

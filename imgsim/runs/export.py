@@ -62,11 +62,14 @@ def fetched_version(uri: str) -> Iterator[tuple[Path, str]]:
 
 
 def export_bundle(uri: str, out: str | Path) -> Path:
-    """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically)."""
+    """Copy the verified bundle for ``uri`` into ``out`` (replaced atomically); a version of changes with its
+    base in ``out/base``, so the folder serves on its own."""
     out = Path(out)
     with fetched_bundle(uri) as source, atomic.atomic_dir(out) as staging:
-        ServingBundle.load(source)  # refuse to export a bundle that would not serve
+        bundle = ServingBundle.load(source)  # refuse to export a bundle that would not serve
         shutil.copytree(source, staging, dirs_exist_ok=True)
+        if bundle.index.changes is not None and not (staging / BASE_DIR).exists():  # its base found elsewhere
+            shutil.copytree(bundle.model_folder, staging / BASE_DIR)
     return out
 
 
@@ -80,10 +83,11 @@ def _with_base(folder: Path, uri: str) -> Path:
         base = json.loads((folder / BUNDLE_JSON).read_text()).get("base") or {}
     except (OSError, ValueError, AttributeError):
         return folder  # not a bundle: ServingBundle.load says so
-    if not base or (folder / BASE_DIR / BUNDLE_JSON).is_file():
-        return folder
+    uri = str(base.get("uri", "")) if isinstance(base, dict) else ""
+    if not uri or tracking.local_path(uri) is not None or (folder / BASE_DIR / BUNDLE_JSON).is_file():
+        return folder  # (nothing to fetch: ServingBundle.load finds a local base, or says what is missing)
     staging = folder / (BASE_DIR + ".download")
-    got = _bundle_folder(tracking.download(str(base.get("uri", "")), "base gallery version", staging))
+    got = _bundle_folder(tracking.download(uri, "base gallery version", staging))
     got.rename(folder / BASE_DIR)
     shutil.rmtree(staging, ignore_errors=True)
     return folder

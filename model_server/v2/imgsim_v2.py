@@ -35,12 +35,24 @@ FORMATS = ("tensors", "json")  # request parameter "format": "json" adds the v1 
 class ImgsimRuntime(MLModel):
     """Top-k image similarity over the Open Inference Protocol; ready once the bundle is loaded and verified."""
 
+    service: SimilarityService | None = None
+
+    @property
+    def ready(self) -> bool:
+        """The service's own readiness, read on every check: MLServer stores load()'s result once, but a bundle
+        that was not there at start is loaded later by the service's retries (and a bad one never is)."""
+        return self.service is not None and self.service.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        pass  # MLServer's assignments; the loaded bundle decides
+
     async def load(self) -> bool:
         extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
         self.service = SimilarityService(ServiceConfig.from_sources(**extra))
         await asyncio.get_running_loop().run_in_executor(None, self.service.load)
-        if not self.service.ready and self.service.load_failed_for_good:
-            raise MLServerError(f"imgsim: {self.service.load_error}", 500)
+        if not self.service.ready:  # kept registered and not ready, with the reason in the log (retried if it may pass)
+            log.error("imgsim: NOT READY: %s", self.service.load_error)
         return self.service.ready
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -49,7 +61,8 @@ class ImgsimRuntime(MLModel):
             fmt = params.pop("format", "tensors")
             if fmt not in FORMATS:
                 raise BadInput(f"parameter 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
-            answer = self._answer(payload, params)
+            # Decoding and embedding off the event loop, so health checks and other requests go on meanwhile.
+            answer = await asyncio.get_running_loop().run_in_executor(None, self._answer, payload, params)
         except BadInput as exc:
             self.service.rejected.add()
             raise MLServerError(str(exc), 400) from None
