@@ -84,7 +84,8 @@ def test_command_str_names_file_and_line():
 # --- blocks a user pastes, run as written in a scratch copy of the project (links to this checkout) ---
 
 PROJECT_FILES = ("Makefile", "scripts", "MLproject", "pipelines", "python_env.yaml", "requirements.txt",
-                 "requirements-dev.txt", "constraints.txt", "pyproject.toml", ".venv-k8s")
+                 "requirements-dev.txt", "constraints.txt", "pyproject.toml", ".venv-k8s", "requirements-serve-v2.txt",
+                 ".venv-serve-v2")
 
 
 def _project(tmp_path: Path) -> Path:
