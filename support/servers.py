@@ -63,19 +63,25 @@ def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServe
     proc = subprocess.Popen([str(binary), interface, "--service-type", service_type], cwd=cwd,
                             env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
+    return _wait_up(server, lambda: requests.get(f"{server.rest}/health/ping", timeout=1).ok and (
+        not wait_ready or requests.get(f"{server.rest}/health/status", timeout=5).ok), timeout, "server", "up")
+
+
+def _wait_up(server: Server, up, timeout: float, what: str, state: str) -> Server:
+    """``server`` once ``up()`` holds and its gRPC port accepts; stopped, with its log, if it exits or the
+    ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{server.logs()}")
         try:
-            if requests.get(f"{server.rest}/health/ping", timeout=1).ok and _grpc_up(server.grpc) and (
-                    not wait_ready or requests.get(f"{server.rest}/health/status", timeout=5).ok):
+            if up() and _grpc_up(server.grpc):
                 return server
         except requests.RequestException:
             pass
         time.sleep(0.3)
     server.stop()
-    raise RuntimeError(f"server not up within {timeout}s:\n{server.logs()}")
+    raise RuntimeError(f"{what} not {state} within {timeout}s:\n{server.logs()}")
 
 
 # MLServer's environment (scripts/setup.sh creates it): the Open Inference Protocol server and its gRPC client.
@@ -101,19 +107,9 @@ def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait
     proc = subprocess.Popen([str(v2_python().parent / "mlserver"), "start", "."], cwd=REPO / "model_server" / "v2",
                             env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlserver exited with {proc.returncode}:\n{server.logs()}")
-        try:
-            probe = "/v2/health/ready" if wait_ready else "/v2/health/live"
-            if requests.get(f"{server.rest}{probe}", timeout=1).ok and _grpc_up(server.grpc):
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"mlserver not ready within {timeout}s:\n{server.logs()}")
+    probe = "/v2/health/ready" if wait_ready else "/v2/health/live"
+    return _wait_up(server, lambda: requests.get(f"{server.rest}{probe}", timeout=1).ok, timeout, "mlserver",
+                    "ready")
 
 
 def oip_grpc(server: Server, *args: str) -> dict:
