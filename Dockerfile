@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # imgsim images. Targets:
 #   serve     (the default, last stage) seldon-core-microservice ModelServer on ONNX Runtime, no torch; uid 8888
+#   serve-v2  the Open Inference Protocol server: MLServer running model_server/v2, no torch; uid 8888
 #   pipeline  split/train/extract (and `mlflow server` on the cluster) with the CUDA build of torch
 # Build:  docker build -t imgsim:0.1.0 .      docker build --target pipeline -t imgsim-pipeline:0.1.0 .
+#         docker build --target serve-v2 -t imgsim-serve-v2:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build-base
@@ -27,6 +29,14 @@ FROM build-base AS build-serve
 # The server runs the bundle's model.onnx in ONNX Runtime: no torch (the CUDA build alone is ~5 GB).
 COPY requirements-serve.txt ./
 RUN pip install -r requirements-serve.txt -c constraints.txt
+COPY pyproject.toml README.md ./
+COPY imgsim ./imgsim
+RUN pip install --no-deps .
+
+FROM build-base AS build-serve-v2
+# MLServer needs protobuf >= 5, which seldon-core 1.18 forbids: its own requirements, not constraints.txt.
+COPY requirements-serve-v2.txt ./
+RUN pip install -r requirements-serve-v2.txt
 COPY pyproject.toml README.md ./
 COPY imgsim ./imgsim
 RUN pip install --no-deps .
@@ -61,6 +71,22 @@ COPY MLproject python_env.yaml ./
 COPY pipelines ./pipelines
 USER 8888:8888
 CMD ["imgsim", "--help"]
+
+FROM runtime AS serve-v2
+COPY --from=build-serve-v2 /opt/venv /opt/venv
+WORKDIR /app/model_server/v2
+COPY model_server/v2/imgsim_v2.py model_server/v2/imgsim_v2_metrics.py model_server/v2/serve.py \
+     model_server/v2/model-settings.json \
+     model_server/v2/settings.json ./
+USER 8888:8888
+# REST, gRPC, Prometheus metrics (MLServer's defaults; the chart moves them to Seldon's 9000, 9500 and 6000).
+EXPOSE 8080 8081 8082
+# MLServer writes metrics and environments under its working directory unless told otherwise: /tmp, as the
+# root file system is read-only.
+ENV IMGSIM_MODEL_URI=/mnt/models MLSERVER_METRICS_DIR=/tmp/mlserver-metrics MLSERVER_ENVIRONMENTS_DIR=/tmp/mlserver-envs
+HEALTHCHECK NONE
+# MLServer's own command line, behind imgsim's request-size and UTF-8 guard (serve.py).
+CMD ["python", "serve.py", "start", "."]
 
 FROM runtime AS serve
 COPY --from=build-serve /opt/venv /opt/venv

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from imgsim import atomic
 from imgsim.errors import ImgsimError
-from imgsim.index import GalleryItem, IndexBundle, angular_from_cosine, read_items, write_items
+from imgsim.index import GalleryItem, IndexBundle, angular_from_cosine, cosines, read_items, write_items
 
 ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS = "added.npy", "added.csv", "removed.npy"
 CHANGE_FILES = (ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS)
@@ -149,7 +149,7 @@ class ChangedIndex:
     def search(self, vector: NDArray[np.float32], k: int, search_k: int) -> tuple[list[int], list[float]]:
         rows, dists = self._base_search(vector, k, search_k)
         if len(self.added):
-            sims = self.added @ np.asarray(vector, dtype=np.float32).reshape(-1)
+            sims = cosines(self.added, vector)
             top = np.argsort(-sims, kind="stable")[:k] if len(sims) <= 4 * k else \
                 np.argpartition(-sims, k - 1)[:k]
             rows = np.concatenate([rows, len(self.keep) + top])
@@ -182,7 +182,7 @@ class ChangedIndex:
         best_rows, best_sims = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         for start in range(0, len(self.keep), EXACT_BLOCK):
             block = self.keep[start:start + EXACT_BLOCK]
-            sims = np.asarray(self.base.embeddings[block]) @ vector
+            sims = cosines(self.base.embeddings[block], vector)
             rows = np.concatenate([best_rows, start + np.arange(len(block))])
             sims = np.concatenate([best_sims, sims])
             top = np.argsort(-sims, kind="stable")[:k]

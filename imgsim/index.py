@@ -227,10 +227,8 @@ class IndexBundle:
         if self.backend != FAISS_IVF or self.changes is not None:  # (changes: the base's search re-ranks)
             return self.ann.search(vector, k, search_k)
         # The quantized index proposes IVF_REFINE x k candidates; their stored vectors rank them exactly.
-        rows = np.asarray(self.ann.search(vector, k * IVF_REFINE, search_k)[0], dtype=np.int64)
-        sims = np.asarray(self.embeddings[rows]) @ np.asarray(vector, dtype=np.float32) if len(rows) else np.zeros(0)
-        top = np.argsort(-sims, kind="stable")[:k]
-        return rows[top].tolist(), angular_from_cosine(sims[top]).tolist()
+        return exact_top(self.embeddings, np.asarray(self.ann.search(vector, k * IVF_REFINE, search_k)[0],
+                                                     dtype=np.int64), vector, k)
 
     def save(self, out_dir: str | Path) -> None:
         """Write the three files, each atomically."""
@@ -282,9 +280,29 @@ def read_items(path: Path) -> list[GalleryItem]:
                 for r in csv.DictReader(f)]
 
 
-def angular_from_cosine(cosines: NDArray) -> NDArray:
+def cosines(vectors: NDArray[np.float32], query: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Each row's dot product with ``query`` (the cosine similarity of unit vectors), computed the same way for a
+    row wherever it sits. BLAS's matrix-vector kernels sum a row in an order that depends on its place among the
+    rows given (OpenBLAS on AVX-512 CPUs: 1-2 float32 ulps apart), so an item's score, and a tie's order, would
+    change with the filter, shard or block that ranks it; numpy's einsum sums each row on its own, at about twice
+    BLAS's time (0.35 vs 0.18 ms for 20,000 x 128). Both are made C-contiguous: einsum's sum order follows the
+    memory layout."""
+    return np.einsum("ij,j->i", np.ascontiguousarray(vectors, dtype=np.float32),
+                     np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(-1)))
+
+
+def exact_top(embeddings: NDArray[np.float32], rows: NDArray[np.int64], query: NDArray[np.float32],
+              k: int) -> tuple[list[int], list[float]]:
+    """The ``k`` of ``rows`` nearest ``query`` by exact cosine (equal scores in the order given) and their angular
+    distances."""
+    sims = cosines(embeddings[rows], query)
+    top = np.argsort(-sims, kind="stable")[:k]
+    return rows[top].tolist(), angular_from_cosine(sims[top]).tolist()
+
+
+def angular_from_cosine(similarities: NDArray) -> NDArray:
     """Annoy's angular distance sqrt(2 - 2 cos) from cosine similarities (clipped: float noise past +-1)."""
-    return np.sqrt(np.clip(2.0 - 2.0 * cosines, 0.0, 4.0))
+    return np.sqrt(np.clip(2.0 - 2.0 * similarities, 0.0, 4.0))
 
 
 def cosine_from_angular(distance: float) -> float:

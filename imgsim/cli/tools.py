@@ -58,8 +58,8 @@ def _report(ns):
 
 
 def _wait_ready(ns):
-    from imgsim.serve import client
-    seconds = client.wait_ready(ns.url, ns.timeout_s, ns.pid, ns.log)
+    from imgsim.serve import client, protocols
+    seconds = client.wait_ready(ns.url, ns.timeout_s, ns.pid, ns.log, protocols.protocol(ns.protocol, ns.model))
     print(f"server at {ns.url} ready after {seconds:.1f} s")
 
 
@@ -85,11 +85,18 @@ def _search(ns):
 
 
 def _query(ns):
-    from imgsim.serve import client
+    from imgsim.serve import client, protocols
+    proto = protocols.protocol(ns.protocol, ns.model)
+    if ns.grpc and proto.name == "v2":
+        raise ImgsimError("--grpc speaks Seldon's protocol; for the Open Inference Protocol's gRPC use a KServe V2 "
+                          "client (support/oip_client.py runs one in .venv-serve-v2), or ask over REST with --url")
     for image in ns.images:
-        data = Path(image).read_bytes()
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:
+            raise ImgsimError(f"cannot read the image {image}: {exc.strerror}") from None
         where = client.filter_tags(ns.labels, ns.exclude_ids)
-        answers = [("REST", client.query_rest(ns.url, data, ns.k, where))] if ns.url else []
+        answers = [("REST", client.query_rest(ns.url, data, ns.k, where, proto=proto))] if ns.url else []
         answers += [("gRPC", client.query_grpc(ns.grpc, data, ns.k, where))] if ns.grpc else []
         if not answers:
             raise ImgsimError("give --url http://HOST:9000 and/or --grpc HOST:5000")
@@ -141,6 +148,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--timeout-s", type=float, default=120.0, help="give up after this many seconds (default: 120)")
     p.add_argument("--pid", type=int, help="the server's process: stop waiting if it exits")
     p.add_argument("--log", default="", help="the server's log file, named in the error if it does not come up")
+    _protocol_args(p)
     p.set_defaults(fn=_wait_ready)
     p = sub.add_parser("query", help="ask a running server for the images most similar to IMAGE")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to query with")
@@ -151,4 +159,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--exclude-ids", help="never these gallery ids, comma-separated")
     p.add_argument("--out", help="write a PNG of the query beside its neighbours")
     p.add_argument("--gallery-root", help="local copy of the gallery, to draw the neighbours in --out")
+    _protocol_args(p)
     p.set_defaults(fn=_query)
+
+
+def _protocol_args(p) -> None:
+    from imgsim.serve.protocols import DEFAULT_V2_MODEL, PROTOCOLS
+    p.add_argument("--protocol", choices=PROTOCOLS, default="seldon", help="seldon: the Seldon v1 server "
+                   "(model_server/ModelServer.py); v2: the Open Inference Protocol server (MLServer, "
+                   "model_server/v2) (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_V2_MODEL, help="the v2 model name: imgsim, or the graph node's name "
+                   "behind Seldon's executor (default: %(default)s)")

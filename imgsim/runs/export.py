@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +16,7 @@ from imgsim.errors import ImgsimError
 from imgsim.runs import tracking
 
 BUNDLE_ARTIFACT = "bundle"
+log = logging.getLogger(__name__)
 
 
 def bundle_uri(uri: str) -> str:
@@ -37,12 +40,13 @@ def locate_bundle(uri: str) -> tuple[str, str]:
     return uri, ""
 
 
-def resolve_bundle(uri: str, dst: str | Path | None) -> tuple[Path, str]:
+def resolve_bundle(uri: str, dst: str | Path | None, have: Path | None = None) -> tuple[Path, str]:
     """A local, not yet verified, bundle folder for ``uri`` (folder, runs:/..., models:/..., s3://...) and its
     registry version (or ""); a download goes into ``dst`` and stays there until the caller deletes it, as the
-    server needs (its index is memory-mapped from it)."""
+    server needs (its index is memory-mapped from it). ``have``: a whole version already on disk (the server's
+    serving one): a version of changes made on exactly it takes its base from those files instead of a download."""
     pinned, version = locate_bundle(uri)
-    return _with_base(_bundle_folder(tracking.download(pinned, "bundle", dst)), pinned), version
+    return _with_base(_bundle_folder(tracking.download(pinned, "bundle", dst)), pinned, have), version
 
 
 @contextlib.contextmanager
@@ -73,10 +77,11 @@ def export_bundle(uri: str, out: str | Path) -> Path:
     return out
 
 
-def _with_base(folder: Path, uri: str) -> Path:
+def _with_base(folder: Path, uri: str, have: Path | None = None) -> Path:
     """A downloaded version of changes gets its base version downloaded into its ``base/`` (ServingBundle.load
-    reads it from there; an export copies both). A local folder is left as it is: its base must be in its own
-    ``base/`` or the local folder it names."""
+    reads it from there; an export copies both), or linked there from ``have`` when that is the very version (its
+    files' checksums are the ones the changes name; loading checks every file against them). A local folder is
+    left as it is: its base must be in its own ``base/`` or the local folder it names."""
     if tracking.local_path(uri) is not None:
         return folder
     try:
@@ -86,11 +91,40 @@ def _with_base(folder: Path, uri: str) -> Path:
     uri = str(base.get("uri", "")) if isinstance(base, dict) else ""
     if not uri or tracking.local_path(uri) is not None or (folder / BASE_DIR / BUNDLE_JSON).is_file():
         return folder  # (nothing to fetch: ServingBundle.load finds a local base, or says what is missing)
+    if have is not None and _is_whole_version(have, base.get("files")):
+        staging = folder / (BASE_DIR + ".link")
+        try:
+            shutil.copytree(have, staging, copy_function=_link_or_copy)
+            staging.rename(folder / BASE_DIR)
+            log.info("imgsim: base version %s linked from %s, the same version already here: not downloaded", uri,
+                     have)
+            return folder
+        except (OSError, shutil.Error) as exc:  # (a file gone meanwhile, a full disk on the copy): download it
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("imgsim: could not link the base version %s from %s (%s); downloading it", uri, have, exc)
     staging = folder / (BASE_DIR + ".download")
     got = _bundle_folder(tracking.download(uri, "base gallery version", staging))
     got.rename(folder / BASE_DIR)
     shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _is_whole_version(folder: Path, files) -> bool:
+    """Whether ``folder`` holds a whole gallery version whose files have exactly the checksums ``files``."""
+    try:
+        meta = json.loads((folder / BUNDLE_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and not meta.get("base") and bool(files) and meta.get("files") == files
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (the files of a version never change; the old download's folder can go, the inodes stay), or a
+    copy where the two folders are on different file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _bundle_folder(folder: Path) -> Path:

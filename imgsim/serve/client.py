@@ -10,18 +10,21 @@ from pathlib import Path
 import requests
 
 from imgsim.errors import ImgsimError
+from imgsim.serve.protocols import OpenInference, Seldon, json_body
 
 
-def wait_ready(url: str, timeout_s: float = 120.0, pid: int | None = None, log: str = "") -> float:
-    """Poll the server's ``/health/status`` until it answers 200; returns the seconds waited. Stops early with
-    an error if ``pid`` (the server process) has exited, pointing at ``log``."""
+def wait_ready(url: str, timeout_s: float = 120.0, pid: int | None = None, log: str = "",
+               proto: Seldon | OpenInference = Seldon()) -> float:
+    """Poll the server's readiness (``/health/status``, or the v2 model's ``ready``) until it answers 200;
+    returns the seconds waited. Stops early with an error if ``pid`` (the server process) has exited, pointing
+    at ``log``."""
     see = f"; see {log}" if log else ""
     start = time.monotonic()
     while True:
         if pid is not None and not _alive(pid):
             raise ImgsimError(f"the server (pid {pid}) exited before it was ready{see}")
         try:
-            if requests.get(f"{url.rstrip('/')}/health/status", timeout=2).status_code == 200:
+            if requests.get(f"{url.rstrip('/')}{proto.ready_path}", timeout=2).status_code == 200:
                 return time.monotonic() - start
         except requests.RequestException:
             pass  # not listening yet
@@ -56,20 +59,22 @@ def filter_tags(labels: str | None, exclude_ids: str | None) -> dict:
     return tags
 
 
-def query_rest(url: str, image: bytes, k: int, where: dict | None = None, timeout: float = 30.0) -> dict:
-    """POST the raw image as Seldon ``binData`` (multipart) with ``k`` (and a filter's ``labels`` /
-    ``exclude_ids``, see :func:`filter_tags`) in ``meta.tags``; returns jsonData."""
-    meta = json.dumps({"tags": {"k": k, **(where or {})}})
+def query_rest(url: str, image: bytes, k: int, where: dict | None = None, timeout: float = 30.0,
+               proto: Seldon | OpenInference = Seldon()) -> dict:
+    """POST the image with ``k`` (and a filter's ``labels`` / ``exclude_ids``, see :func:`filter_tags`) in
+    either protocol (Seldon's multipart ``binData`` and ``meta.tags``, or a v2 ``images`` tensor and
+    parameters); returns the JSON answer, the same from both."""
     try:
-        response = requests.post(f"{url.rstrip('/')}/api/v1.0/predictions", timeout=timeout,
-                                 files={"binData": ("query", image)}, data={"meta": meta})
+        response = requests.post(f"{url.rstrip('/')}{proto.predict_path}", timeout=timeout,
+                                 **proto.upload(image, {"k": k, **(where or {})}))
     except requests.RequestException as exc:
         raise ImgsimError(f"cannot reach the server at {url}: {exc}") from None
-    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-    if response.status_code != 200:
-        info = body.get("status", {}).get("info", response.text[:200])
+    body = json_body(response)
+    answer = proto.answer(body) if response.status_code == 200 else None
+    if answer is None:
+        info = proto.refusal(body) or response.text[:200]
         raise ImgsimError(f"server answered {response.status_code}: {info}")
-    return body["jsonData"]
+    return answer
 
 
 def query_grpc(address: str, image: bytes, k: int, where: dict | None = None, timeout: float = 30.0) -> dict:

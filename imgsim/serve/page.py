@@ -3,7 +3,6 @@ gallery thumbnails from the configured root only."""
 
 from __future__ import annotations
 
-import base64
 import collections
 import dataclasses
 import io
@@ -21,6 +20,7 @@ from imgsim import config
 from imgsim.config import setting
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import SERVING_MAX_PIXELS, decode_image
+from imgsim.serve import protocols
 from imgsim.serve.bodies import BoundedBody, InMemoryRequest
 from imgsim.serve.inputs import read_gallery_file
 
@@ -33,8 +33,11 @@ THUMB_SIDE = 160
 class UiConfig:
     """Where the Seldon server is, where the gallery's images are, and the page's limits."""
 
-    url: str = setting("http://127.0.0.1:9000", "the Seldon REST endpoint; the page relays to it (Seldon sends no "
+    url: str = setting("http://127.0.0.1:9000", "the server's REST endpoint; the page relays to it (Seldon sends no "
                        "CORS headers)", "page")
+    protocol: str = setting("seldon", "the server's protocol: seldon (Seldon v1) or v2 (the Open Inference Protocol, "
+                            "MLServer)", "page")
+    model: str = setting(protocols.DEFAULT_V2_MODEL, "the v2 model's name (protocol v2)", "page")
     gallery_root: str = setting("", "thumbnails come from this folder only; empty: no thumbnails", "page")
     timeout_s: float = setting(30.0, "how long to wait for the server's answer", "page")
     max_image_bytes: int = setting(8 * 1024 * 1024, "largest upload", "limits")
@@ -49,6 +52,11 @@ class UiConfig:
         small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and getattr(self, f.name) < 1]
         if small:
             raise ImgsimError(f"{', '.join(small)} must be at least 1")
+        protocols.protocol(self.protocol, self.model)  # an unknown protocol fails at start, not at the first query
+
+    @property
+    def proto(self) -> protocols.Seldon | protocols.OpenInference:
+        return protocols.protocol(self.protocol, self.model)
 
     @classmethod
     def from_env(cls, **params: Any) -> "UiConfig":
@@ -93,16 +101,20 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
 
     @app.get("/api/status")
     def status():
+        proto = cfg.proto
         try:
-            response = requests.get(f"{cfg.url}/health/status", timeout=5)
+            response = requests.get(f"{cfg.url}{proto.ready_path}", timeout=5)
+            identity = proto.identity(protocols.json_body(response))
+            if response.ok and isinstance(proto, protocols.OpenInference):  # its ready answer is empty
+                metadata = requests.get(f"{cfg.url}{proto.metadata_path}", timeout=5)
+                identity = proto.identity(protocols.json_body(metadata))
         except requests.RequestException:
             return jsonify(ready=False, message=f"the search server at {cfg.url} cannot be reached"), 502
-        body = _json(response)
         if response.ok:
-            identity = body.get("jsonData", body) if isinstance(body.get("jsonData", body), dict) else {}
             return jsonify({**identity, "ready": True, "thumbnails": bool(cfg.gallery_root)})
         # Not the server's own text: it names the bundle URI, which can hold the tracking store's credentials.
-        log.warning("search server not ready (%s): %s", response.status_code, _info(body)[:500])
+        log.warning("search server not ready (%s): %s", response.status_code,
+                    proto.refusal(protocols.json_body(response))[:500])
         return jsonify(ready=False, message="the search server is not ready yet (loading or failing to load its "
                                             "gallery); its log says why"), 503
 
@@ -117,7 +129,7 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
         if len(data) > cfg.max_image_bytes:
             return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB")
         tags = {"k": _k(cfg), **_labels(request.form.get("labels"))}
-        return _relay(cfg, {"binData": base64.b64encode(data).decode(), "meta": {"tags": tags}})
+        return _relay(cfg, cfg.proto.image_body(data, tags))
 
     @app.post("/api/more")
     def more():
@@ -127,8 +139,8 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
         if not isinstance(item_id, int) or isinstance(item_id, bool):
             return _error(400, "'id' must be a gallery id (an integer)")
         labels = body.get("labels")
-        return _relay(cfg, {"jsonData": {"id": item_id, "k": _k(cfg, body.get("k")),
-                                         **_labels(labels if isinstance(labels, str) else None)}})
+        return _relay(cfg, cfg.proto.id_body(item_id, {"k": _k(cfg, body.get("k")),
+                                                       **_labels(labels if isinstance(labels, str) else None)}))
 
     @app.get("/thumb/<path:rel>")
     def thumb(rel: str):
@@ -166,32 +178,22 @@ def _labels(raw: str | None) -> dict:
 
 
 def _relay(cfg: UiConfig, body: dict):
-    """Send a query to Seldon; its answer back as is, its 4xx text as our message, unreachable as 502."""
+    """Send a query to the server; its answer back as is, its 4xx text as our message, unreachable as 502."""
+    proto = cfg.proto
     try:
-        response = requests.post(f"{cfg.url}/api/v1.0/predictions", json=body, timeout=cfg.timeout_s)
+        response = requests.post(f"{cfg.url}{proto.predict_path}", json=body, timeout=cfg.timeout_s)
     except requests.RequestException:
         return _error(502, f"the search server at {cfg.url} cannot be reached; is it running?")
-    payload = _json(response)
-    if response.ok and "jsonData" in payload:
-        return jsonify(payload["jsonData"])
+    payload = protocols.json_body(response)
+    answer = proto.answer(payload) if response.ok else None
+    if answer is not None:
+        return jsonify(answer)
     if 400 <= response.status_code < 500:  # what was wrong with the query, in the server's words
-        return _error(response.status_code, _info(payload) or f"the search server answered {response.status_code}")
-    log.warning("search server answered %s: %s", response.status_code, _info(payload)[:500])
+        return _error(response.status_code, proto.refusal(payload) or
+                      f"the search server answered {response.status_code}")
+    log.warning("search server answered %s: %s", response.status_code, proto.refusal(payload)[:500])
     status = 503 if response.status_code == 503 else 502
     return _error(status, f"the search server could not answer ({response.status_code}); try again shortly")
-
-
-def _json(response: requests.Response) -> dict:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _info(body: dict) -> str:
-    status = body.get("status")
-    return str(status.get("info", "")) if isinstance(status, dict) else ""
 
 
 def _error(code: int, message: str):

@@ -10,7 +10,7 @@ import numpy as np
 
 from imgsim.bundle import ServingBundle
 from imgsim.errors import BadInput
-from imgsim.index import angular_from_cosine, cosine_from_angular
+from imgsim.index import cosine_from_angular, exact_top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +146,7 @@ class Searcher:
         items = self.index.items
         if where.exclude_ids:
             rows = np.asarray([r for r in rows if items[r].id not in where.exclude_ids], dtype=np.int64)
-        sims = np.asarray(self.index.embeddings[rows]) @ embedding.astype(np.float32) if len(rows) else np.zeros(0)
-        top = np.argsort(-sims, kind="stable")[:k]
-        return rows[top].tolist(), angular_from_cosine(sims[top]).tolist()
+        return exact_top(self.index.embeddings, rows, embedding, k)
 
     def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int, where: Filter | None = None) -> QueryResult:
         """The ``k`` nearest gallery items to one embedding (those ``where`` admits), with the class prediction

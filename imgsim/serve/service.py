@@ -146,7 +146,8 @@ class SimilarityService:
             # A bundle folder is identified by its bundle.json, read before the load so that a replacement during
             # it is seen by the next poll; a registry bundle by the version resolve_bundle pins.
             key = None if uri.startswith("models:/") else self._source_key()
-            folder, version = resolve_bundle(uri, download)
+            serving = self.searcher  # a refresh to changes over the version it serves links that, not download
+            folder, version = resolve_bundle(uri, download, serving.bundle.model_folder if serving else None)
             process.keep_logging()
             searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
                                 version=version)
@@ -219,10 +220,6 @@ class SimilarityService:
         Inference Protocol's request parameters carry them."""
         return self._k(params.get("k"), None, searcher.gallery_size), self._filter(params, {}, searcher)
 
-    def gallery_file(self, path: Any) -> bytes:
-        """The bytes of a gallery image a client names by path (inside the configured gallery_root only)."""
-        return self._read_gallery_file(path)
-
     def serving(self) -> Searcher:
         """The version this request is answered from, even if a refresh switches meanwhile."""
         searcher = self.searcher
@@ -264,7 +261,7 @@ class SimilarityService:
         if form == "image":
             return [inputs.decode_base64(data["image"], "image")]
         if form == "path":
-            return [self._read_gallery_file(data["path"])]
+            return [self.gallery_file(data["path"])]
         batch = data["images"]
         if not isinstance(batch, list) or not batch:
             raise BadInput("'images' must be a non-empty list of base64 strings")
@@ -284,7 +281,8 @@ class SimilarityService:
                 arrays.append(searcher.preprocess.decode(data, max_pixels=self.cfg.max_pixels, admit=budget.take))
         return np.stack(arrays)
 
-    def _read_gallery_file(self, path: Any) -> bytes:
+    def gallery_file(self, path: Any) -> bytes:
+        """The bytes of a gallery image a client names by path (inside the configured gallery_root only)."""
         if not self.cfg.gallery_root:
             raise BadInput("path queries are disabled on this server (no gallery_root configured); send the image bytes")
         return inputs.read_gallery_file(self.cfg.gallery_root, path, self.cfg.max_image_bytes)

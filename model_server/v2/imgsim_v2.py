@@ -18,9 +18,10 @@ import logging
 import time
 from typing import Any
 
+import imgsim_v2_metrics as metrics  # a module of its own: see there
 from mlserver import MLModel
 from mlserver.errors import MLServerError
-from mlserver.types import InferenceRequest, InferenceResponse, Parameters, ResponseOutput
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters, ResponseOutput
 
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.serve import inputs
@@ -50,10 +51,18 @@ class ImgsimRuntime(MLModel):
     async def load(self) -> bool:
         extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
         self.service = SimilarityService(ServiceConfig.from_sources(**extra))
+        metrics.index_size.set_function(self._gallery_size)
         await asyncio.get_running_loop().run_in_executor(None, self.service.load)
         if not self.service.ready:  # kept registered and not ready, with the reason in the log (retried if it may pass)
             log.error("imgsim: NOT READY: %s", self.service.load_error)
         return self.service.ready
+
+    async def metadata(self) -> MetadataModelResponse:
+        """MLServer's metadata, with the model and gallery identity of the version serving now in its parameters
+        (what the v1 server's /health/status answers; the search page shows it)."""
+        meta = await super().metadata()
+        meta.parameters = Parameters(**(self.service.versions() if self.service is not None else {}))
+        return meta
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         try:
@@ -62,18 +71,24 @@ class ImgsimRuntime(MLModel):
             if fmt not in FORMATS:
                 raise BadInput(f"parameter 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
             # Decoding and embedding off the event loop, so health checks and other requests go on meanwhile.
-            answer = await asyncio.get_running_loop().run_in_executor(None, self._answer, payload, params)
+            answer, timings = await asyncio.get_running_loop().run_in_executor(None, self._answer, payload, params)
         except BadInput as exc:
-            self.service.rejected.add()
+            metrics.rejected.labels(self.name).inc()
             raise MLServerError(str(exc), 400) from None
         except ImgsimError as exc:
             raise MLServerError(str(exc), 503) from None
         except Exception:  # noqa: BLE001 - the client gets a generic message; the log keeps the trace
             log.exception("imgsim: unexpected failure while answering a request")
             raise MLServerError("internal error; see the server log", 500) from None
+        for name, ms in timings.items():  # the v1 server's metrics, on MLServer's endpoint
+            metrics.stages[name.removesuffix("_ms")].labels(self.name).observe(ms / 1000)
+        metrics.queries.labels(self.name).inc(len(answer["results"]))
         return _response(self.name, answer, with_json=fmt == "json")
 
-    def _answer(self, payload: InferenceRequest, params: dict) -> dict:
+    def _gallery_size(self) -> float:
+        return float(self.service.versions().get("index_size", 0) or 0) if self.service is not None else 0.0
+
+    def _answer(self, payload: InferenceRequest, params: dict) -> tuple[dict, dict[str, float]]:
         started = time.perf_counter()
         searcher = self.service.serving()
         k, where = self.service.options(params, searcher)
@@ -99,7 +114,7 @@ class ImgsimRuntime(MLModel):
                                "request")
             base64_bytes = _params(tensor.parameters).get("content_type") == "base64"
             query = (_image(e, i, base64_bytes) for i, e in enumerate(elements))
-        return self.service.answer(searcher, k, where, query, started)[0]
+        return self.service.answer(searcher, k, where, query, started)
 
 
 def _params(parameters: Parameters | None) -> dict:
