@@ -65,14 +65,24 @@ name serves every component, as before. */}}
 {{- end }}
 {{- end }}
 
-{{/* The graph node and its container share this name: Seldon matches them by name. */}}
-{{- define "imgsim.nodeName" -}}similarity{{- end }}
+{{/* The graph node and its container share this name: Seldon matches them by name. Under protocol v2 Seldon's
+executor asks the node's model by that name (/v2/models/<name>/infer): model_server/v2's model, imgsim. */}}
+{{- define "imgsim.nodeName" -}}
+{{- if eq .Values.server.protocol "v2" }}imgsim{{ else }}similarity{{ end }}
+{{- end }}
 
 {{/* The predictor's name; Seldon's REST/gRPC Service is <fullname>-<predictor>. */}}
 {{- define "imgsim.predictor" -}}default{{- end }}
 
 {{- define "imgsim.image" -}}
 {{- printf "%s:%s" .repository (default .appVersion .tag) }}
+{{- end }}
+
+{{/* The server's image for server.protocol: the Seldon wrapper's (image.repository) or MLServer's
+(image.v2Repository); the same tag. */}}
+{{- define "imgsim.serverImage" -}}
+{{- $repository := ternary .Values.image.v2Repository .Values.image.repository (eq .Values.server.protocol "v2") }}
+{{- include "imgsim.image" (dict "appVersion" .Chart.AppVersion "repository" $repository "tag" .Values.image.tag) }}
 {{- end }}
 
 {{/* Pod and container security settings shared by every pod of the chart. */}}
@@ -211,7 +221,10 @@ container then runs that wrapper class and declares the ports Seldon would other
     {{- end }}
     containers:
       - name: {{ .name }}
-        image: {{ include "imgsim.image" (merge (dict "appVersion" $root.Chart.AppVersion) $v.image) }}
+        {{- if eq $v.server.protocol "v2" }}
+        {{- include "imgsim.mlserverContainer" $root | nindent 8 }}
+        {{- else }}
+        image: {{ include "imgsim.serverImage" $root }}
         imagePullPolicy: {{ $v.image.pullPolicy }}
         {{- if .interface }}
         command: ["seldon-core-microservice", {{ .interface | quote }}, "--service-type", {{ .type | quote }}]
@@ -229,24 +242,12 @@ container then runs that wrapper class and declares the ports Seldon would other
             value: {{ $v.server.grpcWorkers | int64 | quote }}
           - name: OMP_NUM_THREADS
             value: {{ $v.server.threads | int64 | quote }}
+        {{- include "imgsim.probes" (dict "root" $root "live" "/health/ping" "ready" "/health/status") | nindent 8 }}
+        {{- end }}
         resources:
           {{- toYaml .resources | nindent 10 }}
         securityContext:
           {{- include "imgsim.containerSecurityContext" $root | nindent 10 }}
-        startupProbe:
-          httpGet: {path: /health/ping, port: 9000}
-          periodSeconds: {{ $v.probes.startup.periodSeconds }}
-          failureThreshold: {{ $v.probes.startup.failureThreshold }}
-        readinessProbe:
-          httpGet: {path: /health/status, port: 9000}
-          periodSeconds: {{ $v.probes.readiness.periodSeconds }}
-          timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
-          failureThreshold: {{ $v.probes.readiness.failureThreshold }}
-        livenessProbe:
-          httpGet: {path: /health/ping, port: 9000}
-          periodSeconds: {{ $v.probes.liveness.periodSeconds }}
-          timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
-          failureThreshold: {{ $v.probes.liveness.failureThreshold }}
         volumeMounts:
           - name: tmp
             mountPath: /tmp
@@ -265,18 +266,71 @@ serviceAccountName: {{ include "imgsim.serviceAccountName" . }}
 {{- end }}
 {{- end }}
 
-{{/* The server's graph parameters (ServiceConfig's settings), for a whole bundle and for a sharded graph's nodes. */}}
+{{/* The server's settings (ServiceConfig's), once: name, Seldon parameter type, value. */}}
+{{- define "imgsim.serverSettings" -}}
+- [model_uri, STRING, /mnt/models]
+- [default_k, INT, {{ .Values.model.defaultK | int64 | quote }}]
+- [max_k, INT, {{ .Values.model.maxK | int64 | quote }}]
+- [search_k, INT, {{ .Values.model.searchK | int64 | quote }}]
+- [runtime, STRING, {{ .Values.server.runtime | quote }}]
+- [threads, INT, {{ .Values.server.threads | int64 | quote }}]
+- [max_request_bytes, INT, {{ .Values.server.maxRequestBytes | int64 | quote }}]
+- [max_image_bytes, INT, {{ .Values.server.maxImageBytes | int64 | quote }}]
+- [max_pixels, INT, {{ .Values.server.maxPixels | int64 | quote }}]
+- [max_request_pixels, INT, {{ .Values.server.maxRequestPixels | int64 | quote }}]
+- [max_concurrent_decodes, INT, {{ .Values.server.maxConcurrentDecodes | int64 | quote }}]
+- [poll_interval_s, FLOAT, {{ .Values.server.pollIntervalS | float64 | quote }}]
+{{- end }}
+
+{{/* The server's settings as Seldon graph parameters, for a whole bundle and for a sharded graph's nodes. */}}
 {{- define "imgsim.serverParameters" -}}
-- {name: model_uri, type: STRING, value: /mnt/models}
-- {name: default_k, type: INT, value: {{ .Values.model.defaultK | int64 | quote }}}
-- {name: max_k, type: INT, value: {{ .Values.model.maxK | int64 | quote }}}
-- {name: search_k, type: INT, value: {{ .Values.model.searchK | int64 | quote }}}
-- {name: runtime, type: STRING, value: {{ .Values.server.runtime | quote }}}
-- {name: threads, type: INT, value: {{ .Values.server.threads | int64 | quote }}}
-- {name: max_request_bytes, type: INT, value: {{ .Values.server.maxRequestBytes | int64 | quote }}}
-- {name: max_image_bytes, type: INT, value: {{ .Values.server.maxImageBytes | int64 | quote }}}
-- {name: max_pixels, type: INT, value: {{ .Values.server.maxPixels | int64 | quote }}}
-- {name: max_request_pixels, type: INT, value: {{ .Values.server.maxRequestPixels | int64 | quote }}}
-- {name: max_concurrent_decodes, type: INT, value: {{ .Values.server.maxConcurrentDecodes | int64 | quote }}}
-- {name: poll_interval_s, type: FLOAT, value: {{ .Values.server.pollIntervalS | float64 | quote }}}
+{{- range include "imgsim.serverSettings" . | fromYamlArray }}
+- {name: {{ index . 0 }}, type: {{ index . 1 }}, value: {{ index . 2 | quote }}}
+{{- end }}
+{{- end }}
+
+{{/* Startup, readiness and liveness probes on the server's REST port. dict: root, live, ready (paths). */}}
+{{- define "imgsim.probes" -}}
+{{- $p := .root.Values.probes -}}
+startupProbe:
+  httpGet: {path: {{ .live }}, port: 9000}
+  periodSeconds: {{ $p.startup.periodSeconds }}
+  failureThreshold: {{ $p.startup.failureThreshold }}
+readinessProbe:
+  httpGet: {path: {{ .ready }}, port: 9000}
+  periodSeconds: {{ $p.readiness.periodSeconds }}
+  timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
+  failureThreshold: {{ $p.readiness.failureThreshold }}
+livenessProbe:
+  httpGet: {path: {{ .live }}, port: 9000}
+  periodSeconds: {{ $p.liveness.periodSeconds }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
+  failureThreshold: {{ $p.liveness.failureThreshold }}
+{{- end }}
+
+{{/* The MLServer container's image, ports, settings and probes (server.protocol v2): Seldon's ports (REST 9000,
+gRPC 9500, where its executor calls the node; metrics 6000 at /prometheus, where it scrapes them), and the
+server's settings as the IMGSIM_* variables model_server/v2 reads (graph parameters do not reach MLServer). */}}
+{{- define "imgsim.mlserverContainer" -}}
+{{- $v := .Values -}}
+image: {{ include "imgsim.serverImage" . }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+ports:
+  - {name: http, containerPort: 9000, protocol: TCP}
+  - {name: grpc, containerPort: 9500, protocol: TCP}
+  - {name: metrics, containerPort: 6000, protocol: TCP}
+env:
+  - {name: MLSERVER_HTTP_PORT, value: "9000"}
+  - {name: MLSERVER_GRPC_PORT, value: "9500"}
+  - {name: MLSERVER_METRICS_PORT, value: "6000"}
+  - {name: MLSERVER_METRICS_ENDPOINT, value: /prometheus}
+  - name: MLSERVER_GRPC_MAX_MESSAGE_LENGTH
+    value: {{ $v.server.grpcMaxMessageBytes | int64 | quote }}
+  - name: OMP_NUM_THREADS
+    value: {{ $v.server.threads | int64 | quote }}
+  {{- range include "imgsim.serverSettings" . | fromYamlArray }}
+  - name: {{ printf "IMGSIM_%s" (index . 0) | upper }}
+    value: {{ index . 2 | quote }}
+  {{- end }}
+{{ include "imgsim.probes" (dict "root" . "live" "/v2/health/live" "ready" "/v2/health/ready") }}
 {{- end }}
