@@ -58,6 +58,8 @@ def save(name: str, payload: dict) -> Path:
 def table(rows: list[dict], columns: list[str]) -> str:
     """A GitHub-flavoured markdown table, so the output pastes into the README as is."""
     def fmt(v):
+        if v is None:  # a column that does not apply to this row
+            return ""
         return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else f"{v:,.1f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

@@ -52,14 +52,22 @@ def section() -> str:
                          f"{best['recall_at_10']:.4f} at {best['speedup']:.1f}× exact single-query speed.")
         parts.append("\n![recall against queries per second](../bench/results/recall_vs_qps.png)\n")
     if serving:
-        parts.append("**3. Serving** — single-image `binData` queries against the real `seldon-core-microservice` "
-                     "serving the demo bundle: an echo model, imgsim on PyTorch and imgsim on ONNX Runtime (the "
-                     "default), all in the same wrapper and settings "
+        parts.append("**3. Serving** — single-image queries against real servers of the demo bundle, in one run. "
+                     "`v1`: the real `seldon-core-microservice` (`binData`) with an echo model, imgsim on PyTorch and "
+                     "imgsim on ONNX Runtime (the default), all in the same wrapper and settings "
                      f"({', '.join(f'{k}={v}' for k, v in serving['settings'].items())}); `gRPC compact` asks for "
-                     "the answer as a JSON string in `strData` (`meta.tags.format=compact`); the load generator "
-                     "shares the same cores; `python -m bench.serving`:\n")
+                     "the answer as a JSON string in `strData` (`meta.tags.format=compact`). `v2`: the real "
+                     "MLServer as the `serve-v2` image runs it (`model_server/v2/serve.py`: Open Inference "
+                     "Protocol, one process, "
+                     f"{', '.join(f'{k}={v}' for k, v in serving.get('v2_settings', {}).items())}) with an echo "
+                     "model and imgsim (an `images` BYTES tensor, typed tensors back), without and with MLServer's "
+                     "adaptive batching "
+                     f"({', '.join(f'{k}={v}' for k, v in serving.get('v2_batching', {}).items())}). `of_echo`: "
+                     "against the same protocol's echo; `of_v1_onnx`: v2 imgsim against v1 imgsim on ONNX Runtime "
+                     "(gRPC: its default `jsonData` answer). The load generator shares the same cores; "
+                     "`python -m bench.serving`:\n")
         parts.append(table(serving["rows"], ["server", "protocol", "concurrency", "requests", "errors", "rps",
-                                             "p50_ms", "p99_ms", "of_echo"]))
+                                             "p50_ms", "p99_ms", "of_echo", "of_v1_onnx"]))
         before = load("serving-before")
         if before:
             parts.append(f"\nBefore ONNX Runtime and compact answers (the same script on {before['machine']['date']}: "
@@ -70,6 +78,15 @@ def section() -> str:
         if serving.get("memory"):
             parts.append("\nIdle PSS of each server after it answered (all its processes, shared pages once):\n")
             parts.append(table(serving["memory"], ["server", "idle_pss_mb"]))
+        v2_http = load("v2_http")
+        if v2_http:
+            parts.append("\nMLServer's HTTP stack (the `v2` rows above run the image's: uvicorn with httptools, "
+                         "answers not gzipped): uvicorn's pure-Python h11 parser against httptools, MLServer's gzip of "
+                         "answers over 500 bytes on (its default) and off; each variant a real server, one client, "
+                         f"{v2_http['rounds']} interleaved rounds of {v2_http['per_round']} queries; `answer`: what "
+                         "a client that accepts gzip is sent (and its size unzipped); `python -m bench.v2_http`:\n")
+            parts.append(table(v2_http["rows"], ["model", "http", "gzip", "answer", "requests", "p50_ms", "p90_ms",
+                                                 "of_h11_gzip"]))
         if serving.get("protobuf"):
             parts.append(f"\ngRPC messages go through protobuf {serving['protobuf']}: seldon-core 1.18 pins "
                          "protobuf < 4, which ships no compiled module for Python 3.11, so a ranked answer as a "
@@ -232,10 +249,11 @@ def hold_up_sections() -> list[str]:
     hostile, soak = load("hostile_memory"), load("soak")
     if hostile:
         parts.append("**10. Memory under hostile images** — the demo bundle served with the chart's worker settings; "
-                     "4 concurrent clients each send every kind below as a REST JSON batch of 16 copies, as REST "
-                     "binData and as gRPC binData, 3 rounds; PSS of all server processes sampled every 50 ms; "
-                     "the same mix against the bounded defaults, 2 decodes per worker, and split's 40 MP limit "
-                     "with no request budget or decode cap; `python -m bench.hostile_memory`:\n")
+                     "4 concurrent clients each send every kind below as a REST JSON batch of 16 copies, as one "
+                     "REST image and over gRPC (binData; for v2 an `images` tensor), 3 rounds; PSS of all server "
+                     "processes sampled every 50 ms; the same mix against the bounded defaults, 2 decodes per "
+                     "worker, split's 40 MP limit with no request budget or decode cap, and the Open Inference "
+                     "Protocol server (MLServer, one process) on the defaults; `python -m bench.hostile_memory`:\n")
         parts.append(table([{"kind": k, "bytes": v} for k, v in hostile["payload_bytes"].items()], ["kind", "bytes"]))
         parts.append("")
         parts.append(table(hostile["rows"], ["config", "idle_pss_mb", "peak_pss_mb", "growth_mb", "requests", "2xx",

@@ -1,36 +1,42 @@
-"""Bench 3: REST and gRPC single-image binData queries at concurrency 1 and 4: an echo model, imgsim on
-PyTorch and imgsim on ONNX Runtime, side by side in one run, with each server's idle memory.
+"""Bench 3: REST and gRPC single-image queries at concurrency 1, 4 and 16, side by side in one run, with each
+server's idle memory: Seldon's v1 wrapper (an echo model, imgsim on PyTorch, imgsim on ONNX Runtime) and the Open
+Inference Protocol server, MLServer (an echo model, imgsim, imgsim with MLServer's adaptive batching).
 
 python -m bench.serving [--bundle bundles/demo]     (after `make demo`, whose bundle it serves)
-Every server runs the real seldon-core-microservice with the same worker settings on loopback; the load
-generator shares the same 2 cores, so read the ratios rather than the absolute numbers.
+Every server runs for real on loopback (seldon-core-microservice with the same worker settings; MLServer as the
+serve-v2 image runs it, model_server/v2/serve.py, in .venv-serve-v2, whose gRPC load runs there too:
+bench/oip_load.py); the load generator shares the same 2 cores, so read the ratios rather than the absolute
+numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
-import threading
+import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import google.protobuf
 import grpc
-import numpy as np
 import requests
 from google.protobuf.internal import api_implementation
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 from bench.common import RESULTS, save, table
 from bench.hostile import DEMO_BUNDLE, demo_bundle, encode, pss_mb
+from bench.load import load
 from imgsim.bundle import ServingBundle
-from support.servers import start_server
+from support.servers import REPO, Server, start_mlserver, start_server, v2_python
 
 SETTINGS = {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2", "GRPC_WORKERS": "2", "GRPC_THREADS": "2",
             "IMGSIM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-REQUESTS = {1: 400, 4: 800}
-WARMUP = 20
+V2_SETTINGS = {"IMGSIM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # MLServer's own settings.json: one process
+# MLServer's adaptive batching: up to 8 queued requests, or what came within 2 ms, in one predict call.
+V2_BATCHING = {"MLSERVER_MODEL_MAX_BATCH_SIZE": "8", "MLSERVER_MODEL_MAX_BATCH_TIME": "0.002"}
+REQUESTS = {1: 400, 4: 800, 16: 1600}
 
 
 def query_image(bundle: Path) -> bytes:
@@ -66,43 +72,35 @@ def grpc_client(address: str, image: bytes, compact: bool = False):
     return call
 
 
-def load(make_client, concurrency: int, total: int) -> dict:
-    """``total`` requests from ``concurrency`` threads, each with its own connection; latencies in ms."""
-    latencies, errors, lock = [], [0], threading.Lock()
-    per_thread = total // concurrency
-
-    def worker():
-        call = make_client()
-        for _ in range(WARMUP // concurrency + 1):
-            call()
-        barrier.wait()
-        for _ in range(per_thread):
-            started = time.perf_counter()
-            ok = call()
-            elapsed = (time.perf_counter() - started) * 1000
-            with lock:
-                latencies.append(elapsed)
-                errors[0] += not ok
-
-    barrier = threading.Barrier(concurrency + 1)
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(worker) for _ in range(concurrency)]
-        barrier.wait()
-        started = time.perf_counter()
-        for f in futures:
-            f.result()
-        wall = time.perf_counter() - started
-    return {"requests": len(latencies), "errors": errors[0], "rps": len(latencies) / wall,
-            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+def v2_body(image: bytes) -> dict:
+    """A v2 query for one image: an ``images`` tensor, typed tensors back (no JSON answer)."""
+    return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()],
+                        "parameters": {"content_type": "base64"}}]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
-    bundle = demo_bundle(parser.parse_args().bundle)
-    image = query_image(bundle)
+def v2_rest_client(url: str, model: str, image: bytes):
+    session = requests.Session()
+    body = v2_body(image)
+
+    def call():
+        reply = session.post(f"{url}/v2/models/{model}/infer", json=body, timeout=30)
+        reply.json()
+        return reply.status_code == 200
+    return call
+
+
+def v2_grpc_load(server: Server, model: str, image: Path, concurrency: int, total: int) -> dict:
+    """The same closed loop over the Open Inference Protocol's gRPC, run in MLServer's environment."""
+    out = subprocess.run([str(v2_python()), "-m", "bench.oip_load", "--grpc", server.grpc, "--model", model,
+                          "--image", str(image), "--concurrency", str(concurrency), "--total", str(total)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.oip_load failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_v1(bundle: Path, image: bytes, rows: list, memory: list) -> None:
     body = {"binData": base64.b64encode(image).decode()}
-    rows, memory = [], []
     for name, env, interface, cwd in (
             ("echo", {}, "EchoModel", Path(__file__).resolve().parent),
             ("imgsim torch", {"IMGSIM_MODEL_URI": str(bundle), "IMGSIM_RUNTIME": "torch"}, "ModelServer", None),
@@ -115,23 +113,64 @@ def main() -> None:
                                    ("gRPC", lambda: grpc_client(server.grpc, image)),
                                    ("gRPC compact", lambda: grpc_client(server.grpc, image, compact=True))):
                 for concurrency, total in REQUESTS.items():
-                    rows.append({"server": name, "protocol": protocol, "concurrency": concurrency,
+                    rows.append({"server": f"v1 {name}", "protocol": protocol, "concurrency": concurrency,
                                  **load(make, concurrency, total)})
                     print(rows[-1], flush=True)
             time.sleep(2)  # every worker has answered: its model and index are in memory
-            memory.append({"server": name, "idle_pss_mb": pss_mb(server.proc.pid)})
+            memory.append({"server": f"v1 {name}", "idle_pss_mb": pss_mb(server.proc.pid)})
         finally:
             server.stop()
-    echo = {(r["protocol"], r["concurrency"]): r["rps"] for r in rows if r["server"] == "echo"}
+
+
+def run_v2(bundle: Path, image: bytes, rows: list, memory: list, query: Path) -> None:
+    query.write_bytes(image)  # for the gRPC load, which runs in its own process
+    imgsim = V2_SETTINGS | {"IMGSIM_MODEL_URI": str(bundle)}
+    for name, env, model, folder in (
+            ("echo", {}, "echo", Path(__file__).resolve().parent / "v2_echo"),
+            ("imgsim", imgsim, "imgsim", REPO / "model_server" / "v2"),
+            ("imgsim batched", imgsim | V2_BATCHING, "imgsim", REPO / "model_server" / "v2")):
+        server = start_mlserver(env, RESULTS / f"mlserver-{name.replace(' ', '-')}.log", folder=folder)
+        try:
+            for concurrency, total in REQUESTS.items():
+                rows.append({"server": f"v2 {name}", "protocol": "REST", "concurrency": concurrency,
+                             **load(lambda: v2_rest_client(server.rest, model, image), concurrency, total)})
+                print(rows[-1], flush=True)
+                rows.append({"server": f"v2 {name}", "protocol": "gRPC", "concurrency": concurrency,
+                             **v2_grpc_load(server, model, query, concurrency, total)})
+                print(rows[-1], flush=True)
+            time.sleep(2)
+            memory.append({"server": f"v2 {name}", "idle_pss_mb": pss_mb(server.proc.pid)})
+        finally:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
+    bundle = demo_bundle(parser.parse_args().bundle)
+    image = query_image(bundle)
+    rows, memory = [], []
+    run_v1(bundle, image, rows, memory)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_v2(bundle, image, rows, memory, Path(tmp) / "query.png")
+    # Each protocol family against its own echo model; the v2 imgsim rows against v1's ONNX server too.
+    echo = {(r["server"].split()[0], r["protocol"], r["concurrency"]): r["rps"] for r in rows if "echo" in r["server"]}
+    v1 = {(r["protocol"].split()[0], r["concurrency"]): r["rps"] for r in rows
+          if r["server"] == "v1 imgsim onnx" and r["protocol"] != "gRPC compact"}
     for r in rows:
-        r["of_echo"] = r["rps"] / echo[(r["protocol"], r["concurrency"])]
-    print(table(rows, ["server", "protocol", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "of_echo"]))
+        r["of_echo"] = r["rps"] / echo[(r["server"].split()[0], r["protocol"], r["concurrency"])]
+        r["of_v1_onnx"] = r["rps"] / v1[(r["protocol"], r["concurrency"])] if r["server"].startswith("v2 imgsim") \
+            else None
+    print(table(rows, ["server", "protocol", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "of_echo",
+                       "of_v1_onnx"]))
     print(table(memory, ["server", "idle_pss_mb"]))
     # seldon-core 1.18 pins protobuf<4, which has no compiled module for Python 3.11: every gRPC message is
-    # built, serialised and parsed in pure Python, on both ends.
+    # built, serialised and parsed in pure Python, on both ends. MLServer's environment has protobuf 6 (upb).
     protobuf = f"{google.protobuf.__version__} ({api_implementation.Type()} implementation)"
-    print(f"protobuf {protobuf}")
-    print(f"wrote {save('serving', {'settings': SETTINGS, 'protobuf': protobuf, 'rows': rows, 'memory': memory})}")
+    print(f"protobuf {protobuf} (v1)")
+    saved = save("serving", {"settings": SETTINGS, "v2_settings": V2_SETTINGS, "v2_batching": V2_BATCHING,
+                             "protobuf": protobuf, "rows": rows, "memory": memory})
+    print(f"wrote {saved}")
 
 
 if __name__ == "__main__":

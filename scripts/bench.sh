@@ -16,6 +16,7 @@ $PY -m bench.serving
 $PY -m bench.pipeline                     # `make demo` from a fresh clone, timed
 # The server benches below use the demo bundle (bundles/demo): make it unless a valid one is there.
 [ -f bundles/demo/bundle.json ] || bash scripts/demo.sh     # each bench also verifies it before use
+$PY -m bench.v2_http                      # MLServer's HTTP parser and gzip, side by side (~2 min)
 $PY -m bench.hostile_memory               # server memory under hostile images (~2 min)
 $PY -m bench.hostile_page                 # the search page under hostile clients (~2 min)
 $PY -m bench.soak                         # 10 minutes of mixed good and bad traffic
