@@ -1,4 +1,5 @@
-"""Bundles built by hand for tests: another model's bundle over the same gallery, re-recorded checksums."""
+"""Bundles for tests: the test pipeline's own, exported; and built by hand: another model's bundle over the same
+gallery, re-recorded checksums."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from imgsim.index import IndexBundle
 from imgsim.modelspec import file_sha256
 from imgsim.nn.embed import embed_array
 from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.runs.export import export_bundle
+from support.store import mlflow_store
+
+
+def pipeline_bundle(pipeline_run: dict, folder: Path) -> Path:
+    """The test pipeline's extract bundle (conftest's ``pipeline_run``), exported and verified into ``folder``."""
+    with mlflow_store(pipeline_run["work"]):
+        return export_bundle(pipeline_run["result"]["bundle_uri"], folder)
 
 
 def rerecord_checksums(folder: Path) -> None:

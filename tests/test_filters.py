@@ -7,16 +7,14 @@ import numpy as np
 import pytest
 
 from imgsim.errors import BadInput
-from imgsim.runs.export import export_bundle
 from imgsim.serve import search
 from imgsim.serve.search import Filter, Searcher
-from support.store import mlflow_store
+from tests.bundles import pipeline_bundle
 
 
 @pytest.fixture(scope="module")
 def searcher(pipeline_run, tmp_path_factory):
-    with mlflow_store(pipeline_run["work"]):
-        return Searcher(export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path_factory.mktemp("f") / "bundle"))
+    return Searcher(pipeline_bundle(pipeline_run, tmp_path_factory.mktemp("f") / "bundle"))
 
 
 def exact(searcher: Searcher, query: np.ndarray, k: int, where: Filter) -> np.ndarray:
@@ -49,6 +47,20 @@ def test_filtered_answers_are_the_nearest_admissible_items(searcher, path, monke
                 assert len(set(rows)) == len(rows) and dists == sorted(dists)
                 # Compared as cosines: near 0 the angular distance magnifies float32 noise (Annoy computes its own).
                 np.testing.assert_allclose(1 - np.square(dists) / 2, exact(searcher, query, k, where), atol=1e-5)
+
+
+def test_an_item_s_distance_is_the_same_whichever_filter_ranks_it(searcher):
+    """One label's items are told the distances they have among all labels' (the sharded graph and one server of
+    the same gallery rank a filtered query over different rows, and must agree to the last bit)."""
+    items = searcher.index.items
+    labels = sorted({item.label for item in items})
+    for query_row in range(0, len(items), max(1, len(items) // 8)):
+        query = np.asarray(searcher.index.embeddings[query_row])
+        among_all = dict(zip(*searcher.nearest(query, len(items), Filter(frozenset(labels)))))
+        assert len(among_all) == len(items)
+        for label in labels:
+            rows, dists = searcher.nearest(query, len(items), Filter(frozenset([label])))
+            assert rows and dict(zip(rows, dists)) == {r: among_all[r] for r in rows}
 
 
 def test_a_filter_reaches_the_answer_and_unknown_labels_are_refused(searcher):

@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
-from imgsim.runs.export import export_bundle
-from support.store import mlflow_store
 from support.servers import start_page, start_server
+from tests.bundles import pipeline_bundle
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -44,8 +43,7 @@ VALID = [
 
 @pytest.fixture(scope="module")
 def fuzz_server(pipeline_run, tmp_path_factory):
-    with mlflow_store(pipeline_run["work"]):
-        bundle = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path_factory.mktemp("fuzz") / "bundle")
+    bundle = pipeline_bundle(pipeline_run, tmp_path_factory.mktemp("fuzz") / "bundle")
     root = pipeline_run["root"]
     outside = root.parent / "outside-secret"  # beside the gallery root: a real file a client must not reach
     outside.mkdir(exist_ok=True)

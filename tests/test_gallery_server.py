@@ -1,4 +1,5 @@
-"""The real server follows a living gallery: v1 -> v2 (add) -> v3 (remove) under load, by polling and on SIGHUP."""
+"""The real servers follow a living gallery: v1 -> v2 (add) -> v3 (remove) under load, by polling and on SIGHUP;
+the Seldon wrapper, and the Open Inference Protocol server (MLServer) reading the registry over HTTP."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import pytest
 import requests
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
+from imgsim.serve.client import query_rest
 from imgsim.serve.process import DOWNLOADS
+from imgsim.serve.protocols import OpenInference
+from support.servers import start_mlserver, start_server, start_tracking_server
 from support.store import mlflow_store
 from tests.galleries import add, load_version, new_images, remove
-from support.servers import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +40,17 @@ def _grpc(stub, data: bytes, k: int) -> dict:
     return json.loads(stub.Predict(message, timeout=30).strData)
 
 
-class Clients:
-    """Client threads querying continuously; each answer recorded as (time, version, ids), each failure kept."""
+def _v2(server, data: bytes, k: int) -> dict:
+    """The v2 server's JSON answer to one image, as `imgsim query --protocol v2` asks."""
+    return query_rest(server.rest, data, k, proto=OpenInference())
 
-    def __init__(self, server, data: bytes, k: int, threads: int = 4) -> None:
-        self.server, self.data, self.k = server, data, k
+
+class Clients:
+    """Client threads querying continuously; each answer recorded as (time, version, ids), each failure kept.
+    Against the Seldon wrapper half the threads ask over REST and half over gRPC; with ``v2``, all over v2 REST."""
+
+    def __init__(self, server, data: bytes, k: int, threads: int = 4, v2: bool = False) -> None:
+        self.server, self.data, self.k, self.v2 = server, data, k, v2
         self.answers: list[tuple[float, str, frozenset[int]]] = []
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -53,7 +62,10 @@ class Clients:
         stub = prediction_pb2_grpc.ModelStub(channel)
         while not self.stop.is_set():
             try:
-                answer = _rest(self.server, self.data, self.k) if use_rest else _grpc(stub, self.data, self.k)
+                if self.v2:
+                    answer = _v2(self.server, self.data, self.k)
+                else:
+                    answer = _rest(self.server, self.data, self.k) if use_rest else _grpc(stub, self.data, self.k)
                 ids = frozenset(n["id"] for n in answer["results"][0]["neighbours"])
                 with self.lock:
                     self.answers.append((time.monotonic(), answer["bundle_version"], ids))
@@ -89,7 +101,7 @@ def _server(living, tmp_path, poll: float, wait_ready: bool = True):
     env = {"TMPDIR": str(tmp_path / "tmp"), "IMGSIM_MODEL_URI": living["uri"], "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
            "IMGSIM_POLL_INTERVAL_S": str(poll), "IMGSIM_MAX_K": "100", "GUNICORN_WORKERS": "2",
            "GUNICORN_THREADS": "2", "GRPC_WORKERS": "1"}
-    return start_server(env, tmp_path / "server.log", wait_ready=wait_ready)
+    return start_server(env, tmp_path / "server.log", wait_ready=wait_ready, every_process=wait_ready)
 
 
 def test_four_clients_see_v1_v2_v3_with_no_error_and_never_a_removed_image(living, tmp_path):
@@ -127,6 +139,7 @@ def test_four_clients_see_v1_v2_v3_with_no_error_and_never_a_removed_image(livin
     assert after and all(version == "3" and not ids & set(gone) for version, ids in after)
     assert "Traceback" not in log
     assert "switched from 2 to 3" in log
+    assert "linked from" in log and "the same version already here: not downloaded" in log  # v1's files, v2 and v3
 
 
 def test_sighup_moves_every_worker_to_the_newest_version(living, tmp_path):
@@ -178,3 +191,35 @@ def test_a_server_started_on_a_broken_version_recovers_when_the_alias_moves(livi
             assert requests.get(f"{srv.rest}/health/status", timeout=5).json()["jsonData"]["bundle_version"] == "1"
         finally:
             srv.stop()
+
+
+def test_the_v2_server_follows_the_gallery_under_load_too(living, tmp_path):
+    """MLServer on the registry alias, through a real tracking server (as on a cluster): every answer is exactly
+    its version's gallery, no request fails, and the version is in every answer."""
+    with mlflow_store(living["work"]):
+        tracking = start_tracking_server(living["work"], tmp_path / "mlflow.log")
+        v1 = load_version(living["uri"])
+        query = v1.index.items[0]
+        data = (living["root"] / query.path).read_bytes()
+        k = len(v1.index.items) + 8
+        (tmp_path / "tmp").mkdir()
+        srv = start_mlserver({"TMPDIR": str(tmp_path / "tmp"), "IMGSIM_MODEL_URI": living["uri"],
+                              "MLFLOW_TRACKING_URI": tracking.rest, "IMGSIM_POLL_INTERVAL_S": "0.5",
+                              "IMGSIM_MAX_K": "100"}, tmp_path / "mlserver.log")
+        try:
+            with Clients(srv, data, k, threads=2, v2=True) as clients:
+                clients.wait_for("1")
+                add(living, paths=",".join(new_images(living["incoming"], 3)))
+                clients.wait_for("2")
+                gone = [query.id]
+                remove(living, ids=",".join(map(str, gone)))
+                switched = clients.wait_for("3")
+            versions = {v: frozenset(i.id for i in load_version(f"models:/{living['name']}/{v}").index.items)
+                        for v in ("1", "2", "3")}
+        finally:
+            srv.stop()
+            tracking.stop()
+    assert clients.errors == [] and {version for _, version, _ in clients.answers} == {"1", "2", "3"}
+    for _, version, ids in clients.answers:
+        assert ids == versions[version], f"an answer tagged version {version} holds other ids"
+    assert all(not ids & set(gone) for t, _, ids in clients.answers if t >= switched)

@@ -24,14 +24,13 @@ from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.index import FAISS_FLAT, IndexBundle
-from imgsim.runs.export import export_bundle
 from imgsim.serve.graph import EmbedService, Merger, ShardService
 from imgsim.serve.settings import ServiceConfig
 from imgsim.sharded import part_name, shard_bundle
 from imgsim.stages.gallery import remove_images
 from imgsim.stages.settings import RemoveConfig
 from support.servers import run_graph, start_server
-from support.store import mlflow_store
+from tests.bundles import pipeline_bundle
 
 pytestmark = pytest.mark.slow
 SHARDS = 3
@@ -42,8 +41,7 @@ def flat(pipeline_run, tmp_path_factory) -> Path:
     """The pipeline's bundle with its gallery indexed exactly (faiss-flat), so sharded answers can be compared
     with single-server answers value for value."""
     work = tmp_path_factory.mktemp("graph")
-    with mlflow_store(pipeline_run["work"]):
-        annoy = export_bundle(pipeline_run["result"]["bundle_uri"], work / "annoy")
+    annoy = pipeline_bundle(pipeline_run, work / "annoy")
     whole = ServingBundle.load(annoy)
     whole.index = IndexBundle.build(np.asarray(whole.index.embeddings), whole.index.items,
                                     n_trees=whole.index.n_trees, next_id=whole.index.next_id, backend=FAISS_FLAT)

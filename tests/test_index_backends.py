@@ -12,7 +12,7 @@ from imgsim import config
 from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import ImgsimError
 from imgsim.index import (BACKENDS, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, HNSW_EF_SEARCH, IVF_NPROBE, GalleryItem,
-                          IndexBundle, check_backend, cosine_from_angular)
+                          IndexBundle, check_backend, cosine_from_angular, cosines)
 from imgsim.metrics import exact_topk
 from imgsim.runs.export import export_bundle
 from imgsim.runs.extract import run_extract
@@ -65,6 +65,26 @@ def test_a_gallery_smaller_than_k_returns_what_it_has(backend):
     gallery = clustered(3)
     rows, dists = IndexBundle.build(gallery, items(3), n_trees=2, backend=backend).search(gallery[1], 10, -1)
     assert sorted(rows) == [0, 1, 2] and rows[0] == 1 and len(dists) == 3
+
+
+@pytest.mark.parametrize("dim", [32, 100, 128, 1280])
+def test_an_item_s_cosine_does_not_depend_on_the_rows_it_is_scored_with(dim):
+    """Exact scoring gives a row the same float32 whatever rows come with it (a filter's, a shard's, a block's):
+    BLAS's matrix-vector product did not (OpenBLAS on AVX-512 put one item 1 ulp apart in a shard and in the
+    whole gallery); and it is the dot product, to float32 precision."""
+    gallery, rng = clustered(300, dim), np.random.default_rng(dim)
+    for query in (gallery[7], gallery[7] + np.float32(1e-3) * clustered(1, dim, seed=1)[0]):
+        whole = cosines(gallery, query)
+        assert whole.dtype == np.float32
+        np.testing.assert_allclose(whole, gallery.astype(np.float64) @ query.astype(np.float64), atol=1e-6)
+        for rows in (np.arange(n) for n in range(1, 40)):
+            assert np.array_equal(cosines(gallery[rows], query), whole[rows])
+        for _ in range(40):
+            rows = rng.choice(300, size=int(rng.integers(1, 300)), replace=False)
+            assert np.array_equal(cosines(gallery[rows], query), whole[rows])
+    assert cosines(gallery[:0], gallery[0]).shape == (0,)
+    strided = np.repeat(gallery[7], 2)[::2]  # the same values, laid out otherwise
+    assert np.array_equal(cosines(np.asfortranarray(gallery), strided), cosines(gallery, gallery[7]))
 
 
 def test_an_unknown_backend_or_a_file_of_another_backend_is_a_clear_error(tmp_path):

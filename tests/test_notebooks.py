@@ -11,10 +11,10 @@ import papermill
 import pytest
 
 from imgsim.index import BACKENDS
-from imgsim.runs.export import export_bundle
 from imgsim.serve.search import Searcher
-from tests.conftest import CLASSES, mlflow_store
 from support.servers import start_server
+from tests.bundles import pipeline_bundle
+from tests.conftest import CLASSES
 
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -22,8 +22,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 @pytest.fixture(scope="module")
 def fixture_bundle(pipeline_run, tmp_path_factory):
-    with mlflow_store(pipeline_run["work"]):
-        return export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path_factory.mktemp("nb") / "bundle")
+    return pipeline_bundle(pipeline_run, tmp_path_factory.mktemp("nb") / "bundle")
 
 
 def run(name: str, tmp_path: Path, **parameters) -> dict:

@@ -16,11 +16,9 @@ from imgsim.images import Preprocess
 from imgsim.modelspec import BACKBONES, SMALL, ModelArgs
 from imgsim.nn.model import EmbeddingNet, ModelBundle
 from imgsim.nn.onnx_export import PARITY, export_onnx
-from imgsim.runs.export import export_bundle
 from imgsim.serve.runtime import OnnxModel
-from tests.bundles import rerecord_checksums
-from support.store import mlflow_store
 from support.servers import start_server
+from tests.bundles import pipeline_bundle, rerecord_checksums
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -43,8 +41,7 @@ def test_every_backbone_exports_to_onnx_that_matches_torch(backbone, tmp_path):
 
 @pytest.fixture
 def good_bundle(pipeline_run, tmp_path) -> Path:
-    with mlflow_store(pipeline_run["work"]):
-        return export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "good")
+    return pipeline_bundle(pipeline_run, tmp_path / "good")
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

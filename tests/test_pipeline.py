@@ -21,7 +21,7 @@ from imgsim.runs.extract import run_extract
 from imgsim.serve.search import Searcher
 from imgsim.stages.settings import ExtractConfig
 from support.store import mlflow_store
-from tests.bundles import other_model_bundle, rerecord_checksums
+from tests.bundles import other_model_bundle, pipeline_bundle, rerecord_checksums
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +90,7 @@ def test_export_and_extract_leave_no_downloads_behind(pipeline_run, tmp_path, mo
 
 
 def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
-    with mlflow_store(pipeline_run["work"]):
-        good = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "good")
+    good = pipeline_bundle(pipeline_run, tmp_path / "good")
     tampered = tmp_path / "tampered"
     shutil.copytree(good, tampered)
     state = torch.load(tampered / "weights.pt")
@@ -108,8 +107,7 @@ def test_a_bundle_whose_parts_do_not_match_is_refused(pipeline_run, tmp_path):
 @pytest.mark.parametrize("taken", [("model.json", "weights.pt", "model.onnx"),  # A's model, B's index and probes
                                    ("model.json", "weights.pt", "model.onnx", "probes.npz")])  # A's model, probes
 def test_model_a_with_the_index_of_model_b_is_refused_naming_the_part(pipeline_run, tmp_path, taken):
-    with mlflow_store(pipeline_run["work"]):
-        good = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "a")
+    good = pipeline_bundle(pipeline_run, tmp_path / "a")
     other = other_model_bundle(good, tmp_path / "b")
     mixed = Path(shutil.copytree(other, tmp_path / "mixed"))
     for name in taken:

@@ -10,11 +10,10 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from imgsim.runs.export import export_bundle
 from imgsim.serve import client
 from imgsim.serve.page import UiConfig, create_app
-from support.store import mlflow_store
 from support.servers import free_port, start_server
+from tests.bundles import pipeline_bundle
 
 pytestmark = pytest.mark.slow
 OUTPUTS = Path(__file__).resolve().parents[1] / "build" / "test-screenshots"
@@ -22,8 +21,7 @@ OUTPUTS = Path(__file__).resolve().parents[1] / "build" / "test-screenshots"
 
 @pytest.fixture(scope="module")
 def seldon(pipeline_run, tmp_path_factory):
-    with mlflow_store(pipeline_run["work"]):
-        bundle = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path_factory.mktemp("ui") / "bundle")
+    bundle = pipeline_bundle(pipeline_run, tmp_path_factory.mktemp("ui") / "bundle")
     srv = start_server({"IMGSIM_MODEL_URI": str(bundle)}, tmp_path_factory.mktemp("ui-logs") / "server.log")
     yield srv
     srv.stop()
