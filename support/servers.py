@@ -17,10 +17,41 @@ import requests
 REPO = Path(__file__).resolve().parents[1]  # the checkout: servers run its model_server/
 
 
+_HANDED_OUT: set[int] = set()  # every port free_ports has returned in this process
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports that this process has not handed out before. Each stays bound until
+    all are picked, so one server never gets the same port twice (CI once saw a REST port equal to its gRPC port),
+    and none goes to a second server while the first has yet to bind it."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                ports.append(port)
+    finally:
+        for sock in socks:
+            sock.close()
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+class PortTaken(RuntimeError):
+    """A server could not bind a port picked for it: another process took it between the pick and the bind."""
+
+
+# What gunicorn (the Seldon wrapper's REST), asyncio (MLServer's uvicorn) and grpcio log, lower-cased, when a port
+# is already bound.
+_PORT_TAKEN = ("connection in use", "address already in use", "failed to bind to address")
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -51,31 +82,53 @@ class Server:
 
 
 def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServer", wait_ready: bool = True,
-                 timeout: float = 120, cwd: Path = REPO / "model_server", service_type: str = "MODEL") -> Server:
+                 every_process: bool = False, timeout: float = 120, cwd: Path = REPO / "model_server",
+                 service_type: str = "MODEL") -> Server:
     """Start the wrapper with ``env`` added as a ``service_type`` node (MODEL, TRANSFORMER, COMBINER); wait until
-    /health/ping answers (and /health/status is 200)."""
-    rest, grpc_port, metrics = free_port(), free_port(), free_port()
-    full_env = os.environ | {
-        "PREDICTIVE_UNIT_HTTP_SERVICE_PORT": str(rest), "PREDICTIVE_UNIT_GRPC_SERVICE_PORT": str(grpc_port),
-        "PREDICTIVE_UNIT_METRICS_SERVICE_PORT": str(metrics), "PYTHONPATH": str(REPO)} | env
-    binary = Path(sys.executable).parent / "seldon-core-microservice"
-    handle = open(log, "wb")
-    proc = subprocess.Popen([str(binary), interface, "--service-type", service_type], cwd=cwd,
-                            env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
-    return _wait_up(server, lambda: requests.get(f"{server.rest}/health/ping", timeout=1).ok and (
-        not wait_ready or requests.get(f"{server.rest}/health/status", timeout=5).ok), timeout, "server", "up")
+    /health/ping answers (and /health/status is 200). ``every_process``: also until each REST worker and gRPC
+    process has logged loading its bundle. Each loads on its own, resolving a registry alias when it starts, and
+    readiness answers from one of them: a test that moves the alias must not start a late one on the new version."""
+    def start() -> Server:
+        rest, grpc_port, metrics = free_ports(3)
+        full_env = os.environ | {
+            "PREDICTIVE_UNIT_HTTP_SERVICE_PORT": str(rest), "PREDICTIVE_UNIT_GRPC_SERVICE_PORT": str(grpc_port),
+            "PREDICTIVE_UNIT_METRICS_SERVICE_PORT": str(metrics), "PYTHONPATH": str(REPO)} | env
+        binary = Path(sys.executable).parent / "seldon-core-microservice"
+        proc = subprocess.Popen([str(binary), interface, "--service-type", service_type], cwd=cwd, env=full_env,
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}",
+                        log)
+        processes = int(full_env.get("GUNICORN_WORKERS", "1")) + int(full_env.get("GRPC_WORKERS", "1"))  # Seldon's
+        return _wait_up(server, lambda: requests.get(f"{server.rest}/health/ping", timeout=1).ok and (
+            not wait_ready or requests.get(f"{server.rest}/health/status", timeout=5).ok) and (
+            not every_process or log.read_text(errors="replace").count("imgsim: loaded ") >= processes), timeout,
+            "server", f"loaded in all {processes} processes" if every_process else "up")
+    return _on_free_ports(start)
+
+
+def _on_free_ports(start, attempts: int = 3) -> Server:
+    """``start()`` again, on new ports, when another process bound one of its ports first."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _wait_up(server: Server, up, timeout: float, what: str, state: str) -> Server:
-    """``server`` once ``up()`` holds and its gRPC port accepts; stopped, with its log, if it exits or the
-    ``timeout`` passes first."""
+    """``server`` once ``up()`` holds and its gRPC port (if it has one) accepts; stopped, with its log, if it
+    exits or the ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if any(taken in server.log.read_text(errors="replace").lower() for taken in _PORT_TAKEN):
+            server.stop()
+            raise PortTaken(f"{what} found a port taken:\n{server.logs()}")
         if server.proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{server.logs()}")
         try:
-            if up() and _grpc_up(server.grpc):
+            if up() and (not server.grpc or _grpc_up(server.grpc)):
                 return server
         except requests.RequestException:
             pass
@@ -96,20 +149,40 @@ def v2_python() -> Path:
     return python
 
 
-def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait_ready: bool = True) -> Server:
-    """`mlserver start model_server/v2` (the Open Inference Protocol server) with ``env`` added, on free loopback
-    ports; waits until /v2/health/ready answers 200 (every model loaded and verified), or with ``wait_ready``
-    False until /v2/health/live does."""
-    rest, grpc_port, metrics = free_port(), free_port(), free_port()
-    full_env = os.environ | {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_HTTP_PORT": str(rest),
-                             "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_METRICS_PORT": str(metrics),
-                             "PYTHONPATH": str(REPO)} | env
-    proc = subprocess.Popen([str(v2_python().parent / "mlserver"), "start", "."], cwd=REPO / "model_server" / "v2",
-                            env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}", log)
-    probe = "/v2/health/ready" if wait_ready else "/v2/health/live"
-    return _wait_up(server, lambda: requests.get(f"{server.rest}{probe}", timeout=1).ok, timeout, "mlserver",
-                    "ready")
+def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait_ready: bool = True,
+                   folder: Path = REPO / "model_server" / "v2") -> Server:
+    """`mlserver start` of model_server/v2 (the Open Inference Protocol server; or another model ``folder``) with
+    ``env`` added, on free loopback ports; waits until /v2/health/ready answers 200 (every model loaded and
+    verified), or with ``wait_ready`` False until /v2/health/live does."""
+    def start() -> Server:
+        rest, grpc_port, metrics = free_ports(3)
+        full_env = os.environ | {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_HTTP_PORT": str(rest),
+                                 "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_METRICS_PORT": str(metrics),
+                                 "PYTHONPATH": str(REPO)} | env
+        serve = REPO / "model_server" / "v2" / "serve.py"  # `mlserver` behind imgsim's request guard, as in the image
+        proc = subprocess.Popen([str(v2_python()), str(serve), "start", "."], cwd=folder, env=full_env,
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}",
+                        log)
+        probe = "/v2/health/ready" if wait_ready else "/v2/health/live"
+        return _wait_up(server, lambda: requests.get(f"{server.rest}{probe}", timeout=1).ok, timeout, "mlserver",
+                        "ready")
+    return _on_free_ports(start)
+
+
+def start_tracking_server(store: Path, log: Path, *, timeout: float = 120) -> Server:
+    """`mlflow server` over the sqlite store in ``store`` on a free loopback port, as a cluster's tracking server:
+    the MLServer environment's mlflow-skinny reads the registry over HTTP only (no SQLAlchemy)."""
+    def start() -> Server:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                                 "--workers", "1"], cwd=store, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        server = Server(proc, f"http://127.0.0.1:{port}", "", "", log)
+        return _wait_up(server, lambda: requests.get(f"{server.rest}/health", timeout=1).ok, timeout,
+                        "mlflow server", "up")
+    return _on_free_ports(start)
 
 
 def oip_grpc(server: Server, *args: str) -> dict:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,12 +26,12 @@ from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 
 from imgsim import atomic
-from imgsim.runs.export import export_bundle
 from imgsim.serve import process
 from imgsim.serve.search import Searcher
 from imgsim.serve.settings import ServiceConfig
-from tests.bundles import other_model_bundle, rerecord_checksums
 from support.store import mlflow_store
+from tests.bundles import other_model_bundle, pipeline_bundle, rerecord_checksums
+from support import servers
 from support.servers import start_server
 
 pytestmark = pytest.mark.slow
@@ -39,8 +40,7 @@ MAX_REQUEST = 2 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def bundle(pipeline_run, tmp_path_factory):
-    with mlflow_store(pipeline_run["work"]):
-        return export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path_factory.mktemp("serve") / "bundle")
+    return pipeline_bundle(pipeline_run, tmp_path_factory.mktemp("serve") / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +336,32 @@ def test_concurrent_clients_get_identical_answers(server, gallery):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert sum(pool.map(client, range(8))) == 0
+
+
+# ---- ports: what the tests' servers start on -----------------------------------------------------------------
+
+def test_free_ports_are_distinct_and_never_handed_out_twice():
+    first, second = servers.free_ports(40), servers.free_ports(40)
+    assert len(set(first)) == 40 and len(set(second)) == 40 and not set(first) & set(second)
+
+
+def test_a_server_whose_port_another_process_took_starts_again_on_new_ports(bundle, tmp_path, monkeypatch):
+    # Another process binds the REST port between the pick and the server's own bind: gunicorn cannot listen, and
+    # the server starts again on ports picked afresh instead of waiting out its timeout (as CI once saw).
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        picks = iter([[taken, *servers.free_ports(2)]])
+        real = servers.free_ports
+        monkeypatch.setattr(servers, "free_ports", lambda count: next(picks, None) or real(count))
+        srv = start_server({"IMGSIM_MODEL_URI": str(bundle)}, tmp_path / "server.log")
+    try:
+        assert srv.rest != f"http://127.0.0.1:{taken}" and next(picks, None) is None
+        assert requests.get(f"{srv.rest}/health/status", timeout=5).ok
+        assert "Connection in use" not in srv.log.read_text(errors="replace")  # the log is the second start's
+    finally:
+        srv.stop()
 
 
 # ---- loading: consistency checks and MLflow URIs ------------------------------------------------------------
