@@ -111,6 +111,7 @@ def compare(dataset: str, routes: list[str], overrides: dict, tag: str) -> None:
         queries, logits = embed_batches(model, q_x, 64, "bench: embedding queries")
         used = bundle.config  # the route train_model resolved
         name = f"{route}: {used['backbone']}, {used['mode']}"
+        name += ", stages" if used.get("feature_levels") == "stages" else ""
         name += f", {len(result.history)} epochs" if result.history else ""
         rows.append(evaluate(name, gallery, queries, g_labels, q_labels, logits if logits.shape[1] else None) |
                     {"train_min": train_seconds / 60, "embed_img_s": rate, "size_px": bundle.preprocess.size})

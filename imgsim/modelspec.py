@@ -27,6 +27,12 @@ AUTO, MODES = "auto", ("auto", "head", "full", "none")
 # backbone=auto on colour images or an unlabelled folder: the pretrained route that won on the colour dev sets
 # (bench/quality.py); on grayscale images: the small ResNet from scratch (Fashion-MNIST's tuned default).
 PRETRAINED_DEFAULT = "efficientnet_lite0"
+# What the backbone's features are: "last", its last layer pooled (every backbone); "stages", that plus the mean-
+# pooled output of each middle stage (efficientnet_lite0: its 40, 80, 112 and 192-channel stages). Textures and
+# shapes the last layer has pooled away: with the head on them, P@1 on Tux Paint rose from 0.79 to 0.83, above
+# the ImageNet features' own 0.82 (docs/benchmarks.md section 6).
+LEVELS = ("last", "stages")
+STAGE_CHANNELS = {"efficientnet_lite0": (40, 80, 112, 192)}
 
 
 def check_backbone(name: str, *, auto: bool = False) -> None:
@@ -35,9 +41,22 @@ def check_backbone(name: str, *, auto: bool = False) -> None:
         raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join((AUTO, *BACKBONES) if auto else BACKBONES)}")
 
 
-def feature_dim(name: str, widths: tuple[int, ...]) -> int:
-    """The pooled feature dimension of backbone ``name``."""
-    return widths[-1] if name == SMALL else PRETRAINED[name]
+def feature_dim(name: str, widths: tuple[int, ...], levels: str = "last") -> int:
+    """The pooled feature dimension of backbone ``name`` with ``levels`` (one of LEVELS)."""
+    last = widths[-1] if name == SMALL else PRETRAINED[name]
+    return last + (sum(STAGE_CHANNELS[name]) if levels == "stages" else 0)
+
+
+def check_levels(levels: str, backbone: str, *, auto: bool = False) -> None:
+    """A clear error for feature levels a backbone does not have (``auto`` allows "auto")."""
+    if levels == AUTO and auto:
+        return
+    if levels not in LEVELS:
+        raise ImgsimError(f"feature_levels must be one of {', '.join(((AUTO,) if auto else ()) + LEVELS)}, "
+                          f"got {levels!r}")
+    if levels == "stages" and backbone not in STAGE_CHANNELS and backbone != AUTO:
+        raise ImgsimError(f"feature_levels=stages is built for {', '.join(STAGE_CHANNELS)}, not {backbone}; "
+                          "use feature_levels=last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +72,7 @@ class ModelArgs:
     head: str = "cosine"  # cosine: scale * cos(embedding, class weight); arcface: with an angular margin; linear
     scale: float = 16.0
     margin: float = 0.2  # arcface only: radians added to the true class's angle while training
+    feature_levels: str = "last"  # one of LEVELS; models saved before it existed pooled the last layer only
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
@@ -68,11 +88,17 @@ class ModelArgs:
             raise ImgsimError(f"a classifier needs at least 2 classes, got {self.num_classes}; add class folders")
         if self.head not in HEADS:
             raise ImgsimError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        check_levels(self.feature_levels, self.backbone)
 
     @property
     def dim(self) -> int:
         """The embedding's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
-        return self.embedding_dim or feature_dim(self.backbone, self.widths)
+        return self.embedding_dim or self.features
+
+    @property
+    def features(self) -> int:
+        """The dimension of the backbone's pooled features (the embedding layer's input)."""
+        return feature_dim(self.backbone, self.widths, self.feature_levels)
 
 
 @dataclasses.dataclass(frozen=True)

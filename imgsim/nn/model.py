@@ -29,7 +29,8 @@ class EmbeddingNet(nn.Module):
         in_channels = preprocess.channels if args.backbone == SMALL else 3
         # torchvision backbones take RGB: a grayscale model repeats its one channel.
         self.repeat = in_channels // preprocess.channels
-        self.trunk, features = backbones.build_trunk(args.backbone, in_channels, args.widths, args.depths, pretrained)
+        self.trunk, features = backbones.build_trunk(args.backbone, in_channels, args.widths, args.depths, pretrained,
+                                                     args.feature_levels)
         self.embedding = _embedding_layer(features, args.embedding_dim, args.embedding_hidden)
         self.dim = dim = args.dim
         self.classifier = nn.Linear(dim, args.num_classes, bias=args.head == "linear") if args.num_classes else None

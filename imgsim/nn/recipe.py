@@ -25,6 +25,9 @@ MIN_AUTO_SIZE, MAX_AUTO_SIZE = 28, 32
 # on both colour dev sets (bench/sweep.py epochs20 < base < epochs80; Oxygen 0.57 -> 0.63 from 1000 to 2000
 # steps), within 15 minutes on 2 cores. Fashion-MNIST's tuned 12 x 128 at lr 0.2 is what this gives for 60k.
 MIN_STEPS, MAX_AUTO_EPOCHS, SMALL_SET = 2000, 100, 10_000
+# Fine-tuning with photo augmentation: random crops of at least this share of the image (head mode's views take
+# the whole image: imgsim.stages.head.HEAD_CROP).
+PHOTO_CROP = 0.35
 
 
 # resnet_small's stages: three for Fashion-MNIST's 28 px (tuned there), a fourth from 32 px on, which ends at
@@ -33,9 +36,10 @@ THREE_STAGES, FOUR_STAGES = ((32, 64, 128), (1, 1, 1)), ((32, 64, 128, 256), (1,
 
 
 def route(cfg, items: Sequence[Item], root: str | Path, *, labelled: bool):
-    """``cfg`` with backbone, weights and mode chosen where it says ``auto``: colour images or an unlabelled folder
-    take the installed ImageNet backbone, grayscale images the small ResNet from scratch; pretrained weights train
-    the head on frozen features, scratch networks train in full, and without labels nothing trains."""
+    """``cfg`` with backbone, weights, mode and feature levels chosen where it says ``auto``: colour images or an
+    unlabelled folder take the installed ImageNet backbone, grayscale images the small ResNet from scratch;
+    pretrained weights train the head on frozen features (of every stage, on efficientnet_lite0), scratch networks
+    train in full, and without labels nothing trains."""
     backbone, weights, mode = cfg.backbone, cfg.weights, cfg.mode
     if backbone == modelspec.AUTO:
         colour = cfg.channels == 3 or (not cfg.channels and is_colour(items, root, seed=cfg.seed))
@@ -56,12 +60,16 @@ def route(cfg, items: Sequence[Item], root: str | Path, *, labelled: bool):
         raise ImgsimError(f"mode={mode} trains on class labels, but the images have no class folders: use mode=none "
                           "(or auto) to embed them with the pretrained backbone as is, or sort them into one folder "
                           "per class")
-    return dataclasses.replace(cfg, backbone=backbone, weights=weights, mode=mode)
+    levels = cfg.feature_levels
+    if levels == modelspec.AUTO:
+        levels = "stages" if mode == "head" and backbone in modelspec.STAGE_CHANNELS else "last"
+    modelspec.check_levels(levels, backbone)
+    return dataclasses.replace(cfg, backbone=backbone, weights=weights, mode=mode, feature_levels=levels)
 
 
 def schedule(cfg, items: Sequence[Item]):
     """``cfg`` with what it leaves at 0 / empty (auto) chosen from the training items: batch size, epochs and
-    lr from their number, resnet_small's stages from the input size."""
+    lr from their number, resnet_small's stages from the input size, the photo crop."""
     n_train = len(items)
     batch = cfg.batch_size or (32 if n_train < SMALL_SET else 128)
     steps_per_epoch = max(1, math.ceil(n_train / batch))
@@ -73,7 +81,7 @@ def schedule(cfg, items: Sequence[Item]):
         widths, depths = widths or auto[0], depths or auto[1]
     select = "map_at_r" if cfg.select_metric == "auto" else cfg.select_metric
     return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=lr, widths=widths, depths=depths,
-                               select_metric=select)
+                               select_metric=select, crop_scale=cfg.crop_scale or PHOTO_CROP)
 
 
 def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, pretrained: bool, weights: str,

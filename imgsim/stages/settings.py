@@ -11,7 +11,7 @@ from imgsim.changes import MAX_CHANGE_FRACTION, MAX_CHANGES
 from imgsim.config import setting
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import ANNOY, DEFAULT_SEARCH_K, check_backend
-from imgsim.modelspec import AUTO, HEADS, MODES, check_backbone, resolve_augment
+from imgsim.modelspec import AUTO, HEADS, MODES, check_backbone, check_levels, resolve_augment
 
 SELECT_METRICS = ("auto", "map_at_r", "accuracy", "last")
 
@@ -38,6 +38,9 @@ class TrainConfig:
     embedding_dim: int = setting(128, "size of the embedding (the last hidden layer)", "model")
     embedding_hidden: int = setting(-1, "a hidden layer (Linear-BatchNorm-ReLU) of this width before the "
                                     "embedding; -1: 512 in head mode, none otherwise; 0: none", "model")
+    feature_levels: str = setting(AUTO, "what the backbone's features are: last (its last layer, pooled), stages "
+                                  "(that plus each middle stage's output, pooled: efficientnet_lite0 only); auto: "
+                                  "stages in head mode on efficientnet_lite0, else last", "model")
     head: str = setting("cosine", "classifier head on the embedding: cosine, arcface or linear", "model")
     scale: float = setting(16.0, "logit scale of the cosine and arcface heads", "model")
     margin: float = setting(0.2, "arcface's angular margin, in radians", "model")
@@ -66,7 +69,8 @@ class TrainConfig:
                               "one (photo crops, flips, jitter)", "augmentation")
     head_dropout: float = setting(0.5, "head mode: dropout on the cached features while training", "optimisation")
     head_weight_decay: float = setting(0.05, "head mode: AdamW weight decay", "optimisation")
-    crop_scale: float = setting(0.35, "photo: the smallest share of the image a random crop keeps", "augmentation")
+    crop_scale: float = setting(0.0, "photo: the smallest share of the image a random crop keeps; 1: no crop (the "
+                                "whole image); 0: 1 for head mode's views, 0.35 when training in full", "augmentation")
     color_jitter: float = setting(0.2, "photo: brightness/contrast/saturation jitter (hue a quarter of it)",
                                   "augmentation")
     select_metric: str = setting("auto", "which epoch's model is kept: the best by eval mAP@R (against a train "
@@ -104,6 +108,9 @@ class TrainConfig:
         # Configs written before the presets said augment: true/false; keep them meaning what they meant.
         object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
         check_backbone(self.backbone, auto=True)
+        check_levels(self.feature_levels, self.backbone, auto=True)
+        if not 0 <= self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be within [0, 1] (0: auto), got {self.crop_scale}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 

@@ -48,7 +48,7 @@ def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tup
                                   channels=cfg.channels, seed=cfg.seed)
     args = ModelArgs(num_classes=num_classes, backbone=cfg.backbone, widths=cfg.widths, depths=cfg.depths,
                      embedding_dim=cfg.embedding_dim, embedding_hidden=max(cfg.embedding_hidden, 0), head=cfg.head,
-                     scale=cfg.scale, margin=cfg.margin)
+                     scale=cfg.scale, margin=cfg.margin, feature_levels=cfg.feature_levels)
     return EmbeddingNet(args, preprocess, trunk), preprocess
 
 
