@@ -93,12 +93,7 @@ class ModelArgs:
     @property
     def dim(self) -> int:
         """The embedding's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
-        return self.embedding_dim or self.features
-
-    @property
-    def features(self) -> int:
-        """The dimension of the backbone's pooled features (the embedding layer's input)."""
-        return feature_dim(self.backbone, self.widths, self.feature_levels)
+        return self.embedding_dim or feature_dim(self.backbone, self.widths, self.feature_levels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,11 +77,17 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(FEATURES, **BN)
         self._fc = nn.Linear(FEATURES, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, taps: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Pooled features (N, 1280), preceded by the mean-pooled output of each block numbered (from 1) in
+        ``taps``."""
+        pooled = []
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for i, block in enumerate(self._blocks, start=1):
             x = block(x)
-        return F.adaptive_avg_pool2d(F.relu6(self._bn1(self._conv_head(x))), 1).flatten(1)
+            if i in taps:
+                pooled.append(x.mean((2, 3)))
+        pooled.append(F.adaptive_avg_pool2d(F.relu6(self._bn1(self._conv_head(x))), 1).flatten(1))
+        return torch.cat(pooled, 1) if taps else pooled[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x))
@@ -99,13 +105,4 @@ class Lite0Trunk(EfficientNetLite0):
         self.taps = frozenset(list(ends)[2:6]) if stages else frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.taps:
-            return self.features(x)
-        pooled = []
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for i, block in enumerate(self._blocks, start=1):
-            x = block(x)
-            if i in self.taps:
-                pooled.append(x.mean((2, 3)))
-        pooled.append(F.adaptive_avg_pool2d(F.relu6(self._bn1(self._conv_head(x))), 1).flatten(1))
-        return torch.cat(pooled, 1)
+        return self.features(x, self.taps)

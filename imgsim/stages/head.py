@@ -144,9 +144,10 @@ def _optimizer(cfg: TrainConfig, model: EmbeddingNet) -> torch.optim.AdamW:
 
 
 def schedule(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    """Where the config leaves them auto: batch HEAD_BATCH, lr HEAD_LR, views uncropped, and epochs for HEAD_STEPS AdamW steps
-    over the feature rows (plain + augmented views), at least 10. An epoch of a small collection is a few
-    steps: capping epochs instead (60) left 540 steps on the Oxygen icons (mAP@R 0.620 against 0.630)."""
+    """Where the config leaves them auto: batch HEAD_BATCH, lr HEAD_LR, views uncropped (HEAD_CROP), and epochs
+    for HEAD_STEPS AdamW steps over the feature rows (plain + augmented views), at least 10. An epoch of a small
+    collection is a few steps: capping epochs instead (60) left 540 steps on the Oxygen icons (mAP@R 0.620
+    against 0.630)."""
     batch = cfg.batch_size or HEAD_BATCH
     steps = max(1, math.ceil(n_train * (1 + cfg.head_views) / batch))
     epochs = cfg.epochs or max(10, math.ceil(HEAD_STEPS / steps))
