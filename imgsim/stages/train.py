@@ -48,7 +48,8 @@ def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tup
                                   channels=cfg.channels, seed=cfg.seed)
     args = ModelArgs(num_classes=num_classes, backbone=cfg.backbone, widths=cfg.widths, depths=cfg.depths,
                      embedding_dim=cfg.embedding_dim, embedding_hidden=max(cfg.embedding_hidden, 0), head=cfg.head,
-                     scale=cfg.scale, margin=cfg.margin, feature_levels=cfg.feature_levels)
+                     scale=cfg.scale, margin=cfg.margin, feature_levels=cfg.feature_levels,
+                     keep_features=max(cfg.keep_features, 0.0) if cfg.embedding_dim else 0.0)
     return EmbeddingNet(args, preprocess, trunk), preprocess
 
 
@@ -67,7 +68,7 @@ def embed_only(cfg: TrainConfig, manifest: Manifest) -> ModelBundle:
     """A pretrained backbone used as is (mode none, or no labels to train on): its pooled features are the
     embedding."""
     cfg = resolve_schedule(cfg, manifest)
-    cfg = dataclasses.replace(cfg, embedding_dim=0, embedding_hidden=0, mode="none")
+    cfg = dataclasses.replace(cfg, embedding_dim=0, embedding_hidden=0, keep_features=0.0, mode="none")
     model, preprocess = prepare_model(cfg, manifest, num_classes=0)
     return ModelBundle(model.args, preprocess, [], model.state_dict(), dataclasses.asdict(cfg))
 
