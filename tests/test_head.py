@@ -203,3 +203,8 @@ def test_kept_features_follow_the_trained_embedding_at_their_share_of_the_simila
     assert plain.args.keep_features == 0 and plain.args.dim == 128
     with pytest.raises(ImgsimError, match="keep_features must be within"):
         dataclasses.replace(bundle.args, embedding_dim=0, embedding_hidden=0)
+    # Head mode without a trained embedding keeps nothing on auto, and says so when asked to.
+    assert resolve_schedule(TrainConfig(embedding_dim=0), colour_manifest).keep_features == 0
+    with pytest.raises(ImgsimError, match=r"keep_features must be within \[0, 1\), and 0 without an embedding_dim"):
+        train_model(_quick(tmp_path, epochs=1, embedding_dim=0, embedding_hidden=0, keep_features=0.3),
+                    colour_manifest)

@@ -36,7 +36,8 @@ HEAD_CROP = 1.0
 PROTOTYPE_INIT, PROTOTYPE_LR = 0.01, 3.0  # see _optimizer
 # The trained embedding learns the collection's classes and forgets what the backbone saw: on Tux Paint its top hit
 # fell below the untrained features' own. With the features' normalised copy kept beside it at this share of the
-# similarity, P@1 rose on all three colour dev sets and mAP@R fell little (docs/benchmarks.md section 6).
+# similarity, P@1 rose on Tux Paint and Oxygen and held on Wesnoth, where mAP@R paid most (docs/benchmarks.md
+# section 6). Without a trained embedding (embedding_dim=0) there is nothing to keep it beside.
 HEAD_KEEP = 0.3
 
 
@@ -160,7 +161,8 @@ def schedule(cfg: TrainConfig, n_train: int) -> TrainConfig:
     select = "last" if cfg.select_metric == "auto" else cfg.select_metric
     return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=cfg.lr or HEAD_LR, embedding_hidden=hidden,
                                select_metric=select, crop_scale=cfg.crop_scale or HEAD_CROP,
-                               keep_features=HEAD_KEEP if cfg.keep_features < 0 else cfg.keep_features)
+                               keep_features=(HEAD_KEEP if cfg.embedding_dim else 0.0) if cfg.keep_features < 0 else
+                               cfg.keep_features)
 
 
 def train_head(cfg: TrainConfig, manifest: Manifest, model: EmbeddingNet, train_items: list[Item], *,
