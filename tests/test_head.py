@@ -40,11 +40,12 @@ def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed
     assert colour.feature_levels == "stages"  # the head trains on every stage's pooled features
     assert colour.crop_scale == head.HEAD_CROP == 1.0  # its views are whole images
     assert colour.keep_features == head.HEAD_KEEP == 0.3  # the backbone's own features stay in the similarity
+    assert colour.label_smoothing == head.HEAD_SMOOTHING == 0.2
 
     make_image_folder(tmp_path / "gray")
     gray = resolve_schedule(TrainConfig(), split_dataset(SplitConfig(data_dir=str(tmp_path / "gray"))))
     assert (gray.backbone, gray.weights, gray.mode, gray.embedding_hidden) == ("resnet_small", "none", "full", -1)
-    assert gray.feature_levels == "last"
+    assert gray.feature_levels == "last" and gray.label_smoothing == 0.1  # full training's smoothing
 
     unlabelled = split_dataset(SplitConfig(data_dir=str(_unlabelled_folder(tmp_path / "photos")), labels="none"))
     plain = resolve_schedule(TrainConfig(), unlabelled)
@@ -78,6 +79,9 @@ def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
     with pytest.raises(ImgsimError, match="feature_levels=stages is built for efficientnet_lite0, not resnet18"):
         resolve_schedule(TrainConfig(backbone="resnet18", weights="none", mode="full", feature_levels="stages"),
                          colour_manifest)
+    with pytest.raises(ValueError, match=r"label_smoothing must be within \[0, 1\) \(-1: auto\), got 1.0"):
+        TrainConfig(label_smoothing=1.0)
+    assert resolve_schedule(TrainConfig(label_smoothing=0.05), colour_manifest).label_smoothing == 0.05
     for share in (1.0, -0.5, 2.0):
         with pytest.raises(ValueError, match=rf"keep_features must be within \[0, 1\) \(-1: auto\), got {share}"):
             TrainConfig(keep_features=share)

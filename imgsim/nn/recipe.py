@@ -28,6 +28,8 @@ MIN_STEPS, MAX_AUTO_EPOCHS, SMALL_SET = 2000, 100, 10_000
 # Fine-tuning with photo augmentation: random crops of at least this share of the image (head mode's views take
 # the whole image: imgsim.stages.head.HEAD_CROP).
 PHOTO_CROP = 0.35
+# Label smoothing when training in full (Fashion-MNIST's setting; head mode has its own, imgsim.stages.head).
+SMOOTHING = 0.1
 
 
 # resnet_small's stages: three for Fashion-MNIST's 28 px (tuned there), a fourth from 32 px on, which ends at
@@ -69,7 +71,7 @@ def route(cfg, items: Sequence[Item], root: str | Path, *, labelled: bool):
 
 def schedule(cfg, items: Sequence[Item]):
     """``cfg`` with what it leaves at 0 / empty (auto) chosen from the training items: batch size, epochs and
-    lr from their number, resnet_small's stages from the input size, the photo crop."""
+    lr from their number, resnet_small's stages from the input size, the photo crop, label smoothing."""
     n_train = len(items)
     batch = cfg.batch_size or (32 if n_train < SMALL_SET else 128)
     steps_per_epoch = max(1, math.ceil(n_train / batch))
@@ -81,7 +83,8 @@ def schedule(cfg, items: Sequence[Item]):
         widths, depths = widths or auto[0], depths or auto[1]
     select = "map_at_r" if cfg.select_metric == "auto" else cfg.select_metric
     return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=lr, widths=widths, depths=depths,
-                               select_metric=select, crop_scale=cfg.crop_scale or PHOTO_CROP)
+                               select_metric=select, crop_scale=cfg.crop_scale or PHOTO_CROP,
+                               label_smoothing=SMOOTHING if cfg.label_smoothing < 0 else cfg.label_smoothing)
 
 
 def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, pretrained: bool, weights: str,

@@ -66,7 +66,8 @@ class TrainConfig:
     freeze_epochs: int = setting(0, "keep a pretrained backbone frozen for the first N epochs while the new head "
                                  "settles", "optimisation")
     weight_decay: float = setting(5e-4, "SGD weight decay", "optimisation")
-    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", "optimisation")
+    label_smoothing: float = setting(-1.0, "cross-entropy label smoothing; -1: 0.2 in head mode, 0.1 otherwise",
+                                     "optimisation")
     augment: str = setting("auto", "training augmentation: auto (photo for pretrained backbones, else shift), "
                            "none, shift, photo", "augmentation")
     head_views: int = setting(2, "head mode: augmented views of each training image embedded besides the plain "
@@ -115,6 +116,8 @@ class TrainConfig:
         check_levels(self.feature_levels, self.backbone, auto=True)
         if not 0 <= self.crop_scale <= 1:
             raise ValueError(f"crop_scale must be within [0, 1] (0: auto), got {self.crop_scale}")
+        if not (0 <= self.label_smoothing < 1 or self.label_smoothing == -1):
+            raise ValueError(f"label_smoothing must be within [0, 1) (-1: auto), got {self.label_smoothing}")
         if not (0 <= self.keep_features < 1 or self.keep_features == -1):
             raise ValueError(f"keep_features must be within [0, 1) (-1: auto), got {self.keep_features}")
         if self.mode not in MODES:
