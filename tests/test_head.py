@@ -58,7 +58,7 @@ def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed
     tuned = resolve_schedule(TrainConfig(backbone="efficientnet_lite0", mode="full"), colour_manifest)
     assert (tuned.weights, tuned.mode, tuned.embedding_hidden, tuned.feature_levels) == ("DEFAULT", "full", -1, "last")
     assert tuned.crop_scale == 0.35  # fine-tuning crops
-    assert tuned.keep_features == -1  # auto, which is 0 outside head mode (prepare_model)
+    assert tuned.keep_features == 0  # auto keeps no features outside head mode
     flat = resolve_schedule(TrainConfig(feature_levels="last", crop_scale=0.6, keep_features=0), colour_manifest)
     assert (flat.mode, flat.feature_levels, flat.crop_scale, flat.keep_features) == ("head", "last", 0.6, 0)
 

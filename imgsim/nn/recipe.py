@@ -71,7 +71,8 @@ def route(cfg, items: Sequence[Item], root: str | Path, *, labelled: bool):
 
 def schedule(cfg, items: Sequence[Item]):
     """``cfg`` with what it leaves at 0 / empty (auto) chosen from the training items: batch size, epochs and
-    lr from their number, resnet_small's stages from the input size, the photo crop, label smoothing."""
+    lr from their number, resnet_small's stages from the input size, the photo crop, label smoothing, and no kept
+    features (head mode has set its own by now: imgsim.stages.head.schedule)."""
     n_train = len(items)
     batch = cfg.batch_size or (32 if n_train < SMALL_SET else 128)
     steps_per_epoch = max(1, math.ceil(n_train / batch))
@@ -84,7 +85,8 @@ def schedule(cfg, items: Sequence[Item]):
     select = "map_at_r" if cfg.select_metric == "auto" else cfg.select_metric
     return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=lr, widths=widths, depths=depths,
                                select_metric=select, crop_scale=cfg.crop_scale or PHOTO_CROP,
-                               label_smoothing=SMOOTHING if cfg.label_smoothing < 0 else cfg.label_smoothing)
+                               label_smoothing=SMOOTHING if cfg.label_smoothing < 0 else cfg.label_smoothing,
+                               keep_features=max(cfg.keep_features, 0.0))
 
 
 def input_preprocess(items: Sequence[Item], root: str | Path, *, backbone: str, pretrained: bool, weights: str,

@@ -49,7 +49,7 @@ def prepare_model(cfg: TrainConfig, manifest: Manifest, num_classes: int) -> tup
     args = ModelArgs(num_classes=num_classes, backbone=cfg.backbone, widths=cfg.widths, depths=cfg.depths,
                      embedding_dim=cfg.embedding_dim, embedding_hidden=max(cfg.embedding_hidden, 0), head=cfg.head,
                      scale=cfg.scale, margin=cfg.margin, feature_levels=cfg.feature_levels,
-                     keep_features=max(cfg.keep_features, 0.0))  # -1 (auto) here: not head mode, 0
+                     keep_features=cfg.keep_features)
     return EmbeddingNet(args, preprocess, trunk), preprocess
 
 
