@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
 # imgsim images. Targets:
-#   serve     (the default, last stage) seldon-core-microservice ModelServer on ONNX Runtime, no torch; uid 8888
+#   serve     (the default, last stage) seldon-core-microservice ModelServer on ONNX Runtime, no torch; uid 8888;
+#             Python 3.12 (seldon-core 1.19, its maintained release, needs it)
 #   serve-v2  the Open Inference Protocol server: MLServer running model_server/v2, no torch; uid 8888
 #   pipeline  split/train/extract (and `mlflow server` on the cluster) with the CUDA build of torch
 # Build:  docker build -t imgsim:0.1.0 .      docker build --target pipeline -t imgsim-pipeline:0.1.0 .
 #         docker build --target serve-v2 -t imgsim-serve-v2:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG SERVE_PYTHON_IMAGE=python:3.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build-base
 # annoy's setup.py compiles with -march=native, which would tie the image to the build machine's CPU (SIGILL
@@ -25,18 +27,31 @@ RUN apt-get update \
 WORKDIR /src
 COPY requirements.txt constraints.txt ./
 
-FROM build-base AS build-serve
+FROM ${SERVE_PYTHON_IMAGE} AS build-serve
+# The Seldon wrapper's environment: seldon-core 1.19 on Python 3.12, pinned by its own constraints-serve.txt. The
+# same compiler set-up as build-base (annoy compiles here too), on the other interpreter.
+ARG ANNOY_MARCH=x86-64-v3
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH \
+    ANNOY_COMPILER_ARGS="-D_CRT_SECURE_NO_WARNINGS,-fpermissive,-march=${ANNOY_MARCH},-O3,-ffast-math,-fno-associative-math,-DANNOYLIB_MULTITHREADED_BUILD,-std=c++14"
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/venv \
+ && pip install "pip<26"
+WORKDIR /src
 # The server runs the bundle's model.onnx in ONNX Runtime: no torch (the CUDA build alone is ~5 GB).
-COPY requirements-serve.txt ./
-RUN pip install -r requirements-serve.txt -c constraints.txt
+COPY requirements-serve.txt constraints-serve.txt ./
+RUN pip install -r requirements-serve.txt -c constraints-serve.txt
 COPY pyproject.toml README.md ./
 COPY imgsim ./imgsim
 RUN pip install --no-deps .
 
 FROM build-base AS build-serve-v2
-# MLServer needs protobuf >= 5, which seldon-core 1.18 forbids: its own requirements, not constraints.txt.
-COPY requirements-serve-v2.txt ./
-RUN pip install -r requirements-serve-v2.txt
+# MLServer's environment: its own requirements and constraints (each environment pins its own set).
+COPY requirements-serve-v2.txt constraints-serve-v2.txt ./
+RUN pip install -r requirements-serve-v2.txt -c constraints-serve-v2.txt
 COPY pyproject.toml README.md ./
 COPY imgsim ./imgsim
 RUN pip install --no-deps .
@@ -88,7 +103,24 @@ HEALTHCHECK NONE
 # MLServer's own command line, behind imgsim's request-size and UTF-8 guard (serve.py).
 CMD ["python", "serve.py", "start", "."]
 
-FROM runtime AS serve
+# The serve image's runtime: the same as runtime, on the Python its environment was built with.
+FROM ${SERVE_PYTHON_IMAGE} AS runtime-serve
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="imgsim" \
+      org.opencontainers.image.description="Image-similarity search: ResNet embeddings, Annoy, MLflow, Seldon Core" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://example.invalid/imgsim"
+# libstdc++ for annoy's extension; uid/gid 8888 is Seldon's convention for non-root model images.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 8888 imgsim \
+ && useradd --system --uid 8888 --gid 8888 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin imgsim
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp MPLCONFIGDIR=/tmp/matplotlib
+
+FROM runtime-serve AS serve
 COPY --from=build-serve /opt/venv /opt/venv
 WORKDIR /app/model_server
 COPY model_server/*.py ./

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import requests
 from PIL import Image
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from bench.common import RESULTS, save, table
 from bench.hostile import (CHART_SETTINGS, DEMO_BUNDLE, PeakSampler, b64, demo_bundle, encode,
@@ -53,7 +53,7 @@ def send(server, kind: str, data: bytes, form: str) -> tuple[str, str, str]:
     if form == "gRPC":
         with grpc.insecure_channel(server.grpc, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
             try:
-                prediction_pb2_grpc.ModelStub(channel).Predict(prediction_pb2.SeldonMessage(binData=data), timeout=120)
+                seldon_wire.ModelStub(channel).Predict(seldon_wire.SeldonMessage(binData=data), timeout=120)
                 return kind, form, "2xx"
             except grpc.RpcError as exc:
                 return kind, form, grpc_class(exc.code())

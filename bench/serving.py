@@ -23,7 +23,7 @@ import google.protobuf
 import grpc
 import requests
 from google.protobuf.internal import api_implementation
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from bench.common import RESULTS, save, table
 from bench.hostile import DEMO_BUNDLE, demo_bundle, encode, pss_mb
@@ -58,8 +58,8 @@ def rest_client(url: str, body: dict):
 
 def grpc_client(address: str, image: bytes, compact: bool = False):
     channel = grpc.insecure_channel(address)
-    stub = prediction_pb2_grpc.ModelStub(channel)
-    message = prediction_pb2.SeldonMessage(binData=image)
+    stub = seldon_wire.ModelStub(channel)
+    message = seldon_wire.SeldonMessage(binData=image)
     if compact:  # the answer comes back as a JSON string in strData
         message.meta.tags["format"].string_value = "compact"
 

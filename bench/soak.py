@@ -21,7 +21,7 @@ import numpy as np
 import requests
 from google.protobuf import json_format
 from PIL import Image
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from bench.common import RESULTS, save, table
 from bench.hostile import CHART_SETTINGS, DEMO_BUNDLE, b64, demo_bundle, encode, pss_mb
@@ -40,7 +40,7 @@ def good_requests(images: list[bytes], items: list, size: int, has_root: bool) -
         ("json image k=10", "REST", lambda: {"jsonData": {"image": b64(pick(images)), "k": 10}}),
         ("json batch x4", "REST", lambda: {"jsonData": {"images": [b64(pick(images)) for _ in range(4)]}}),
         ("json id", "REST", lambda: {"jsonData": {"id": random.randrange(size)}}),
-        ("binData", "gRPC", lambda: prediction_pb2.SeldonMessage(binData=pick(images))),
+        ("binData", "gRPC", lambda: seldon_wire.SeldonMessage(binData=pick(images))),
         ("json id", "gRPC", lambda: _grpc_json({"id": random.randrange(size), "k": 3})),
     ]
     if has_root:
@@ -61,13 +61,13 @@ def bad_requests() -> list:
         ("truncated PNG", "REST", lambda: {"binData": b64(truncated)}),
         ("1-bit 36 MP PNG", "REST", lambda: {"jsonData": {"images": [b64(bomb)] * 16}}),
         ("not an object", "REST", lambda: [1, 2, 3]),
-        ("junk bytes", "gRPC", lambda: prediction_pb2.SeldonMessage(binData=random.randbytes(512))),
+        ("junk bytes", "gRPC", lambda: seldon_wire.SeldonMessage(binData=random.randbytes(512))),
         ("k=-1", "gRPC", lambda: _grpc_json({"id": 0, "k": -1})),
     ]
 
 
-def _grpc_json(data: dict) -> prediction_pb2.SeldonMessage:
-    return json_format.ParseDict({"jsonData": data}, prediction_pb2.SeldonMessage())
+def _grpc_json(data: dict) -> seldon_wire.SeldonMessage:
+    return json_format.ParseDict({"jsonData": data}, seldon_wire.SeldonMessage())
 
 
 class Recorder:
@@ -91,7 +91,7 @@ def client(server, makers_good, makers_bad, recorder: Recorder, started: float, 
     random.seed(seed)
     session = requests.Session()
     channel = grpc.insecure_channel(server.grpc)
-    stub = prediction_pb2_grpc.ModelStub(channel)
+    stub = seldon_wire.ModelStub(channel)
     while time.monotonic() < deadline:
         with recorder.lock:
             if budget[0] <= 0:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine: the Fashion-MNIST package (where apt-get exists), the project's
-# virtual environment with pinned packages, and the small side environment for Kubernetes schema checks.
+# Set up everything on a fresh machine: the Fashion-MNIST package (where apt-get exists), the pipeline's virtual
+# environment with pinned packages, each serving environment with its own pins (the Seldon wrapper on Python 3.12,
+# MLServer), and the small side environment for Kubernetes schema checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -34,28 +35,56 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     exit 1
   fi
   echo "setup: creating $VENV and installing pinned packages (torch is large: a minute or two)"
+  rm -rf "$VENV"  # afresh: an upgrade in place would keep packages the pins dropped (seldon-core, before 1.19)
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade "pip<26"
   "$VENV/bin/pip" install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
   "$VENV/bin/pip" install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
-# kubernetes-validate needs jsonschema>=4.23 while seldon-core pins <4: a separate small environment.
+# kubernetes-validate needs jsonschema>=4.23: a separate small environment.
 K8S_VENV=${K8S_VENV:-.venv-k8s}
 if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
   echo "setup: creating $K8S_VENV for Kubernetes schema checks"
   "$PYTHON" -m venv "$K8S_VENV"
   "$K8S_VENV/bin/pip" install -q "pip<26" "kubernetes-validate==1.37.0" "jsonschema>=4.23,<5" "pyyaml>=6"
 fi
-# The Open Inference Protocol server (MLServer 1.7, protobuf 6) cannot share $VENV with seldon-core 1.18
-# (protobuf < 4): its own environment, rebuilt when its requirements change.
-V2_VENV=${V2_VENV:-.venv-serve-v2}
-v2_want="$(sha256sum requirements-serve-v2.txt | cut -d' ' -f1)"
-if [ ! -f "$V2_VENV/.imgsim-installed" ] || [ "$(cat "$V2_VENV/.imgsim-installed")" != "$v2_want" ]; then
-  echo "setup: creating $V2_VENV for the Open Inference Protocol server (MLServer)"
-  "$PYTHON" -m venv "$V2_VENV"
-  "$V2_VENV/bin/pip" install -q "pip<26"
-  "$V2_VENV/bin/pip" install -q -r requirements-serve-v2.txt
-  echo "$v2_want" > "$V2_VENV/.imgsim-installed"
+
+# serve_env VENV PYTHON REQUIREMENTS CONSTRAINTS WHAT: a torch-free serving environment with its own pins, rebuilt
+# when its requirements or constraints change (imgsim itself comes from PYTHONPATH: the servers run the checkout).
+serve_env() {
+  local venv=$1 python=$2 want
+  want="$(cat "$3" "$4" | sha256sum | cut -d' ' -f1)"
+  if [ ! -f "$venv/.imgsim-installed" ] || [ "$(cat "$venv/.imgsim-installed")" != "$want" ]; then
+    echo "setup: creating $venv for $5"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install -q "pip<26"
+    "$venv/bin/pip" install -q -r "$3" -c "$4"
+    echo "$want" > "$venv/.imgsim-installed"
+  fi
+}
+
+# The Seldon v1 wrapper on its maintained release: seldon-core 1.19 needs Python >= 3.12 (and protobuf 5,
+# cryptography >= 46), which torch's environment here cannot be. SERVE_PYTHON names the interpreter; else python3.12
+# on PATH, else pyenv's.
+SERVE_PYTHON=${SERVE_PYTHON:-}
+if [ -z "$SERVE_PYTHON" ]; then
+  for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      SERVE_PYTHON=$candidate; break
+    fi
+  done
 fi
-echo "setup: ready ($VENV, $K8S_VENV, $V2_VENV)"
+if [ -z "$SERVE_PYTHON" ]; then
+  echo "setup: the Seldon server's environment needs Python 3.12 (seldon-core 1.19); install it (pyenv install" \
+       "3.12, or your distribution's python3.12) or set SERVE_PYTHON to its interpreter" >&2
+  exit 1
+fi
+SERVE_VENV=${SERVE_VENV:-.venv-serve}
+serve_env "$SERVE_VENV" "$SERVE_PYTHON" requirements-serve.txt constraints-serve.txt \
+  "the Seldon v1 wrapper (seldon-core 1.19, Python 3.12)"
+# The Open Inference Protocol server (MLServer 1.7) in its own environment.
+V2_VENV=${V2_VENV:-.venv-serve-v2}
+serve_env "$V2_VENV" "$PYTHON" requirements-serve-v2.txt constraints-serve-v2.txt "the Open Inference Protocol server (MLServer)"
+echo "setup: ready ($VENV, $K8S_VENV, $SERVE_VENV, $V2_VENV)"

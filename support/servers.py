@@ -93,7 +93,7 @@ def start_server(env: dict[str, str], log: Path, *, interface: str = "ModelServe
         full_env = os.environ | {
             "PREDICTIVE_UNIT_HTTP_SERVICE_PORT": str(rest), "PREDICTIVE_UNIT_GRPC_SERVICE_PORT": str(grpc_port),
             "PREDICTIVE_UNIT_METRICS_SERVICE_PORT": str(metrics), "PYTHONPATH": str(REPO)} | env
-        binary = Path(sys.executable).parent / "seldon-core-microservice"
+        binary = venv_bin(SERVE_VENV, "seldon-core-microservice")
         proc = subprocess.Popen([str(binary), interface, "--service-type", service_type], cwd=cwd, env=full_env,
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         server = Server(proc, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics}",
@@ -136,16 +136,32 @@ def _wait_up(server: Server, up, timeout: float, what: str, state: str) -> Serve
     raise RuntimeError(f"{what} not {state} within {timeout}s:\n{server.logs()}")
 
 
-# MLServer's environment (scripts/setup.sh creates it): the Open Inference Protocol server and its gRPC client.
+# The serving environments (scripts/setup.sh creates them): the Seldon wrapper's (seldon-core 1.19, Python 3.12)
+# and MLServer's (the Open Inference Protocol server and its gRPC client).
+SERVE_VENV = Path(os.environ.get("SERVE_VENV", REPO / ".venv-serve"))
 V2_VENV = Path(os.environ.get("V2_VENV", REPO / ".venv-serve-v2"))
 
 
+def venv_bin(venv: Path, name: str) -> Path:
+    """A program of one of the project's environments, or an error saying how to make it."""
+    path = (venv if venv.is_absolute() else REPO / venv) / "bin" / name
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: run `bash scripts/setup.sh` (it creates every environment)")
+    return path
+
+
 def v2_python() -> Path:
-    python = V2_VENV if V2_VENV.is_absolute() else REPO / V2_VENV
-    python = python / "bin" / "python"
-    if not python.exists():
-        raise RuntimeError(f"{python} is missing: run `bash scripts/setup.sh` (it creates the MLServer environment)")
-    return python
+    return venv_bin(V2_VENV, "python")
+
+
+def in_serve_env(code: str, *args: str, timeout: float = 120):
+    """Run ``code`` in the Seldon wrapper's environment (imgsim from this checkout) and return the JSON it prints
+    last: what a test of the pipeline environment needs to know of seldon-core, which it cannot import."""
+    out = subprocess.run([str(venv_bin(SERVE_VENV, "python")), "-c", code, *args], capture_output=True, text=True,
+                         timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO)})
+    if out.returncode != 0:
+        raise RuntimeError(f"the serve environment's python failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait_ready: bool = True,
@@ -169,15 +185,32 @@ def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait
     return _on_free_ports(start)
 
 
-def start_tracking_server(store: Path, log: Path, *, timeout: float = 120) -> Server:
+def start_tracking_server(store: Path, log: Path, *, timeout: float = 120, auth: dict[str, str] | None = None,
+                          serve_artifacts: bool = False) -> Server:
     """`mlflow server` over the sqlite store in ``store`` on a free loopback port, as a cluster's tracking server:
-    the MLServer environment's mlflow-skinny reads the registry over HTTP only (no SQLAlchemy)."""
+    the serving environments' mlflow-skinny read the registry over HTTP only (no SQLAlchemy). ``auth``: MLflow's
+    basic-auth app, with these admin credentials ({"username", "password"}), every other user's default
+    permission none and its own user database in ``store``. ``serve_artifacts``: artifacts proxied by the server
+    (into ``store``/artifacts), as on the cluster."""
+    env = dict(os.environ)
+    args = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+    if serve_artifacts:
+        args += ["--serve-artifacts", "--artifacts-destination", (store / "artifacts").as_uri()]
+    if auth:
+        ini = store / "basic_auth.ini"
+        ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                       f"database_uri = sqlite:///{store / 'auth.db'}\nadmin_username = {auth['username']}\n"
+                       f"admin_password = {auth['password']}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": "imgsim-test-only"}
+        args += ["--app-name", "basic-auth"]
+
     def start() -> Server:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                                 f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], cwd=store, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1"], cwd=store, env=env,
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         server = Server(proc, f"http://127.0.0.1:{port}", "", "", log)
         return _wait_up(server, lambda: requests.get(f"{server.rest}/health", timeout=1).ok, timeout,
                         "mlflow server", "up")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support.servers import SERVE_VENV, venv_bin
 from tests.import_graph import PACKAGE, Import, imports, modules
 
 # Lowest first. A module may import, when it is imported, only from its own layer or a lower one.
@@ -168,8 +169,13 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
+# Imports seldon-core, which lives only in the Seldon wrapper's environment: checked there, with the wrapper classes.
+SELDON_ONLY = ("imgsim.serve.seldon",)
+WRAPPERS = ("ModelServer", "Embedder", "IndexShard", "ShardMerger")  # model_server/*.py
+
+
 def serving_modules() -> list[str]:
-    return [m for m in modules() if layer(m) in SERVING]
+    return [m for m in modules() if layer(m) in SERVING and m not in SELDON_ONLY]
 
 
 def test_the_serving_side_imports_without_torch_or_mlflow():
@@ -177,6 +183,14 @@ def test_the_serving_side_imports_without_torch_or_mlflow():
     assert "imgsim.serve.service" in names and "imgsim.bundle" in names and "imgsim.nn.model" not in names
     out = subprocess.run([sys.executable, "-c", BLOCKER, *names], capture_output=True, text=True,
                          cwd=PACKAGE.parent, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_seldon_wrappers_import_in_their_own_environment_without_torch_or_mlflow():
+    # What the serve image runs: seldon-core 1.19 on Python 3.12, its own pins, no torch and no full MLflow.
+    out = subprocess.run([str(venv_bin(SERVE_VENV, "python")), "-c", BLOCKER, *WRAPPERS, *SELDON_ONLY],
+                         capture_output=True, text=True, cwd=PACKAGE.parent / "model_server",
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PACKAGE.parent)}, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

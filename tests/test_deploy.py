@@ -15,12 +15,11 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
-from seldon_core import microservice
-from seldon_core.wrapper import get_rest_microservice
 
 from imgsim.cli import build_parser
 from imgsim.serve.graph import EmbedService, ShardService
 from imgsim.serve.settings import ServiceConfig
+from support.servers import in_serve_env
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "imgsim"
@@ -35,7 +34,7 @@ VARIANTS = {
                         "serviceAccount": {"create": False, "name": "existing"}},
     "s3-with-irsa": {"serviceAccount": {"annotations": {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/imgsim-bundle-reader"}}},
-    "training-gpu": {"training": {"enabled": True}, "networkPolicy": {"enabled": True}},
+    "training-gpu": {"training": {"enabled": True}},
     "training-cpu": {"training": {"enabled": True, "gpus": 0, "epochs": 20,
                                   "extraArgs": ["--config", "/data/config.yaml", "--max-train-items", "1000"]},
                      "nodeSelector": {"imgsim.io/pool": "cpu"}, "imagePullSecrets": [{"name": "regcred"}]},
@@ -46,11 +45,16 @@ VARIANTS = {
     "training-operator": {"training": {"enabled": True, "nodes": 2, "gpus": 4, "manifestUri": "runs:/0123abcd/split",
                                        "checkpointClaim": "imgsim-checkpoints"}, "trainingOperator": {"enabled": True}},
     "ui": {"ui": {"enabled": True, "galleryClaim": "imgsim-data"}},
-    "sharded-serving": {"serving": {"shards": 3}, "networkPolicy": {"enabled": True}},
-    "v2": {"server": {"protocol": "v2"}, "ui": {"enabled": True, "galleryClaim": "imgsim-data"},
-           "networkPolicy": {"enabled": True}},
+    "sharded-serving": {"serving": {"shards": 3}},
+    "v2": {"server": {"protocol": "v2"}, "ui": {"enabled": True, "galleryClaim": "imgsim-data"}},
+    # The server reads the gallery from the MLflow registry itself: no storage initializer.
+    "registry": {"model": {"uri": "models:/imgsim-gallery@serving", "bundleSha256": "ab" * 32},
+                 "ui": {"enabled": True}},
+    "registry-v2": {"server": {"protocol": "v2"}, "model": {"uri": "models:/imgsim-gallery/4"}},
+    "no-network-policy": {"networkPolicy": {"enabled": False}, "ui": {"enabled": True},
+                          "mlflow": {"pipelineCredentialsSecret": "", "servingCredentialsSecret": ""}},
     "every-component-locked-down": {
-        "ui": {"enabled": True, "galleryClaim": "imgsim-data"}, "networkPolicy": {"enabled": True},
+        "ui": {"enabled": True, "galleryClaim": "imgsim-data"},
         "training": {"enabled": True, "nodes": 2, "manifestUri": "runs:/0123abcd/split",
                      "checkpointClaim": "imgsim-checkpoints"},
         "extraction": {"enabled": True, "modelUri": "models:/imgsim/3", "shards": 2},
@@ -67,9 +71,9 @@ def render(values: dict, name: str = "sim") -> list[dict]:
             for doc in yaml.safe_load_all(text) if doc]
 
 
-def env_of(container: dict) -> dict[str, str]:
-    """A container's environment variables by name."""
-    return {e["name"]: e["value"] for e in container["env"]}
+def env_of(container: dict) -> dict:
+    """A container's environment variables by name: the value, or its valueFrom (a secretKeyRef, say)."""
+    return {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in container.get("env", [])}
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -254,15 +258,26 @@ def test_a_sharded_gallery_renders_seldon_s_graph_one_component_per_node():
     assert fixed["replicas"] == 3 and not any("hpaSpec" in spec for spec in fixed["componentSpecs"])
 
 
+# The wrapper's REST routes and default port, asked of seldon-core in its own environment.
+WRAPPER_ROUTES = """
+import json
+from seldon_core import microservice
+from seldon_core.wrapper import get_rest_microservice
+app = get_rest_microservice(object(), None)
+print(json.dumps({"routes": sorted(rule.rule for rule in app.url_map.iter_rules()),
+                  "port": microservice.DEFAULT_HTTP_PORT}))
+"""
+
+
 def test_probes_use_the_wrappers_real_paths_and_port():
-    app = get_rest_microservice(object(), None)
-    routes = {rule.rule for rule in app.url_map.iter_rules()}
+    wrapper = in_serve_env(WRAPPER_ROUTES)
+    routes = set(wrapper["routes"])
     container = _container({})
     for probe, path in (("readinessProbe", "/health/status"), ("livenessProbe", "/health/ping"),
                         ("startupProbe", "/health/ping")):
         get = container[probe]["httpGet"]
         assert get["path"] == path and path in routes
-        assert get["port"] == microservice.DEFAULT_HTTP_PORT  # what the operator gives the first container
+        assert get["port"] == wrapper["port"]  # what the operator gives the first container
 
 
 def _server_settings(values: dict) -> dict:
@@ -282,7 +297,13 @@ def test_server_settings_are_ones_the_server_accepts():
         settings = _server_settings(values)
         assert settings and set(settings) <= accepted
         cfg = ServiceConfig.from_sources(**settings)  # the same validation the server runs at start
-        assert cfg.model_uri == "/mnt/models"  # where the storage initializer puts modelUri
+        model = values.get("model", {})
+        registry = model.get("uri", "").startswith("models:/")
+        # Where the storage initializer puts modelUri, or the registry version the server reads itself; the pinned
+        # bundle.json checksum only where one is set.
+        assert cfg.model_uri == (model["uri"] if registry else "/mnt/models")
+        assert cfg.bundle_sha256 == model.get("bundleSha256", "")
+        assert ("bundle_sha256" in settings) == bool(model.get("bundleSha256"))
         # The serving memory bounds and the bundle's own search_k reach the server from the chart's defaults.
         assert (cfg.max_pixels, cfg.max_request_pixels, cfg.max_concurrent_decodes, cfg.search_k) == \
             (12_000_000, 48_000_000, 1, 0)
@@ -325,6 +346,95 @@ def test_storage_credentials_come_from_a_secret_or_the_service_account():
     assert graph["serviceAccountName"] == account["metadata"]["name"] and "envSecretRefName" not in graph
 
 
+SHA = "0123456789abcdef" * 4  # a bundle.json's sha256
+
+
+def _graph_and_tmp(values: dict) -> tuple[dict, str]:
+    predictor = _predictor(values)
+    (tmp,) = [v for v in predictor["componentSpecs"][0]["spec"]["volumes"] if v["name"] == "tmp"]
+    return predictor["graph"], tmp["emptyDir"]["sizeLimit"]
+
+
+def test_a_registry_version_is_read_by_the_server_itself():
+    for variant in ("registry", "registry-v2"):
+        values = VARIANTS[variant]
+        graph, tmp = _graph_and_tmp(values)
+        # No storage initializer: the operator injects one only for a node with a modelUri.
+        assert not {"modelUri", "envSecretRefName", "serviceAccountName"} & set(graph), graph
+        assert _server_settings(values)["model_uri"] == values["model"]["uri"]
+        assert tmp == "8Gi"  # each server process downloads the gallery into /tmp
+        env = env_of(_container(values))
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc.cluster.local:5000"
+    graph, tmp = _graph_and_tmp({})  # s3:// as before: the initializer copies to /mnt/models
+    assert graph["modelUri"] == "s3://my-imgsim-bucket/bundles/v1" and graph["serviceAccountName"] and tmp == "1Gi"
+    assert not [n for n in env_of(_container({})) if n.startswith("MLFLOW_")]
+    assert _graph_and_tmp({"model": {"uri": "models:/g/1", "downloadSizeLimit": "20Gi"}})[1] == "20Gi"
+    refused = (r"serving.shards needs model.uri in the cluster's storage \(s3:// or pvc://\), not the registry version "
+               r"models:/imgsim-gallery@serving: .*imgsim shard-bundle")
+    with pytest.raises(Exception, match=refused):
+        render({"serving": {"shards": 2}, "model": {"uri": "models:/imgsim-gallery@serving"}})
+
+
+def test_the_bundle_checksum_reaches_the_server_in_either_protocol():
+    for protocol in ("seldon", "v2"):
+        settings = _server_settings({"server": {"protocol": protocol}, "model": {"bundleSha256": SHA}})
+        assert settings["bundle_sha256"] == SHA and ServiceConfig.from_sources(**settings).bundle_sha256 == SHA
+    assert env_of(_container({"server": {"protocol": "v2"}, "model": {"bundleSha256": SHA}}))[
+        "IMGSIM_BUNDLE_SHA256"] == SHA
+    with pytest.raises(Exception, match="model.bundleSha256 pins one bundle.json, and each part of a sharded gallery"):
+        render({"serving": {"shards": 2}, "model": {"bundleSha256": SHA}})
+
+
+def _mlflow_env(container: dict) -> dict:
+    return {k: v for k, v in env_of(container).items() if k.startswith("MLFLOW_TRACKING")}
+
+
+def _identity(secret: str) -> dict:
+    return {f"MLFLOW_TRACKING_{key.upper()}": {"secretKeyRef": {"name": secret, "key": key}}
+            for key in ("username", "password")}
+
+
+def test_mlflow_identities_come_from_secrets_and_only_to_pods_that_use_them():
+    uri = {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow.svc.cluster.local:5000"}
+    pipeline, serving = uri | _identity("imgsim-mlflow-pipeline"), uri | _identity("imgsim-mlflow-serving")
+    seen = set()
+    for variant in ("every-component-locked-down", "training-gpu", "training-operator", "extraction-sharded",
+                    "registry", "registry-v2", "ui"):
+        registry = VARIANTS[variant].get("model", {}).get("uri", "").startswith("models:/")
+        docs = render(VARIANTS[variant])
+        for name, pod in _pods(docs).items():
+            component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+            want = {"server": serving if registry else {}, "ui": {}, "test": {}}.get(component, pipeline)
+            for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+                assert _mlflow_env(container) == want, (variant, name)
+                seen.add((component, bool(want)))
+        # A password is never a literal in the rendered manifests, whatever the pod.
+        env = [e for d in docs for e in _all_env(d)]
+        assert env and not [e for e in env if e["name"].startswith("MLFLOW_TRACKING_") and "PASS" in e["name"]
+                            and "value" in e]
+    assert {("server", True), ("server", False), ("ui", False), ("test", False), ("training", True),
+            ("extraction", True), ("extraction-merge", True)} <= seen
+    # Another tracking server and other Secrets; an empty name: no credentials (a server without authentication).
+    values = {"mlflow": {"trackingUri": "https://mlflow.example.com", "pipelineCredentialsSecret": "p",
+                         "servingCredentialsSecret": ""},
+              "model": {"uri": "models:/g@a"}, "training": {"enabled": True}}
+    docs = render(values)
+    (job,) = of_kind(docs, "Job")
+    assert _mlflow_env(job["spec"]["template"]["spec"]["containers"][0]) == \
+        {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"} | _identity("p")
+    assert _mlflow_env(_container(values)) == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"}
+    with pytest.raises(Exception, match="training.mlflowTrackingUri moved to mlflow.trackingUri"):
+        render({"training": {"enabled": True, "mlflowTrackingUri": "http://mlflow:5000"}})
+
+
+def _all_env(doc) -> list[dict]:
+    """Every env entry anywhere in a rendered object."""
+    if isinstance(doc, dict):
+        return [*(doc["env"] if isinstance(doc.get("env"), list) else []),
+                *(e for v in doc.values() for e in _all_env(v))]
+    return [e for v in doc for e in _all_env(v)] if isinstance(doc, list) else []
+
+
 def test_annotations_timeouts_and_grace_period_are_always_set():
     for values in VARIANTS.values():
         spec = sdep(values)["spec"]
@@ -357,15 +467,20 @@ def test_pods_are_hardened():
             assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
 
 
+def _policy(docs: list[dict], name: str) -> dict:
+    (found,) = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == name]
+    return found
+
+
 def test_network_policy_keeps_metrics_internal():
-    (policy,) = of_kind(render(VARIANTS["no-autoscaling"] | {"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    policy = _policy(render(VARIANTS["no-autoscaling"]), "sim-imgsim")
     open_rule, metrics_rule = policy["spec"]["ingress"]
     assert {p["port"] for p in open_rule["ports"]} == {8000, 5001} and "from" not in open_rule
     assert metrics_rule["ports"] == [{"port": 6000, "protocol": "TCP"}] and metrics_rule["from"]
-    assert not of_kind(render({}), "NetworkPolicy")
+    assert not of_kind(render(VARIANTS["no-network-policy"]), "NetworkPolicy")
     # A sharded graph: the nodes' own ports open to the executor's pods (the embedder's) only.
     docs = render(VARIANTS["sharded-serving"])
-    (policy,) = of_kind(docs, "NetworkPolicy")
+    policy = _policy(docs, "sim-imgsim")
     _, graph_rule, _ = policy["spec"]["ingress"]
     assert {p["port"] for p in graph_rule["ports"]} == {9000, 9500}
     pods = {spec["metadata"]["labels"]["imgsim.io/graph-node"]: spec["metadata"]["labels"]
@@ -381,34 +496,155 @@ def _selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []) if e["operator"] == "In")
 
 
-def _pod_labels(docs: list[dict]) -> dict[str, dict]:
-    """The labels of every pod the release makes, by what makes it."""
+def _pods(docs: list[dict]) -> dict[str, dict]:
+    """Every pod (template) the release makes, by what makes it: each graph node's, each Job's, Deployment's and
+    PyTorchJob role's, and the helm test pod."""
     pods = {}
     for doc in docs:
+        name = doc["metadata"]["name"]
         if doc["kind"] == "SeldonDeployment":
-            pods["server"] = doc["spec"]["predictors"][0]["componentSpecs"][0]["metadata"]["labels"]
+            for spec in doc["spec"]["predictors"][0]["componentSpecs"]:
+                pods[f"server/{spec['metadata']['labels']['imgsim.io/graph-node']}"] = spec
         elif doc["kind"] in ("Deployment", "Job", "StatefulSet"):
-            pods[doc["metadata"]["name"]] = doc["spec"]["template"]["metadata"]["labels"]
+            pods[name] = doc["spec"]["template"]
+        elif doc["kind"] == "PyTorchJob":
+            pods |= {f"{name}/{role}": r["template"] for role, r in doc["spec"]["pytorchReplicaSpecs"].items()}
+        elif doc["kind"] == "Pod":
+            pods[name] = doc
     return pods
+
+
+def _pod_labels(docs: list[dict]) -> dict[str, dict]:
+    """The labels of every pod the release makes, by what makes it."""
+    return {name: pod["metadata"]["labels"] for name, pod in _pods(docs).items()}
 
 
 def test_each_network_policy_selects_only_its_own_component():
     # The generic labels are on every pod: a policy on them alone closed the page's and training's ports.
     docs = render(VARIANTS["every-component-locked-down"])
     policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in of_kind(docs, "NetworkPolicy")}
-    assert set(policies) == {"server", "ui", "pipeline"}
+    assert set(policies) == {"server", "ui", "pipeline", "test"}
     pods = _pod_labels(docs)
     for name, labels in pods.items():
         selected = [c for c, p in policies.items() if _selects(p["spec"]["podSelector"], labels)]
         component = labels["app.kubernetes.io/component"]
-        expected = {"server": "server", "ui": "ui"}.get(component, "pipeline")
+        expected = {"server": "server", "ui": "ui", "test": "test"}.get(component, "pipeline")
         assert selected == [expected], (name, selected)
     assert policies["ui"]["spec"]["ingress"] == [{"ports": [{"port": 8501, "protocol": "TCP"}]}]
+    assert policies["test"]["spec"]["ingress"] == []  # nothing calls the test pod
     (peers,) = policies["pipeline"]["spec"]["ingress"]
     training = [labels for labels in pods.values() if labels["app.kubernetes.io/component"] == "training"]
     assert training and all(_selects(peers["from"][0]["podSelector"], labels) for labels in training)
     assert not any(_selects(peers["from"][0]["podSelector"], labels) for labels in pods.values()
                    if labels["app.kubernetes.io/component"] != "training")
+
+
+def _egress(docs: list[dict], labels: dict) -> list[dict]:
+    """The egress rules of every policy that selects a pod with ``labels`` (policies add up)."""
+    return [rule for p in of_kind(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], labels)
+            for rule in p["spec"].get("egress", [])]
+
+
+def _port_open(rule: dict, port: int, protocol: str) -> bool:
+    return not rule.get("ports") or any(p["port"] == port and p.get("protocol", "TCP") == protocol
+                                        for p in rule["ports"])
+
+
+def _reaches(rules: list[dict], port: int, labels: dict, namespace: str | None = None, protocol: str = "TCP") -> bool:
+    """Whether ``rules`` let a pod reach pods labelled ``labels`` in ``namespace`` (None: its own) on ``port``."""
+    def peer_matches(peer: dict) -> bool:
+        ns = peer.get("namespaceSelector")
+        in_namespace = ns is None if namespace is None else (
+            ns is not None and _selects(ns, {"kubernetes.io/metadata.name": namespace}))
+        return in_namespace and "podSelector" in peer and _selects(peer["podSelector"], labels)
+    return any(_port_open(r, port, protocol) and any(peer_matches(peer) for peer in r["to"]) for r in rules)
+
+
+def _reaches_address(rules: list[dict], address: str, port: int) -> bool:
+    """Whether ``rules`` let a pod reach the IP ``address`` (outside the cluster) on TCP ``port``."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return any(_port_open(r, port, "TCP") and any(
+        "ipBlock" in peer and ip in ipaddress.ip_network(peer["ipBlock"]["cidr"])
+        and not any(ip in ipaddress.ip_network(e) for e in peer["ipBlock"].get("except", []))
+        for peer in r["to"]) for r in rules)
+
+
+MLFLOW_PODS = {"app.kubernetes.io/name": "mlflow"}  # k8s/mlflow's tracking server, in namespace mlflow
+S3_ADDRESS = "52.218.128.1"  # a public S3 (and STS) address: the artifact store and IRSA's token exchange
+
+
+@pytest.mark.parametrize("variant", ["defaults", "sharded-serving", "v2", "registry", "registry-v2", "training-gpu",
+                                     "training-operator", "extraction-sharded", "every-component-locked-down"])
+def test_every_pod_is_locked_down_both_ways_and_reaches_only_what_it_talks_to(variant):
+    docs = render(VARIANTS[variant])  # networkPolicy.enabled is the default
+    registry = VARIANTS[variant].get("model", {}).get("uri", "").startswith("models:/")
+    policies = of_kind(docs, "NetworkPolicy")
+    for name, labels in _pod_labels(docs).items():
+        component = labels["app.kubernetes.io/component"]
+        # Its component's policy, both ways (a sharded graph's embedder has one more, for egress only).
+        own = [p for p in policies
+               if _selects(p["spec"]["podSelector"], labels) and "Ingress" in p["spec"]["policyTypes"]]
+        expected = {"server": "server", "ui": "ui", "test": "test"}.get(component, "pipeline")
+        assert [p["metadata"]["labels"]["app.kubernetes.io/component"] for p in own] == [expected], name
+        assert own[0]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        rules = _egress(docs, labels)
+        assert rules and all(rule.get("to") for rule in rules), name  # no rule admits every destination
+        assert all(_reaches(rules, 53, {"k8s-app": "kube-dns"}, "kube-system", proto) for proto in ("UDP", "TCP"))
+        # The tracking server: the pipeline's pods always, the server's only when it reads the registry.
+        mlflow = _reaches(rules, 5000, MLFLOW_PODS, "mlflow")
+        # The artifact store: the pipeline's pods and the server's (its storage initializer), never the page's.
+        storage = _reaches_address(rules, S3_ADDRESS, 443)
+        want = {"server": (registry, True), "ui": (False, False), "test": (False, False)}.get(component, (True, True))
+        assert (mlflow, storage) == want, (name, mlflow, storage)
+        # No private or link-local address (the instance metadata service), and only HTTPS to public ones.
+        assert not any(_reaches_address(rules, a, 443) for a in ("10.0.0.5", "172.20.0.10", "169.254.169.254"))
+        assert not _reaches_address(rules, S3_ADDRESS, 80)
+
+
+def test_pods_reach_the_pods_they_call_and_no_others():
+    docs = render(VARIANTS["every-component-locked-down"])
+    pods = _pod_labels(docs)
+    server, page = pods["server/similarity"], pods["sim-imgsim-ui"]
+    (test_pod,) = [labels for labels in pods.values() if labels["app.kubernetes.io/component"] == "test"]
+    # The page: the predictor's Service ports (REST 8000, gRPC 5001) of this release's server, nothing else here.
+    assert _reaches(_egress(docs, page), 8000, server) and _reaches(_egress(docs, page), 5001, server)
+    assert not any(_reaches(_egress(docs, page), 9000, labels) for labels in pods.values())
+    assert not _reaches(_egress(docs, page), 8000, server | {"app.kubernetes.io/instance": "other"})
+    # The helm test pod queries the server's REST port, and the server's policy lets it in (no `from`).
+    assert _reaches(_egress(docs, test_pod), 8000, server)
+    assert not _reaches(_egress(docs, test_pod), 5001, server)
+    # Multi-node training pods reach each other on any port (rendezvous, NCCL); the server reaches no pod here.
+    training = [labels for name, labels in pods.items() if labels["app.kubernetes.io/component"] == "training"]
+    assert training and all(_reaches(_egress(docs, a), 29400, b) for a in training for b in training)
+    assert not any(_reaches(_egress(docs, server), 8000, labels) for labels in pods.values())
+    # A sharded graph: the executor (the embedder's pods) calls the merger and the shards on 9000/9500, and only it.
+    docs = render(VARIANTS["sharded-serving"])
+    nodes = {name.removeprefix("server/"): labels for name, labels in _pod_labels(docs).items()
+             if name.startswith("server/")}
+    assert set(nodes) == {"embedder", "merger", "shard-0", "shard-1", "shard-2"}
+    executor = _egress(docs, nodes["embedder"])
+    assert all(_reaches(executor, port, nodes[n]) for n in nodes if n != "embedder" for port in (9000, 9500))
+    assert not _reaches(executor, 6000, nodes["merger"])
+    assert not any(_reaches(_egress(docs, nodes[a]), 9000, nodes[b]) for a in nodes if a != "embedder" for b in nodes)
+
+
+def test_the_documented_extra_rules_reach_the_policies(tmp_path):
+    # docs/deploy.md's example, as written: the sidecar-metrics rule on the server, NodeLocal DNS for every pod.
+    text = (REPO / "docs" / "deploy.md").read_text()
+    section = text[text.index("## Network policies"):text.index("## Chart values")]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    docs = render(VARIANTS["every-component-locked-down"] | example)
+    policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p["spec"]
+                for p in of_kind(docs, "NetworkPolicy")}
+    assert policies["server"]["ingress"][-1] == example["networkPolicy"]["extraIngress"]["server"][0]
+    assert policies["server"]["ingress"][1]["from"][0]["namespaceSelector"] == \
+        example["networkPolicy"]["metricsNamespaceSelector"]
+    assert all(example["networkPolicy"]["extraEgress"][0] in p["egress"] for p in policies.values())
+    assert all(_reaches_address(p["egress"], "169.254.20.10", 53) for p in policies.values())
+    result = kubernetes_validate(of_kind(docs, "NetworkPolicy"), tmp_path, KUBE_VERSIONS[-1])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_each_component_has_its_own_service_account_without_an_api_token():
@@ -457,6 +693,13 @@ def test_training_job_runs_the_real_cli_on_gpu_nodes():
     ({"autoscaling": {"targetCPUUtilizationPercentage": 150}}, "maximum: got 150"),
     ({"terminationGracePeriodSeconds": 5}, "minimum: got 5, want 45"),
     ({"modle": {}}, "additional properties 'modle' not allowed"),
+    ({"model": {"uri": "models:/"}}, "/model/uri': 'models:/' does not match"),
+    ({"model": {"bundleSha256": "abc123"}}, "/model/bundleSha256': 'abc123' does not match"),
+    ({"model": {"bundleSha256": "AB" * 32}}, f"/model/bundleSha256': '{'AB' * 32}' does not match"),
+    ({"mlflow": {"servingCredentialsSecret": "Serving_Secret"}},
+     "/mlflow/servingCredentialsSecret': 'Serving_Secret' does not match"),
+    ({"networkPolicy": {"mlflow": {"port": 0}}}, "/networkPolicy/mlflow/port': minimum: got 0"),
+    ({"networkPolicy": {"artifactStore": {"ipBlocks": [{"except": ["10.0.0.0/8"]}]}}}, "missing property 'cidr'"),
 ])
 def test_values_schema_rejects_bad_values_clearly(values, message):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -514,13 +757,17 @@ def test_dockerfile_lints_clean_and_runs_the_wrapper_as_uid_8888():
     assert result.returncode == 0, result.stdout + result.stderr
     text = (REPO / "Dockerfile").read_text()
     final = text[text.rindex("\nFROM "):]
-    assert final.startswith("\nFROM runtime AS serve")
+    assert final.startswith("\nFROM runtime-serve AS serve")
     assert "USER 8888:8888" in final and "EXPOSE 9000 5000 6000" in final
     assert 'CMD ["seldon-core-microservice", "ModelServer", "--service-type", "MODEL"]' in final
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M) and "AS pipeline" in text
+    # The Seldon wrapper's image on Python 3.12 (seldon-core 1.19), built and run on the same interpreter.
+    assert re.search(r"^ARG SERVE_PYTHON_IMAGE=python:3\.12-slim", text, re.M)
+    assert "FROM ${SERVE_PYTHON_IMAGE} AS build-serve\n" in text and "FROM ${SERVE_PYTHON_IMAGE} AS runtime-serve" in text
     assert "g++" not in final  # compilers stay in the build stages
     serve_build = text[text.index("AS build-serve\n"):text.index("\nFROM", text.index("AS build-serve\n"))]
-    assert "requirements-serve.txt" in serve_build and "torch" not in serve_build.replace("no torch", "")
+    assert "requirements-serve.txt -c constraints-serve.txt" in serve_build
+    assert "torch" not in serve_build.replace("no torch", "")
     # The Open Inference Protocol image: MLServer on the same serving core, its own requirements, uid 8888.
     v2 = text[text.index("FROM runtime AS serve-v2"):text.index("\nFROM", text.index("FROM runtime AS serve-v2"))]
     assert "--from=build-serve-v2" in v2 and "USER 8888:8888" in v2 and 'CMD ["python", "serve.py", "start", "."]' in v2
@@ -529,7 +776,7 @@ def test_dockerfile_lints_clean_and_runs_the_wrapper_as_uid_8888():
     assert "imgsim_v2_metrics.py" in shipped and all(f"model_server/v2/{name}" in v2 for name in shipped)
     assert "MLSERVER_METRICS_DIR=/tmp/" in v2  # a read-only root: MLServer's working files go to /tmp
     v2_build = text[text.index("AS build-serve-v2"):text.index("\nFROM", text.index("AS build-serve-v2"))]
-    assert "RUN pip install -r requirements-serve-v2.txt\n" in v2_build  # not under constraints.txt (protobuf < 4)
+    assert "RUN pip install -r requirements-serve-v2.txt -c constraints-serve-v2.txt\n" in v2_build  # its own pins
 
 
 def test_the_serving_requirements_leave_torch_out():
@@ -558,7 +805,7 @@ def test_the_installed_package_carries_the_search_page(tmp_path):
 
 
 def test_training_only_release_renders_no_server():
-    docs = render({"serving": {"enabled": False}, "training": {"enabled": True}, "networkPolicy": {"enabled": True}})
+    docs = render({"serving": {"enabled": False}, "training": {"enabled": True}})
     assert {d["kind"] for d in docs} == {"ServiceAccount", "Job", "NetworkPolicy"}
     assert of_kind(docs, "Job")[0]["metadata"]["name"] == "sim-imgsim-train-1"
     assert [a["metadata"]["name"] for a in of_kind(docs, "ServiceAccount")] == ["sim-imgsim-pipeline"]
@@ -583,5 +830,6 @@ def test_the_chart_and_rollout_accept_the_same_bundle_storage():
 
     pattern = json.loads((REPO / "charts/imgsim/values.schema.json").read_text())["properties"]["model"][
         "properties"]["uri"]["pattern"]
-    schemes = re.fullmatch(r"\^\((.+)\)://\.\+", pattern).group(1).split("|")
+    # ...or a registry version, which the server reads from MLflow itself (no storage initializer).
+    schemes = re.fullmatch(r"\^\(\((.+)\)://\|models:/\)\.\+", pattern).group(1).split("|")
     assert sorted(f"{s}://" for s in schemes) == sorted(CLUSTER_SCHEMES)

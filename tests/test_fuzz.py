@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from support.servers import start_page, start_server
 from tests.bundles import pipeline_bundle
@@ -161,18 +161,18 @@ def test_a_path_outside_the_root_gets_the_same_answer_whether_or_not_it_exists(f
 
 # ---- gRPC ------------------------------------------------------------------------------------------------
 
-def _grpc_call(server, message: prediction_pb2.SeldonMessage) -> grpc.StatusCode:
+def _grpc_call(server, message: seldon_wire.SeldonMessage) -> grpc.StatusCode:
     with grpc.insecure_channel(server.grpc) as channel:
         try:
-            prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=60)
+            seldon_wire.ModelStub(channel).Predict(message, timeout=60)
             return grpc.StatusCode.OK
         except grpc.RpcError as exc:
             return exc.code()
 
 
-def _json_message(data) -> prediction_pb2.SeldonMessage | None:
+def _json_message(data) -> seldon_wire.SeldonMessage | None:
     try:  # protobuf's Value holds numbers as doubles: a value it cannot represent never leaves the client
-        return json_format.ParseDict({"jsonData": data}, prediction_pb2.SeldonMessage())
+        return json_format.ParseDict({"jsonData": data}, seldon_wire.SeldonMessage())
     except (json_format.ParseError, OverflowError, ValueError, TypeError):
         return None
 
@@ -194,15 +194,15 @@ def test_any_json_data_over_grpc_is_ok_or_invalid_argument(fuzz_server, data, k)
 @FUZZ
 @given(image=image_bytes, as_str=st.booleans())
 def test_any_image_bytes_over_grpc_are_ok_or_invalid_argument(fuzz_server, image, as_str):
-    message = prediction_pb2.SeldonMessage(binData=image) if not as_str else \
-        prediction_pb2.SeldonMessage(strData=image.decode("latin-1"))
+    message = seldon_wire.SeldonMessage(binData=image) if not as_str else \
+        seldon_wire.SeldonMessage(strData=image.decode("latin-1"))
     assert _grpc_call(fuzz_server, message) in {grpc.StatusCode.OK} | GRPC_CLIENT_ERRORS
 
 
 def test_the_server_still_answers_after_the_fuzzing(fuzz_server):
     _still_serving(fuzz_server)
     with grpc.insecure_channel(fuzz_server.grpc) as channel:
-        reply = prediction_pb2_grpc.ModelStub(channel).Predict(prediction_pb2.SeldonMessage(binData=VALID[1]), timeout=30)
+        reply = seldon_wire.ModelStub(channel).Predict(seldon_wire.SeldonMessage(binData=VALID[1]), timeout=30)
     assert json_format.MessageToDict(reply)["jsonData"]["results"][0]["neighbours"]
 
 

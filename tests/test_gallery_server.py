@@ -14,7 +14,7 @@ import grpc
 import mlflow
 import pytest
 import requests
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from imgsim.serve.client import query_rest
 from imgsim.serve.process import DOWNLOADS
@@ -34,7 +34,7 @@ def _rest(server, data: bytes, k: int) -> dict:
 
 
 def _grpc(stub, data: bytes, k: int) -> dict:
-    message = prediction_pb2.SeldonMessage(binData=data)
+    message = seldon_wire.SeldonMessage(binData=data)
     message.meta.tags["k"].number_value = k
     message.meta.tags["format"].string_value = "compact"
     return json.loads(stub.Predict(message, timeout=30).strData)
@@ -59,7 +59,7 @@ class Clients:
 
     def _run(self, use_rest: bool) -> None:
         channel = grpc.insecure_channel(self.server.grpc)
-        stub = prediction_pb2_grpc.ModelStub(channel)
+        stub = seldon_wire.ModelStub(channel)
         while not self.stop.is_set():
             try:
                 if self.v2:
@@ -155,7 +155,7 @@ def test_sighup_moves_every_worker_to_the_newest_version(living, tmp_path):
             os.killpg(srv.proc.pid, signal.SIGHUP)  # the whole group, as `pkill -HUP -f seldon-core-microservice`
             deadline = time.monotonic() + 90
             with grpc.insecure_channel(srv.grpc) as channel:
-                stub = prediction_pb2_grpc.ModelStub(channel)
+                stub = seldon_wire.ModelStub(channel)
                 while time.monotonic() < deadline:
                     versions = {_rest(srv, data, 3)["bundle_version"] for _ in range(8)}
                     versions |= {_grpc(stub, data, 3)["bundle_version"] for _ in range(4)}
@@ -171,6 +171,7 @@ def test_sighup_moves_every_worker_to_the_newest_version(living, tmp_path):
 def test_a_server_started_on_a_broken_version_recovers_when_the_alias_moves(living, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from imgsim.modelspec import file_sha256
     from imgsim.runs import tracking
     from imgsim.runs.export import export_bundle
 
@@ -178,7 +179,9 @@ def test_a_server_started_on_a_broken_version_recovers_when_the_alias_moves(livi
         broken = export_bundle(living["uri"], tmp_path / "broken")
         (broken / "items.csv").write_text((broken / "items.csv").read_text() + "\n")  # no longer its checksum
         client = MlflowClient()
-        bad = client.create_model_version(living["name"], broken.as_uri(), None, tags={tracking.KIND_TAG: "bundle"})
+        # Registered as the pipeline would (its bundle.json vouched for), but one of its files damaged.
+        bad = client.create_model_version(living["name"], broken.as_uri(), None, tags={
+            tracking.KIND_TAG: "bundle", tracking.BUNDLE_SHA_TAG: file_sha256(broken / "bundle.json")})
         client.set_registered_model_alias(living["name"], "serving", bad.version)
         srv = _server(living, tmp_path, poll=0.5, wait_ready=False)
         try:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from google.protobuf import json_format
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import BadInput, ImgsimError
@@ -195,17 +195,17 @@ def test_the_sharded_graph_answers_exactly_like_one_server(flat, sharded, pipeli
         assert compared == 4 * len(files)
         # The same graph over gRPC (a SeldonDeployment with transport: grpc): binData in, the same answer out.
         data = files[0].read_bytes()
-        query = prediction_pb2.SeldonMessage(binData=data)
+        query = seldon_wire.SeldonMessage(binData=data)
         query.meta.tags["k"].number_value = 5
         with grpc.insecure_channel(servers["embedder"].grpc) as channel:
-            message = prediction_pb2_grpc.TransformerStub(channel).TransformInput(query, timeout=30)
+            message = seldon_wire.TransformerStub(channel).TransformInput(query, timeout=30)
         replies = []
         for i in range(SHARDS):
             with grpc.insecure_channel(servers[f"shard-{i}"].grpc) as channel:
-                replies.append(prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=30))
+                replies.append(seldon_wire.ModelStub(channel).Predict(message, timeout=30))
         with grpc.insecure_channel(servers["merger"].grpc) as channel:
-            merged = prediction_pb2_grpc.CombinerStub(channel).Aggregate(
-                prediction_pb2.SeldonMessageList(seldonMessages=replies), timeout=30)
+            merged = seldon_wire.CombinerStub(channel).Aggregate(
+                seldon_wire.SeldonMessageList(seldonMessages=replies), timeout=30)
         over_grpc = json_format.MessageToDict(merged.jsonData)["results"][0]["neighbours"]
         want = requests.post(f"{servers['single'].rest}/predict", json={"binData": base64.b64encode(data).decode(),
                              "meta": {"tags": {"k": 5}}}, timeout=30).json()["jsonData"]["results"][0]["neighbours"]
@@ -213,8 +213,8 @@ def test_the_sharded_graph_answers_exactly_like_one_server(flat, sharded, pipeli
             [(n["id"], n["distance"]) for n in _canonical(want)]
         assert merged.meta.tags["shards"].string_value == str(SHARDS)
         with grpc.insecure_channel(servers["merger"].grpc) as channel, pytest.raises(grpc.RpcError) as refused:
-            prediction_pb2_grpc.CombinerStub(channel).Aggregate(
-                prediction_pb2.SeldonMessageList(seldonMessages=replies[:2]), timeout=30)
+            seldon_wire.CombinerStub(channel).Aggregate(
+                seldon_wire.SeldonMessageList(seldonMessages=replies[:2]), timeout=30)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "[2] of 3" in refused.value.details()
         # A bad query is the embedder's 400, as one server's; the graph keeps answering after it.
         bad = graph({"jsonData": {"image": "not base64!"}})

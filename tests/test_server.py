@@ -23,7 +23,7 @@ import pytest
 import requests
 from google.protobuf import json_format
 from PIL import Image
-from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+from imgsim.serve import seldon_wire
 
 from imgsim import atomic
 from imgsim.serve import process
@@ -32,7 +32,7 @@ from imgsim.serve.settings import ServiceConfig
 from support.store import mlflow_store
 from tests.bundles import other_model_bundle, pipeline_bundle, rerecord_checksums
 from support import servers
-from support.servers import start_server
+from support.servers import SERVE_VENV, start_server, venv_bin
 
 pytestmark = pytest.mark.slow
 MAX_REQUEST = 2 * 1024 * 1024
@@ -74,12 +74,12 @@ def rest(server, body, **kw):
 
 def grpc_predict(server, message):
     with grpc.insecure_channel(server.grpc) as channel:
-        reply = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=30)
+        reply = seldon_wire.ModelStub(channel).Predict(message, timeout=30)
     return json_format.MessageToDict(reply)
 
 
 def grpc_json(server, data, tags=None):
-    message = json_format.ParseDict({"jsonData": data, "meta": {"tags": tags or {}}}, prediction_pb2.SeldonMessage())
+    message = json_format.ParseDict({"jsonData": data, "meta": {"tags": tags or {}}}, seldon_wire.SeldonMessage())
     return grpc_predict(server, message)
 
 
@@ -126,7 +126,7 @@ def test_json_image_batch_id_and_path_over_rest(server, gallery):
 
 def test_every_form_over_grpc(server, gallery):
     item = gallery["item"]
-    message = prediction_pb2.SeldonMessage(binData=gallery["bytes"])
+    message = seldon_wire.SeldonMessage(binData=gallery["bytes"])
     message.meta.tags["k"].number_value = 3
     assert finds_itself(grpc_predict(server, message)["jsonData"]["results"][0], item.id)
     for data in ({"image": b64(gallery["bytes"])}, {"id": item.id}, {"path": item.path},
@@ -136,12 +136,12 @@ def test_every_form_over_grpc(server, gallery):
 
 
 def test_compact_answers_carry_the_same_answer_as_a_json_string(server, gallery):
-    message = prediction_pb2.SeldonMessage(binData=gallery["bytes"])
+    message = seldon_wire.SeldonMessage(binData=gallery["bytes"])
     message.meta.tags["k"].number_value = 3
     full = grpc_predict(server, message)
     message.meta.tags["format"].string_value = "compact"
     with grpc.insecure_channel(server.grpc) as channel:
-        compact = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=30)
+        compact = seldon_wire.ModelStub(channel).Predict(message, timeout=30)
     assert compact.WhichOneof("data_oneof") == "strData" and json.loads(compact.strData) == full["jsonData"]
     assert json.loads(compact.strData)["model_version"] == "1" and not compact.meta.tags  # identity in the answer
     over_rest = rest(server, {"binData": b64(gallery["bytes"]), "meta": {"tags": {"k": 3, "format": "compact"}}})
@@ -268,7 +268,7 @@ def test_bad_grpc_requests_get_invalid_argument(server, body, message):
 
 def test_bad_grpc_bin_data(server):
     with pytest.raises(grpc.RpcError) as err:
-        grpc_predict(server, prediction_pb2.SeldonMessage(binData=b"GIF89a truncated"))
+        grpc_predict(server, seldon_wire.SeldonMessage(binData=b"GIF89a truncated"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -328,7 +328,7 @@ def test_concurrent_clients_get_identical_answers(server, gallery):
                 got = rest(server, {"binData": b64(payloads[j]), "meta": {"tags": {"k": 5}}})
                 answer = got.json()["jsonData"] if got.ok else None
             else:
-                message = prediction_pb2.SeldonMessage(binData=payloads[j])
+                message = seldon_wire.SeldonMessage(binData=payloads[j])
                 message.meta.tags["k"].number_value = 5
                 answer = grpc_predict(server, message)["jsonData"]
             errors += answer is None or ids(answer) != expected[j]
@@ -430,9 +430,9 @@ def test_load_is_retried_until_the_bundle_appears_then_metadata_names_it(bundle,
         assert metadata["custom"]["runtime"] == "onnx"
         # The gRPC worker is its own process with its own retry clock: it may load a moment after REST's.
         with grpc.insecure_channel(srv.grpc) as channel:
-            stub, grpc_deadline = prediction_pb2_grpc.ModelStub(channel), time.monotonic() + 30
+            stub, grpc_deadline = seldon_wire.ModelStub(channel), time.monotonic() + 30
             while True:
-                over_grpc = json_format.MessageToDict(stub.Metadata(prediction_pb2.SeldonMessage(), timeout=10))
+                over_grpc = json_format.MessageToDict(stub.Metadata(seldon_wire.SeldonMessage(), timeout=10))
                 if over_grpc["custom"]["ready"] == "true" or time.monotonic() > grpc_deadline:
                     break
                 time.sleep(0.2)
@@ -519,7 +519,9 @@ def test_docs_compact_grpc_client_runs_as_written(server, gallery, tmp_path):
     code = runnable_blocks()["compact-grpc-client"]
     assert '"127.0.0.1:5000"' in code  # the documented default port, pointed at this test's server
     (tmp_path / "query.png").write_bytes(gallery["bytes"])
-    out = subprocess.run([sys.executable, "-c", code.replace('"127.0.0.1:5000"', repr(server.grpc))], cwd=tmp_path,
+    # A client with seldon-core installed, as the page shows it: the Seldon wrapper's own environment.
+    out = subprocess.run([str(venv_bin(SERVE_VENV, "python")), "-c", code.replace('"127.0.0.1:5000"', repr(server.grpc))],
+                         cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     version, neighbour = out.stdout.split(" ", 1)

@@ -81,16 +81,16 @@ def query_grpc(address: str, image: bytes, k: int, where: dict | None = None, ti
     """Call ``seldon.protos.Model/Predict`` with ``binData``, asking for the compact answer (a JSON string in
     strData, cheap to parse); returns the answer as jsonData would carry it."""
     import grpc
-    from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+    from imgsim.serve import seldon_wire
 
-    message = prediction_pb2.SeldonMessage(binData=image)
+    message = seldon_wire.SeldonMessage(binData=image)
     message.meta.tags["k"].number_value = k
     message.meta.tags["format"].string_value = "compact"
     for key, values in (where or {}).items():
         message.meta.tags[key].list_value.extend(values)
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = prediction_pb2_grpc.ModelStub(channel).Predict(message, timeout=timeout)
+            reply = seldon_wire.ModelStub(channel).Predict(message, timeout=timeout)
         except grpc.RpcError as exc:
             raise ImgsimError(f"gRPC {exc.code().name} from {address}: {exc.details()}") from None
     return json.loads(reply.strData)

@@ -1,4 +1,4 @@
-"""Fixes for seldon-core 1.18's Python wrapper, installed by the ModelServer adapter at import."""
+"""Fixes for seldon-core's Python wrapper (1.18 and 1.19 ship the same one), installed by the ModelServer adapter."""
 
 from __future__ import annotations
 
