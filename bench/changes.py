@@ -25,11 +25,12 @@ import numpy as np
 
 from bench.common import DATA, save, table
 from bench.hostile import demo_bundle
-from imgsim.bundle import ServingBundle
+from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.changes import MAX_CHANGE_FRACTION, MAX_CHANGES
 from imgsim.fashion_mnist import prepare
 from imgsim.index import BACKENDS, IndexBundle
 from imgsim.metrics import index_recall
+from imgsim.modelspec import file_sha256
 from imgsim.runs import tracking
 from imgsim.runs.export import fetched_version
 from imgsim.runs.gallery import run_gallery_add, run_gallery_remove
@@ -73,7 +74,8 @@ def _index_seconds(whole: IndexBundle, changed: IndexBundle) -> tuple[float, flo
 def _register(whole_dir: Path, name: str) -> str:
     with mlflow.start_run(run_name=f"bench {name}") as run:
         mlflow.log_artifacts(str(whole_dir), "bundle")
-    tracking.register_bundle(name, run.info.run_id, f"{run.info.artifact_uri}/bundle", "serving")
+    tracking.register_bundle(name, run.info.run_id, f"{run.info.artifact_uri}/bundle", "serving",
+                             bundle_sha256=file_sha256(whole_dir / BUNDLE_JSON))
     return f"models:/{name}/1"
 
 

@@ -127,13 +127,16 @@ def living(pipeline_run):
     folder under the image root for the images a test adds."""
     import mlflow
 
+    from imgsim.modelspec import file_sha256
     from imgsim.runs import tracking
 
     name = f"gallery-{uuid.uuid4().hex[:8]}"
     with mlflow_store(pipeline_run["work"]):
         run_id = pipeline_run["result"]["extract"]
         uri = mlflow.get_run(run_id).info.artifact_uri + "/bundle"
-        assert tracking.register_bundle(name, run_id, uri, "serving") == "1"
+        with tracking.fetched(uri + "/bundle.json", "bundle.json") as meta:  # vouched for as extract does
+            digest = file_sha256(meta)
+        assert tracking.register_bundle(name, run_id, uri, "serving", bundle_sha256=digest) == "1"
         incoming = pipeline_run["root"] / f"incoming-{name}"
         incoming.mkdir()
         yield {"name": name, "uri": f"models:/{name}@serving", "root": pipeline_run["root"], "incoming": incoming,

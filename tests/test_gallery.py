@@ -146,7 +146,7 @@ def test_an_alias_moved_meanwhile_is_not_overwritten(living):
     add(living, paths=",".join(new_images(living["incoming"], 1)))  # someone else: version 2
     with pytest.raises(ImgsimError, match="moved to version 2.*nothing was registered"):
         tracking.register_bundle(living["name"], mlflow.search_runs(output_format="list", max_results=1)[0].info.run_id,
-                                 "file:///nowhere", "serving", index_sha256="0" * 64,
+                                 "file:///nowhere", "serving", bundle_sha256="0" * 64, index_sha256="0" * 64,
                                  parent=tracking.Parent(parent.files["index.ann"], version))
     assert alias_version(living) == "2" and parent.index.items
     assert len(MlflowClient().search_model_versions(f"name='{living['name']}'")) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -61,6 +62,23 @@ def test_the_patched_seldondeployment_validates_and_changes_only_the_model_uri(v
     assert undo == before  # nothing else moved: replicas, probes, resources all as the chart rendered them
 
 
+@pytest.mark.parametrize("protocol", ["seldon", "v2"])
+def test_a_registered_version_s_digest_reaches_the_server_setting(protocol, tmp_path):
+    before = sdep({"server": {"protocol": protocol}})
+    after = rollout.patched(before, "s3://bucket/galleries/v7", requested="models:/imgsim-gallery/7", digest="ab" * 32)
+    assert crd_errors([after], tmp_path) == ""
+    predictor = after["spec"]["predictors"][0]
+    if protocol == "seldon":
+        params = {p["name"]: p["value"] for p in predictor["graph"]["parameters"]}
+        assert params[rollout.DIGEST_PARAMETER] == "ab" * 32
+    else:
+        (container,) = predictor["componentSpecs"][0]["spec"]["containers"]
+        assert {"name": rollout.DIGEST_ENV, "value": "ab" * 32} in container["env"]
+    # A later rollout of an unregistered bundle clears it: no stale digest refuses the new files.
+    again = rollout.patched(after, "s3://bucket/galleries/v8")
+    assert rollout.DIGEST_PARAMETER not in json.dumps(again) and rollout.DIGEST_ENV not in json.dumps(again)
+
+
 def test_the_schema_check_would_catch_a_bad_patch(tmp_path):
     broken = rollout.patched(sdep({}), "s3://bucket/x")
     broken["spec"]["predictors"][0]["graph"]["modelURI"] = "s3://typo"
@@ -113,8 +131,13 @@ def test_registry_uris_resolve_to_where_the_bundle_is_stored(pipeline_run):
         name = "rollout-gallery"
         client.create_registered_model(name)
         version = client.create_model_version(name, "s3://bucket/mlflow/1/abc/artifacts/bundle", None,
-                                              tags={tracking.KIND_TAG: "bundle"}).version
+                                              tags={tracking.KIND_TAG: "bundle",
+                                                    tracking.BUNDLE_SHA_TAG: "cd" * 32}).version
         client.set_registered_model_alias(name, "serving", version)
-        assert rollout.storage_uri(f"models:/{name}@serving") == "s3://bucket/mlflow/1/abc/artifacts/bundle"
+        assert rollout.storage(f"models:/{name}@serving") == ("s3://bucket/mlflow/1/abc/artifacts/bundle", "cd" * 32)
+        unvouched = client.create_model_version(name, "s3://bucket/mlflow/1/def/artifacts/bundle", None,
+                                                tags={tracking.KIND_TAG: "bundle"}).version
+        with pytest.raises(ImgsimError, match=f"no {tracking.BUNDLE_SHA_TAG} tag"):
+            rollout.storage_uri(f"models:/{name}/{unvouched}")
         with pytest.raises(ImgsimError, match="which the cluster cannot read"):  # this store keeps files locally
             rollout.storage_uri(pipeline_run["result"]["bundle_uri"])

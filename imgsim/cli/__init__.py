@@ -129,11 +129,25 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logs.configure(ns.verbose, default=getattr(ns, "log_level", "WARNING"))
+    command = " ".join(filter(None, (ns.command, getattr(ns, "action", None))))
     try:
         ns.fn(ns)
     except ImgsimError as exc:
-        command = " ".join(filter(None, (ns.command, getattr(ns, "action", None))))
         print(f"imgsim {command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        refused = _refused(exc)
+        if refused is None:
+            raise
+        print(f"imgsim {command}: error: {refused}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _refused(exc: Exception) -> ImgsimError | None:
+    """A tracking server's 401 or 403, wherever in a stage MLflow met it, as one line naming what to set."""
+    if "mlflow" not in sys.modules:
+        return None
+    from imgsim.runs.tracking import access_error
+    return access_error(exc)
 

@@ -66,6 +66,13 @@ def _ui(ns):
     serve(dataclasses.replace(cfg, url=cfg.url.rstrip("/")), ns.host, ns.port)
 
 
+def _tracking_users(ns):
+    from imgsim.runs import access
+    ids = access.Identities(ns.pipeline_user, ns.serving_user, ns.experiment, ns.model, ns.gallery)
+    for line in access.set_up(ids):
+        print(f"tracking-users: {line}")
+
+
 def add_parsers(sub) -> None:
     """Living with a deployment: gallery changes, duplicates, rollout and the search page."""
     from imgsim import duplicates
@@ -98,6 +105,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--predictor", default="", help="only this predictor (default: all)")
     p.add_argument("--dry-run", action="store_true", help="let the API server validate the patch without applying it")
     p.set_defaults(fn=_rollout)
+    p = sub.add_parser("tracking-users", help="one identity per role on the tracking server's basic-auth app "
+                       "(idempotent; run as its admin)",
+                       description="Creates (or re-passwords) the pipeline and serving identities, the experiment and "
+                                   "the registered models where missing, and grants the pipeline EDIT and the serving "
+                                   "pods READ on those three only. Run with MLFLOW_TRACKING_URI and the admin's "
+                                   "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set; the new passwords come "
+                                   "from IMGSIM_PIPELINE_PASSWORD and IMGSIM_SERVING_PASSWORD.")
+    for flag, default in (("--pipeline-user", "imgsim-pipeline"), ("--serving-user", "imgsim-serving"),
+                          ("--experiment", "imgsim"), ("--model", "imgsim"), ("--gallery", GALLERY_NAME)):
+        p.add_argument(flag, default=default, help="default: %(default)s")
+    p.set_defaults(fn=_tracking_users)
     p = sub.add_parser("ui", help="a search page for a running server: drop an image, browse its neighbours",
                        epilog="Every setting can also come from IMGSIM_UI_<NAME> (IMGSIM_UI_GALLERY_ROOT, ...), as the "
                               "chart sets them; a flag wins.")

@@ -13,11 +13,12 @@ import mlflow
 import numpy as np
 
 from imgsim import config, plots
-from imgsim.bundle import ServingBundle
+from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import ImgsimError
 from imgsim.images import decode_image
 from imgsim.index import INDEX_FILE
 from imgsim.manifest import Manifest
+from imgsim.modelspec import file_sha256
 from imgsim.nn.model import ModelBundle
 from imgsim.runs import tracking
 from imgsim.runs.common import log_params, start
@@ -67,12 +68,15 @@ def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, ma
         serving = ServingBundle(bundle.spec, result.index, result.probes, ref, cfg.search_k,
                                 result.metrics.get("index_recall_at_10"), torch_model=bundle,
                                 lineage={"root": str(root), "run_id": run_id})
-        mlflow.log_artifacts(str(serving.save(Path(tmp) / BUNDLE_ARTIFACT)), BUNDLE_ARTIFACT)
+        saved = serving.save(Path(tmp) / BUNDLE_ARTIFACT)
+        bundle_sha256 = file_sha256(saved / BUNDLE_JSON)  # what the registry vouches for, from the bytes logged
+        mlflow.log_artifacts(str(saved), BUNDLE_ARTIFACT)
         mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")
     print("extract: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
     if cfg.gallery_name:
         version = tracking.register_bundle(cfg.gallery_name, run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT),
-                                           cfg.gallery_alias, index_sha256=serving.files[INDEX_FILE])
+                                           cfg.gallery_alias, bundle_sha256=bundle_sha256,
+                                           index_sha256=serving.files[INDEX_FILE])
         mlflow.set_tag("imgsim.gallery_version", version)
         print(f"extract: gallery models:/{cfg.gallery_name}/{version}"
               + (f" (now {cfg.gallery_name}@{cfg.gallery_alias})" if cfg.gallery_alias else ""))

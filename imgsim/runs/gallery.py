@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 import mlflow
 
 from imgsim import config
-from imgsim.bundle import ServingBundle
+from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.errors import ImgsimError
 from imgsim.index import ITEM_FIELDS
-from imgsim.modelspec import WEIGHTS
+from imgsim.modelspec import WEIGHTS, file_sha256
 from imgsim.nn.model import ModelBundle
 from imgsim.runs import tracking
 from imgsim.runs.common import log_params, start
@@ -46,9 +48,10 @@ def run_gallery_remove(cfg: RemoveConfig) -> dict:
 
 
 def _lasting(pinned: str) -> bool:
-    """Whether a version can name this parent as its base: a stored bundle (runs:/, models:/ version, storage),
-    not a local folder that may be gone or replaced tomorrow."""
-    return tracking.local_path(pinned) is None
+    """Whether a version can name this parent as its base: a bundle in the registry's tracking server (runs:/,
+    models:/ version), the only place a server follows a base to; not a local folder that may be gone or replaced
+    tomorrow, nor other storage."""
+    return pinned.startswith(("runs:/", "models:/"))
 
 
 def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingBundle, parent_uri: str,
@@ -82,6 +85,7 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
             saved = change.bundle.save(Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_bundle.model_folder)
             stored = sum(f.stat().st_size for f in saved.iterdir())
             mlflow.log_metric("version_bytes", float(stored))
+            bundle_sha256 = file_sha256(saved / BUNDLE_JSON)  # what the registry vouches for
             mlflow.log_artifacts(str(saved), BUNDLE_ARTIFACT)
             mlflow.log_artifacts(str(_write_change_report(change, Path(tmp) / "changes")), "changes")
         version = None
@@ -90,7 +94,8 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
             # gallery this change was built from, by content, whichever URI named it.
             version = tracking.register_bundle(
                 cfg.register_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias,
-                index_sha256=change.bundle.gallery_sha256, base=change.bundle.base.get("uri", ""),
+                bundle_sha256=bundle_sha256, index_sha256=change.bundle.gallery_sha256,
+                base=change.bundle.base.get("uri", ""), base_sha256=_base_sha256(change.bundle, parent_bundle),
                 parent=tracking.Parent(parent["index_sha256"], parent_version if _names(cfg.bundle, cfg.register_name) else ""))
             mlflow.set_tag("imgsim.gallery_version", version)
     return summary | {"run_id": run.info.run_id, "version": version,
@@ -98,6 +103,18 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
                       "stored": "changes" if change.bundle.base else "whole", "stored_bytes": stored,
                       "bundle_uri": f"models:/{cfg.register_name}/{version}" if version else
                       f"runs:/{run.info.run_id}/{BUNDLE_ARTIFACT}"}
+
+
+def _base_sha256(version: ServingBundle, parent: ServingBundle) -> str:
+    """The sha256 of the bundle.json of a version of changes' base: the parent's model folder holds the base (the
+    parent itself when whole, its own base when changes), checked to be the very version the changes name."""
+    if not version.base:
+        return ""
+    meta = parent.model_folder / BUNDLE_JSON
+    if json.loads(meta.read_text()).get("files") != version.base.get("files"):
+        raise ImgsimError(f"the base version {version.base.get('uri')} is not the one the changes were made on; "
+                          "nothing was registered: run the change again")
+    return file_sha256(meta)
 
 
 def _names(uri: str, registered: str) -> bool:

@@ -15,11 +15,21 @@ ANNOTATION = "imgsim.io/bundle"  # what the user asked for (a models:/ URI, say)
 CLUSTER_SCHEMES = ("s3://", "gs://", "pvc://", "azure://", "wasbs://")
 
 
+DIGEST_PARAMETER = "bundle_sha256"  # the server setting each node checks /mnt/models/bundle.json against
+DIGEST_ENV = "IMGSIM_BUNDLE_SHA256"  # the same under protocol v2 (MLServer reads no graph parameters)
+
+
 def storage_uri(bundle: str) -> str:
+    """The URI the cluster fetches ``bundle`` from (see :func:`storage`)."""
+    return storage(bundle)[0]
+
+
+def storage(bundle: str) -> tuple[str, str]:
     """The URI the cluster fetches ``bundle`` from: itself when it is already a storage URI, else where MLflow
-    keeps the bundle artifact of a ``runs:/`` or ``models:/`` URI (an alias resolved to its version now)."""
+    keeps the bundle artifact of a ``runs:/`` or ``models:/`` URI (an alias resolved to its version now); and the
+    sha256 the registry recorded for a registered version's bundle.json ("" for anything else)."""
     if bundle.startswith(CLUSTER_SCHEMES):
-        return bundle
+        return bundle, ''
     if bundle.startswith(("http://", "https://")):
         raise ImgsimError(f"{bundle!r} is a web address: rollout takes bundles from the cluster's storage only "
                           f"({', '.join(CLUSTER_SCHEMES)}) or a runs:/ / models:/ URI stored there; upload it first")
@@ -30,14 +40,19 @@ def storage_uri(bundle: str) -> str:
     from mlflow.tracking import MlflowClient
 
     from imgsim.runs.export import locate_bundle
-    from imgsim.runs.tracking import BASE_TAG
+    from imgsim.runs.tracking import BASE_TAG, BUNDLE_SHA_TAG
 
     pinned, version = locate_bundle(bundle)
     client = MlflowClient()
+    digest = ""
     if pinned.startswith("models:/"):
         name = pinned.removeprefix("models:/").split("/")[0]
         location = client.get_model_version_download_uri(name, version)
-        base = (client.get_model_version(name, version).tags or {}).get(BASE_TAG)
+        tags = client.get_model_version(name, version).tags or {}
+        base, digest = tags.get(BASE_TAG), tags.get(BUNDLE_SHA_TAG, "")
+        if not digest:
+            raise ImgsimError(f"{bundle} (version {version}) has no {BUNDLE_SHA_TAG} tag: the registry does not vouch "
+                              "for it; register the gallery again (extract, or a gallery change) and roll that out")
     else:
         run_id, _, path = pinned.removeprefix("runs:/").partition("/")
         run = client.get_run(run_id)
@@ -52,12 +67,13 @@ def storage_uri(bundle: str) -> str:
         raise ImgsimError(f"{bundle} is stored at {location}, which the cluster cannot read: run the MLflow "
                           "server with an S3 artifact store (--artifacts-destination s3://...), or export the "
                           "bundle and upload it")
-    return location
+    return location, digest
 
 
-def patched(sdep: dict, model_uri: str, predictor: str = "", requested: str = "") -> dict:
-    """A copy of the SeldonDeployment ``sdep`` whose MODEL graph node(s) load ``model_uri``. Only the model URI
-    changes: the operator then rolls each predictor's Deployment, new pods ready before old ones go."""
+def patched(sdep: dict, model_uri: str, predictor: str = "", requested: str = "", digest: str = "") -> dict:
+    """A copy of the SeldonDeployment ``sdep`` whose MODEL graph node(s) load ``model_uri`` and check its bundle.json
+    against ``digest`` (the registry's record; "" clears a previous one). Only those change: the operator then rolls
+    each predictor's Deployment, new pods ready before old ones go."""
     new = copy.deepcopy(sdep)
     predictors = [p for p in new.get("spec", {}).get("predictors", []) if not predictor or p.get("name") == predictor]
     if not predictors:
@@ -68,11 +84,31 @@ def patched(sdep: dict, model_uri: str, predictor: str = "", requested: str = ""
     for p in predictors:
         for node in _model_nodes(p.get("graph", {})):
             node["modelUri"] = model_uri
+            _set_digest(p, node, digest, new.get("spec", {}).get("protocol") == "v2")
             changed += 1
     if not changed:
-        raise ImgsimError("the SeldonDeployment's graph has no MODEL node with a modelUri: is it an imgsim release?")
+        raise ImgsimError("the SeldonDeployment's graph has no MODEL node with a modelUri: a release that serves "
+                          "from the registry (model.uri models:/...) follows its alias, so move the alias instead "
+                          "(the pipeline identity); otherwise, is it an imgsim release?")
     new.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION] = requested or model_uri
     return new
+
+
+def _set_digest(predictor: dict, node: dict, digest: str, v2: bool) -> None:
+    """The node's ``bundle_sha256`` setting: a graph parameter for Seldon's wrapper, its container's environment
+    under protocol v2."""
+    def upsert(owner: dict, key: str, entry: dict) -> None:
+        if key in owner or digest:
+            kept = [e for e in owner.get(key) or [] if e.get("name") != entry["name"]]
+            owner[key] = kept + ([entry] if digest else [])
+
+    if not v2:
+        upsert(node, "parameters", {"name": DIGEST_PARAMETER, "type": "STRING", "value": digest})
+        return
+    for spec in predictor.get("componentSpecs") or []:
+        for container in (spec.get("spec") or {}).get("containers") or []:
+            if container.get("name") == node.get("name"):
+                upsert(container, "env", {"name": DIGEST_ENV, "value": digest})
 
 
 def _model_nodes(node: dict):
@@ -87,13 +123,13 @@ def rollout(release: str, bundle: str, *, namespace: str = "", predictor: str = 
     """Patch SeldonDeployment ``release`` to serve ``bundle``; with ``dry_run`` the API server validates the
     patch (against the installed CRD) without applying it. ``api``: a CustomObjectsApi (default: from the
     in-cluster service account or the kube config)."""
-    uri = storage_uri(bundle)
+    uri, digest = storage(bundle)
     if api is None:
         api, namespace = _api(namespace)
     namespace = namespace or "default"
     current = _call(lambda: api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release),
                     f"read SeldonDeployment {release} in namespace {namespace}")
-    new = patched(current, uri, predictor, bundle)
+    new = patched(current, uri, predictor, bundle, digest)
     # A merge patch replaces the predictors list whole, so it carries the resourceVersion it was built from:
     # the API server refuses it (409) if anyone changed the SeldonDeployment since it was read.
     body = {"metadata": {"annotations": {ANNOTATION: new["metadata"]["annotations"][ANNOTATION]},
@@ -105,7 +141,8 @@ def rollout(release: str, bundle: str, *, namespace: str = "", predictor: str = 
     _call(lambda: api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release, body, **kwargs),
           f"patch SeldonDeployment {release} in namespace {namespace}")
     before = sorted({n["modelUri"] for p in current["spec"]["predictors"] for n in _model_nodes(p.get("graph", {}))})
-    return {"release": release, "namespace": namespace, "model_uri": uri, "previous": before, "dry_run": dry_run}
+    return {"release": release, "namespace": namespace, "model_uri": uri, "bundle_sha256": digest, "previous": before,
+            "dry_run": dry_run}
 
 
 def _api(namespace: str):

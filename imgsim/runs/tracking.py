@@ -16,7 +16,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from imgsim.errors import ImgsimError
+from imgsim.errors import ImgsimError, redact
 
 EXPERIMENT = "imgsim"
 KIND_TAG = "imgsim.kind"  # on registered versions: "bundle" for a serving bundle (a gallery version)
@@ -68,8 +68,12 @@ def download(uri: str, what: str, dst: str | Path | None) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except (MlflowException, OSError) as exc:
-        raise ImgsimError(f"{what} {uri} cannot be fetched from MLflow at {mlflow.get_tracking_uri()}: "
-                          f"{str(exc).splitlines()[0]}. Check the run id / model name and MLFLOW_TRACKING_URI.") from None
+        refused = access_error(exc)
+        if refused is not None:
+            raise refused from None
+        raise ImgsimError(redact(f"{what} {uri} cannot be fetched from MLflow at {mlflow.get_tracking_uri()}: "
+                                 f"{str(exc).splitlines()[0]}. Check the run id / model name and "
+                                 "MLFLOW_TRACKING_URI.")) from None
 
 
 @contextlib.contextmanager
@@ -115,6 +119,11 @@ def find_index_run(name: str, version: str) -> str:
 
 
 INDEX_TAG = "imgsim.index_sha256"  # on registered bundle versions: which gallery (index content) it is
+# On registered bundle versions, written by the identity that registers them: the sha256 of the version's
+# bundle.json (whose per-file checksums cover every other file) and of its base's, so a server trusts what the
+# registry recorded, not what the artifact store holds now.
+BUNDLE_SHA_TAG = "imgsim.bundle_sha256"
+BASE_SHA_TAG = "imgsim.base_bundle_sha256"
 # On gallery-change runs and their registered versions: the base version's URI when the version is stored as its
 # changes over that base (imgsim.changes), absent when it holds the whole gallery.
 BASE_TAG = "imgsim.base"
@@ -130,10 +139,11 @@ class Parent:
     version: str = ""
 
 
-def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", *, index_sha256: str = "",
-                    parent: Parent | None = None, base: str = "") -> str:
-    """Register the bundle at ``artifact_uri`` as a new version of ``name`` (tagged with its index checksum)
-    and point ``alias`` at it; returns the version.
+def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", *, bundle_sha256: str,
+                    index_sha256: str = "", parent: Parent | None = None, base: str = "",
+                    base_sha256: str = "") -> str:
+    """Register the bundle at ``artifact_uri`` as a new version of ``name`` (tagged with its bundle.json's sha256,
+    its base's, and its index checksum) and point ``alias`` at it; returns the version.
 
     With ``parent`` this is compare-and-set: the alias must still name the gallery the change was built from,
     whatever form the change named it by (alias, pinned version, runs:/ URI, folder), or nothing is registered.
@@ -148,12 +158,36 @@ def register_bundle(name: str, run_id: str, artifact_uri: str, alias: str = "", 
     with _registry_lock(client, name):
         if alias and parent is not None:
             _check_alias(client, name, alias, parent)
-        tags = {KIND_TAG: "bundle"} | ({INDEX_TAG: index_sha256} if index_sha256 else {}) | \
-            ({BASE_TAG: base} if base else {})
+        tags = {KIND_TAG: "bundle", BUNDLE_SHA_TAG: bundle_sha256} | \
+            ({INDEX_TAG: index_sha256} if index_sha256 else {}) | \
+            ({BASE_TAG: base, BASE_SHA_TAG: base_sha256} if base else {})
         version = str(client.create_model_version(name, artifact_uri, run_id, tags=tags).version)
         if alias:
             client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    """The tags of registered model ``name`` version ``version``."""
+    return dict(MlflowClient().get_model_version(name, version).tags or {})
+
+
+def access_error(exc: Exception) -> ImgsimError | None:
+    """One line for a tracking server that refused who we are (401) or what we asked (403), naming what to set;
+    None for any other failure."""
+    text = str(exc)
+    code = getattr(exc, "error_code", "")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    where = redact(mlflow.get_tracking_uri())
+    if code == "UNAUTHENTICATED" or "error code 401" in text or "401 Client Error" in text:
+        said = "wrong or expired" if user else "not set"
+        return ImgsimError(f"the tracking server at {where} did not accept the credentials ({said}): set "
+                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to this role's identity")
+    if code == "PERMISSION_DENIED" or "error code 403" in text or "403 Client Error" in text:
+        return ImgsimError(f"the tracking server at {where} refused this to {user or 'an anonymous user'} "
+                           "(403): this identity may not do it; run it as the role that may (the pipeline's "
+                           "identity writes; the serving identity only reads)")
+    return None
 
 
 def _check_alias(client: MlflowClient, name: str, alias: str, parent: Parent) -> None:

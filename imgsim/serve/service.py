@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from imgsim.bundle import BundleError
-from imgsim.errors import BadInput, ImgsimError
+from imgsim.errors import BadInput, ImgsimError, redact
 from imgsim.serve import inputs, process
 from imgsim.serve.search import MAX_FILTER_IDS, Filter, Searcher, make_answer
 from imgsim.serve.settings import ServiceConfig
@@ -147,7 +147,8 @@ class SimilarityService:
             # it is seen by the next poll; a registry bundle by the version resolve_bundle pins.
             key = None if uri.startswith("models:/") else self._source_key()
             serving = self.searcher  # a refresh to changes over the version it serves links that, not download
-            folder, version = resolve_bundle(uri, download, serving.bundle.model_folder if serving else None)
+            folder, version = resolve_bundle(uri, download, serving.bundle.model_folder if serving else None,
+                                             bundle_sha256=self.cfg.bundle_sha256, base_root=self.cfg.base_root)
             process.keep_logging()
             searcher = Searcher(folder, search_k=self.cfg.search_k, runtime=self.cfg.runtime, threads=self.cfg.threads,
                                 version=version)
@@ -156,6 +157,7 @@ class SimilarityService:
             if download is not None:  # each retry downloads afresh: a failed one must not pile up on disk
                 shutil.rmtree(download, ignore_errors=True)
             reason, permanent, trace = _load_failure(exc, uri)
+            reason = redact(reason)  # an MLflow error may quote a URI with its user:password@
             if swap:
                 return self._refresh_failed(reason)
             if permanent:  # a newer version may still come: refresh() tries it

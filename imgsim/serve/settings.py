@@ -37,6 +37,11 @@ class ServiceConfig:
     max_request_pixels: int = setting(48_000_000, "most pixels over all of a request's images", "limits")
     max_concurrent_decodes: int = setting(1, "decodes at once per worker process: decoding is where a request's "
                                           "memory goes (~100 MB at 12 MP)", "limits")
+    bundle_sha256: str = setting("", "the sha256 the bundle's bundle.json must have (imgsim rollout sets it from the "
+                                 "registry's tag); empty: a registry version is checked against its own tag only",
+                                 "loading")
+    base_root: str = setting("", "a local folder a downloaded gallery version's base may be read from; empty: a base "
+                             "comes from the same registry only", "loading")
     runtime: str = setting("onnx", "onnx: ONNX Runtime (the serving image has no torch); torch: the PyTorch weights",
                            "loading")
     threads: int = setting(1, "the runtime's threads per worker: several workers must not oversubscribe the cores",
