@@ -103,12 +103,39 @@ capabilities:
   drop: ["ALL"]
 {{- end }}
 
+{{/* MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from a Secret (keys username, password) in the release's
+namespace; nothing for an empty name (a tracking server without authentication). Call with the Secret's name. */}}
+{{- define "imgsim.mlflowCredentials" -}}
+{{- with . }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: username}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: password}
+{{- end }}
+{{- end }}
+
+{{/* "true" when model.uri names an MLflow registry version: the server then reads the gallery from the registry
+itself (MLflow env, the serving identity) and no storage initializer runs. */}}
+{{- define "imgsim.fromRegistry" -}}
+{{- if hasPrefix "models:/" .Values.model.uri }}true{{ end }}
+{{- end }}
+
 {{/* The pipeline pods' shared parts (training and extraction Jobs): MLflow env, data and scratch volumes. */}}
 {{- define "imgsim.pipelineEnv" -}}
 - name: MLFLOW_TRACKING_URI
-  value: {{ .Values.training.mlflowTrackingUri | quote }}
+  value: {{ .Values.mlflow.trackingUri | quote }}
 - name: MLFLOW_EXPERIMENT_NAME
   value: imgsim
+{{- include "imgsim.mlflowCredentials" .Values.mlflow.pipelineCredentialsSecret }}
+{{- end }}
+
+{{/* The server's MLflow env when it reads the registry (model.uri models:/...): the serving identity. */}}
+{{- define "imgsim.serverMlflowEnv" -}}
+- name: MLFLOW_TRACKING_URI
+  value: {{ .Values.mlflow.trackingUri | quote }}
+{{- include "imgsim.mlflowCredentials" .Values.mlflow.servingCredentialsSecret }}
 {{- end }}
 
 {{- define "imgsim.pipelineMounts" -}}
@@ -242,6 +269,9 @@ container then runs that wrapper class and declares the ports Seldon would other
             value: {{ $v.server.grpcWorkers | int64 | quote }}
           - name: OMP_NUM_THREADS
             value: {{ $v.server.threads | int64 | quote }}
+          {{- if include "imgsim.fromRegistry" $root }}
+          {{- include "imgsim.serverMlflowEnv" $root | nindent 10 }}
+          {{- end }}
         {{- include "imgsim.probes" (dict "root" $root "live" "/health/ping" "ready" "/health/status") | nindent 8 }}
         {{- end }}
         resources:
@@ -254,7 +284,8 @@ container then runs that wrapper class and declares the ports Seldon would other
     volumes:
       - name: tmp
         emptyDir:
-          sizeLimit: 1Gi
+          {{- /* from the registry, each server process downloads the gallery here */}}
+          sizeLimit: {{ ternary $v.model.downloadSizeLimit "1Gi" (eq (include "imgsim.fromRegistry" $root) "true") }}
 {{- end }}
 
 {{/* How Seldon's storage initializer reads model.uri: a secret's credentials, or the service account's role. */}}
@@ -266,9 +297,13 @@ serviceAccountName: {{ include "imgsim.serviceAccountName" . }}
 {{- end }}
 {{- end }}
 
-{{/* The server's settings (ServiceConfig's), once: name, Seldon parameter type, value. */}}
+{{/* The server's settings (ServiceConfig's), once: name, Seldon parameter type, value. model_uri: where the storage
+initializer put the bundle, or the registry version the server reads itself. */}}
 {{- define "imgsim.serverSettings" -}}
-- [model_uri, STRING, /mnt/models]
+- [model_uri, STRING, {{ ternary .Values.model.uri "/mnt/models" (eq (include "imgsim.fromRegistry" .) "true") | quote }}]
+{{- with .Values.model.bundleSha256 }}
+- [bundle_sha256, STRING, {{ . | quote }}]
+{{- end }}
 - [default_k, INT, {{ .Values.model.defaultK | int64 | quote }}]
 - [max_k, INT, {{ .Values.model.maxK | int64 | quote }}]
 - [search_k, INT, {{ .Values.model.searchK | int64 | quote }}]
@@ -332,5 +367,57 @@ env:
   - name: {{ printf "IMGSIM_%s" (index . 0) | upper }}
     value: {{ index . 2 | quote }}
   {{- end }}
+  {{- if include "imgsim.fromRegistry" . }}
+  {{- include "imgsim.serverMlflowEnv" . | nindent 2 }}
+  {{- end }}
 {{ include "imgsim.probes" (dict "root" . "live" "/v2/health/live" "ready" "/v2/health/ready") }}
+{{- end }}
+
+{{/* A podSelector for this release's pods of one component. Call with (dict "root" $ "component" C). */}}
+{{- define "imgsim.componentSelector" -}}
+matchLabels:
+  {{- include "imgsim.selectorLabels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Egress rules every pod of the release has: DNS (networkPolicy.dns, UDP and TCP: large answers come over TCP)
+and networkPolicy.extraEgress. */}}
+{{- define "imgsim.egressCommon" -}}
+{{- $np := .Values.networkPolicy -}}
+- to:
+    - namespaceSelector:
+        {{- toYaml $np.dns.namespaceSelector | nindent 8 }}
+      podSelector:
+        {{- toYaml $np.dns.podSelector | nindent 8 }}
+  ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+{{- with $np.extraEgress }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Egress to the MLflow tracking server (networkPolicy.mlflow). */}}
+{{- define "imgsim.egressMlflow" -}}
+{{- $m := .Values.networkPolicy.mlflow -}}
+- to:
+    - namespaceSelector:
+        {{- toYaml $m.namespaceSelector | nindent 8 }}
+      podSelector:
+        {{- toYaml $m.podSelector | nindent 8 }}
+  ports:
+    - {port: {{ $m.port }}, protocol: TCP}
+{{- end }}
+
+{{/* Egress to the artifact store's endpoint (networkPolicy.artifactStore: S3, and STS for IRSA). Include it only
+when artifactStore.ipBlocks lists some: a rule with no `to` would admit every address. */}}
+{{- define "imgsim.egressArtifactStore" -}}
+{{- $a := .Values.networkPolicy.artifactStore -}}
+- to:
+    {{- range $a.ipBlocks }}
+    - ipBlock:
+        {{- toYaml . | nindent 8 }}
+    {{- end }}
+  ports:
+    - {port: {{ $a.port }}, protocol: TCP}
 {{- end }}
