@@ -13,7 +13,7 @@ class BadInput(ImgsimError):
 
 # scheme://user:password@host -> scheme://host: MLflow accepts credentials inside a tracking URI, and an error
 # message or log line must never carry them.
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s'\"]*@")  # to the last @: a password may hold one
 
 
 def redact(text: str) -> str:

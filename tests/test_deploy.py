@@ -594,12 +594,15 @@ def test_every_pod_is_locked_down_both_ways_and_reaches_only_what_it_talks_to(va
         assert all(_reaches(rules, 53, {"k8s-app": "kube-dns"}, "kube-system", proto) for proto in ("UDP", "TCP"))
         # The tracking server: the pipeline's pods always, the server's only when it reads the registry.
         mlflow = _reaches(rules, 5000, MLFLOW_PODS, "mlflow")
-        # The artifact store: the pipeline's pods and the server's (its storage initializer), never the page's.
+        # The artifact store: the pipeline's pods and the server's when its storage initializer copies model.uri (in
+        # registry mode the tracking server proxies the artifacts: no route out), never the page's.
         storage = _reaches_address(rules, S3_ADDRESS, 443)
-        want = {"server": (registry, True), "ui": (False, False), "test": (False, False)}.get(component, (True, True))
+        want = {"server": (registry, not registry), "ui": (False, False),
+                "test": (False, False)}.get(component, (True, True))
         assert (mlflow, storage) == want, (name, mlflow, storage)
         # No private or link-local address (the instance metadata service), and only HTTPS to public ones.
-        assert not any(_reaches_address(rules, a, 443) for a in ("10.0.0.5", "172.20.0.10", "169.254.169.254"))
+        assert not any(_reaches_address(rules, a, 443) for a in ("10.0.0.5", "172.20.0.10", "169.254.169.254",
+                                                                 "100.64.3.4"))  # (EKS custom networking's pods)
         assert not _reaches_address(rules, S3_ADDRESS, 80)
 
 

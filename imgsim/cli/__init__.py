@@ -8,7 +8,7 @@ import sys
 
 from imgsim import config, logs
 from imgsim.cli import operations, tools
-from imgsim.errors import ImgsimError
+from imgsim.errors import ImgsimError, redact
 from imgsim.split import SplitConfig
 from imgsim.stages.settings import ExtractConfig, TrainConfig
 
@@ -133,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.fn(ns)
     except ImgsimError as exc:
-        print(f"imgsim {command}: error: {exc}", file=sys.stderr)
+        print(f"imgsim {command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         refused = _refused(exc)
         if refused is None:
             raise
-        print(f"imgsim {command}: error: {refused}", file=sys.stderr)
+        print(f"imgsim {command}: error: {redact(str(refused))}", file=sys.stderr)
         return 2
     return 0
 

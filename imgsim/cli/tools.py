@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imgsim.errors import ImgsimError
+from imgsim.errors import ImgsimError, redact
 
 
 def _prepare(ns):
@@ -53,7 +53,7 @@ def _pick_image(ns):
 def _report(ns):
     from imgsim.runs import tracking
     print(_result(ns.result).report())
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --port 8080  "
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {redact(tracking.tracking_uri())} --port 8080  "
           "(then open http://127.0.0.1:8080)")
 
 

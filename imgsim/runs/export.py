@@ -33,7 +33,7 @@ def locate_bundle(uri: str) -> tuple[str, str]:
     if uri.startswith("models:/"):
         ref = tracking.model_reference(uri)
         if "version" not in ref:
-            raise ImgsimError(f"model {uri} is not in the model registry at {tracking.mlflow.get_tracking_uri()}; "
+            raise ImgsimError(f"model {uri} is not in the model registry at {redact(tracking.mlflow.get_tracking_uri())}; "
                               "check the name, version or alias")
         if ref["kind"] == "bundle":  # a gallery version: the registered artifact is the bundle itself
             return f"models:/{ref['name']}/{ref['version']}", ref["version"]
@@ -96,8 +96,9 @@ def check_anchor(folder: Path, pinned: str, expected: str = "") -> dict[str, str
     want = tags.get(tracking.BUNDLE_SHA_TAG, "")
     if not want:
         raise BundleError(f"gallery version {pinned} has no {tracking.BUNDLE_SHA_TAG} tag (registered before imgsim "
-                          "recorded one): the registry does not vouch for it; register the gallery again (extract, "
-                          "or a gallery change) and serve that version")
+                          "recorded one): the registry does not vouch for it; register the gallery again (run "
+                          "extract, or a gallery change on the version's runs:/<run id>/bundle URI) and serve that "
+                          "version")
     if got != want:
         raise BundleError(f"gallery version {pinned}: {BUNDLE_JSON} has sha256 {got[:12]}..., but the registry's "
                           f"{tracking.BUNDLE_SHA_TAG} tag says {want[:12]}...: the artifact store's copy changed after "
@@ -140,8 +141,9 @@ def _with_base(folder: Path, uri: str, have: Path | None = None, tags: dict[str,
             raise BundleError(f"{uri} names a local folder as its base, outside the one this server may read bases "
                               "from (base_root): a served version's base must be in the same registry (models:/ or "
                               "runs:/), or under base_root")
-        _check_base(local, uri, tags)
-        return folder  # ServingBundle.load reads it there
+        # ServingBundle.load reads a base/ the download carries before the folder named: check what it will read.
+        _check_base(folder / BASE_DIR if (folder / BASE_DIR / BUNDLE_JSON).is_file() else local, uri, tags)
+        return folder
     if not base_uri.startswith(("models:/", "runs:/")):
         raise BundleError(f"{uri} names its base at {redact(base_uri)}, outside the registry: a server follows a base "
                           "only to models:/ or runs:/ URIs of its own tracking server (or a local folder under "

@@ -14,7 +14,7 @@ import numpy as np
 
 from imgsim import config, plots
 from imgsim.bundle import BUNDLE_JSON, ServingBundle
-from imgsim.errors import ImgsimError
+from imgsim.errors import ImgsimError, redact
 from imgsim.images import decode_image
 from imgsim.index import INDEX_FILE
 from imgsim.manifest import Manifest
@@ -143,7 +143,8 @@ def _wait_for_shards(group: str, wait_s: float) -> list:
     """The finished shard runs of ``group``, once there are as many distinct shards as they say there are."""
     deadline = time.monotonic() + wait_s
     while True:
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+        # This experiment only: a shard group planted in another user's experiment must not become the gallery.
+        runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", filter_string=(
             f"tags.`imgsim.stage` = 'extract_shard' and tags.`imgsim.shard_group` = '{group}' and "
             "attributes.status = 'FINISHED'"))
         expected = max((int(r.data.tags["imgsim.num_shards"]) for r in runs), default=0)
@@ -151,7 +152,7 @@ def _wait_for_shards(group: str, wait_s: float) -> list:
             break
         time.sleep(min(10.0, max(0.5, deadline - time.monotonic())))
     if not runs:
-        raise ImgsimError(f"no finished shard runs of group {group!r} in {mlflow.get_tracking_uri()}"
+        raise ImgsimError(f"no finished shard runs of group {group!r} in {redact(mlflow.get_tracking_uri())}"
                           f"{f' after waiting {wait_s:g} s' if wait_s else ''}: run `imgsim extract --num-shards N "
                           f"--shard I --shard-group {group}` for every I first")
     return runs

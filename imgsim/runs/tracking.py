@@ -27,6 +27,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def experiment_id() -> str:
+    """The experiment this process logs to (:func:`setup` chose it): one only the pipeline identity writes to."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        raise ImgsimError(f"no experiment {name!r} in the tracking store; run the pipeline first")
+    return experiment.experiment_id
+
+
 def setup(experiment: str | None = None) -> str:
     """Point MLflow at :func:`tracking_uri` and make sure the experiment exists (artifacts in ./mlartifacts)."""
     uri = tracking_uri()
@@ -96,7 +107,10 @@ def model_reference(uri: str) -> dict:
         try:
             version = client.get_model_version_by_alias(name, alias) if alias else \
                 client.get_model_version(name, rest) if rest.isdigit() else None
-        except MlflowException:
+        except MlflowException as exc:  # not there is an answer; a refusal is not
+            refused = access_error(exc)
+            if refused is not None:
+                raise refused from None
             version = None
         if version is not None:
             ref |= {"name": version.name, "version": str(version.version), "run_id": version.run_id,
@@ -107,9 +121,16 @@ def model_reference(uri: str) -> dict:
 
 
 def find_index_run(name: str, version: str) -> str:
-    """The newest finished extract run that indexed registered model ``name`` version ``version``."""
+    """The newest finished extract run that indexed registered model ``name`` version ``version``, searched in the
+    experiment of the run that trained it only: any signed-in user may create an experiment of its own and tag runs
+    there to look like imgsim's, and a search of every experiment would pick the newest."""
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    if not run_id:
+        raise ImgsimError(f"model {name} version {version} names no training run, so no extract run can be found "
+                          "for it; pass the bundle's runs:/ URI or a gallery version instead")
     runs = mlflow.search_runs(
-        search_all_experiments=True, output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        experiment_ids=[MlflowClient().get_run(run_id).info.experiment_id], output_format="list", max_results=1,
+        order_by=["attributes.start_time DESC"],
         filter_string=(f"tags.`imgsim.stage` = 'extract' and tags.`imgsim.model_name` = '{name}' and "
                        f"tags.`imgsim.model_version` = '{version}' and attributes.status = 'FINISHED'"))
     if not runs:
@@ -183,6 +204,9 @@ def access_error(exc: Exception) -> ImgsimError | None:
         said = "wrong or expired" if user else "not set"
         return ImgsimError(f"the tracking server at {where} did not accept the credentials ({said}): set "
                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to this role's identity")
+    if "Invalid Host header" in text:  # MLflow 3's DNS-rebinding guard, not a permission
+        return ImgsimError(f"the tracking server at {where} does not answer to that host name: add it to the "
+                           "server's --allowed-hosts, or set MLFLOW_TRACKING_URI to a name it lists")
     if code == "PERMISSION_DENIED" or "error code 403" in text or "403 Client Error" in text:
         return ImgsimError(f"the tracking server at {where} refused this to {user or 'an anonymous user'} "
                            "(403): this identity may not do it; run it as the role that may (the pipeline's "
@@ -235,10 +259,15 @@ def _registry_lock(client: MlflowClient, name: str) -> Iterator[None]:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        with contextlib.suppress(MlflowException):
+        try:
             if time.time() * 1000 - client.get_registered_model(lock).creation_timestamp > LOCK_STALE_S * 1000:
                 client.delete_registered_model(lock)
                 continue
+        except MlflowException as exc:
+            if access_error(exc) is not None:  # another identity made the lock: waiting cannot help
+                raise ImgsimError(f"the registry lock {lock!r} was created by another identity, which this one may "
+                                  "not read or delete: nothing was registered; the tracking server's admin should "
+                                  "delete that registered model") from None
         if time.monotonic() > deadline:
             raise ImgsimError(f"another change to {name} has held the registry lock {lock!r} for over {LOCK_WAIT_S:g} s; "
                               "nothing was registered: run this change again (delete that registered model if no "

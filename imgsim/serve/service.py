@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from imgsim.bundle import BundleError
+from imgsim import logs
 from imgsim.errors import BadInput, ImgsimError, redact
 from imgsim.serve import inputs, process
 from imgsim.serve.search import MAX_FILTER_IDS, Filter, Searcher, make_answer
@@ -45,6 +46,7 @@ class SimilarityService:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
         process.return_large_buffers_to_the_os()  # the server process and the workers it forks inherit this
+        logs.redact_records()  # no log line of the server carries a tracking URI's user:password@
         self.searcher: Searcher | None = None
         self.load_error: str | None = None
         self.load_failed_for_good = False
