@@ -26,10 +26,13 @@ mlflow run . -e main --env-manager local --experiment-name "$MLFLOW_EXPERIMENT_N
 imgsim export --result "$OUT/result.json" --out bundles/demo
 
 echo "demo: starting seldon-core-microservice on 127.0.0.1:$REST_PORT (REST) and :$GRPC_PORT (gRPC), log in $OUT/server.log"
+# The Seldon wrapper runs from its own environment (seldon-core 1.19, Python 3.12), imgsim from this checkout.
+SELDON="$(cd "${SERVE_VENV:-.venv-serve}" && pwd)/bin/seldon-core-microservice"
 (cd model_server && IMGSIM_MODEL_URI="$PWD/../bundles/demo" IMGSIM_GALLERY_ROOT="$PWD/../$DATA" \
   PREDICTIVE_UNIT_HTTP_SERVICE_PORT=$REST_PORT PREDICTIVE_UNIT_GRPC_SERVICE_PORT=$GRPC_PORT \
-  PREDICTIVE_UNIT_METRICS_SERVICE_PORT=$METRICS_PORT \
-  exec setsid seldon-core-microservice ModelServer --service-type MODEL) > "$OUT/server.log" 2>&1 &
+  PREDICTIVE_UNIT_METRICS_SERVICE_PORT=$METRICS_PORT PYTHONPATH="$PWD/.." \
+  exec setsid "$SELDON" ModelServer --service-type MODEL) \
+  > "$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill -- -$server 2>/dev/null || true' EXIT
 imgsim wait-ready --url "http://127.0.0.1:$REST_PORT" --pid $server --log "$OUT/server.log" --timeout-s 120

@@ -50,12 +50,14 @@ if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
   "$K8S_VENV/bin/pip" install -q "pip<26" "kubernetes-validate==1.37.0" "jsonschema>=4.23,<5" "pyyaml>=6"
 fi
 
-# serve_env VENV PYTHON REQUIREMENTS CONSTRAINTS WHAT: a torch-free serving environment with its own pins, rebuilt
-# when its requirements or constraints change (imgsim itself comes from PYTHONPATH: the servers run the checkout).
+# serve_env VENV FIND_PYTHON REQUIREMENTS CONSTRAINTS WHAT: a torch-free serving environment with its own pins,
+# rebuilt when its requirements or constraints change (imgsim itself comes from PYTHONPATH: the servers run the
+# checkout). FIND_PYTHON prints the interpreter to build it with, asked only when it is built.
 serve_env() {
-  local venv=$1 python=$2 want
+  local venv=$1 want python
   want="$(cat "$3" "$4" | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$venv/.imgsim-installed" ] || [ "$(cat "$venv/.imgsim-installed")" != "$want" ]; then
+    python=$($2)
     echo "setup: creating $venv for $5"
     rm -rf "$venv"
     "$python" -m venv "$venv"
@@ -68,23 +70,24 @@ serve_env() {
 # The Seldon v1 wrapper on its maintained release: seldon-core 1.19 needs Python >= 3.12 (and protobuf 5,
 # cryptography >= 46), which torch's environment here cannot be. SERVE_PYTHON names the interpreter; else python3.12
 # on PATH, else pyenv's.
-SERVE_PYTHON=${SERVE_PYTHON:-}
-if [ -z "$SERVE_PYTHON" ]; then
-  for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+serve_python() {
+  local candidate
+  for candidate in ${SERVE_PYTHON:-} python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
     if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
-      SERVE_PYTHON=$candidate; break
+      echo "$candidate"; return
     fi
   done
-fi
-if [ -z "$SERVE_PYTHON" ]; then
   echo "setup: the Seldon server's environment needs Python 3.12 (seldon-core 1.19); install it (pyenv install" \
        "3.12, or your distribution's python3.12) or set SERVE_PYTHON to its interpreter" >&2
-  exit 1
-fi
+  return 1
+}
+main_python() { echo "$PYTHON"; }
+
 SERVE_VENV=${SERVE_VENV:-.venv-serve}
-serve_env "$SERVE_VENV" "$SERVE_PYTHON" requirements-serve.txt constraints-serve.txt \
+serve_env "$SERVE_VENV" serve_python requirements-serve.txt constraints-serve.txt \
   "the Seldon v1 wrapper (seldon-core 1.19, Python 3.12)"
 # The Open Inference Protocol server (MLServer 1.7) in its own environment.
 V2_VENV=${V2_VENV:-.venv-serve-v2}
-serve_env "$V2_VENV" "$PYTHON" requirements-serve-v2.txt constraints-serve-v2.txt "the Open Inference Protocol server (MLServer)"
+serve_env "$V2_VENV" main_python requirements-serve-v2.txt constraints-serve-v2.txt \
+  "the Open Inference Protocol server (MLServer)"
 echo "setup: ready ($VENV, $K8S_VENV, $SERVE_VENV, $V2_VENV)"

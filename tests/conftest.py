@@ -121,6 +121,17 @@ def pipeline_run(tmp_path_factory):
     return {"work": work, "root": root, "bad": bad, "result": result}
 
 
+@pytest.fixture(scope="session")
+def registry_server(pipeline_run, tmp_path_factory):
+    """A real `mlflow server` over the pipeline's store, as a cluster's tracking server: the servers' environments
+    carry mlflow-skinny, which reads a registry over HTTP only."""
+    from support.servers import start_tracking_server
+
+    srv = start_tracking_server(pipeline_run["work"], tmp_path_factory.mktemp("registry") / "mlflow.log")
+    yield srv.rest
+    srv.stop()
+
+
 @pytest.fixture
 def living(pipeline_run):
     """The pipeline's extract bundle registered as version 1 of a fresh gallery name, with an alias; a fresh

@@ -46,7 +46,7 @@ def test_documented_command_parses(command):
     ("imgsim serach --bundle x q.png", "invalid choice: 'serach'"),
     ("mlflow run . -e mian --env-manager local", "unknown entry point 'mian'"),
     ("mlflow run . -e main --env-manager local -P data_dri=my-images", "-P data_dri"),
-    ("mlflow run . -e main --env-manger local", "No such option: --env-manger"),
+    ("mlflow run . -e main --env-manger local", "No such option"),
     ("make dmeo", "no target dmeo"),
     ("helm install sim charts/imgsim -n imgsim --set replicsa=2", "does not render"),
 ])
@@ -85,7 +85,8 @@ def test_command_str_names_file_and_line():
 
 PROJECT_FILES = ("Makefile", "scripts", "MLproject", "pipelines", "python_env.yaml", "requirements.txt",
                  "requirements-dev.txt", "constraints.txt", "pyproject.toml", ".venv-k8s", "requirements-serve-v2.txt",
-                 ".venv-serve-v2")
+                 "constraints-serve-v2.txt", ".venv-serve-v2", "requirements-serve.txt", "constraints-serve.txt",
+                 ".venv-serve")
 
 
 def _project(tmp_path: Path) -> Path:

@@ -96,9 +96,15 @@ class Clients:
         raise AssertionError(f"clients never settled on version {version}: {[v for _, v, _ in self.answers[-20:]]}")
 
 
+@pytest.fixture
+def living(living, registry_server):
+    """conftest's living gallery, with the tracking server the Seldon servers read it through."""
+    return living | {"registry": registry_server}
+
+
 def _server(living, tmp_path, poll: float, wait_ready: bool = True):
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    env = {"TMPDIR": str(tmp_path / "tmp"), "IMGSIM_MODEL_URI": living["uri"], "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+    env = {"TMPDIR": str(tmp_path / "tmp"), "IMGSIM_MODEL_URI": living["uri"], "MLFLOW_TRACKING_URI": living["registry"],
            "IMGSIM_POLL_INTERVAL_S": str(poll), "IMGSIM_MAX_K": "100", "GUNICORN_WORKERS": "2",
            "GUNICORN_THREADS": "2", "GRPC_WORKERS": "1"}
     return start_server(env, tmp_path / "server.log", wait_ready=wait_ready, every_process=wait_ready)

@@ -441,10 +441,10 @@ def test_load_is_retried_until_the_bundle_appears_then_metadata_names_it(bundle,
         srv.stop()
 
 
-def test_serves_from_a_registry_alias(pipeline_run, tmp_path):
+def test_serves_from_a_registry_alias(pipeline_run, registry_server, tmp_path):
     with mlflow_store(pipeline_run["work"]):
         mlflow.tracking.MlflowClient().set_registered_model_alias("imgsim", "champion", "1")
-        env = {"IMGSIM_MODEL_URI": "models:/imgsim@champion", "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+        env = {"IMGSIM_MODEL_URI": "models:/imgsim@champion", "MLFLOW_TRACKING_URI": registry_server}
         srv = start_server(env, tmp_path / "alias.log")
     try:
         status = requests.get(f"{srv.rest}/health/status", timeout=5).json()["jsonData"]
