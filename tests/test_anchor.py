@@ -64,3 +64,13 @@ def test_credentials_never_survive_in_a_uri_that_is_printed():
     assert redact("at http://bob:pw@mlflow:5000/x; https://tok@h/; postgresql://u:p@db/m") == \
         "at http://mlflow:5000/x; https://h/; postgresql://db/m"
     assert redact("models:/imgsim-gallery@serving s3://bucket/key") == "models:/imgsim-gallery@serving s3://bucket/key"
+
+
+@pytest.mark.parametrize("value", ["AB" * 32, "ab" * 31, "not-a-digest", "ab" * 32 + "\n"])
+def test_a_malformed_expected_digest_is_refused_at_start_not_as_a_bundle_that_never_matches(value):
+    from imgsim.errors import ImgsimError
+    from imgsim.serve.settings import ServiceConfig
+
+    with pytest.raises(ImgsimError, match="bundle_sha256 must be a sha256 in 64 lowercase hex characters"):
+        ServiceConfig(bundle_sha256=value)
+    assert ServiceConfig(bundle_sha256="ab" * 32).bundle_sha256 == "ab" * 32

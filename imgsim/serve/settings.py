@@ -4,6 +4,7 @@ or the SeldonDeployment's graph parameters (``ModelServer(**params)``)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from imgsim import config
@@ -63,6 +64,9 @@ class ServiceConfig:
         if self.shards and not (2 <= self.shards <= MAX_SHARDS and 0 <= self.shard < self.shards):
             raise ImgsimError(f"need 2 <= shards <= {MAX_SHARDS} and 0 <= shard < shards, got shards={self.shards}, "
                               f"shard={self.shard}")
+        if self.bundle_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.bundle_sha256):
+            raise ImgsimError("bundle_sha256 must be a sha256 in 64 lowercase hex characters (the registry's "
+                              "imgsim.bundle_sha256 tag), or empty")
         small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and getattr(self, f.name) < 1]
         if small or self.threads < 1:
             raise ImgsimError(f"{', '.join(small or ['threads'])} must be at least 1")
