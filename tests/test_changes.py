@@ -160,7 +160,7 @@ def test_a_small_change_stores_only_what_changed_and_serves(living, tmp_path):
     assert gone[0].id not in {n.id for n in searcher.search_bytes(
         [(living["root"] / gone[0].path).read_bytes()], len(v3.index.items))[0].neighbours}
     with pytest.raises(ImgsimError, match="stored as its changes over the gallery version"):
-        rollout.storage_uri(living["uri"])
+        rollout.storage(living["uri"])
     assert find_in_bundle(out)[0].scanned == len(v3.index.items)  # the model-free readers put them together too
     assert Gallery.open(out).index.items == v3.index.items
     sharded = shard_bundle(out, tmp_path / "sharded", 2)  # whole parts, from base + changes

@@ -121,7 +121,7 @@ def test_an_unknown_predictor_and_a_local_bundle_are_refused():
     with pytest.raises(ImgsimError, match="no predictor blue"):
         rollout.patched(sdep({}), "s3://bucket/x", predictor="blue")
     with pytest.raises(ImgsimError, match="local path, which the cluster cannot read"):
-        rollout.storage_uri("bundles/demo")
+        rollout.storage("bundles/demo")
 
 
 def test_registry_uris_resolve_to_where_the_bundle_is_stored(pipeline_run):
@@ -138,6 +138,6 @@ def test_registry_uris_resolve_to_where_the_bundle_is_stored(pipeline_run):
         unvouched = client.create_model_version(name, "s3://bucket/mlflow/1/def/artifacts/bundle", None,
                                                 tags={tracking.KIND_TAG: "bundle"}).version
         with pytest.raises(ImgsimError, match=f"no {tracking.BUNDLE_SHA_TAG} tag"):
-            rollout.storage_uri(f"models:/{name}/{unvouched}")
+            rollout.storage(f"models:/{name}/{unvouched}")
         with pytest.raises(ImgsimError, match="which the cluster cannot read"):  # this store keeps files locally
-            rollout.storage_uri(pipeline_run["result"]["bundle_uri"])
+            rollout.storage(pipeline_run["result"]["bundle_uri"])

@@ -22,11 +22,6 @@ BUNDLE_ARTIFACT = "bundle"
 log = logging.getLogger(__name__)
 
 
-def bundle_uri(uri: str) -> str:
-    """Map a model or run URI onto the URI of its bundle artifact (an alias resolved to its version now)."""
-    return locate_bundle(uri)[0]
-
-
 def locate_bundle(uri: str) -> tuple[str, str]:
     """(URI of the bundle artifact, registry version of the bundle or ""): a gallery alias is resolved once, so
     the download and the version it is reported as cannot disagree when the alias moves meanwhile."""
@@ -93,12 +88,7 @@ def check_anchor(folder: Path, pinned: str, expected: str = "") -> dict[str, str
         tags = tracking.version_tags(name, number)
     except MlflowException as exc:  # the registry unreachable or refusing: may pass, retried
         raise tracking.access_error(exc) or ImgsimError(redact(f"cannot read the tags of {pinned}: {exc}")) from None
-    want = tags.get(tracking.BUNDLE_SHA_TAG, "")
-    if not want:
-        raise BundleError(f"gallery version {pinned} has no {tracking.BUNDLE_SHA_TAG} tag (registered before imgsim "
-                          "recorded one): the registry does not vouch for it; register the gallery again (run "
-                          "extract, or a gallery change on the version's runs:/<run id>/bundle URI) and serve that "
-                          "version")
+    want = vouched_digest(pinned, tags)
     if got != want:
         raise BundleError(f"gallery version {pinned}: {BUNDLE_JSON} has sha256 {got[:12]}..., but the registry's "
                           f"{tracking.BUNDLE_SHA_TAG} tag says {want[:12]}...: the artifact store's copy changed after "
@@ -116,6 +106,18 @@ def export_bundle(uri: str, out: str | Path) -> Path:
         if bundle.index.changes is not None and not (staging / BASE_DIR).exists():  # its base found elsewhere
             shutil.copytree(bundle.model_folder, staging / BASE_DIR)
     return out
+
+
+def vouched_digest(pinned: str, tags: dict[str, str]) -> str:
+    """The bundle.json sha256 the registry recorded for gallery version ``pinned`` (its ``tags``); a version without
+    one is refused, not served unchecked."""
+    want = tags.get(tracking.BUNDLE_SHA_TAG, "")
+    if not want:
+        raise BundleError(f"gallery version {pinned} has no {tracking.BUNDLE_SHA_TAG} tag (registered before imgsim "
+                          "recorded one): the registry does not vouch for it; register the gallery again (run "
+                          "extract, or a gallery change on the version's runs:/<run id>/bundle URI) and use that "
+                          "version")
+    return want
 
 
 def _with_base(folder: Path, uri: str, have: Path | None = None, tags: dict[str, str] | None = None,

@@ -19,17 +19,12 @@ DIGEST_PARAMETER = "bundle_sha256"  # the server setting each node checks /mnt/m
 DIGEST_ENV = "IMGSIM_BUNDLE_SHA256"  # the same under protocol v2 (MLServer reads no graph parameters)
 
 
-def storage_uri(bundle: str) -> str:
-    """The URI the cluster fetches ``bundle`` from (see :func:`storage`)."""
-    return storage(bundle)[0]
-
-
 def storage(bundle: str) -> tuple[str, str]:
     """The URI the cluster fetches ``bundle`` from: itself when it is already a storage URI, else where MLflow
     keeps the bundle artifact of a ``runs:/`` or ``models:/`` URI (an alias resolved to its version now); and the
     sha256 the registry recorded for a registered version's bundle.json ("" for anything else)."""
     if bundle.startswith(CLUSTER_SCHEMES):
-        return bundle, ''
+        return bundle, ""
     if bundle.startswith(("http://", "https://")):
         raise ImgsimError(f"{bundle!r} is a web address: rollout takes bundles from the cluster's storage only "
                           f"({', '.join(CLUSTER_SCHEMES)}) or a runs:/ / models:/ URI stored there; upload it first")
@@ -39,8 +34,8 @@ def storage(bundle: str) -> tuple[str, str]:
                           "models:/ URI of a bundle in an MLflow store whose artifacts live in S3")
     from mlflow.tracking import MlflowClient
 
-    from imgsim.runs.export import locate_bundle
-    from imgsim.runs.tracking import BASE_TAG, BUNDLE_SHA_TAG
+    from imgsim.runs.export import locate_bundle, vouched_digest
+    from imgsim.runs.tracking import BASE_TAG
 
     pinned, version = locate_bundle(bundle)
     client = MlflowClient()
@@ -49,10 +44,7 @@ def storage(bundle: str) -> tuple[str, str]:
         name = pinned.removeprefix("models:/").split("/")[0]
         location = client.get_model_version_download_uri(name, version)
         tags = client.get_model_version(name, version).tags or {}
-        base, digest = tags.get(BASE_TAG), tags.get(BUNDLE_SHA_TAG, "")
-        if not digest:
-            raise ImgsimError(f"{bundle} (version {version}) has no {BUNDLE_SHA_TAG} tag: the registry does not vouch "
-                              "for it; register the gallery again (extract, or a gallery change) and roll that out")
+        base, digest = tags.get(BASE_TAG), vouched_digest(pinned, tags)
     else:
         run_id, _, path = pinned.removeprefix("runs:/").partition("/")
         run = client.get_run(run_id)
