@@ -52,7 +52,6 @@ def main() -> None:
     for backend in BACKENDS:
         searcher.index = IndexBundle.build(vectors, searcher.index.items, n_trees=searcher.index.n_trees,
                                            backend=backend)
-        searcher._rows_by_label = None
         cases = {"none": lambda q: None, "1 label": lambda q: Filter(frozenset(labels[:1])),
                  "2 labels": lambda q: Filter(frozenset(labels[:2])),
                  "exclude its 10 nearest": lambda q: Filter(None, frozenset(

@@ -20,7 +20,8 @@ from numpy.typing import NDArray
 
 from imgsim import atomic
 from imgsim.errors import ImgsimError
-from imgsim.index import GalleryItem, IndexBundle, angular_from_cosine, cosines, read_items, write_items
+from imgsim.index import (GalleryItem, IndexBundle, angular_from_cosine, cosines, read_items, row_blocks, top_in_blocks,
+                          write_items)
 
 ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS = "added.npy", "added.csv", "removed.npy"
 CHANGE_FILES = (ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS)
@@ -31,8 +32,10 @@ CHANGE_FILES = (ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS)
 MAX_CHANGE_FRACTION, MAX_CHANGES = 0.2, 20_000
 # A query whose base neighbourhood is crowded with removed items (less than CROWDED of the base's first answer
 # remains), or for which asking the base's index for EXACT_AFTER items still leaves fewer than k, is ranked exactly
-# over the remaining base items, EXACT_BLOCK rows at a time: only queries near removed images pay for it.
-CROWDED, EXACT_AFTER, EXACT_BLOCK = 0.5, 4096, 65_536
+# over the remaining base items, EXACT_BLOCK (imgsim.index) rows at a time: only queries near removed images pay
+# for it. The base is asked for CROWDED_SAMPLE items at least, and only an answer that long is judged crowded: two
+# removed items next to a k=1 query are no crowd (a fraction of 2 says nothing), and 32 cost the index what 2 do.
+CROWDED, CROWDED_SAMPLE, EXACT_AFTER = 0.5, 32, 4096
 
 
 def fits(changes: int, base: int) -> bool:
@@ -162,13 +165,13 @@ class ChangedIndex:
         took places in the answer. Where they crowd this query's neighbourhood (most of the first answer), or the
         index cannot propose more, rank the remaining items exactly: an IVF index, say, searches the lists nearest
         the query, and once those hold mostly removed items the nearest remaining ones lie in lists it skips."""
-        total, ask = len(self.base.items), min(len(self.base.items), k + min(self.removed, k))
-        first = True
+        total = len(self.base.items)
+        ask, first = min(total, max(k + min(self.removed, k), CROWDED_SAMPLE)), True
         while True:
             found, dists = self.base.search(vector, ask, max(search_k, ask * self.base.n_trees))
             rows = self.to_row[np.asarray(found, dtype=np.int64)] if found else np.zeros(0, dtype=np.int64)
             alive = rows >= 0
-            if first and len(rows) and alive.mean() < CROWDED:
+            if first and len(rows) >= CROWDED_SAMPLE and alive.mean() < CROWDED:
                 return self._exact_base(vector, k)
             if alive.sum() >= k or (ask >= total and len(found) == total):
                 return rows[alive][:k], np.asarray(dists, dtype=np.float64)[alive][:k]
@@ -178,16 +181,8 @@ class ChangedIndex:
 
     def _exact_base(self, vector, k: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
         """The k nearest remaining base items by exact search, a block of rows at a time (memory stays small)."""
-        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
-        best_rows, best_sims = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        for start in range(0, len(self.keep), EXACT_BLOCK):
-            block = self.keep[start:start + EXACT_BLOCK]
-            sims = cosines(self.base.embeddings[block], vector)
-            rows = np.concatenate([best_rows, start + np.arange(len(block))])
-            sims = np.concatenate([best_sims, sims])
-            top = np.argsort(-sims, kind="stable")[:k]
-            best_rows, best_sims = rows[top], sims[top]
-        return best_rows, angular_from_cosine(best_sims.astype(np.float64))
+        found, sims = top_in_blocks(self.base.embeddings, row_blocks(self.keep), vector, k)
+        return self.to_row[found], angular_from_cosine(sims.astype(np.float64))
 
     def vectors(self, rows: Sequence[int]) -> NDArray[np.float32]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)

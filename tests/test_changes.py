@@ -15,12 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
+from imgsim import changes as changes_module
+from imgsim import index as index_module
 from imgsim.bundle import BASE_DIR, BUNDLE_JSON, CHANGES_VERSION_FILES, BundleError, ServingBundle
 from imgsim.changes import MAX_CHANGE_FRACTION, Changes, fits
 from imgsim.duplicates import find_in_bundle
 from imgsim.errors import ImgsimError
 from imgsim.explore.gallery import Gallery
-from imgsim.index import ANNOY, BACKENDS, FAISS_FLAT, GalleryItem, IndexBundle
+from imgsim.index import ANNOY, BACKENDS, FAISS_FLAT, GalleryItem, IndexBundle, cosines
 from imgsim.metrics import exact_topk
 from imgsim.modelspec import file_sha256
 from imgsim.runs import export, rollout, tracking
@@ -112,6 +114,45 @@ def test_removing_a_query_s_whole_neighbourhood_still_answers_k_nearest_remainin
     for q, truth in zip(queries, exact_topk(queries, remaining, 10)):
         rows, _ = index.search(q, 10, 1500)
         assert len(rows) == 10 and len(set(rows) & set(truth)) >= 9, (backend, rows, truth)
+
+
+def _scanned(monkeypatch) -> list[int]:
+    """The rows of each exact ranking of base rows from now on (imgsim.index's cosines: ChangedIndex's own scan
+    of the added vectors calls changes' name for it)."""
+    sizes: list[int] = []
+    monkeypatch.setattr(index_module, "cosines", lambda v, q: sizes.append(len(v)) or cosines(v, q))
+    return sizes
+
+
+def test_k1_next_to_two_removed_items_asks_the_index_instead_of_scanning_the_base(monkeypatch):
+    """Two removed items are no crowd: a query for its single nearest item whose two nearest base items are gone
+    is answered by the base's index, not by a scan of every remaining base item (as when 2 of an answer of 2 made
+    the neighbourhood 'crowded')."""
+    base = IndexBundle.build(clustered(600), items(600), backend=FAISS_FLAT)
+    query = np.asarray(base.embeddings)[10]
+    index, rebuilt = _changed(base, np.zeros((0, base.dim), np.float32), sorted(base.search(query, 2)[0]))
+    scanned = _scanned(monkeypatch)
+    rows, _ = index.search(query, 1)
+    assert not scanned
+    assert [index.items[r].id for r in rows] == [rebuilt.items[r].id for r in rebuilt.search(query, 1)[0]]
+    monkeypatch.setattr(changes_module, "CROWDED_SAMPLE", 1)  # judged on the first two alone, it is a crowd
+    assert index.search(query, 1)[0] == rows and sum(scanned) == len(index.items)
+
+
+@pytest.mark.parametrize("k", [1, 10, 30])
+def test_a_crowded_neighbourhood_is_ranked_exactly_a_block_at_a_time(monkeypatch, k):
+    """The 40 items nearest a query removed: the remaining base is scanned exactly, never more than EXACT_BLOCK
+    rows at once and each row once, and answers as the rebuilt gallery does."""
+    base = IndexBundle.build(clustered(600), items(600), backend=FAISS_FLAT)
+    query = np.asarray(base.embeddings)[10]
+    index, rebuilt = _changed(base, clustered(5, seed=2), sorted(base.search(query, 40)[0]))
+    monkeypatch.setattr(index_module, "EXACT_BLOCK", 50)
+    scanned = _scanned(monkeypatch)
+    rows, dists = index.search(query, k)
+    want_rows, want_dists = rebuilt.search(query, k)
+    assert [index.items[r].id for r in rows] == [rebuilt.items[r].id for r in want_rows]
+    np.testing.assert_allclose(1 - np.square(dists) / 2, 1 - np.square(want_dists) / 2, atol=1e-6)
+    assert max(scanned) <= 50 and sum(scanned) == 600 - 40
 
 
 def test_changes_made_on_another_base_are_refused():

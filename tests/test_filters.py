@@ -3,10 +3,17 @@ search over the admissible items would rank them, on every path (exact, over-fet
 
 from __future__ import annotations
 
+import copy
+from unittest import mock
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from imgsim import index as index_module
 from imgsim.errors import BadInput
+from imgsim.index import GalleryItem, IndexBundle, angular_from_cosine, cosines
 from imgsim.serve import search
 from imgsim.serve.search import Filter, Searcher
 from tests.bundles import pipeline_bundle
@@ -71,3 +78,105 @@ def test_a_filter_reaches_the_answer_and_unknown_labels_are_refused(searcher):
     assert item.id not in [n.id for n in searcher.search_id(item.id, 3, Filter(None, frozenset([item.id]))).neighbours]
     with pytest.raises(BadInput, match=r"unknown label\(s\) \['hexagon'\] in 'labels'; this gallery holds"):
         searcher.check_filter(Filter(frozenset(["hexagon", other])))
+
+
+def test_a_huge_unknown_label_is_quoted_short(searcher):
+    """A client's megabyte label (or a thousand labels) comes back, and is logged, as a short quote."""
+    for labels in (["x" * 2 ** 20], ["\x00" * 2 ** 20, "y" * 2 ** 20, "z"], [f"no-{i}" * 50 for i in range(1000)]):
+        with pytest.raises(BadInput) as caught:
+            searcher.check_filter(Filter(frozenset(labels)))
+        message = str(caught.value)
+        assert len(message) < 300 and message.startswith("unknown label(s) [") and "this gallery holds" in message
+        assert ("and 997 more" in message) == (len(labels) == 1000)
+
+
+class NoProposals:
+    """An index that proposes nothing: every filtered query that reaches it falls back to exact ranking."""
+
+    name = "none"
+
+    def search(self, vector, k, search_k):
+        return [], []
+
+
+class Gathers:
+    """Embeddings that record how many rows each gather takes (the memory an exact ranking holds at once)."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors, self.shape, self.sizes = vectors, vectors.shape, []
+
+    def __getitem__(self, rows):
+        self.sizes.append(len(np.atleast_1d(rows)))
+        return self.vectors[rows]
+
+
+def on_gallery(searcher: Searcher, embeddings, labels: list[str], ids: list[int]) -> Searcher:
+    """``searcher`` answering over another gallery (these vectors, labels and ids), whose index proposes nothing."""
+    other = copy.copy(searcher)
+    items = [GalleryItem(i, f"{i}.png", label, "train", "") for i, label in zip(ids, labels)]
+    other.index = IndexBundle(embeddings, items, 1, NoProposals())
+    return other
+
+
+def reference(vectors: np.ndarray, labels: list[str], ids: list[int], query: np.ndarray, k: int,
+              where: Filter) -> tuple[list[int], list[float]]:
+    """Exact ranking as one unblocked sort: every admissible row at once (sorted labels, then rows), ties in that
+    order."""
+    if where.labels is None:
+        rows = list(range(len(labels)))
+    else:
+        rows = [r for label in sorted(where.labels) for r in range(len(labels)) if labels[r] == label]
+    rows = np.asarray([r for r in rows if ids[r] not in where.exclude_ids], dtype=np.int64)
+    sims = cosines(vectors[rows], query)
+    top = np.argsort(-sims, kind="stable")[:k]
+    return rows[top].tolist(), angular_from_cosine(sims[top]).tolist()
+
+
+@given(n=st.integers(1, 150), distinct=st.integers(1, 10), seed=st.integers(0, 2 ** 32 - 1), k=st.integers(1, 160),
+       block=st.integers(1, 160), labels=st.none() | st.frozensets(st.sampled_from("abcd"), min_size=1),
+       n_excluded=st.integers(0, 6), fallback=st.booleans())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_blocked_exact_ranking_is_the_unblocked_one(searcher, n, distinct, seed, k, block, labels, n_excluded,
+                                                   fallback):
+    """Rows and distances to the last bit, ties in the same order, on both exact paths (few admissible items; the
+    index giving up), whatever the block size against k and the admissible count; no ranking holds more than a
+    block. Few distinct vectors make many exact ties; label d is held by no item."""
+    rng = np.random.default_rng(seed)
+    pool = rng.normal(size=(distinct, 8)).astype(np.float32)
+    vectors = (pool / np.linalg.norm(pool, axis=1, keepdims=True))[rng.integers(0, distinct, n)]
+    item_labels = [str(x) for x in rng.choice(list("abc"), n)]
+    ids = [int(i) for i in rng.permutation(3 * n)[:n]]
+    excluded = frozenset(ids[int(i)] for i in rng.integers(0, n, n_excluded)) | {10 ** 6, 2 ** 70}
+    query = vectors[0] if seed % 2 else rng.normal(size=8).astype(np.float32)
+    fallback = fallback or labels is None  # (no labels: only the index's fallback ranks exactly)
+    if fallback:  # the first over-fetch must ask for less than the gallery, or its (empty) answer stands
+        k = min(k, (n - len(excluded) - 1) // search.OVERFETCH)
+        if k < 1:
+            labels, fallback, k = frozenset("abc"), False, 1
+    where = Filter(labels, excluded)
+    limits = {"EXACT_FILTER_ITEMS": 0, "MAX_FETCH": 1} if fallback else {"MAX_FETCH": search.MAX_FETCH}
+    embeddings, sizes = Gathers(vectors), []
+    with mock.patch.multiple(search, **limits), mock.patch.object(index_module, "EXACT_BLOCK", block):
+        with mock.patch.object(index_module, "cosines", lambda v, q: sizes.append(len(v)) or cosines(v, q)):
+            answer = on_gallery(searcher, embeddings, item_labels, ids).nearest(query, k, where)
+    assert answer == reference(vectors, item_labels, ids, query, k, where)
+    assert max(embeddings.sizes + sizes, default=0) <= block
+
+
+def test_a_large_label_is_ranked_a_block_at_a_time(searcher, monkeypatch):
+    """Peak memory follows the block: no gather or cosine of more than EXACT_BLOCK rows however many the label
+    holds, each admissible row scanned once, and the answer the unblocked ranking's."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(6000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = ["big" if i % 10 else "small" for i in range(len(vectors))]
+    ids = list(range(len(vectors)))
+    monkeypatch.setattr(index_module, "EXACT_BLOCK", 256)
+    sizes: list[int] = []
+    monkeypatch.setattr(index_module, "cosines", lambda v, q: sizes.append(len(v)) or cosines(v, q))
+    embeddings = Gathers(vectors)
+    where = Filter(frozenset(["big"]), frozenset(range(0, 3000, 7)))
+    answer = on_gallery(searcher, embeddings, labels, ids).nearest(vectors[5], 10, where)
+    assert answer == reference(vectors, labels, ids, vectors[5], 10, where)
+    admissible = sum(where.admits(label, i) for label, i in zip(labels, ids))
+    assert max(sizes) <= 256 and max(embeddings.sizes) <= 256 and sum(sizes) == admissible

@@ -10,7 +10,7 @@ import numpy as np
 
 from imgsim.bundle import ServingBundle
 from imgsim.errors import BadInput
-from imgsim.index import cosine_from_angular, exact_top
+from imgsim.index import IndexBundle, angular_from_cosine, cosine_from_angular, row_blocks, top_in_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,18 @@ class Searcher:
         self.preprocess = self.bundle.spec.preprocess
         self.classes = self.bundle.spec.classes
         self.search_k = search_k or self.bundle.search_k
+
+    @property
+    def index(self) -> IndexBundle:
+        return self._index
+
+    @index.setter
+    def index(self, index: IndexBundle) -> None:
+        # What the filters derive from the items, built at first use, goes with the index it was built from.
+        self._index = index
         self._rows_by_label: dict[str, np.ndarray] | None = None
+        self._label_of_row = np.zeros(0, dtype=np.int64)  # each row's label as a number (built with _rows_by_label)
+        self._ids: np.ndarray | None = None  # each row's item id, for exclude_ids
 
     @property
     def version(self) -> str:
@@ -106,47 +117,72 @@ class Searcher:
         # One part of a sharded gallery checks against the whole gallery's labels, which it records.
         known = set(self.bundle.shard["labels"]) if "labels" in self.bundle.shard else self._label_rows().keys()
         unknown = sorted(where.labels - known) if where.labels is not None else []
-        if unknown:
-            known = sorted(known)
-            raise BadInput(f"unknown label(s) {unknown[:5]} in 'labels'; this gallery holds {len(known)} labels: "
-                           f"{known[:20]}{' ...' if len(known) > 20 else ''}")
+        if unknown:  # (the client's labels quoted short: a megabyte label would come back whole, and be logged)
+            raise BadInput(f"unknown label(s) {_quoted(unknown, 3, 30)} in 'labels'; this gallery holds "
+                           f"{len(known)} labels: {_quoted(sorted(known), 20, 40)}")
 
     def _label_rows(self) -> dict[str, np.ndarray]:
+        """Each label's rows, in row order (built once)."""
         if self._rows_by_label is None:
             groups: dict[str, list[int]] = {}
             for row, item in enumerate(self.index.items):
                 groups.setdefault(item.label, []).append(row)
             self._rows_by_label = {label: np.asarray(rows, dtype=np.int64) for label, rows in groups.items()}
+            self._label_of_row = np.zeros(self.size, dtype=np.int64)  # a label's number: its place in the dict
+            for number, rows in enumerate(self._rows_by_label.values()):
+                self._label_of_row[rows] = number
         return self._rows_by_label
+
+    def _admitted(self, rows: np.ndarray, where: Filter) -> np.ndarray:
+        """The mask of ``rows`` (an array) that ``where`` admits, tested as arrays: no Python loop over rows."""
+        keep = self._not_excluded(rows, self._excluded(where))
+        if where.labels is not None:
+            numbers = [n for n, label in enumerate(self._label_rows()) if label in where.labels]
+            keep &= np.isin(self._label_of_row[rows], numbers)
+        return keep
+
+    def _excluded(self, where: Filter) -> np.ndarray:
+        # (ids past int64 name no item, and would overflow the array)
+        return np.asarray([i for i in where.exclude_ids if -2 ** 63 <= i < 2 ** 63], dtype=np.int64)
+
+    def _not_excluded(self, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        if not len(excluded):
+            return np.ones(len(rows), dtype=bool)
+        if self._ids is None:
+            self._ids = np.fromiter((item.id for item in self.index.items), dtype=np.int64, count=self.size)
+        return ~np.isin(self._ids[rows], excluded)
 
     def nearest(self, embedding: np.ndarray, k: int, where: Filter | None = None) -> tuple[list[int], list[float]]:
         """Rows and angular distances of the ``k`` nearest admissible items: as many as the gallery has when
         fewer are admissible."""
         if where is None or (where.labels is None and not where.exclude_ids):
             return self.index.search(embedding, k, self.search_k)
-        items = self.index.items
         if where.labels is not None:
-            none = np.zeros(0, dtype=np.int64)  # a shard may hold no item of a label the gallery has
-            candidates = np.concatenate([self._label_rows().get(label, none) for label in sorted(where.labels)])
-            if len(candidates) <= EXACT_FILTER_ITEMS:
-                return self._exact(embedding, k, candidates, where)
+            # The labels' rows, block by block, never concatenated (ties rank in this order: sorted labels, rows).
+            groups = [self._label_rows()[label] for label in sorted(where.labels) if label in self._label_rows()]
+            if sum(len(rows) for rows in groups) <= EXACT_FILTER_ITEMS:
+                return self._exact(embedding, k, groups, where)
         fetch = k
         while True:
             fetch = min(self.size, fetch * OVERFETCH + len(where.exclude_ids))
             # Annoy stops after search_k nodes: give it room for the larger answer (faiss-hnsw widens by itself).
             rows, dists = self.index.search(embedding, fetch, max(self.search_k, fetch * self.index.n_trees))
-            kept = [(r, d) for r, d in zip(rows, dists) if where.admits(items[r].label, items[r].id)]
+            kept = np.flatnonzero(self._admitted(np.asarray(rows, dtype=np.int64), where))[:k]
             if len(kept) >= k or fetch >= self.size:
-                return [r for r, _ in kept[:k]], [d for _, d in kept[:k]]
+                return [rows[i] for i in kept], [dists[i] for i in kept]
             if fetch >= MAX_FETCH:  # a filter that admits little of a large gallery: rank what it admits
-                everything = np.arange(self.size) if where.labels is None else candidates
+                everything = [range(self.size)] if where.labels is None else groups
                 return self._exact(embedding, k, everything, where)
 
-    def _exact(self, embedding: np.ndarray, k: int, rows: np.ndarray, where: Filter) -> tuple[list[int], list[float]]:
-        items = self.index.items
-        if where.exclude_ids:
-            rows = np.asarray([r for r in rows if items[r].id not in where.exclude_ids], dtype=np.int64)
-        return exact_top(self.index.embeddings, rows, embedding, k)
+    def _exact(self, embedding: np.ndarray, k: int, groups: list[np.ndarray | range], where: Filter) -> \
+            tuple[list[int], list[float]]:
+        """The k nearest admissible of ``groups``' rows by exact search, EXACT_BLOCK rows at a time (memory follows
+        the block, not the label's size); equal scores in the order of the rows given."""
+        excluded = self._excluded(where)
+        blocks = (block[self._not_excluded(block, excluded)] if len(excluded) else block
+                  for rows in groups for block in row_blocks(rows))
+        rows, sims = top_in_blocks(self.index.embeddings, blocks, embedding, k)
+        return rows.tolist(), angular_from_cosine(sims).tolist()
 
     def rank(self, embedding: np.ndarray, probs: np.ndarray, k: int, where: Filter | None = None) -> QueryResult:
         """The ``k`` nearest gallery items to one embedding (those ``where`` admits), with the class prediction
@@ -159,6 +195,15 @@ class Searcher:
             return QueryResult(neighbours, None, None)
         best = int(np.argmax(probs))
         return QueryResult(neighbours, self.classes[best], float(probs[best]))
+
+
+def _quoted(texts: list[str], most: int, each: int) -> str:
+    """At most ``most`` of ``texts``, each cut to about ``each`` characters: a list echoed into a message."""
+    shown = []
+    for text in texts[:most]:
+        quoted = repr(text[:each])  # (cut before repr: repr of a megabyte is a megabyte)
+        shown.append(quoted if len(text) <= each and len(quoted) <= each + 2 else quoted[:each + 2] + "...")
+    return f"[{', '.join(shown)}]" + (f" and {len(texts) - most} more" if len(texts) > most else "")
 
 
 def _short(value: int) -> str:
