@@ -1,10 +1,14 @@
 """The search page under hostile clients: bounded bodies on every route and transfer encoding (real gunicorn),
-security headers, no internal text relayed, thumbnails through the server's bounded decode path."""
+a bound on queries held at once and a deadline on their bodies, odd inputs, security headers, no internal text
+relayed, thumbnails through the server's bounded decode path."""
 
 from __future__ import annotations
 
+import base64
 import http.server
+import io
 import json
+import select
 import socket
 import threading
 import time
@@ -15,7 +19,9 @@ import pytest
 import requests
 from PIL import Image
 
-from imgsim.serve.page import SECURITY_HEADERS, SMALL_BODY, UiConfig, create_app
+from imgsim.errors import ImgsimError
+from imgsim.serve import bodies, process, protocols
+from imgsim.serve.page import QUOTED, SECURITY_HEADERS, SMALL_BODY, UiConfig, create_app
 from support.servers import free_port, start_page
 
 
@@ -47,6 +53,38 @@ class _Seldon(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def failing_seldon():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Seldon)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+class _OkSeldon(http.server.BaseHTTPRequestHandler):
+    """A Seldon stand-in that answers every query with no neighbours and keeps the last query it was sent."""
+
+    received: list[dict] = []
+
+    def do_GET(self):  # noqa: N802
+        self._answer({"jsonData": {"model": "stub"}})
+
+    def do_POST(self):  # noqa: N802
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self._answer({"jsonData": {"results": [{"neighbours": []}]}})
+
+    def _answer(self, payload: dict):
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def ok_seldon():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _OkSeldon)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -220,3 +258,199 @@ def test_the_chart_runs_the_page_with_the_same_worker_settings():
     for flag, value in (("--worker-class", GUNICORN["worker_class"]),
                         ("--worker-connections", GUNICORN["worker_connections"]), ("--keep-alive", GUNICORN["keepalive"])):
         assert f'"{flag}", "{value}"' in template
+    workers = template.split('"--workers", "')[1].split('"')[0]
+    assert '{name: IMGSIM_UI_WORKERS, value: "' + workers + '"}' in template  # the in-flight cap's share
+
+
+# --- what a query's body may hold: the relayed body, the in-flight cap, the body deadline, odd inputs ---
+
+PNG = io.BytesIO()
+Image.linear_gradient("L").resize((28, 28)).save(PNG, format="PNG")
+PNG = PNG.getvalue()
+
+
+@pytest.mark.parametrize("proto", [protocols.Seldon(), protocols.OpenInference("m")], ids=["seldon", "v2"])
+@pytest.mark.parametrize("size", [0, 1, 2, 3, bodies.ImageJson.CHUNK - 1, bodies.ImageJson.CHUNK * 2 + 1])
+def test_the_relayed_body_is_the_protocols_json_with_the_image_held_once(proto, size):
+    image = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    tags = {"k": 5, "labels": ["a", base64.b64encode(b"x" * 24).decode()]}  # a label that looks like base64
+    body = bodies.ImageJson(image, lambda marker: proto.image_body(marker, tags))
+    sent = b"".join(body)
+    assert len(sent) == len(body) and json.loads(sent) == proto.image_body(image, tags)
+
+
+def test_the_in_flight_default_follows_the_memory_limit(tmp_path, monkeypatch):
+    cfg = UiConfig(workers=2)
+    slots = cfg.in_flight_slots(512 * 2**20)
+    assert slots >= 2 and slots * 2 * 2 * (cfg.max_image_bytes + SMALL_BODY) < 512 * 2**20  # room for each
+    assert cfg.in_flight_slots(2 * 2**30) > slots and cfg.in_flight_slots(64 * 2**20) == 1
+    assert UiConfig(in_flight=3).in_flight_slots(64 * 2**20) == 3
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(process, "CGROUP_LIMITS", (limit, tmp_path / "v1"))
+    for text, expected in (("536870912\n", 536870912), ("max\n", None), (str(2**63 - 4096), None)):
+        limit.write_text(text)
+        assert process.memory_limit() == expected
+    limit.unlink()
+    (tmp_path / "v1").write_text("1073741824")  # cgroup v1's file, where v2's is absent
+    assert process.memory_limit() == 2**30
+    (tmp_path / "v1").unlink()
+    assert process.memory_limit() is None
+    with pytest.raises(ImgsimError, match="body_deadline_s must be above 0"):
+        UiConfig(body_deadline_s=float("nan"))
+
+
+def _multipart(data: bytes, filename: str = "q.png") -> bytes:
+    return (f'--b\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n--b--\r\n"
+
+
+def _stall(port: int, length: int, sent: int, path: str = "/api/search",
+           content_type: str = "multipart/form-data; boundary=b") -> socket.socket:
+    """A client that declares ``length`` bytes of upload, sends ``sent`` of them and stops."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode())
+    sock.sendall(_multipart(b"a" * length)[:sent])
+    return sock
+
+
+def _reads_no_more(sock: socket.socket) -> bool:
+    """Whether the page has stopped reading this connection (it closes it rather than read on)."""
+    try:
+        for _ in range(256):
+            sock.sendall(b"a" * 64 * 1024)
+        return sock.recv(4096) == b""
+    except (BrokenPipeError, ConnectionResetError):
+        return True
+
+
+def _search(url: str, **fields) -> requests.Response:
+    return requests.post(url + "/api/search", files={"image": ("q.png", PNG)}, data=fields, timeout=60)
+
+
+def _until(answer, wanted: int, seconds: float = 60):
+    """``answer()`` until its status is ``wanted`` (the page notices a connection's state in its own time)."""
+    end = time.monotonic() + seconds
+    while True:
+        response = answer()
+        if response.status_code == wanted or time.monotonic() > end:
+            return response
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def capped_page(tmp_path_factory, ok_seldon):
+    log = tmp_path_factory.mktemp("capped") / "page.log"
+    page = start_page(ok_seldon, log, env={"IMGSIM_UI_IN_FLIGHT": "2", "IMGSIM_UI_BODY_DEADLINE_S": "600"})
+    yield {"port": page.port, "url": page.url, "log": log}
+    page.stop()
+
+
+def test_queries_past_the_in_flight_cap_are_refused_unread_and_the_page_recovers(capped_page):
+    url, port = capped_page["url"], capped_page["port"]
+    length = UiConfig().max_image_bytes + SMALL_BODY
+    stalled = [_stall(port, length, length - 1) for _ in range(2)]
+    try:
+        big = PNG + b"\0" * 100_000  # over 64 KiB: an upload that needs one of the N slots
+        busy = _until(lambda: requests.post(url + "/api/search", files={"image": ("q.png", big)}, timeout=60), 503)
+        assert busy.status_code == 503 and busy.headers["Retry-After"].isdigit()
+        assert "try again" in busy.json()["error"] and busy.headers["X-Frame-Options"] == "DENY"
+        assert requests.get(url + "/", timeout=60).ok  # a query without a body needs no slot
+        # A small body (more like this, a small image) has slots of its own: stalled uploads cannot lock it out.
+        assert requests.post(url + "/api/more", json={"id": 1}, timeout=60).status_code == 200
+        assert _search(url).status_code == 200
+        third = _stall(port, length, 0)  # the N+1th stalled upload: refused from its headers alone
+        answer = _read_answer(third)
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer
+        assert _reads_no_more(third)
+        third.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+    answer = _until(lambda: _search(url, k="3"), 200)  # the stallers gone, their slots are free again
+    assert answer.status_code == 200 and answer.json() == {"results": [{"neighbours": []}]}
+    assert base64.b64decode(_OkSeldon.received[-1]["binData"]) == PNG
+    assert _OkSeldon.received[-1]["meta"]["tags"] == {"k": 3}
+
+
+@pytest.fixture(scope="module")
+def deadline_page(tmp_path_factory, ok_seldon):
+    log = tmp_path_factory.mktemp("deadline") / "page.log"
+    page = start_page(ok_seldon, log, env={"IMGSIM_UI_IN_FLIGHT": "1", "IMGSIM_UI_BODY_DEADLINE_S": "2"})
+    yield {"port": page.port, "url": page.url, "log": log}
+    page.stop()
+
+
+def _trickle(port: int) -> socket.socket:
+    """A chunked upload that sends one byte every 0.3 s until it is answered: every read gets data."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not select.select([sock], [], [], 0.3)[0]:
+        try:
+            sock.sendall(b"1\r\na\r\n")
+        except OSError:
+            break
+    return sock
+
+
+@pytest.mark.parametrize("client", ["stalled upload", "stalled JSON", "trickling upload"])
+def test_a_body_that_does_not_arrive_in_time_is_answered_408_and_gives_its_slot_back(deadline_page, client):
+    url, port, length = deadline_page["url"], deadline_page["port"], 2**20
+    start = time.monotonic()
+    sock = {"stalled upload": lambda: _stall(port, length, length - 1),
+            "stalled JSON": lambda: _stall(port, 1000, 10, "/api/more", "application/json"),
+            "trickling upload": lambda: _trickle(port)}[client]()
+    try:
+        answer = _read_answer(sock)  # within the socket's 60 s: the deadline (2 s) plus ample slack
+        waited = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer
+        assert waited >= 1.5  # the deadline, not an early refusal
+        assert _reads_no_more(sock)
+    finally:
+        sock.close()
+    assert _until(lambda: _search(url), 200).status_code == 200  # the one slot is free again (in_flight 1)
+
+
+ODD_MORE = [  # (body, status, the k the server is asked for)
+    (b'{"id": 1, "k": 1e999}', 200, 50), (b'{"id": 1, "k": -1e999}', 200, 1), (b'{"id": 1, "k": NaN}', 200, 5),
+    (b'{"id": 1, "k": "1e999"}', 200, 5), (b'{"id": 1, "k": 123456789012345678901234567890}', 200, 50),
+    (b'{"id": 1, "k": [3]}', 200, 5), (b'{"id": 1, "k": true, "labels": ["a"]}', 200, 1),
+    (b'{"id": 1e999}', 400, None), (b'{"id": NaN}', 400, None), (b'{"id": 123456789012345678901234567890}', 400, None),
+    (b'{"id": 1, "k": ' + b"9" * 5000 + b"}", 400, None), (b"[" * 30000 + b"]" * 30000, 400, None),
+    (b'{"id": ' * 5000 + b"1" + b"}" * 5000, 400, None), (b'{"id": {"id": 1}}', 400, None),
+    (b"\xff\xfe{", 400, None), (b'{"id": 1', 400, None), (b'"' + b"x" * 60000 + b'"', 400, None),
+]
+
+
+@pytest.mark.parametrize("body,status,k", ODD_MORE, ids=range(len(ODD_MORE)))
+def test_odd_json_is_a_short_400_or_a_query_with_a_sane_k(capped_page, body, status, k):
+    answer = requests.post(capped_page["url"] + "/api/more", data=body, timeout=60,
+                           headers={"Content-Type": "application/json"})
+    assert answer.status_code == status
+    if status == 200:
+        assert _OkSeldon.received[-1]["jsonData"] == {"id": 1, "k": k}
+    else:
+        assert answer.json()["error"] == "'id' must be a gallery id (an integer)"
+
+
+def test_odd_uploads_are_short_400s_or_queries_with_a_sane_k(capped_page):
+    url = capped_page["url"]
+    for k, asked in (("1e999", 5), ("inf", 5), ("nan", 5), ("9" * 5000, 5), ("-3", 1), ("7", 7)):
+        assert _search(url, k=k).status_code == 200 and _OkSeldon.received[-1]["meta"]["tags"] == {"k": asked}
+    long_name = "n" * 5000 + ".png"
+    empty = requests.post(url + "/api/search", files={"image": (long_name, b"")}, timeout=60)
+    assert empty.status_code == 400 and len(empty.json()["error"]) <= QUOTED + 20
+    assert empty.json()["error"].endswith("... is empty")
+    for data, content_type in ((_multipart(PNG), "multipart/form-data"),  # no boundary
+                               (b"--b\r\nno headers at all", "multipart/form-data; boundary=b"),
+                               (PNG, "image/png"), (b"k=3", "application/x-www-form-urlencoded")):
+        answer = requests.post(url + "/api/search", data=data, headers={"Content-Type": content_type}, timeout=60)
+        assert answer.status_code == 400 and answer.json() == {"error": "choose an image file to search with"}
+
+
+def test_no_client_mistake_left_a_trace_and_the_page_still_serves(capped_page, deadline_page):
+    for page in (capped_page, deadline_page):
+        assert _search(page["url"]).status_code == 200
+        assert "Traceback" not in page["log"].read_text(errors="replace")

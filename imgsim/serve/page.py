@@ -21,7 +21,8 @@ from imgsim.config import setting
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import SERVING_MAX_PIXELS, decode_image
 from imgsim.serve import protocols
-from imgsim.serve.bodies import BoundedBody, InMemoryRequest
+from imgsim.serve.bodies import BoundedBody, ImageJson, InMemoryRequest, upload_bytes
+from imgsim.serve.process import memory_limit
 from imgsim.serve.inputs import read_gallery_file
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,40 @@ class UiConfig:
     max_concurrent_decodes: int = setting(1, "thumbnail decodes at once per worker process, as in the server",
                                           "limits")
     thumbnail_cache_bytes: int = setting(16 * 1024 * 1024, "thumbnail cache per worker process", "limits")
+    in_flight: int = setting(0, "queries with a body (uploads, more-like-this) held at once per worker process; "
+                             "more are answered 503 with Retry-After. 0: what the container's memory limit allows",
+                             "limits")
+    body_deadline_s: float = setting(30.0, "a request's body must arrive within this many seconds, else 408 (a "
+                                     "stalled upload gives back its memory)", "limits")
+    workers: int = setting(1, "gunicorn worker processes (the chart runs 2); they share the memory that sets the "
+                           "in-flight default", "page")
 
     def __post_init__(self) -> None:
-        small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and getattr(self, f.name) < 1]
+        small = [f.name for f in dataclasses.fields(self) if (f.name.startswith("max_") or f.name == "workers")
+                 and getattr(self, f.name) < 1]
         if small:
             raise ImgsimError(f"{', '.join(small)} must be at least 1")
+        if self.in_flight < 0:
+            raise ImgsimError("in_flight must be at least 0 (0: from the memory limit)")
+        if not 0 < self.body_deadline_s < 24 * 3600:  # NaN and inf too: a timer cannot wait on them
+            raise ImgsimError("body_deadline_s must be above 0 and under a day")
         protocols.protocol(self.protocol, self.model)  # an unknown protocol fails at start, not at the first query
 
     @property
     def proto(self) -> protocols.Seldon | protocols.OpenInference:
         return protocols.protocol(self.protocol, self.model)
+
+    def in_flight_slots(self, limit: int | None = None) -> int:
+        """``in_flight``, or what the memory ``limit`` (default: the container's) leaves each worker process."""
+        if self.in_flight:
+            return self.in_flight
+        limit = memory_limit() if limit is None else limit
+        if limit is None:
+            return DEFAULT_IN_FLIGHT
+        # Per worker: (limit - idle processes - their thumbnail caches) / (workers x one query's worst case, twice
+        # its largest body: the body, plus allocator slack and the relay's pieces; bench/hostile_page.py --stalls).
+        idle = IDLE_PROCESS_BYTES * (self.workers + 1) + self.thumbnail_cache_bytes * self.workers
+        return max(1, (limit - idle) // (self.workers * 2 * (self.max_image_bytes + SMALL_BODY)))
 
     @classmethod
     def from_env(cls, **params: Any) -> "UiConfig":
@@ -67,6 +92,10 @@ class UiConfig:
 ENV_PREFIX = "IMGSIM_UI_"
 SMALL_BODY = 64 * 1024  # every route but the upload: a JSON id, form fields
 MAX_LABELS_FIELD = 2000  # characters of the "only labels" field that are read
+QUOTED = 100  # characters of a client's text an error message quotes
+DEFAULT_IN_FLIGHT = 16  # queries held at once per worker where the container has no memory limit
+IDLE_PROCESS_BYTES = 48 * 2**20  # a page process at rest (gunicorn's arbiter or a worker; ~40 MB PSS measured)
+MAX_ID = 2**63 - 1  # gallery ids are int64 on the wire (protocol v2)
 SECURITY_HEADERS = {
     # Everything the page uses is its own (no inline script or style); the query preview is a blob: URL.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
@@ -83,7 +112,7 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_image_bytes + SMALL_BODY  # the image plus the form fields
     app.request_class = InMemoryRequest
     app.wsgi_app = BoundedBody(app.wsgi_app, {"/api/search": cfg.max_image_bytes + SMALL_BODY}, SMALL_BODY,
-                              SECURITY_HEADERS)
+                              SECURITY_HEADERS, slots=cfg.in_flight_slots(), deadline_s=cfg.body_deadline_s)
     thumbnails = app.extensions["imgsim.thumbnails"] = ThumbnailCache(cfg)
 
     @app.after_request
@@ -123,20 +152,23 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
         upload = request.files.get("image")
         if upload is None:
             return _error(400, "choose an image file to search with")
-        data = upload.read(cfg.max_image_bytes + 1)
+        data = upload_bytes(upload.stream)
         if not data:
-            return _error(400, f"{upload.filename or 'the file'} is empty")
+            return _error(400, f"{_quote(upload.filename or 'the file')} is empty")
         if len(data) > cfg.max_image_bytes:
             return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB")
         tags = {"k": _k(cfg), **_labels(request.form.get("labels"))}
-        return _relay(cfg, cfg.proto.image_body(data, tags))
+        return _relay(cfg, ImageJson(data, lambda image: cfg.proto.image_body(image, tags)))
 
     @app.post("/api/more")
     def more():
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # nesting deeper than the parser goes: silent=True only silences ValueError
+            body = None
         body = body if isinstance(body, dict) else {}  # a JSON number or list is no request either (was a 500)
         item_id = body.get("id")
-        if not isinstance(item_id, int) or isinstance(item_id, bool):
+        if not isinstance(item_id, int) or isinstance(item_id, bool) or abs(item_id) > MAX_ID:
             return _error(400, "'id' must be a gallery id (an integer)")
         labels = body.get("labels")
         return _relay(cfg, cfg.proto.id_body(item_id, {"k": _k(cfg, body.get("k")),
@@ -163,11 +195,19 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
 
 
 def _k(cfg: UiConfig, raw=None) -> int:
+    """The k asked for, within 1..max_k; 5 for anything that is not a number (NaN, a list, "1e999" as text)."""
     raw = request.form.get("k") if raw is None else raw
     try:
         return max(1, min(cfg.max_k, int(raw)))
+    except OverflowError:  # an infinite float (JSON 1e999): as large as the page asks for
+        return cfg.max_k if raw > 0 else 1
     except (TypeError, ValueError):
         return 5
+
+
+def _quote(text: str) -> str:
+    """A client's text as an error message quotes it: at most QUOTED characters."""
+    return text if len(text) <= QUOTED else text[:QUOTED] + "..."
 
 
 def _labels(raw: str | None) -> dict:
@@ -177,11 +217,13 @@ def _labels(raw: str | None) -> dict:
     return {"labels": labels} if labels else {}
 
 
-def _relay(cfg: UiConfig, body: dict):
+def _relay(cfg: UiConfig, body: dict | ImageJson):
     """Send a query to the server; its answer back as is, its 4xx text as our message, unreachable as 502."""
     proto = cfg.proto
+    sent = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, ImageJson) \
+        else {"json": body}
     try:
-        response = requests.post(f"{cfg.url}{proto.predict_path}", json=body, timeout=cfg.timeout_s)
+        response = requests.post(f"{cfg.url}{proto.predict_path}", timeout=cfg.timeout_s, **sent)
     except requests.RequestException:
         return _error(502, f"the search server at {cfg.url} cannot be reached; is it running?")
     payload = protocols.json_body(response)
@@ -268,7 +310,7 @@ def serve(cfg: UiConfig, host: str = "127.0.0.1", port: int = 8501) -> None:
 
     class Page(BaseApplication):
         def load_config(self):
-            for key, value in {"bind": f"{host}:{port}", "workers": 1, **GUNICORN, "accesslog": "-",
+            for key, value in {"bind": f"{host}:{port}", "workers": cfg.workers, **GUNICORN, "accesslog": "-",
                                "timeout": int(cfg.timeout_s) + 30}.items():
                 self.cfg.set(key, value)
 

@@ -99,3 +99,18 @@ def on_sighup(handler) -> None:
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
         return
     signal.signal(signal.SIGHUP, lambda signum, frame: handler())
+
+
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def memory_limit() -> int | None:
+    """This container's memory limit in bytes (cgroup v2, else v1), or None when it has none."""
+    for path in CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes "no limit" as a number near 2**63
+            return int(text)
+    return None
