@@ -193,6 +193,24 @@ def _error_blueprint(max_request_bytes: int, metadata: Callable[[], dict | None]
             abort(413)
         env["wsgi.input"], env["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
 
+    @blueprint.before_app_request
+    def _parsable_json():
+        # Seldon parses the body itself and answers a RecursionError (JSON nested past the interpreter's stack) as
+        # a 500. Parsed here first: Flask keeps the result, so Seldon's own get_json() does not parse it again.
+        if request.method != "POST":
+            return
+        try:
+            if request.is_json:
+                request.get_json(silent=True)
+            for key in ("json", *[k for k in request.form if k not in ("json", "strData")]):
+                text = request.form.get(key) or (request.args.get(key) if key == "json" else None)
+                if text:
+                    json.loads(text)
+        except RecursionError:
+            abort(400, "the request's JSON is nested too deeply")
+        except ValueError:
+            pass  # Seldon's own message says what is wrong with it
+
     @blueprint.app_errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         # Without this, Seldon's catch-all handler turns 404/405/413 into 500s.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 
 import grpc
+from google.protobuf.message import DecodeError
 from seldon_core import seldon_methods
 from seldon_core import wrapper as seldon_wrapper
 from seldon_core.flask_utils import SeldonMicroserviceException
@@ -16,6 +17,8 @@ def install() -> None:
     """Idempotent: proper gRPC status codes, metadata from the loaded model, a cheaper custom-metrics update."""
     _install_grpc_status_mapping()
     _install_live_grpc_metadata()
+    if not isinstance(seldon_wrapper.grpc, _GrpcWithDecoding):
+        seldon_wrapper.grpc = _GrpcWithDecoding()
     SeldonMetrics._update_hist = staticmethod(update_histogram)
 
 
@@ -63,6 +66,45 @@ def _with_status(original):
     call._imgsim = True
     call.__name__ = original.__name__
     return call
+
+
+_UNDECODABLE = object()
+
+
+class TolerantDecoding(grpc.ServerInterceptor):
+    """A message protobuf cannot decode (nested past its recursion limit, or not a SeldonMessage) is the client's
+    INVALID_ARGUMENT: gRPC's own handler logs a trace for it and answers INTERNAL."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        decode, behaviour = handler.request_deserializer, handler.unary_unary
+
+        def tolerant(data: bytes):
+            try:
+                return decode(data)
+            except DecodeError:
+                return _UNDECODABLE
+
+        def call(request, context):
+            if request is _UNDECODABLE:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the message cannot be decoded as a Seldon message "
+                                                                "(nested too deeply, or not one)")
+            return behaviour(request, context)
+
+        return handler._replace(request_deserializer=tolerant, unary_unary=call)
+
+
+class _GrpcWithDecoding:
+    """``grpc`` as seldon-core's wrapper sees it: its server built with :class:`TolerantDecoding`."""
+
+    def __getattr__(self, name: str):
+        return getattr(grpc, name)
+
+    @staticmethod
+    def server(*args, interceptors=(), **kwargs):
+        return grpc.server(*args, interceptors=[TolerantDecoding(), *interceptors], **kwargs)
 
 
 def _install_live_grpc_metadata() -> None:
