@@ -90,4 +90,8 @@ serve_env "$SERVE_VENV" serve_python requirements-serve.txt constraints-serve.tx
 V2_VENV=${V2_VENV:-.venv-serve-v2}
 serve_env "$V2_VENV" main_python requirements-serve-v2.txt constraints-serve-v2.txt \
   "the Open Inference Protocol server (MLServer)"
-echo "setup: ready ($VENV, $K8S_VENV, $SERVE_VENV, $V2_VENV)"
+# NVIDIA's tritonclient, the third-party V2 client the tests drive that server with, in an environment of its own.
+V2_CLIENT_VENV=${V2_CLIENT_VENV:-.venv-v2-client}
+serve_env "$V2_CLIENT_VENV" main_python requirements-v2-client.txt constraints-v2-client.txt \
+  "tritonclient, the third-party V2 client of the tests"
+echo "setup: ready ($VENV, $K8S_VENV, $SERVE_VENV, $V2_VENV, $V2_CLIENT_VENV)"

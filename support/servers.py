@@ -140,6 +140,7 @@ def _wait_up(server: Server, up, timeout: float, what: str, state: str) -> Serve
 # and MLServer's (the Open Inference Protocol server and its gRPC client).
 SERVE_VENV = Path(os.environ.get("SERVE_VENV", REPO / ".venv-serve"))
 V2_VENV = Path(os.environ.get("V2_VENV", REPO / ".venv-serve-v2"))
+V2_CLIENT_VENV = Path(os.environ.get("V2_CLIENT_VENV", REPO / ".venv-v2-client"))
 
 
 def venv_bin(venv: Path, name: str) -> Path:
@@ -154,14 +155,19 @@ def v2_python() -> Path:
     return venv_bin(V2_VENV, "python")
 
 
-def in_serve_env(code: str, *args: str, timeout: float = 120):
-    """Run ``code`` in the Seldon wrapper's environment (imgsim from this checkout) and return the JSON it prints
-    last: what a test of the pipeline environment needs to know of seldon-core, which it cannot import."""
-    out = subprocess.run([str(venv_bin(SERVE_VENV, "python")), "-c", code, *args], capture_output=True, text=True,
-                         timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO)})
+def in_serve_env(code: str, *args: str, timeout: float = 120, venv: Path = SERVE_VENV):
+    """Run ``code`` in the Seldon wrapper's environment (or ``venv``; imgsim from this checkout) and return the JSON
+    it prints last: what a test of the pipeline environment needs to know of seldon-core, which it cannot import."""
+    out = subprocess.run([str(venv_bin(venv, "python")), "-c", code, *args], capture_output=True, text=True,
+                         timeout=timeout, env=os.environ | {"PYTHONPATH": str(REPO)}, cwd=REPO)
     if out.returncode != 0:
-        raise RuntimeError(f"the serve environment's python failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"the {venv.name} environment's python failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def in_v2_env(code: str, *args: str, timeout: float = 120):
+    """``in_serve_env`` in MLServer's environment."""
+    return in_serve_env(code, *args, timeout=timeout, venv=V2_VENV)
 
 
 def start_mlserver(env: dict[str, str], log: Path, *, timeout: float = 120, wait_ready: bool = True,
@@ -277,3 +283,14 @@ def start_page(seldon_url: str, log: Path, gallery_root: Path | None = None, env
             time.sleep(0.2)
     page.stop()
     raise RuntimeError(f"imgsim ui not up within {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def triton(mode: str, server: Server, *args: str) -> dict:
+    """One call of NVIDIA's tritonclient (support/triton_client.py in .venv-v2-client): ``mode`` binary or json (REST)
+    or grpc."""
+    url = (server.grpc if mode == "grpc" else server.rest.removeprefix("http://"))
+    out = subprocess.run([str(venv_bin(V2_CLIENT_VENV, "python")), str(REPO / "support" / "triton_client.py"),
+                          "--mode", mode, "--url", url, *args], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"triton_client failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -326,7 +326,8 @@ def test_protocol_v2_runs_mlserver_where_seldon_s_executor_calls_it():
     assert (env["MLSERVER_HTTP_PORT"], env["MLSERVER_GRPC_PORT"], env["MLSERVER_METRICS_PORT"]) == ("9000", "9500",
                                                                                                     "6000")
     assert {container[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe")} == {"/v2/health/live"}
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The model's own readiness: the server's stays 200 with the model unloaded.
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v2/models/{graph['name']}/ready"
     assert container["securityContext"]["readOnlyRootFilesystem"]
     (page,) = of_kind(render(VARIANTS["v2"]), "Deployment")
     page_env = env_of(page["spec"]["template"]["spec"]["containers"][0])

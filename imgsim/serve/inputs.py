@@ -22,25 +22,25 @@ def read_gallery_file(gallery_root: str | Path, path: Any, max_bytes: int) -> by
     root = Path(gallery_root).resolve()
     # Whether a path escapes is decided before the filesystem is asked anything about it, so a client gets
     # the same answer for an outside file that exists and one that does not.
-    outside = BadInput(f"path {_short(path)} is outside the gallery root")
+    outside = BadInput(f"path {short(path)} is outside the gallery root")
     lexical = Path(os.path.normpath(root / path))
     if root not in lexical.parents:
         raise outside
     try:
         real = lexical.resolve()  # follows symlinks inside the root, wherever they point
     except (OSError, RuntimeError):
-        raise BadInput(f"path {_short(path)} cannot be resolved in the gallery (a symlink loop?)") from None
+        raise BadInput(f"path {short(path)} cannot be resolved in the gallery (a symlink loop?)") from None
     if root not in real.parents:
         raise outside
     try:
         if not real.is_file():  # inside the root, saying which is fine
-            raise BadInput(f"path {_short(path)} " + ("is not a regular file" if real.exists() else
+            raise BadInput(f"path {short(path)} " + ("is not a regular file" if real.exists() else
                                                       "does not exist in the gallery"))
         if real.stat().st_size > max_bytes:
-            raise BadInput(f"path {_short(path)} is larger than {max_bytes} bytes")
+            raise BadInput(f"path {short(path)} is larger than {max_bytes} bytes")
         return real.read_bytes()
     except OSError as exc:  # a name too long, a file this server may not read
-        raise BadInput(f"path {_short(path)} cannot be read from the gallery ({exc.strerror})") from None
+        raise BadInput(f"path {short(path)} cannot be read from the gallery ({exc.strerror})") from None
 
 
 class PixelBudget:
@@ -62,7 +62,7 @@ def integer(value: Any, name: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, float) or not math.isfinite(value) or not value.is_integer():
-        raise BadInput(f"{name} must be an integer, got {_short(value)}")
+        raise BadInput(f"{name} must be an integer, got {short(value)}")
     return int(value)
 
 
@@ -75,16 +75,16 @@ def filter_of(labels: Any, exclude_ids: Any, max_ids: int) -> Filter | None:
         return None
     if labels is not None and (not isinstance(labels, list) or not labels or
                                not all(isinstance(label, str) for label in labels)):
-        raise BadInput(f"'labels' must be a non-empty list of label strings, got {_short(labels)}")
+        raise BadInput(f"'labels' must be a non-empty list of label strings, got {short(labels)}")
     if exclude_ids is not None and not isinstance(exclude_ids, list):
-        raise BadInput(f"'exclude_ids' must be a list of gallery ids, got {_short(exclude_ids)}")
+        raise BadInput(f"'exclude_ids' must be a list of gallery ids, got {short(exclude_ids)}")
     if exclude_ids is not None and len(exclude_ids) > max_ids:
         raise BadInput(f"'exclude_ids' has {len(exclude_ids)} ids; at most {max_ids} per query")
     return Filter(None if labels is None else frozenset(labels),
                   frozenset(integer(i, "exclude_ids[]") for i in exclude_ids or []))
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def short(value: Any, limit: int = 40) -> str:
     text = repr(value) if not isinstance(value, (str, bytes)) or len(value) < limit else repr(value[:limit]) + "..."
     return text if len(text) <= limit + 5 else text[:limit] + "..."
 

@@ -57,6 +57,7 @@ class SimilarityService:
         self._loaded_key: str | None = None
         self._failed_key: str | None = None
         self._download: Path | None = None  # the temp folder the serving version was downloaded into, if any
+        self._closed = threading.Event()
 
     def load(self) -> None:
         """Load the bundle; if that fails for a reason that may pass (store unreachable, folder not there yet),
@@ -72,9 +73,18 @@ class SimilarityService:
             threading.Thread(target=self._poll, name="imgsim-poll", daemon=True).start()
 
     def _poll(self) -> None:
-        while True:
-            time.sleep(self.cfg.poll_interval_s)
+        while not self._closed.wait(self.cfg.poll_interval_s):
             self.refresh()
+
+    def close(self) -> None:
+        """Stop following the gallery (polls, retries, SIGHUP) and remove this service's download: the runtime's
+        unload. Requests already running keep the version they hold."""
+        self._closed.set()
+        with self._refresh_lock:  # a refresh under way finishes first, then finds the service closed
+            self.searcher, self.load_error = None, "unloaded"
+            download, self._download = self._download, None
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
 
     def refresh(self) -> bool:
         """Load the gallery's newest version if it differs from the one serving, then switch to it: requests
@@ -84,6 +94,8 @@ class SimilarityService:
         if not (self.ready or self.load_failed_for_good) or not self._refresh_lock.acquire(blocking=False):
             return False  # still loading (the retry thread owns that), or a refresh is already running
         try:
+            if self._closed.is_set():
+                return False
             current = self._source_key()
             if current is None or current in (self._loaded_key, self._failed_key):
                 return False  # nothing new, or the same broken version as last time (logged then)
@@ -122,7 +134,8 @@ class SimilarityService:
         delay, attempt = self.cfg.load_backoff_s, 1
         while True:
             self._announce_retry(attempt, delay)
-            time.sleep(delay)
+            if self._closed.wait(delay):
+                return
             attempt += 1
             if self._try_load(attempt) or self.load_failed_for_good:
                 return
@@ -166,6 +179,10 @@ class SimilarityService:
                 self.load_failed_for_good, self._failed_key = True, version or key
                 reason += " (not retried: loading this bundle again cannot succeed)"
             return self._failed(attempt, reason, trace)
+        if self._closed.is_set():  # unloaded while this load ran: nothing may be left behind
+            if download is not None:
+                shutil.rmtree(download, ignore_errors=True)
+            return False
         # One assignment switches versions: each request holds the searcher it started with until it answers.
         previous = self._download
         self.searcher, self.load_error, self.load_failed_for_good = searcher, None, False

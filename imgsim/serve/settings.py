@@ -15,6 +15,7 @@ from imgsim.images import SERVING_MAX_PIXELS
 from imgsim.sharded import MAX_SHARDS
 
 ENV_PREFIX = "IMGSIM_"
+INFLIGHT_COPIES = 3  # a REST body while MLServer answers it: the body, its parsed JSON, the decoded image bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,14 @@ class ServiceConfig:
     max_pixels: int = setting(SERVING_MAX_PIXELS, "most pixels one image may decode to (after JPEG draft scaling)",
                               "limits")
     max_request_pixels: int = setting(48_000_000, "most pixels over all of a request's images", "limits")
+    max_inflight_requests: int = setting(64, "requests with a body the v2 server holds at once (503 with Retry-After "
+                                         "beyond): each small one costs little, large ones are held by max_inflight_bytes",
+                                         "limits")
+    max_inflight_bytes: int = setting(0, "request bytes the v2 server holds at once, each large body counted "
+                                      f"{INFLIGHT_COPIES} times (the copies answering it makes); 0: a quarter of the "
+                                      "pod's memory limit, 256 MiB without one", "limits")
+    body_timeout_s: float = setting(30.0, "seconds a client has to send a request's body to the v2 server (408 "
+                                    "after)", "limits")
     max_concurrent_decodes: int = setting(1, "decodes at once per worker process: decoding is where a request's "
                                           "memory goes (~100 MB at 12 MP)", "limits")
     bundle_sha256: str = setting("", "the sha256 the bundle's bundle.json must have (imgsim rollout sets it from the "
@@ -67,7 +76,10 @@ class ServiceConfig:
         if self.bundle_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.bundle_sha256):
             raise ImgsimError("bundle_sha256 must be a sha256 in 64 lowercase hex characters (the registry's "
                               "imgsim.bundle_sha256 tag), or empty")
-        small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and getattr(self, f.name) < 1]
+        small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and
+                 getattr(self, f.name) < (0 if f.name == "max_inflight_bytes" else 1)]
+        if self.body_timeout_s <= 0:
+            raise ImgsimError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         if small or self.threads < 1:
             raise ImgsimError(f"{', '.join(small or ['threads'])} must be at least 1")
 

@@ -21,16 +21,27 @@ from typing import Any
 import imgsim_v2_metrics as metrics  # a module of its own: see there
 from mlserver import MLModel
 from mlserver.errors import MLServerError
-from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters, ResponseOutput
+from mlserver.types import (InferenceRequest, InferenceResponse, MetadataModelResponse, MetadataTensor, Parameters,
+                            ResponseOutput)
 
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.serve import inputs
+from imgsim.serve.inputs import short
 from imgsim.serve.service import SimilarityService
 from imgsim.serve.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
 QUERY_INPUTS = ("images", "id", "path")
 FORMATS = ("tensors", "json")  # request parameter "format": "json" adds the v1 server's JSON answer as "answer"
+# What a client discovers at /v2/models/imgsim: one of the inputs per request; -1 where a size varies.
+INPUTS = [MetadataTensor(name="images", datatype="BYTES", shape=[-1]),
+          MetadataTensor(name="id", datatype="INT64", shape=[1]),
+          MetadataTensor(name="path", datatype="BYTES", shape=[1])]
+OUTPUTS = [MetadataTensor(name="ids", datatype="INT64", shape=[-1, -1]),
+           MetadataTensor(name="scores", datatype="FP32", shape=[-1, -1]),
+           MetadataTensor(name="labels", datatype="BYTES", shape=[-1, -1]),
+           MetadataTensor(name="predicted", datatype="BYTES", shape=[-1]),
+           MetadataTensor(name="answer", datatype="BYTES", shape=[1])]
 
 
 class ImgsimRuntime(MLModel):
@@ -57,10 +68,17 @@ class ImgsimRuntime(MLModel):
             log.error("imgsim: NOT READY: %s", self.service.load_error)
         return self.service.ready
 
+    async def unload(self) -> bool:
+        """Stop following the gallery and remove this server's downloads (MLServer calls it on shutdown)."""
+        if self.service is not None:
+            self.service.close()
+        return True
+
     async def metadata(self) -> MetadataModelResponse:
         """MLServer's metadata, with the model and gallery identity of the version serving now in its parameters
         (what the v1 server's /health/status answers; the search page shows it)."""
         meta = await super().metadata()
+        meta.inputs, meta.outputs = INPUTS, OUTPUTS
         meta.parameters = Parameters(**(self.service.versions() if self.service is not None else {}))
         return meta
 
@@ -69,7 +87,8 @@ class ImgsimRuntime(MLModel):
             params = _params(payload.parameters)
             fmt = params.pop("format", "tensors")
             if fmt not in FORMATS:
-                raise BadInput(f"parameter 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
+                raise BadInput(f"parameter 'format' must be one of {', '.join(FORMATS)}, got {short(fmt)}")
+            wanted = _requested(payload)
             # Decoding and embedding off the event loop, so health checks and other requests go on meanwhile.
             answer, timings = await asyncio.get_running_loop().run_in_executor(None, self._answer, payload, params)
         except BadInput as exc:
@@ -83,7 +102,7 @@ class ImgsimRuntime(MLModel):
         for name, ms in timings.items():  # the v1 server's metrics, on MLServer's endpoint
             metrics.stages[name.removesuffix("_ms")].labels(self.name).observe(ms / 1000)
         metrics.queries.labels(self.name).inc(len(answer["results"]))
-        return _response(self.name, answer, with_json=fmt == "json")
+        return _response(self.name, answer, with_json=fmt == "json", wanted=wanted)
 
     def _gallery_size(self) -> float:
         return float(self.service.versions().get("index_size", 0) or 0) if self.service is not None else 0.0
@@ -95,11 +114,13 @@ class ImgsimRuntime(MLModel):
         given = [i for i in payload.inputs if i.name in QUERY_INPUTS]
         if len(given) != 1 or len(payload.inputs) != 1:
             raise BadInput(f"send exactly one input tensor, one of {', '.join(QUERY_INPUTS)} (got "
-                           f"{[i.name for i in payload.inputs]})")
+                           f"{short([i.name for i in payload.inputs])})")
         tensor = given[0]
         elements = tensor.data.root if tensor.data is not None else None
         if not isinstance(elements, list) or not elements:
             raise BadInput(f"input '{tensor.name}' needs a non-empty list of data")
+        if _params(tensor.parameters).get("content_type") == "base64" and tensor.name != "images":
+            elements = [inputs.decode_base64(e, tensor.name) for e in elements]  # (binary tensors arrive so)
         if tensor.name == "id":
             if len(elements) != 1:
                 raise BadInput("input 'id' takes one gallery id")
@@ -129,9 +150,21 @@ def _params(parameters: Parameters | None) -> dict:
         if isinstance(params.get(key), str):
             try:
                 params[key] = json.loads(params[key])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than the interpreter's stack
                 raise BadInput(f"parameter '{key}' must be a list, or a JSON list in a string") from None
     return params
+
+
+def _requested(payload: InferenceRequest) -> list[str] | None:
+    """The output names the request asks for, in its order; None: all."""
+    if not payload.outputs:
+        return None
+    names = [o.name for o in payload.outputs]
+    known = [o.name for o in OUTPUTS]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BadInput(f"unknown output {short(unknown[0])}; this model's outputs are {', '.join(known)}")
+    return names
 
 
 def _image(element: Any, i: int, base64_bytes: bool) -> bytes:
@@ -152,7 +185,7 @@ def _text(element: Any, name: str) -> str:
     return element
 
 
-def _response(model_name: str, answer: dict, with_json: bool) -> InferenceResponse:
+def _response(model_name: str, answer: dict, with_json: bool, wanted: list[str] | None = None) -> InferenceResponse:
     results = answer["results"]
     width = max((len(r["neighbours"]) for r in results), default=0)
     ids = [[n["id"] for n in r["neighbours"]] + [-1] * (width - len(r["neighbours"])) for r in results]
@@ -167,7 +200,10 @@ def _response(model_name: str, answer: dict, with_json: bool) -> InferenceRespon
                ResponseOutput(name="scores", datatype="FP32", shape=shape, data=flat[1]),
                ResponseOutput(name="labels", datatype="BYTES", shape=shape, data=flat[2]),
                ResponseOutput(name="predicted", datatype="BYTES", shape=[len(results)], data=predicted)]
-    if with_json:
+    if with_json or (wanted and "answer" in wanted):
         outputs.append(ResponseOutput(name="answer", datatype="BYTES", shape=[1], data=[json.dumps(answer).encode()],
                                       parameters=Parameters(content_type="str")))
+    if wanted is not None:
+        by_name = {o.name: o for o in outputs}
+        outputs = [by_name[name] for name in dict.fromkeys(wanted)]
     return InferenceResponse(model_name=model_name, parameters=Parameters(**tags), outputs=outputs)

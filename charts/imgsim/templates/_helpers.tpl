@@ -370,7 +370,8 @@ env:
   {{- if include "imgsim.fromRegistry" . }}
   {{- include "imgsim.serverMlflowEnv" . | nindent 2 }}
   {{- end }}
-{{ include "imgsim.probes" (dict "root" . "live" "/v2/health/live" "ready" "/v2/health/ready") }}
+{{- /* Ready when the model is: /v2/health/ready answers 200 with no model loaded at all. */}}
+{{ include "imgsim.probes" (dict "root" . "live" "/v2/health/live" "ready" "/v2/models/imgsim/ready") }}
 {{- end }}
 
 {{/* A podSelector for this release's pods of one component. Call with (dict "root" $ "component" C). */}}
