@@ -287,3 +287,25 @@ def test_a_body_that_stalls_gets_408_and_the_server_keeps_serving(tight, gallery
     sock.close()
     assert b" 408 " in status and 1.5 < waited < 15, (status, waited)
     _serves(tight, gallery)
+
+
+def test_unload_stops_following_the_gallery_and_removes_the_download(bundle, tmp_path):
+    import threading
+
+    from imgsim.serve.service import SimilarityService
+    from imgsim.serve.settings import ServiceConfig
+
+    service = SimilarityService(ServiceConfig(model_uri=str(bundle), poll_interval_s=0.05))
+    before = set(threading.enumerate())  # (other services in this process poll too)
+    service.load()
+    download = tmp_path / "download"  # where a registry version would have been fetched to
+    download.mkdir()
+    (download / "model.onnx").write_bytes(b"x")
+    service._download = download
+    polls = [t for t in set(threading.enumerate()) - before if t.name == "imgsim-poll"]
+    assert service.ready and polls
+    service.close()
+    for thread in polls:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in polls) and not download.exists()
+    assert not service.ready and service.refresh() is False
