@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flask import jsonify
 from google.protobuf import json_format
 from ModelServer import _error_blueprint, _proto_answer
 from seldon_core.flask_utils import SeldonMicroserviceException
 from seldon_core.proto import prediction_pb2
 
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.serve.graph import Merger
+from imgsim.serve.graph import Merger, ShardAnswerError, merger_body_limit
 from imgsim.serve.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -22,17 +23,20 @@ class ShardMerger:
 
     def __init__(self, **params: Any) -> None:
         cfg = ServiceConfig.from_sources(**params)
-        self.merger = Merger.from_config(cfg)
-        self.model_error_handler = _error_blueprint(cfg.max_request_bytes, self.init_metadata)
+        self.merger, self.body_limit = Merger.from_config(cfg), merger_body_limit(cfg)
+        self.model_error_handler = _error_blueprint(self.body_limit, self.init_metadata)
+        self.model_error_handler.app_errorhandler(413)(self._answers_too_large)
 
     def aggregate_raw(self, request: Any) -> Any:
         is_proto = isinstance(request, prediction_pb2.SeldonMessageList)
         try:
-            answers = [json_format.MessageToDict(m.jsonData) for m in request.seldonMessages] if is_proto else \
-                _rest_answers(request)
+            answers = _proto_answers(request) if is_proto else _rest_answers(request)
             answer = self.merger.merge(answers)
-        except BadInput as exc:
+        except BadInput as exc:  # from _rest_answers alone: a body that is no SeldonMessageList is the caller's fault
             raise SeldonMicroserviceException(str(exc), status_code=400, reason="BAD_REQUEST") from None
+        except ShardAnswerError as exc:  # Seldon's executor passes a node's status on: the client did nothing wrong
+            log.error("imgsim merger: %s", exc)
+            raise SeldonMicroserviceException(str(exc), status_code=502, reason="BAD_GATEWAY") from None
         except ImgsimError as exc:  # a shard missing or twice, or shards of different galleries: the deployment
             log.error("imgsim merger: %s", exc)
             raise SeldonMicroserviceException(str(exc), status_code=503, reason="NOT_READY") from None
@@ -44,6 +48,13 @@ class ShardMerger:
         if is_proto:
             return _proto_answer(answer, tags, [], compact=False)
         return {"jsonData": answer, "meta": {"tags": tags}}
+
+    def _answers_too_large(self, _exc: Exception):
+        # The executor wrote this body from the shards' answers: too large is a shard's fault, not the client's.
+        info = (f"the shards' answers exceed the merger's limit of {self.body_limit} bytes (max_request_bytes x "
+                "shards): a shard answered far more than k neighbours per query")
+        log.error("imgsim merger: %s", info)
+        return jsonify({"status": {"status": 1, "code": 502, "reason": "BAD_GATEWAY", "info": info}}), 502
 
     def health_status(self) -> dict:
         return {"ready": True, "shards": self.merger.shards}
@@ -58,3 +69,14 @@ def _rest_answers(request: Any) -> list[Any]:
     if not isinstance(messages, list):
         raise BadInput("the body must be a SeldonMessageList: {\"seldonMessages\": [...]}, one per shard")
     return [m.get("jsonData") if isinstance(m, dict) else None for m in messages]
+
+
+def _proto_answers(request: prediction_pb2.SeldonMessageList) -> list[Any]:
+    answers = []
+    for i, message in enumerate(request.seldonMessages):
+        try:
+            answers.append(json_format.MessageToDict(message.jsonData))
+        except ValueError:  # protobuf refuses to write a NaN or infinite number_value as JSON
+            raise ShardAnswerError(f"message {i} of {len(request.seldonMessages)} holds a number that is not "
+                                   "finite: not an index shard's answer") from None
+    return answers

@@ -124,6 +124,61 @@ def test_an_unknown_predictor_and_a_local_bundle_are_refused():
         rollout.storage("bundles/demo")
 
 
+def _nodes(graph: dict) -> list[dict]:
+    return [graph, *(node for child in graph.get("children") or [] for node in _nodes(child))]
+
+
+def test_a_sharded_release_gets_each_part_s_folder_and_nothing_else_moves(tmp_path):
+    before = sdep(VARIANTS["sharded-serving"])
+    graph = before["spec"]["predictors"][0]["graph"]
+    shards = int(next(p["value"] for p in graph["parameters"] if p["name"] == "shards"))
+    # A stale digest on one part (a hand edit): each part has its own bundle.json, so rollout clears it.
+    _nodes(graph)[-1]["parameters"].append({"name": rollout.DIGEST_PARAMETER, "type": "STRING", "value": "ab" * 32})
+    after = rollout.patched(before, "s3://bucket/galleries/v8-sharded/", requested="s3://bucket/galleries/v8-sharded/")
+    assert crd_errors([after], tmp_path) == ""
+    uris = {node["name"]: node.get("modelUri") for node in _nodes(after["spec"]["predictors"][0]["graph"])}
+    assert uris == {"embedder": "s3://bucket/galleries/v8-sharded/embedder", "merger": None,
+                    **{f"shard-{i}": f"s3://bucket/galleries/v8-sharded/shard-{i}" for i in range(shards)}}
+    assert rollout.DIGEST_PARAMETER not in json.dumps(after)
+    undo = copy.deepcopy(after)
+    for new, old in zip(_nodes(undo["spec"]["predictors"][0]["graph"]), _nodes(graph)):
+        if "modelUri" in old:
+            new["modelUri"] = old["modelUri"]
+    _nodes(graph)[-1]["parameters"].pop()
+    del undo["metadata"]["annotations"]
+    assert undo == before  # only the parts' folders moved
+
+
+def test_rollout_of_a_sharded_release_patches_every_part():
+    api = FakeCustomObjects(sdep(VARIANTS["sharded-serving"]))
+    result = rollout.rollout("sim-imgsim", "s3://bucket/galleries/v8", namespace="imgsim", api=api)
+    ((_, _, body, _),) = api.patches
+    loads = sorted(node["modelUri"] for node in _nodes(body["spec"]["predictors"][0]["graph"]) if "modelUri" in node)
+    assert loads == ["s3://bucket/galleries/v8/embedder", "s3://bucket/galleries/v8/shard-0",
+                     "s3://bucket/galleries/v8/shard-1", "s3://bucket/galleries/v8/shard-2"]
+    assert result["previous"] == ["s3://my-imgsim-bucket/bundles/v1"]  # the folder the chart's parts came from
+
+
+def test_a_sharded_release_refuses_what_is_not_a_sharded_gallery():
+    sharded = sdep(VARIANTS["sharded-serving"])
+    with pytest.raises(ImgsimError, match=r"serves a sharded gallery \(3 shards\) and models:/imgsim-gallery/7 is "
+                                          r"one whole bundle: write its parts \(imgsim export --uri "
+                                          r"models:/imgsim-gallery/7 --out DIR; imgsim shard-bundle DIR --shards 3 "
+                                          r"--out OUT\)"):
+        rollout.patched(sharded, "s3://bucket/mlflow/1/abc/artifacts/bundle", requested="models:/imgsim-gallery/7",
+                        digest="ab" * 32)
+    for part in ("embedder", "shard-2/"):
+        with pytest.raises(ImgsimError, match="is one part of a sharded gallery: roll out the folder that holds its "
+                                              "embedder/ and shard-0/ ... shard-2/"):
+            rollout.patched(sharded, f"s3://bucket/galleries/v8/{part}")
+    incomplete = copy.deepcopy(sharded)
+    merger = incomplete["spec"]["predictors"][0]["graph"]["children"][0]
+    merger["children"] = merger["children"][:-1]
+    with pytest.raises(ImgsimError, match=r"looks like a sharded gallery's graph but its nodes load \['embedder', "
+                                          r"'shard-0', 'shard-1'\], not embedder and shard-0 ... shard-2"):
+        rollout.patched(incomplete, "s3://bucket/galleries/v8")
+
+
 def test_registry_uris_resolve_to_where_the_bundle_is_stored(pipeline_run):
     with mlflow_store(pipeline_run["work"]):
         tracking.setup()

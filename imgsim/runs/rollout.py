@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from imgsim.errors import ImgsimError
+from imgsim.sharded import EMBEDDER, SHARD, part_name
 
 GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
 ANNOTATION = "imgsim.io/bundle"  # what the user asked for (a models:/ URI, say), beside the storage URI it became
@@ -63,9 +65,11 @@ def storage(bundle: str) -> tuple[str, str]:
 
 
 def patched(sdep: dict, model_uri: str, predictor: str = "", requested: str = "", digest: str = "") -> dict:
-    """A copy of the SeldonDeployment ``sdep`` whose MODEL graph node(s) load ``model_uri`` and check its bundle.json
-    against ``digest`` (the registry's record; "" clears a previous one). Only those change: the operator then rolls
-    each predictor's Deployment, new pods ready before old ones go."""
+    """A copy of the SeldonDeployment ``sdep`` whose graph node(s) load ``model_uri`` and check its bundle.json against
+    ``digest`` (the registry's record; "" clears a previous one). In a sharded release (the chart's serving.shards)
+    ``model_uri`` is the folder `imgsim shard-bundle` wrote: each node loads its own part, ``<model_uri>/embedder`` or
+    ``<model_uri>/shard-<i>``, and checks no digest (each part has its own bundle.json). Only those change: the
+    operator then rolls each predictor's Deployment, new pods ready before old ones go."""
     new = copy.deepcopy(sdep)
     predictors = [p for p in new.get("spec", {}).get("predictors", []) if not predictor or p.get("name") == predictor]
     if not predictors:
@@ -74,9 +78,12 @@ def patched(sdep: dict, model_uri: str, predictor: str = "", requested: str = ""
                           f"{predictor or '(none at all)'}; it has {names}")
     changed = 0
     for p in predictors:
-        for node in _model_nodes(p.get("graph", {})):
-            node["modelUri"] = model_uri
-            _set_digest(p, node, digest, new.get("spec", {}).get("protocol") == "v2")
+        nodes = _bundle_nodes(p)
+        if any(part for _, part in nodes):
+            _check_sharded(requested or model_uri, len(nodes) - 1, digest)
+        for node, part in nodes:
+            node["modelUri"] = f"{model_uri.rstrip('/')}/{part}" if part else model_uri
+            _set_digest(p, node, "" if part else digest, new.get("spec", {}).get("protocol") == "v2")
             changed += 1
     if not changed:
         raise ImgsimError("the SeldonDeployment's graph has no MODEL node with a modelUri: a release that serves "
@@ -103,11 +110,58 @@ def _set_digest(predictor: dict, node: dict, digest: str, v2: bool) -> None:
                 upsert(container, "env", {"name": DIGEST_ENV, "value": digest})
 
 
-def _model_nodes(node: dict):
-    if node.get("type", "MODEL") == "MODEL" and "modelUri" in node:
+def _bundle_nodes(predictor: dict) -> list[tuple[dict, str]]:
+    """The graph's nodes that load a bundle, each with the part of a sharded gallery it loads ("" for a whole
+    bundle); a sharded graph must have the parts `imgsim shard-bundle` writes, each in one node."""
+    nodes = list(_with_model_uri(predictor.get("graph", {})))
+    counts = {_parameter(node, "shards") for node in nodes}
+    if counts <= {None, 0}:
+        return [(node, "") for node in nodes]
+    parts = [(node, _part(node)) for node in nodes]
+    shards = max(count for count in counts if count)
+    want = [part_name(EMBEDDER)] + [part_name(SHARD, i) for i in range(shards)]
+    if len(counts) != 1 or sorted(str(part) for _, part in parts) != sorted(want):
+        raise ImgsimError(f"predictor {predictor.get('name')} looks like a sharded gallery's graph but its nodes "
+                          f"load {sorted(str(part) for _, part in parts)[:6]}, not embedder and shard-0 ... "
+                          f"shard-{shards - 1}: is it an imgsim release? If so, helm upgrade --set model.uri=... it")
+    return parts
+
+
+def _part(node: dict) -> str | None:
+    if node.get("type") == "TRANSFORMER":
+        return part_name(EMBEDDER)
+    shard = _parameter(node, "shard")
+    return None if shard is None else part_name(SHARD, shard)
+
+
+def _parameter(node: dict, name: str) -> int | None:
+    """An INT graph parameter's value (the chart writes them as strings), None when it has none."""
+    for parameter in node.get("parameters") or []:
+        if parameter.get("name") == name:
+            try:
+                return int(parameter.get("value"))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _check_sharded(bundle: str, shards: int, digest: str) -> None:
+    """Refuse what cannot be a sharded gallery's folder: a registry's bundle (one whole bundle) or one part."""
+    if bundle.startswith(("runs:/", "models:/")) or digest:
+        raise ImgsimError(f"the release serves a sharded gallery ({shards} shards) and {bundle} is one whole bundle: "
+                          f"write its parts (imgsim export --uri {bundle} --out DIR; imgsim shard-bundle DIR --shards "
+                          f"{shards} --out OUT), upload OUT and roll out its s3:// URI")
+    last = bundle.rstrip("/").rsplit("/", 1)[-1]
+    if last == EMBEDDER or re.fullmatch(rf"{SHARD}-\d+", last):
+        raise ImgsimError(f"{bundle} is one part of a sharded gallery: roll out the folder that holds its embedder/ "
+                          f"and shard-0/ ... shard-{shards - 1}/")
+
+
+def _with_model_uri(node: dict):
+    if "modelUri" in node:
         yield node
     for child in node.get("children") or []:
-        yield from _model_nodes(child)
+        yield from _with_model_uri(child)
 
 
 def rollout(release: str, bundle: str, *, namespace: str = "", predictor: str = "", dry_run: bool = False,
@@ -132,7 +186,9 @@ def rollout(release: str, bundle: str, *, namespace: str = "", predictor: str = 
     kwargs = {"dry_run": "All"} if dry_run else {}
     _call(lambda: api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, release, body, **kwargs),
           f"patch SeldonDeployment {release} in namespace {namespace}")
-    before = sorted({n["modelUri"] for p in current["spec"]["predictors"] for n in _model_nodes(p.get("graph", {}))})
+    # A sharded release's previous gallery is the folder its parts came from, as rollout takes it.
+    before = sorted({node["modelUri"].removesuffix(f"/{part}") if part else node["modelUri"]
+                     for p in current["spec"]["predictors"] for node, part in _bundle_nodes(p)})
     return {"release": release, "namespace": namespace, "model_uri": uri, "bundle_sha256": digest, "previous": before,
             "dry_run": dry_run}
 

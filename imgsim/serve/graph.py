@@ -5,13 +5,15 @@
 Seldon's executor sends a query to the embedder's ``transform-input``, the embedder's answer to every shard's
 ``predict``, and the shards' answers together to the merger's ``aggregate``. The embedder decodes and embeds once
 per query; each shard ranks its own items; the merger checks that every shard answered exactly once, from one
-gallery, and merges their top-k into the answer a single server gives (same fields, ids, distances, scores).
+gallery, with an answer a shard gives, and merges their top-k into the answer a single server gives (same fields,
+ids, distances, scores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import numbers
 import time
 from typing import Any
 
@@ -115,38 +117,34 @@ def _embedding(result: Any, dim: int, i: int) -> np.ndarray:
     return array
 
 
-def _whole_number(value: Any) -> int | None:
-    try:
-        return inputs.integer(value, "shard")
-    except BadInput:
-        return None
-
-
 def _identity(searcher: Searcher) -> dict[str, str]:
     return {key: value for key, value in searcher.bundle.identity().items() if key != "index_size"}
 
 
+
+# Unit vectors' angular distance sqrt(2 - 2 cos) lies in [0, 2]; Annoy computes it in float32, so opposite vectors
+# may come out a rounding error past 2.
+MAX_DISTANCE, DISTANCE_SLACK = 2.0, 1e-6
+MAX_ID = 2**53  # ids travel as doubles over gRPC: exact only below 2**53
+IDENTITY = ("model_name", "model_version", "model_sha256", "bundle_version")
+
+
+class ShardAnswerError(ImgsimError):
+    """A shard's answer the merger cannot use: the graph's fault, not the client's (HTTP 502)."""
+
+
+def merger_body_limit(cfg: ServiceConfig) -> int:
+    """The merger's request-body limit: its one body carries every shard's answer."""
+    # One shard's answer (max_batch x max_k neighbours) is far below what a node accepts; the merger gets N of them.
+    return cfg.max_request_bytes * cfg.shards
+
+
 @dataclasses.dataclass(frozen=True)
 class Merger:
-    """The graph's COMBINER: one ranked answer from all shards' answers. Holds no bundle: ready at once."""
+    """The graph's COMBINER: one ranked answer from all shards' answers. Holds no bundle: ready at once. It trusts no
+    shard: a shard's bad answer fails the query with ``ShardAnswerError``, never a wrong or invalid answer."""
 
     shards: int
-
-    @staticmethod
-    def _merged(answers: list[dict], k: int) -> list[dict]:
-        counts = {len(a["results"]) for a in answers}
-        if len(counts) != 1:
-            raise ImgsimError(f"the shards answered different numbers of queries ({sorted(counts)})")
-        results = []
-        for q in range(counts.pop()):
-            pooled = [(float(n["distance"]), int(n["id"]), n) for a in answers for n in a["results"][q]["neighbours"]]
-            best = heapq.nsmallest(k, pooled, key=lambda entry: entry[:2])
-            results.append({"neighbours": [{"rank": rank + 1, "id": item_id, "path": str(n["path"]),
-                                            "label": str(n["label"]), "distance": distance,
-                                            "score": cosine_from_angular(distance)}
-                                           for rank, (distance, item_id, n) in enumerate(best)],
-                            "predicted": answers[0]["results"][q].get("predicted")})
-        return results
 
     @classmethod
     def from_config(cls, cfg: ServiceConfig) -> "Merger":
@@ -156,33 +154,132 @@ class Merger:
     def merge(self, answers: list[Any]) -> dict:
         """The answer a single server gives over the whole gallery: each query's k nearest over all shards (ties
         broken by id), with rank, distance and score. Raises ``ImgsimError`` if a shard is missing or answered
-        twice, or the shards serve different galleries."""
-        if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
-            raise BadInput("the merger takes the shards' answers (a list of jsonData objects)")
+        twice, or the shards serve different galleries; ``ShardAnswerError`` for an answer no shard gives (a field
+        missing or of another type, a distance outside [0, 2], an id twice or in another shard's part)."""
+        seen = self._by_shard(answers)
+        first = seen[0]
+        k = _whole(first["query"].get("k"))
+        if k is None or k < 1:
+            raise _unusable(0, f"query.k must be a whole number of at least 1, got {_short(first['query'].get('k'))}")
+        for shard, answer in seen.items():
+            if answer["query"] != first["query"] or len(answer["results"]) != len(first["results"]):
+                raise _unusable(shard, "its query or its number of results differs from shard 0's: every shard "
+                                "answers the embedder's one message")
+        if not first["results"]:
+            raise _unusable(0, "'results' is empty")
+        results = [{"neighbours": self._ranked(seen, q, k),
+                    "predicted": _predicted(first["results"][q].get("predicted"), q)}
+                   for q in range(len(first["results"]))]
+        identity = {key: first[key] for key in IDENTITY if key in first}
+        return {"results": results, **identity, "index_sha256": first["gallery"],
+                "index_size": str(sum(a["items"] for a in seen.values())), "shards": str(self.shards)}
+
+    def _by_shard(self, answers: Any) -> dict[int, dict]:
+        """Each shard's answer by its number, its fields checked; the graph's faults as ``ImgsimError``."""
+        if not isinstance(answers, list):
+            raise ShardAnswerError("the merger takes the shards' answers (a list of jsonData objects)")
         seen: dict[int, dict] = {}
-        for answer in answers:
-            shard = _whole_number(answer.get("shard"))  # over gRPC every JSON number arrives as a double
-            if shard is None or _whole_number(answer.get("shards")) != self.shards or not 0 <= shard < self.shards:
-                raise ImgsimError(f"an answer from shard {str(shard)[:10]} of {str(answer.get('shards'))[:10]} reached "
-                                  f"a merger of {self.shards} shards: every node of the graph needs the same 'shards'")
+        for position, answer in enumerate(answers):
+            shard = _whole(answer.get("shard")) if isinstance(answer, dict) else None
+            if shard is None or _whole(answer.get("shards")) is None:
+                raise ShardAnswerError(f"message {position} of {len(answers)} is not an index shard's answer (no "
+                                       f"whole 'shard' and 'shards'): {_short(answer)}")
+            if answer["shards"] != self.shards or not 0 <= shard < self.shards:
+                raise ImgsimError(f"an answer from shard {_short(shard)} of {_short(answer['shards'])} reached a "
+                                  f"merger of {self.shards} shards: every node of the graph needs the same 'shards'")
             if shard in seen:
                 raise ImgsimError(f"shard {shard} answered twice: the graph lists it twice; each of the {self.shards} "
                                   "shards must appear once")
-            seen[shard] = answer
+            seen[shard] = _checked_fields(answer, shard)
         missing = sorted(set(range(self.shards)) - seen.keys())
         if missing:
             raise ImgsimError(f"shard(s) {missing} of {self.shards} did not answer: the graph must list every shard")
-        galleries = sorted({str(a.get("gallery")) for a in answers})
+        galleries = sorted({a["gallery"] for a in seen.values()})
         if len(galleries) > 1:
             raise ImgsimError(f"the shards serve different galleries ({', '.join(g[:20] for g in galleries)}): "
                               "roll out one sharded gallery to every node")
-        first = seen[0]
-        try:
-            results = self._merged(answers, inputs.integer(first["query"]["k"], "k"))
-            size = sum(int(a.get("items", 0)) for a in answers)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadInput(f"a shard's answer is malformed ({exc!r}): the merger takes index shards' answers") from None
-        identity = {key: first[key] for key in ("model_name", "model_version", "model_sha256", "bundle_version")
-                    if key in first}
-        return {"results": results, **identity, "index_sha256": first["gallery"],
-                "index_size": str(size), "shards": str(self.shards)}
+        return dict(sorted(seen.items()))
+
+    def _ranked(self, seen: dict[int, dict], q: int, k: int) -> list[dict]:
+        """Query ``q``'s k nearest over every shard's neighbours, each checked, each id once."""
+        owner: dict[int, int] = {}
+        pooled = []
+        for shard, answer in seen.items():
+            result = answer["results"][q]
+            neighbours = result.get("neighbours") if isinstance(result, dict) else None
+            if not isinstance(neighbours, list) or len(neighbours) > k:
+                raise _unusable(shard, f"results[{q}].neighbours must be a list of at most k={k}")
+            for n in neighbours:
+                distance, item_id, path, label = _neighbour(n, shard, q)
+                if item_id in owner:
+                    raise _unusable(shard, f"gallery id {item_id} in results[{q}] came from shard {owner[item_id]} "
+                                    "too: each id is in one shard, once")
+                if item_id % self.shards != shard:  # an item lives in shard id % N (imgsim.sharded.shard_of)
+                    raise _unusable(shard, f"gallery id {item_id} lives in shard {item_id % self.shards}")
+                owner[item_id] = shard
+                pooled.append((distance, item_id, path, label))
+        best = heapq.nsmallest(k, pooled, key=lambda entry: entry[:2])
+        return [{"rank": rank + 1, "id": item_id, "path": path, "label": label, "distance": distance,
+                 "score": cosine_from_angular(distance)} for rank, (distance, item_id, path, label) in enumerate(best)]
+
+
+def _checked_fields(answer: dict, shard: int) -> dict:
+    """``answer`` once its fields other than the neighbours have the types an index shard sends."""
+    if not isinstance(answer.get("query"), dict) or not isinstance(answer.get("results"), list):
+        raise _unusable(shard, "it needs 'query' (an object) and 'results' (a list)")
+    if not isinstance(answer.get("gallery"), str):
+        raise _unusable(shard, f"'gallery' must be a string, got {_short(answer.get('gallery'))}")
+    items = _whole(answer.get("items"))
+    if items is None or not 0 <= items < MAX_ID:
+        raise _unusable(shard, f"'items' must be a whole number, got {_short(answer.get('items'))}")
+    strange = [key for key in IDENTITY if key in answer and not isinstance(answer[key], str)]
+    if strange:
+        raise _unusable(shard, f"{strange[0]!r} must be a string, got {_short(answer[strange[0]])}")
+    return {**answer, "shard": shard, "shards": int(answer["shards"]), "items": items}
+
+
+def _neighbour(n: Any, shard: int, q: int) -> tuple[float, int, str, str]:
+    """One neighbour's distance (in [0, 2]), id, path and label, or ``ShardAnswerError`` naming what is wrong."""
+    if not isinstance(n, dict):
+        raise _unusable(shard, f"a neighbour in results[{q}] is not an object: {_short(n)}")
+    item_id, distance = _whole(n.get("id")), n.get("distance")
+    if item_id is None or not 0 <= item_id < MAX_ID:
+        raise _unusable(shard, f"a neighbour's id must be a whole number from 0 to 2**53, got {_short(n.get('id'))}")
+    # NaN fails every comparison; a bool is an int to Python, not a distance (numpy's floats: in-process callers).
+    if isinstance(distance, bool) or not isinstance(distance, numbers.Real) or \
+            not 0 <= distance <= MAX_DISTANCE + DISTANCE_SLACK:
+        raise _unusable(shard, f"neighbour {item_id}'s distance must be a number from 0 to 2, got {_short(distance)}")
+    if not isinstance(n.get("path"), str) or not isinstance(n.get("label"), str):
+        raise _unusable(shard, f"neighbour {item_id} needs 'path' and 'label' strings")
+    return min(float(distance), MAX_DISTANCE), item_id, n["path"], n["label"]
+
+
+def _predicted(value: Any, q: int) -> dict | None:
+    """The embedder's predicted class as shard 0 passed it on: null, or a label and a probability in [0, 1]."""
+    if value is None:
+        return None
+    label, p = (value.get("label"), value.get("probability")) if isinstance(value, dict) else (None, None)
+    if not isinstance(label, str) or isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise _unusable(0, f"results[{q}].predicted must be null or a label and a probability from 0 to 1, got "
+                        f"{_short(value)}")
+    return {"label": label, "probability": float(p)}
+
+
+def _whole(value: Any) -> int | None:
+    try:
+        return inputs.integer(value, "value")  # over gRPC every JSON number arrives as a double
+    except BadInput:
+        return None
+
+
+def _unusable(shard: int, what: str) -> ShardAnswerError:
+    return ShardAnswerError(f"shard {shard} sent an answer the merger cannot use: {what}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """At most ``limit`` characters of what a shard sent: an error never echoes a whole answer."""
+    try:
+        text = repr(value[:limit] if isinstance(value, (str, list)) else value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return "a number too long to show"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -40,7 +40,7 @@ def update_histogram(x: float, vals: list, sumv: float) -> tuple[list[float], fl
 
 def grpc_status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SeldonMicroserviceException):
-        codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE}
+        codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE}
         return codes.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
