@@ -110,6 +110,7 @@ def section() -> str:
     parts += filter_sections()
     parts += shard_sections()
     parts += change_sections()
+    parts += inflight_sections()
     return "\n".join(parts)
 
 
@@ -134,6 +135,33 @@ def page_sections() -> list[str]:
             table(page["phases"], ["phase", "idle_pss_mb", "peak_pss_mb", "growth_mb"]),
             f"\nThe page answered afterwards: {page['ready_after']}. (`imgsim ui` serves the app the chart's gunicorn "
             "serves, `imgsim.serve.page`; the CLI loads torch only for a stage that needs it.)\n"]
+
+
+def inflight_sections() -> list[str]:
+    """The v2 server and the page under 100 stalled maximum-size uploads beside normal traffic."""
+    v2, page = load("hostile_inflight"), load("hostile_page_stalls")
+    parts = []
+    if v2:
+        args = v2["args"]
+        rows = [{**r, "staller answers": ", ".join(f"{k} x{n}" for k, n in r["staller_answers"].items())}
+                for r in v2["rows"]]
+        parts += [f"**19. Stalled uploads in flight** — the Open Inference Protocol server (MLServer behind "
+                  f"`model_server/v2/serve.py`'s guard) on the demo bundle; {args['stallers']} clients each declare a "
+                  "16 MiB body, send all but its last byte and wait (answered, they wait the Retry-After and start "
+                  f"again) while {args['clients']} clients query back to back (a 28x28 PNG, REST JSON, k = 5) for "
+                  f"{args['seconds']:g} s; PSS of all server processes sampled every 50 ms; the serving defaults "
+                  "against the guard's caps and deadline turned off, in one run; `python -m bench.hostile_inflight`:\n",
+                  table(rows, ["config", "idle_pss_mb", "peak_pss_mb", "growth_mb", "queries", "p50_ms", "p99_ms",
+                               "5xx_not_cap", "staller answers", "ready_after"]) + "\n"]
+    if page and page.get("stalls"):
+        st = page["stalls"]
+        parts += ["The search page (`imgsim ui`, gunicorn's gevent worker, one worker with the chart pod's "
+                  "per-worker cap) in front of the real server, 100 clients stalling the largest upload while one "
+                  "sends normal requests; `python -m bench.hostile_page --stalls`:\n",
+                  table([st], ["in_flight", "deadline_s", "stalled", "stalled_answers", "normal_requests", "normal_2xx",
+                               "normal_cap_503", "5xx_not_cap", "normal_p50_ms", "normal_p99_ms", "idle_pss_mb",
+                               "peak_pss_mb", "growth_mb"]) + "\n"]
+    return parts
 
 
 def index_backend_sections() -> list[str]:
