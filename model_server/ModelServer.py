@@ -158,11 +158,14 @@ def _parse_rest(request: Any) -> tuple[Any, bytes | None, dict]:
 
 def _parse_proto(request: prediction_pb2.SeldonMessage) -> tuple[Any, bytes | None, dict]:
     kind = request.WhichOneof("data_oneof")
-    tags = json_format.MessageToDict(request.meta).get("tags", {})
-    if kind == "binData":
-        return None, request.binData, tags
-    if kind == "jsonData":
-        return json_format.MessageToDict(request.jsonData), None, tags
+    try:
+        tags = json_format.MessageToDict(request.meta).get("tags", {})
+        if kind == "binData":
+            return None, request.binData, tags
+        if kind == "jsonData":
+            return json_format.MessageToDict(request.jsonData), None, tags
+    except (ValueError, json_format.Error):  # protobuf's Value holds inf and NaN, which JSON cannot
+        raise BadInput("jsonData and meta.tags must hold finite numbers only") from None
     raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
 
 

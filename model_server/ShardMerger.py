@@ -76,7 +76,7 @@ def _proto_answers(request: prediction_pb2.SeldonMessageList) -> list[Any]:
     for i, message in enumerate(request.seldonMessages):
         try:
             answers.append(json_format.MessageToDict(message.jsonData))
-        except ValueError:  # protobuf refuses to write a NaN or infinite number_value as JSON
+        except (ValueError, json_format.Error):  # protobuf refuses to write a NaN or infinite number_value as JSON
             raise ShardAnswerError(f"message {i} of {len(request.seldonMessages)} holds a number that is not "
                                    "finite: not an index shard's answer") from None
     return answers

@@ -86,7 +86,7 @@ def test_command_str_names_file_and_line():
 PROJECT_FILES = ("Makefile", "scripts", "MLproject", "pipelines", "python_env.yaml", "requirements.txt",
                  "requirements-dev.txt", "constraints.txt", "pyproject.toml", ".venv-k8s", "requirements-serve-v2.txt",
                  "constraints-serve-v2.txt", ".venv-serve-v2", "requirements-serve.txt", "constraints-serve.txt",
-                 ".venv-serve")
+                 ".venv-serve", "requirements-v2-client.txt", "constraints-v2-client.txt", ".venv-v2-client")
 
 
 def _project(tmp_path: Path) -> Path:

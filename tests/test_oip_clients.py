@@ -223,8 +223,9 @@ def test_the_v1_wrapper_has_no_route_that_loads_or_unloads():
 
 @pytest.fixture()
 def tight(bundle, tmp_path):
-    """A server that holds 3 requests, 1 MB of large bodies (a 200 kB body counts 600 kB), 2 s for a body."""
-    srv = start_mlserver({"IMGSIM_MODEL_URI": str(bundle), "IMGSIM_MAX_INFLIGHT_REQUESTS": "3",
+    """A server that answers 1 request at a time, holds 1 MB of large bodies (a 200 kB body counts 600 kB) and gives
+    a body 2 s."""
+    srv = start_mlserver({"IMGSIM_MODEL_URI": str(bundle), "IMGSIM_MAX_INFLIGHT_REQUESTS": "1",
                           "IMGSIM_MAX_INFLIGHT_BYTES": "1000000", "IMGSIM_BODY_TIMEOUT_S": "2",
                           "IMGSIM_POLL_INTERVAL_S": "0"}, tmp_path / "tight.log")
     yield srv
@@ -251,20 +252,32 @@ def answer_of(sock: socket.socket) -> bytes:
 
 
 def test_beyond_its_slots_a_request_gets_503_with_retry_after_and_health_still_answers(tight, gallery):
-    held = [stalled(tight, 1000) for _ in range(3)]
+    import concurrent.futures
+
+    root, items = gallery["root"], gallery["searcher"].index.items
+    batch = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [32], "data": [
+        base64.b64encode((root / item.path).read_bytes()).decode() for item in (items * 32)[:32]]}]}
+    statuses, retry = set(), None
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        for _ in range(20):  # rounds of 6 at once, until one was answered while another waited for the slot
+            for reply in pool.map(lambda _: requests.post(f"{tight.rest}/v2/models/imgsim/infer", json=batch,
+                                                          timeout=60), range(6)):
+                statuses.add(reply.status_code)
+                retry = reply.headers.get("Retry-After") if reply.status_code == 503 else retry
+            if {200, 503} <= statuses:
+                break
+    assert statuses == {200, 503} and retry == "1", statuses
+    assert requests.get(f"{tight.rest}/v2/models/imgsim/ready", timeout=5).status_code == 200
+
+
+def test_requests_that_send_no_body_hold_no_slot(tight, gallery):
+    held = [stalled(tight, 1000) for _ in range(5)]  # small bodies never sent: no slot, no budget
     try:
-        time.sleep(0.5)  # the three reach the guard
-        body = {"inputs": [{"name": "id", "datatype": "INT64", "shape": [1], "data": [0]}]}
-        refused = requests.post(f"{tight.rest}/v2/models/imgsim/infer", json=body, timeout=10)
-        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
-        assert requests.get(f"{tight.rest}/v2/models/imgsim/ready", timeout=5).status_code == 200
+        time.sleep(0.5)
+        _serves(tight, gallery)
     finally:
         for sock in held:
             sock.close()
-    deadline = time.monotonic() + 20
-    while requests.post(f"{tight.rest}/v2/models/imgsim/infer", json=body, timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the slots were not given back when their clients went away"
-        time.sleep(0.2)
 
 
 def test_large_bodies_share_a_byte_budget_small_queries_pass_beside_them(tight, gallery):
@@ -309,3 +322,104 @@ def test_unload_stops_following_the_gallery_and_removes_the_download(bundle, tmp
         thread.join(timeout=10)
     assert not any(t.is_alive() for t in polls) and not download.exists()
     assert not service.ready and service.refresh() is False
+
+
+# ---- what a hostile review found ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers, body", [
+    ({HEADER: "\u00b2"}, b'{"inputs": []}'),  # a digit to str.isdigit, not to int()
+    ({HEADER: "9" * 40}, b'{"inputs": []}'),
+    ({"Content-Length": "0" * 5000 + "2"}, b"{}"),
+    ({HEADER: "60"}, json.dumps({"inputs": [{"name": "id", "datatype": [], "shape": [1],
+                                             "parameters": {"binary_data_size": 8}}]}).encode()[:60] + b"\0" * 8),
+])
+def test_odd_headers_and_binary_parts_are_short_400s(v2, gallery, headers, body):
+    if "Content-Length" in headers:  # requests would write its own: send the bytes as they are
+        address = urlsplit(v2.rest)
+        with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/imgsim/infer HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                         headers["Content-Length"].encode() + b"\r\n\r\n" + body)
+            status = answer_of(sock).split(b"\r\n")[0]
+        assert b" 400 " in status, status
+    else:
+        reply = requests.post(f"{v2.rest}/v2/models/imgsim/infer", data=body, timeout=30,
+                              headers={k: v.encode("latin-1") for k, v in headers.items()})
+        assert reply.status_code == 400 and len(reply.content) < 400, reply.text[:300]
+    _serves(v2, gallery)
+
+
+def test_outputs_that_are_no_list_beside_binary_data_are_a_400_not_a_500(v2, gallery):
+    for outputs in (1, True, "ids", {"name": "ids"}):
+        body = {"inputs": [{"name": "id", "datatype": "INT64", "shape": [1], "data": [0]}], "outputs": outputs,
+                "parameters": {"binary_data_output": True}}
+        reply = requests.post(f"{v2.rest}/v2/models/imgsim/infer", json=body, timeout=30)
+        assert reply.status_code in (200, 400, 422), (outputs, reply.status_code, reply.text[:200])
+
+
+def test_messages_quote_little_of_a_long_model_name_on_every_method_and_over_grpc(v2):
+    name = "m" * 60_000
+    for method in ("GET", "POST"):
+        reply = requests.request(method, f"{v2.rest}/v2/models/{name}/{'ready' if method == 'GET' else 'infer'}",
+                                 json={"inputs": []}, timeout=30)
+        assert 400 <= reply.status_code < 500 and len(reply.content) < 300, (method, len(reply.content))
+    details = in_v2_env("""
+import json, sys, grpc
+from mlserver.grpc import dataplane_pb2 as pb, dataplane_pb2_grpc
+stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
+try:
+    stub.ModelInfer(pb.ModelInferRequest(model_name="m" * 5000))
+    print(json.dumps({"code": "OK"}))
+except grpc.RpcError as exc:
+    print(json.dumps({"code": exc.code().name, "details": exc.details()}))
+""", v2.grpc)
+    assert details["code"] == "NOT_FOUND" and len(details["details"]) < 200, details
+
+
+GUARD_UNDER_A_ROOT_PATH = """
+import asyncio, json, sys
+sys.path.insert(0, "model_server/v2")
+from serve import Guard
+from imgsim.serve.settings import ServiceConfig
+
+reached = []
+async def app(scope, receive, send):
+    reached.append(scope["path"])
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+async def main():
+    guard, sent = Guard(app, ServiceConfig()), []
+    async def send(message):
+        sent.append(message)
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+    statuses = {}
+    for path in ("/x/v2/repository/index", "/x/v2/repository/models/imgsim/unload", "/x/v2/models/imgsim/infer_stream",
+                 "/x/v2/health/ready"):
+        sent.clear()
+        await guard({"type": "http", "method": "POST", "path": path, "root_path": "/x", "headers": []}, receive, send)
+        statuses[path] = sent[0]["status"]
+    print(json.dumps({"statuses": statuses, "reached": reached}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_root_path_does_not_open_the_repository_api():
+    out = in_v2_env(GUARD_UNDER_A_ROOT_PATH)
+    assert out["reached"] == ["/x/v2/health/ready"], out
+    assert [s for p, s in out["statuses"].items() if "health" not in p] == [404, 404, 404]
+
+
+def test_a_shape_of_huge_dimensions_is_refused_before_it_is_multiplied():
+    from imgsim.errors import BadInput
+    from imgsim.serve import binary_tensors
+
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2 ** 62] * 60_000,
+                                     "parameters": {"binary_data_size": 0}}]}).encode()
+    with pytest.raises(BadInput, match="at most 8"):
+        binary_tensors.decode_request(header, len(header))
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP16", "shape": [4096],
+                                     "parameters": {"binary_data_size": 8192}}] * 2}).encode()
+    with pytest.raises(BadInput, match="more than 4096 elements"):
+        binary_tensors.decode_request(header + b"\0" * 16384, len(header))

@@ -23,7 +23,9 @@ from imgsim.errors import BadInput
 HEADER = "inference-header-content-length"
 NUMERIC = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
            "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
-MAX_ELEMENTS = 1 << 20  # far above any query here; bounds the lists a small binary body could expand into
+# Far above any query here (at most max_batch images, or one id or path), and what bounds the Python lists a small
+# binary body expands into: 14 MB of FP16 as lists cost 600 MB and seconds.
+MAX_ELEMENTS, MAX_DIMS = 4096, 8
 
 
 def wants_binary(request: dict) -> tuple[bool, dict[str, bool]]:
@@ -31,7 +33,8 @@ def wants_binary(request: dict) -> tuple[bool, dict[str, bool]]:
     params = request.get("parameters")
     default = isinstance(params, dict) and params.get("binary_data_output") is True
     per_output = {}
-    for output in request.get("outputs") or []:
+    outputs = request.get("outputs")
+    for output in outputs if isinstance(outputs, list) else []:
         if isinstance(output, dict) and isinstance(output.get("name"), str):
             flag = (output.get("parameters") or {}).get("binary_data") if isinstance(output.get("parameters"),
                                                                                        dict) else None
@@ -46,15 +49,15 @@ def parse_json(data: bytes | memoryview, what: str) -> Any:
         raise BadInput(f"{what} is not valid JSON") from None
 
 
-def decode_request(body: bytes, header_length: str) -> dict:
-    """The JSON request a binary one stands for. Raises ``BadInput`` for a body that does not add up."""
-    if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+def decode_request(body: bytes, size: int) -> dict:
+    """The JSON request a binary one (its JSON part ``size`` bytes long) stands for. Raises ``BadInput`` for a body
+    that does not add up."""
+    if not 0 < size <= len(body):
         raise BadInput(f"{HEADER} must be the length of the request's JSON part (1 to {len(body)})")
-    size = int(header_length)
     request = parse_json(memoryview(body)[:size], "the request's JSON part")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadInput("the request's JSON part must be an object with a list of 'inputs'")
-    offset = size
+    offset, total = size, 0
     for i, tensor in enumerate(request["inputs"]):
         params = tensor.get("parameters") if isinstance(tensor, dict) else None
         if not isinstance(params, dict) or "binary_data_size" not in params:
@@ -65,6 +68,9 @@ def decode_request(body: bytes, header_length: str) -> dict:
         raw = memoryview(body)[offset:offset + length]
         offset += length
         count = _elements(tensor.get("shape"), i)
+        total += count
+        if total > MAX_ELEMENTS:
+            raise BadInput(f"the inputs hold more than {MAX_ELEMENTS} elements")
         datatype = tensor.get("datatype")
         if datatype == "BYTES":
             elements = _bytes_elements(raw, count, i)
@@ -73,7 +79,7 @@ def decode_request(body: bytes, header_length: str) -> dict:
             else:
                 tensor["data"] = [base64.b64encode(e).decode("ascii") for e in elements]
                 params["content_type"] = "base64"
-        elif datatype in NUMERIC:
+        elif isinstance(datatype, str) and datatype in NUMERIC:
             dtype = np.dtype(NUMERIC[datatype])
             if length != count * dtype.itemsize:
                 raise BadInput(f"inputs[{i}]: {length} bytes of data for {count} {datatype} elements")
@@ -108,12 +114,16 @@ def encode_response(response: dict, default: bool, per_output: dict[str, bool]) 
 
 
 def _elements(shape: Any, i: int) -> int:
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise BadInput(f"inputs[{i}]: shape must be a list of non-negative integers")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise BadInput(f"inputs[{i}]: shape holds more than {MAX_ELEMENTS} elements")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadInput(f"inputs[{i}]: shape must be a list of at most {MAX_DIMS} non-negative integers")
+    if 0 in shape:
+        return 0
+    count = 1
+    for dim in shape:  # (with an early stop: the product of huge dimensions is itself expensive)
+        count *= dim
+        if count > MAX_ELEMENTS:
+            raise BadInput(f"inputs[{i}]: shape holds more than {MAX_ELEMENTS} elements")
     return count
 
 

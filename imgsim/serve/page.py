@@ -21,7 +21,7 @@ from imgsim.config import setting
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.images import SERVING_MAX_PIXELS, decode_image
 from imgsim.serve import protocols
-from imgsim.serve.bodies import BoundedBody, ImageJson, InMemoryRequest, upload_bytes
+from imgsim.serve.bodies import RETRY_AFTER_S, BoundedBody, ImageJson, InMemoryRequest, upload_bytes
 from imgsim.serve.process import memory_limit
 from imgsim.serve.inputs import read_gallery_file
 
@@ -234,12 +234,15 @@ def _relay(cfg: UiConfig, body: dict | ImageJson):
         return _error(response.status_code, proto.refusal(payload) or
                       f"the search server answered {response.status_code}")
     log.warning("search server answered %s: %s", response.status_code, proto.refusal(payload)[:500])
-    status = 503 if response.status_code == 503 else 502
-    return _error(status, f"the search server could not answer ({response.status_code}); try again shortly")
+    if response.status_code == 503:  # busy or loading: the server's own wait, or the page's
+        retry = response.headers.get("Retry-After", "")
+        return _error(503, "the search server is busy or loading; try again shortly",
+                      {"Retry-After": retry if retry.isdigit() else str(RETRY_AFTER_S)})
+    return _error(502, f"the search server could not answer ({response.status_code}); try again shortly")
 
 
-def _error(code: int, message: str):
-    return jsonify(error=message), code
+def _error(code: int, message: str, headers: dict[str, str] | None = None):
+    return jsonify(error=message), code, headers or {}
 
 
 class ThumbnailCache:

@@ -78,8 +78,8 @@ class ServiceConfig:
                               "imgsim.bundle_sha256 tag), or empty")
         small = [f.name for f in dataclasses.fields(self) if f.name.startswith("max_") and
                  getattr(self, f.name) < (0 if f.name == "max_inflight_bytes" else 1)]
-        if self.body_timeout_s <= 0:
-            raise ImgsimError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
+        if not 0 < self.body_timeout_s < 24 * 3600:  # NaN and inf too: no deadline, or every body late
+            raise ImgsimError(f"body_timeout_s must be above 0 and under a day, got {self.body_timeout_s}")
         if small or self.threads < 1:
             raise ImgsimError(f"{', '.join(small or ['threads'])} must be at least 1")
 

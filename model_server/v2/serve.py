@@ -52,9 +52,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 CLOSED = re.compile(r"/v2/repository(/.*)?|/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate)_stream/?")
-INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer/?")
+INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate)/?")  # (generate: MLServer's alias)
+LENGTH = re.compile(rb"[0-9]{1,12}")
 SMALL_BODY = 64 * 1024  # counted by requests only: a query by id or path, or a thumbnail-sized image
 MAX_MESSAGE = 300  # characters of an error message: enough to say what is wrong, too few to echo a body
+MAX_ECHO = 100  # characters of MLServer's own messages (not found, validation), which quote what the client sent
 RETRY_AFTER_S = 1
 
 
@@ -77,28 +79,31 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if CLOSED.fullmatch(scope["path"]):
+        if CLOSED.fullmatch(_route(scope)):
             await _refuse(send, 404, "Not Found")
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _Reply(send, None))
             return
         headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.cfg.max_request_bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None and not LENGTH.fullmatch(declared):
+            await _refuse(send, 400, "Content-Length must be a number of bytes")
+            return
+        if declared is not None and int(declared) > self.cfg.max_request_bytes:
             await _refuse(send, 413, self._too_big())
             return
-        charge = _charge(int(declared) if declared.isdigit() else 0)
-        if self.requests >= self.cfg.max_inflight_requests or charge > self.bytes_left:
+        # A large body holds its share of the byte budget from its headers on (bounded memory whatever it sends);
+        # a small one nothing until it is in, so clients that open requests and send nothing lock out no query.
+        charge = _charge(int(declared) if declared is not None else 0)
+        if charge > self.bytes_left:
             await _refuse(send, *_BUSY)
             return
-        self.requests += 1
         self.bytes_left -= charge
         held = [charge]  # what this request holds of the budget; a chunked body's share grows as it arrives
         try:
             await self._guarded(scope, receive, send, headers, held)
         finally:
-            self.requests -= 1
             self.bytes_left += held[0]
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, headers: dict, held: list[int]) -> None:
@@ -113,10 +118,23 @@ class Guard:
             return
         if body is None:
             return  # the client went away
+        if self.requests >= self.cfg.max_inflight_requests:
+            await _refuse(send, *_BUSY)
+            return
+        self.requests += 1
+        try:
+            await self._answer(scope, receive, send, headers, body)
+        finally:
+            self.requests -= 1
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send, headers: dict, body: bytes) -> None:
         wants = None
         try:
-            if INFER.fullmatch(scope["path"]):
-                body, wants = _translated(body, headers)
+            if INFER.fullmatch(_route(scope)):
+                # Off the event loop when large: decoding a binary body and base64-encoding it take a while.
+                translate = _translated(body, headers) if len(body) <= SMALL_BODY else \
+                    await asyncio.to_thread(_translated, body, headers)
+                body, wants = translate
             else:
                 body.decode("utf-8")
         except UnicodeDecodeError:
@@ -190,6 +208,12 @@ async def _refuse(send: Send, status: int, message: str, headers: list | None = 
     await send({"type": "http.response.body", "body": body})
 
 
+def _route(scope: Scope) -> str:
+    """The path MLServer routes on: without the root path (MLSERVER_ROOT_PATH), which Starlette strips first."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def _translated(body: bytes, headers: dict) -> tuple[bytes, tuple[bool, dict[str, bool]] | None]:
     """An infer request as MLServer reads it (JSON), and which outputs it wants in binary (None: none)."""
     header_length = headers.get(binary_tensors.HEADER.encode())
@@ -198,8 +222,10 @@ def _translated(body: bytes, headers: dict) -> tuple[bytes, tuple[bool, dict[str
         if b'"binary_data' not in body:  # the common case: no extension, nothing parsed twice
             return body, None
         request = binary_tensors.parse_json(body, "the request body")
+    elif not LENGTH.fullmatch(header_length):
+        raise BadInput(f"{binary_tensors.HEADER} must be the length of the request's JSON part")
     else:
-        request = binary_tensors.decode_request(body, header_length.decode("latin-1"))
+        request = binary_tensors.decode_request(body, int(header_length))
     if not isinstance(request, dict):
         return body, None  # MLServer says what is wrong with it
     default, per_output = binary_tensors.wants_binary(request)
@@ -217,7 +243,8 @@ class _Reply:
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            if message["status"] >= 400 or (self.wants and message["status"] == 200):
+            encoded = any(k.lower() == b"content-encoding" for k, _ in message.get("headers", []))
+            if not encoded and (message["status"] >= 400 or (self.wants and message["status"] == 200)):
                 self.start = message  # held until the body is complete
                 return
         elif message["type"] == "http.response.body" and self.start is not None:
@@ -237,9 +264,11 @@ class _Reply:
             answer = None
         if status >= 400:
             message = answer.get("error") if isinstance(answer, dict) else None
-            if len(body) > MAX_MESSAGE or not isinstance(message, str):
-                body = json.dumps({"error": _short(message if isinstance(message, str) else
-                                                   body.decode("utf-8", "replace"))}).encode()
+            text = message if isinstance(message, str) else body.decode("utf-8", "replace")
+            if status in (404, 422):  # MLServer's own: the model name or the input, quoted whole
+                body = json.dumps({"error": _short(text, MAX_ECHO)}).encode()
+            elif len(body) > MAX_MESSAGE or not isinstance(message, str):
+                body = json.dumps({"error": _short(text)}).encode()
         elif isinstance(answer, dict):
             binary = binary_tensors.encode_response(answer, *self.wants)
             if binary is not None:
@@ -250,8 +279,8 @@ class _Reply:
         await self.send({"type": "http.response.body", "body": body})
 
 
-def _short(message: str) -> str:
-    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " ..."
+def _short(message: str, limit: int = MAX_MESSAGE) -> str:
+    return message if len(message) <= limit else message[:limit] + " ..."
 
 
 class OneLineClientErrors(logging.Filter):
@@ -284,14 +313,43 @@ async def _closed_stream(self, requests, context):
     yield  # (an async generator, as gRPC calls a streaming method)
 
 
+class _ShortDetails:
+    """A servicer's context whose abort quotes at most MAX_ECHO characters: MLServer's messages name the model
+    (or quote the input) whole."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    async def abort(self, code, details: str = "", trailing_metadata=()):
+        return await self._context.abort(code, _short(details, MAX_MESSAGE if code == grpc.StatusCode.INVALID_ARGUMENT
+                                                      else MAX_ECHO), trailing_metadata)
+
+
+class ShortDetails(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour = handler.unary_unary
+
+        async def call(request, context):
+            return await behaviour(request, _ShortDetails(context))
+
+        return handler._replace(unary_unary=call)
+
+
 class _LimitedServers:
-    """``grpc.aio`` for MLServer's gRPC server, with ``maximum_concurrent_rpcs`` set."""
+    """``grpc.aio`` for MLServer's gRPC server, with ``maximum_concurrent_rpcs`` set and details kept short."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
 
-    def server(self, *args, **kwargs):
-        return grpc.aio.server(*args, maximum_concurrent_rpcs=self.limit, **kwargs)
+    def server(self, *args, interceptors=(), **kwargs):
+        return grpc.aio.server(*args, maximum_concurrent_rpcs=self.limit,
+                               interceptors=[ShortDetails(), *interceptors], **kwargs)
 
 
 def close_management(cfg: ServiceConfig) -> None:
