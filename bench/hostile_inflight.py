@@ -32,7 +32,7 @@ BODY = 16 * 2**20
 CONFIGS = {
     "guarded (serving defaults)": {},
     "unguarded (no cap, no deadline)": {"IMGSIM_MAX_INFLIGHT_REQUESTS": "1000000",
-                                        "IMGSIM_MAX_INFLIGHT_BYTES": str(10**15), "IMGSIM_BODY_TIMEOUT_S": "100000"},
+                                        "IMGSIM_MAX_INFLIGHT_BYTES": str(10**15), "IMGSIM_BODY_TIMEOUT_S": "80000"},
 }
 SETTINGS = {"IMGSIM_THREADS": "1", "OMP_NUM_THREADS": "1", "IMGSIM_POLL_INTERVAL_S": "0"}
 
