@@ -25,13 +25,28 @@ def embedding_map(embeddings: NDArray[np.float32], labels: Sequence[str], out: P
                   perplexity=min(30.0, max(2.0, (len(pick) - 1) / 3))).fit_transform(embeddings[pick])
     names = np.array(labels)[pick]
     fig, ax = plt.subplots(figsize=(8, 8))
-    for name in sorted(set(names)):
+    classes = sorted(set(names))
+    for name, (colour, marker) in zip(classes, class_styles(len(classes))):
         mask = names == name
-        ax.scatter(points[mask, 0], points[mask, 1], s=4, label=name)
-    ax.legend(markerscale=4, fontsize=8, loc="best")
+        ax.scatter(points[mask, 0], points[mask, 1], s=6, label=name, color=colour, marker=marker)
+    if len(classes) > 10:  # a legend that long covers the points: beside the map, in columns
+        ax.legend(markerscale=3, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(classes) // 30)
+    else:
+        ax.legend(markerscale=3, fontsize=8, loc="best")
     ax.set_title(f"t-SNE of {len(pick)} embeddings")
     ax.set_xticks([]), ax.set_yticks([])
     return _save(fig, out)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def class_styles(n: int) -> list[tuple[tuple[float, float, float], str]]:
+    """A (colour, marker) per class, all different: tab20's colours, the strong ones first (the first ten are
+    tab10's), then the same colours with the next marker. Matplotlib's default cycle repeats after ten."""
+    palette = plt.get_cmap("tab20").colors
+    colours = list(palette[0::2]) + list(palette[1::2])
+    return [(colours[i % len(colours)], MARKERS[(i // len(colours)) % len(MARKERS)]) for i in range(n)]
 
 
 def neighbour_grid(rows: Sequence[tuple[Image.Image | None, str, list[tuple[Image.Image | None, str, float]]]],
@@ -92,6 +107,6 @@ def training_curves(history: list[dict], out: Path) -> Path:
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")  # (a legend beside the map is kept whole)
     plt.close(fig)
     return out

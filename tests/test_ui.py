@@ -105,6 +105,29 @@ def test_upload_shows_the_neighbours_imgsim_query_gets_then_more_like_this(brows
     browser.save_screenshot(str(OUTPUTS / "more-like-this.png"))
 
 
+def test_a_transparent_query_is_shown_on_white_as_the_model_sees_it(browser, ui, tmp_path):
+    import io
+
+    from PIL import Image, ImageDraw
+    from selenium.webdriver.common.by import By
+
+    silhouette = Image.new("RGBA", (96, 96), (0, 0, 0, 0))  # a black shape on a transparent background
+    ImageDraw.Draw(silhouette).ellipse((24, 24, 72, 72), fill=(0, 0, 0, 255))
+    path = tmp_path / "silhouette.png"
+    silhouette.save(path)
+    browser.get(ui)
+    _wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("ready"))
+    _upload(browser, path, 5)
+    _wait(browser, lambda d: len(_cards(d)) == 5)
+    tile = Image.open(io.BytesIO(browser.find_element(By.ID, "query-img").screenshot_as_png)).convert("RGB")
+    w, h = tile.size
+    assert min(tile.getpixel((w // 6, h // 6))) > 240, "the transparent corner is not white"  # (was black)
+    assert max(tile.getpixel((w // 2, h // 2))) < 20, "the shape itself is not drawn"
+    for card in _cards(browser):  # thumbnails are letterboxed in white, not black
+        assert browser.execute_script("return getComputedStyle(arguments[0]).backgroundColor",
+                                      card.find_element(By.TAG_NAME, "img")) == "rgb(255, 255, 255)"
+
+
 def test_only_labels_filters_search_and_more_like_this_and_an_unknown_label_is_said(browser, ui, seldon, pipeline_run):
     from selenium.webdriver.common.by import By
 
