@@ -127,11 +127,14 @@ def test_model_a_with_the_index_of_model_b_is_refused_naming_the_part(pipeline_r
 def test_the_bundle_records_search_k_and_recall_and_the_server_uses_them(pipeline_run, tmp_path):
     with mlflow_store(pipeline_run["work"]):
         folder = export_bundle(pipeline_run["result"]["bundle_uri"], tmp_path / "bundle")
-        recall = mlflow.get_run(pipeline_run["result"]["extract"]).data.metrics["index_recall_at_10"]
+        metrics = mlflow.get_run(pipeline_run["result"]["extract"]).data.metrics
     meta = json.loads((folder / BUNDLE_JSON).read_text())
-    assert meta["index"]["search_k"] == ExtractConfig().search_k and meta["index"]["recall_at_10"] == recall
+    # The effort extract chose for recall_target (the least it tried, search_k, on a gallery this small).
+    effort = int(metrics["index_search_effort"])
+    assert metrics["index_recall_tuned_at_10"] >= ExtractConfig().recall_target and effort >= ExtractConfig().search_k
+    assert meta["index"]["search_k"] == effort and meta["index"]["recall_at_10"] == metrics["index_recall_at_10"]
     assert meta["probes"]["count"] == len(ServingBundle.load(folder).probes.ids) > 0
-    assert Searcher(folder).search_k == ExtractConfig().search_k and Searcher(folder, search_k=7).search_k == 7
+    assert Searcher(folder).search_k == effort and Searcher(folder, search_k=7).search_k == 7
 
 
 def test_missing_model_uri_fails_clearly_and_logs_no_bundle(pipeline_run):

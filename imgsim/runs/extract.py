@@ -65,7 +65,7 @@ def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, ma
     mlflow.log_metrics(result.metrics)
     root = Path(cfg.data_dir or manifest.root).expanduser().resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        serving = ServingBundle(bundle.spec, result.index, result.probes, ref, cfg.search_k,
+        serving = ServingBundle(bundle.spec, result.index, result.probes, ref, result.search_k,
                                 result.metrics.get("index_recall_at_10"), torch_model=bundle,
                                 lineage={"root": str(root), "run_id": run_id})
         saved = serving.save(Path(tmp) / BUNDLE_ARTIFACT)
@@ -168,7 +168,7 @@ def _plot_extract(cfg: ExtractConfig, result, manifest: Manifest, out: Path) -> 
                             max_points=cfg.plot_points, seed=cfg.seed)
     rows = []
     for q in np.random.default_rng(cfg.seed).permutation(len(queries))[:8]:
-        ids, dists = result.index.search(queries[q], 8, cfg.search_k)
+        ids, dists = result.index.search(queries[q], 8, result.search_k)
         neighbours = [(_picture(root / result.index.items[i].path), result.index.items[i].label, d)
                       for i, d in zip(ids, dists)]
         rows.append((_picture(root / query_items[q].path), query_items[q].label, neighbours))

@@ -15,6 +15,7 @@ from imgsim.bundle import Probes, build_probes
 from imgsim.errors import ImgsimError
 from imgsim.index import GalleryItem, IndexBundle
 from imgsim.manifest import SPLITS, Manifest
+from imgsim.effort import tune
 from imgsim.metrics import index_recall, retrieval_metrics
 from imgsim.nn.data import ImageFiles, label_ids
 from imgsim.nn.embed import embed_dataset
@@ -31,6 +32,7 @@ class ExtractResult:
     metrics: dict[str, float]
     queries: NDArray[np.float32]
     query_items: list
+    search_k: int = -1  # the effort the index serves with (Annoy's; faiss keeps its own in the file)
 
 
 @dataclasses.dataclass
@@ -130,19 +132,30 @@ def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts:
              for i, (it, h) in enumerate(zip(gallery_items, hashes, strict=True))]
     started = time.perf_counter()
     index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed, backend=cfg.index)
+    search_k, effort_metrics = cfg.search_k, {}
+    if cfg.recall_target > 0:
+        tuning = time.perf_counter()
+        effort = tune(index, gallery, cfg.recall_target, cfg.search_k, cfg.seed)
+        search_k, effort_metrics = effort.search_k, {"index_search_effort": float(effort.value),
+                                                     "index_recall_tuned_at_10": effort.recall,
+                                                     "index_tune_seconds": time.perf_counter() - tuning}
+        if not effort.reached:
+            print(f"extract: the {cfg.index} index reaches recall@10 {effort.recall:.3f} at its largest effort "
+                  f"({effort.value}), short of recall_target {cfg.recall_target}: more n_trees, or index=faiss-hnsw "
+                  "or faiss-flat")
     probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
     embed_seconds = sum(p.embed_seconds for p in parts)  # summed over shards: images per second of one process
     metrics = {"gallery_size": float(len(items)), "embed_images_per_second": len(items) / max(embed_seconds, 1e-9),
-               "index_build_seconds": time.perf_counter() - started}
+               "index_build_seconds": time.perf_counter() - started, **effort_metrics}
     queries = np.concatenate([p.queries for p in parts])
     if query_items:
         logits = np.concatenate([p.logits for p in parts])
         metrics |= evaluate(queries, logits, label_ids(query_items, manifest.classes), gallery,
-                            label_ids(gallery_items, manifest.classes), index, cfg.search_k)
+                            label_ids(gallery_items, manifest.classes), index, search_k)
     else:  # no labelled queries: the index is still checked against exact search, on a sample of the gallery
         sample = gallery[np.random.default_rng(cfg.seed).permutation(len(gallery))[:1000]]
-        metrics |= index_recall(sample, gallery, index, cfg.search_k)
-    return ExtractResult(index, probes, metrics, queries, query_items)
+        metrics |= index_recall(sample, gallery, index, search_k)
+    return ExtractResult(index, probes, metrics, queries, query_items, search_k)
 
 
 def check_parts(parts: list[Part], n_gallery: int, n_queries: int) -> None:

@@ -140,7 +140,10 @@ class ExtractConfig:
                          "a fifth of the memory); faiss needs faiss-cpu", "index")
     n_trees: int = setting(20, "Annoy trees: more build a larger index with better recall", "index")
     search_k: int = setting(DEFAULT_SEARCH_K, "Annoy nodes inspected per query: more search slower with better "
-                            "recall", "index")
+                            "recall; with recall_target, the least effort tried", "index")
+    recall_target: float = setting(0.99, "recall@10 against exact search the index must reach on gallery vectors: "
+                                   "its effort (Annoy's search_k, faiss-hnsw's efSearch, faiss-ivf's nprobe) is raised "
+                                   "until it does; 0: serve at search_k as given", "index")
     # Not batch_size: `imgsim main` takes every stage's settings as flags, and train's batch_size is the
     # optimizer's, a different thing.
     embed_batch_size: int = setting(512, "images per forward pass while embedding (memory, not results)",

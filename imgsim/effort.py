@@ -1,0 +1,65 @@
+"""An index's search effort chosen by measurement: the least effort whose recall@10 against exact search reaches
+the target on gallery vectors as queries, so what a user is served is what extract's exact metrics describe.
+
+Annoy's effort is ``search_k`` (nodes inspected per query, passed at every search and recorded in the bundle);
+faiss-hnsw's ``efSearch`` and faiss-ivf's ``nprobe`` live in the index file, set here before it is saved; faiss-flat
+is exact. Each step doubles the effort, up to a cap past which the index answers about as slowly as exact search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from numpy.typing import NDArray
+
+from imgsim.index import ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, IndexBundle
+from imgsim.metrics import exact_topk, recall_at_k
+
+MAX_DOUBLINGS = 8  # 1500 -> 384,000 Annoy nodes, efSearch 32 -> 8192, nprobe 16 -> every list
+SAMPLE = 500  # gallery vectors as queries: recall to about +-0.005 at 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class Effort:
+    """What the index serves with: ``search_k`` (Annoy's; the others ignore it), the backend's own ``value``
+    (search_k, efSearch or nprobe), and the recall@10 measured there; ``reached``: whether it meets the target."""
+
+    search_k: int
+    value: int
+    recall: float
+    reached: bool
+
+
+def tune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search_k: int, seed: int = 42,
+         k: int = 10) -> Effort:
+    """Raise ``index``'s effort from its start (``search_k`` for Annoy, the file's value for faiss) until recall@k
+    on a sample of ``gallery`` (its rows) reaches ``target``; faiss indexes keep the value chosen."""
+    pick = np.sort(np.random.default_rng(seed).permutation(len(gallery))[:SAMPLE])
+    queries = np.asarray(gallery[pick], dtype=np.float32)
+    exact = exact_topk(queries, gallery, min(k, len(gallery)))
+    get, put, cap = _knob(index, search_k)
+    value = get()
+    for step in range(MAX_DOUBLINGS + 1):
+        put(value)
+        approx = [index.search(q, k, value if index.backend == ANNOY else search_k)[0] for q in queries]
+        recall = recall_at_k(approx, exact, min(k, len(gallery)))
+        if recall >= target or value >= cap or step == MAX_DOUBLINGS:
+            return Effort(value if index.backend == ANNOY else search_k, value, recall, recall >= target)
+        value = min(cap, value * 2)
+    raise AssertionError("unreachable")
+
+
+def _knob(index: IndexBundle, search_k: int):
+    """(read, write, largest useful value) of the backend's effort."""
+    backend, n = index.backend, len(index.items)
+    if backend == ANNOY:
+        value = [max(1, search_k if search_k > 0 else index.n_trees * 10)]
+        return (lambda: value[0]), (lambda v: value.__setitem__(0, v)), max(value[0], index.n_trees * n)
+    faiss_index = index.ann.index
+    if backend == FAISS_HNSW:
+        return (lambda: faiss_index.hnsw.efSearch), (lambda v: setattr(faiss_index.hnsw, "efSearch", v)), max(n, 1)
+    if backend == FAISS_IVF:
+        return (lambda: faiss_index.nprobe), (lambda v: setattr(faiss_index, "nprobe", v)), faiss_index.nlist
+    assert backend == FAISS_FLAT
+    return (lambda: 1), (lambda v: None), 1
