@@ -39,23 +39,28 @@ def tune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search
     queries = np.asarray(gallery[pick], dtype=np.float32)
     exact = exact_topk(queries, gallery, min(k, len(gallery)))
     get, put, cap = _knob(index, search_k)
-    value = get()
-    for step in range(MAX_DOUBLINGS + 1):
+
+    def recall_at(value: int) -> float:
         put(value)
         approx = [index.search(q, k, value if index.backend == ANNOY else search_k)[0] for q in queries]
-        recall = recall_at_k(approx, exact, min(k, len(gallery)))
-        if recall >= target or value >= cap or step == MAX_DOUBLINGS:
-            return Effort(value if index.backend == ANNOY else search_k, value, recall, recall >= target)
+        return recall_at_k(approx, exact, min(k, len(gallery)))
+
+    value = get()
+    recall = recall_at(value)
+    for _ in range(MAX_DOUBLINGS):
+        if recall >= target or value >= cap:
+            break
         value = min(cap, value * 2)
-    raise AssertionError("unreachable")
+        recall = recall_at(value)
+    return Effort(value if index.backend == ANNOY else search_k, value, recall, recall >= target)
 
 
 def _knob(index: IndexBundle, search_k: int):
     """(read, write, largest useful value) of the backend's effort."""
     backend, n = index.backend, len(index.items)
-    if backend == ANNOY:
-        value = [max(1, search_k if search_k > 0 else index.n_trees * 10)]
-        return (lambda: value[0]), (lambda v: value.__setitem__(0, v)), max(value[0], index.n_trees * n)
+    if backend == ANNOY:  # (passed to every search: nothing to write)
+        start = max(1, search_k if search_k > 0 else index.n_trees * 10)
+        return (lambda: start), (lambda v: None), max(start, index.n_trees * n)
     faiss_index = index.ann.index
     if backend == FAISS_HNSW:
         return (lambda: faiss_index.hnsw.efSearch), (lambda v: setattr(faiss_index.hnsw, "efSearch", v)), max(n, 1)

@@ -50,12 +50,17 @@ class _Seldon(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def failing_seldon():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Seldon)
+def _serving(handler):
+    """A stand-in server with ``handler`` on a free loopback port, for a fixture: yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def failing_seldon():
+    yield from _serving(_Seldon)
 
 
 class _OkSeldon(http.server.BaseHTTPRequestHandler):
@@ -84,10 +89,7 @@ class _OkSeldon(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def ok_seldon():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _OkSeldon)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    yield from _serving(_OkSeldon)
 
 
 @pytest.fixture

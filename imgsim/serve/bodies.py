@@ -17,8 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 from werkzeug.wsgi import ClosingIterator
 
 RETRY_AFTER_S = 5  # what a refused client is told to wait: a normal upload is relayed well within it
-SMALL = 64 * 1024  # a body no larger (a "more like this" query, form fields) waits in a queue of its own
-SMALL_SLOTS = 256  # small bodies held at once: 16 MiB at most, so large uploads cannot lock them out
+SMALL_SLOTS = 256  # bodies within the small routes' limit held at once, so large uploads cannot lock them out
 
 
 class BoundedBody:
@@ -42,7 +41,8 @@ class BoundedBody:
         if declared.isdigit() and int(declared) > limit:
             return self._refuse(environ, start_response, 413, f"the request body is larger than {limit} bytes")
         has_body = (declared.isdigit() and int(declared) > 0) or "HTTP_TRANSFER_ENCODING" in environ
-        slots = self._free_small if declared.isdigit() and int(declared) <= SMALL else self._free
+        # A body no larger than every other route's limit (a "more like this" query, form fields) has slots of its own.
+        slots = self._free_small if declared.isdigit() and int(declared) <= self.default else self._free
         if has_body and not slots.acquire(blocking=False):
             return self._refuse(environ, start_response, 503, f"the page is holding all the queries it can "
                                 f"({self.slots}); try again in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
