@@ -20,8 +20,9 @@ from bench import colour_sets
 from bench.common import RESULTS, save, table
 from imgsim import config as settings
 from imgsim.metrics import retrieval_metrics
-from imgsim.nn.data import ImageFiles, label_ids
-from imgsim.stages import head
+from imgsim.nn.data import label_ids
+from imgsim.nn.feature_store import head_outputs, item_features, open_store
+from imgsim.nn.trunk import Trunk
 from imgsim.stages.settings import TrainConfig
 from imgsim.stages.train import train_model
 
@@ -56,16 +57,13 @@ def main() -> None:
             bundle = train_model(cfg, manifest).bundle
             seconds = time.perf_counter() - started
             model = bundle.build().eval()
-            key = head.fingerprint(model)
+            trunk, store = Trunk(model), open_store(checkpoints / "features", model)
 
             def features(items, what: str):
-                files = ImageFiles(items, manifest.root, bundle.preprocess)
-                return head.cached_features(model, files, f"{key[:8]}{files.key()[:8]}", checkpoints / "cache",
-                                            workers=0, desc=f"bench: {what}")
+                return head_outputs(model, item_features(items, manifest.root, bundle.preprocess, trunk, store,
+                                                         workers=0, desc=f"bench: {what}")[0])[0]
 
-            with torch.inference_mode():
-                gallery = model.embed_features(torch.from_numpy(features(gallery_items, "gallery")))[0].numpy()
-                queries = model.embed_features(torch.from_numpy(features(query_items, "queries")))[0].numpy()
+            gallery, queries = features(gallery_items, "gallery"), features(query_items, "queries")
             metrics = retrieval_metrics(queries, q_labels, gallery, g_labels)
             scores.append((metrics["precision_at_1"], metrics["map_at_r"]))
             rows.append({"variant": name, "seed": seed, "precision_at_1": scores[-1][0], "map_at_r": scores[-1][1],

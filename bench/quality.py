@@ -96,7 +96,8 @@ def compare(dataset: str, routes: list[str], overrides: dict, tag: str) -> None:
                                  pixel_embeddings(load_items(query_items, root, pixels)), g_labels, q_labels))
             continue
         cfg = settings.resolve(TrainConfig, None, ROUTES[route] | overrides | {
-            "checkpoint_dir": str(RESULTS / "checkpoints" / f"{dataset}-{route}{tag}"), "register_name": ""})
+            "checkpoint_dir": str(RESULTS / "checkpoints" / f"{dataset}-{route}{tag}"), "register_name": "",
+            "feature_store": str(RESULTS / "checkpoints" / f"{dataset}-{route}{tag}" / "features")})
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # no cached features: training time from scratch
         started = time.perf_counter()
         result = train_model(cfg, manifest)

@@ -62,8 +62,16 @@ def recall_at_k(approx: list[list[int]], exact: NDArray[np.int64], k: int = 10) 
 
 
 def index_recall(queries: NDArray[np.float32], gallery: NDArray[np.float32], index, search_k: int = -1,
-                 k: int = 10) -> dict[str, float]:
-    """An ``IndexBundle``'s recall@k against exact search over ``gallery`` (its rows), for ``queries``."""
+                 k: int = 10, query_labels: NDArray[np.int64] | None = None,
+                 gallery_labels: NDArray[np.int64] | None = None) -> dict[str, float]:
+    """An ``IndexBundle``'s recall@k against exact search over ``gallery`` (its rows), for ``queries``; with labels
+    also the precision@1 and @k of what the index serves (the exact metrics rank the whole gallery)."""
     exact = exact_topk(queries, gallery, k)
     approx = [index.search(q, k, search_k)[0] for q in queries]
-    return {f"index_recall_at_{k}": recall_at_k(approx, exact, k)}
+    out = {f"index_recall_at_{k}": recall_at_k(approx, exact, k)}
+    if query_labels is not None and gallery_labels is not None and len(queries):
+        hits = [gallery_labels[np.asarray([i for i in a[:k] if i >= 0], dtype=np.int64)] == label
+                for a, label in zip(approx, query_labels)]
+        out |= {"served_precision_at_1": float(np.mean([h[0] if len(h) else False for h in hits])),
+                f"served_precision_at_{k}": float(np.mean([h.sum() / k for h in hits]))}
+    return out

@@ -14,6 +14,21 @@ from PIL import Image
 
 from support.store import mlflow_store
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_store(tmp_path_factory):
+    """Backbone features the tests keep go to a session folder (and the stage processes they start inherit it), not
+    to the checkout's checkpoints/features."""
+    import os
+
+    before = os.environ.get("IMGSIM_FEATURE_STORE")
+    os.environ["IMGSIM_FEATURE_STORE"] = str(tmp_path_factory.mktemp("features"))
+    yield
+    if before is None:
+        os.environ.pop("IMGSIM_FEATURE_STORE", None)
+    else:
+        os.environ["IMGSIM_FEATURE_STORE"] = before
+
+
 CLASSES = ("circle", "square", "stripes")
 PER_CLASS = 12
 

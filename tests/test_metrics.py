@@ -40,3 +40,19 @@ def test_full_gallery_map_by_hand():
     gallery = unit([1, 0], [0.9, 0.3], [0.5, 0.8])
     ap = mean_average_precision(unit([1, 0]), np.array([0]), gallery, np.array([0, 1, 0]))
     assert ap == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_served_precision_counts_what_the_index_returns_not_the_exact_ranking():
+    from imgsim.metrics import index_recall
+
+    gallery = np.eye(4, dtype=np.float32)
+    labels = np.array([0, 0, 1, 1])
+    queries = gallery[[0, 2]]
+
+    class Lossy:  # serves item 3 first for the first query: a wrong class the exact ranking never puts on top
+        def search(self, q, k, search_k):
+            return ([3, 0, 1, 2] if q[0] else [2, 3, 0, 1])[:k], [0.0] * k
+
+    out = index_recall(queries, gallery, Lossy(), k=2, query_labels=np.array([0, 1]), gallery_labels=labels)
+    assert out["served_precision_at_1"] == 0.5 and out["served_precision_at_2"] == 0.75
+    assert "served_precision_at_1" not in index_recall(queries, gallery, Lossy(), k=2)

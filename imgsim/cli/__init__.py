@@ -17,7 +17,7 @@ STAGES = (("split", SplitConfig), ("train", TrainConfig), ("extract", ExtractCon
 CHAINED = frozenset({"manifest_uri", "model_uri"})
 # Names several stages declare with one meaning; any other shared name needs a stage-specific name instead
 # (extract's inference batch is embed_batch_size, not train's batch_size).
-SAME_MEANING = frozenset({"data_dir", "seed", "threads", "workers"})
+SAME_MEANING = frozenset({"data_dir", "seed", "threads", "workers", "feature_store", "backbone_runtime"})
 
 
 def _split(ns):

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from imgsim import hashing
 from imgsim.bundle import Probes, build_probes
 from imgsim.errors import ImgsimError
 from imgsim.index import GalleryItem, IndexBundle
@@ -18,8 +17,9 @@ from imgsim.manifest import SPLITS, Manifest
 from imgsim.effort import tune
 from imgsim.metrics import index_recall, retrieval_metrics
 from imgsim.nn.data import ImageFiles, label_ids
-from imgsim.nn.embed import embed_dataset
+from imgsim.nn.feature_store import head_outputs, item_features, open_store
 from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.trunk import Trunk
 from imgsim.stages.settings import ExtractConfig
 
 
@@ -49,6 +49,7 @@ class Part:
     queries: NDArray[np.float32]
     logits: NDArray[np.float32]
     embed_seconds: float = 0.0
+    embedded: int = -1  # gallery images that went through the backbone (the rest reused kept features)
 
     def save(self, path: Path) -> Path:
         from imgsim import atomic
@@ -56,7 +57,8 @@ class Part:
         with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, shard=self.shard, num_shards=self.num_shards, gallery_range=self.gallery_range,
                      query_range=self.query_range, gallery=self.gallery, hashes=np.asarray(self.hashes, dtype="U16"),
-                     queries=self.queries, logits=self.logits, embed_seconds=self.embed_seconds)
+                     queries=self.queries, logits=self.logits, embed_seconds=self.embed_seconds,
+                     embedded=self.embedded)
         return path
 
     @classmethod
@@ -65,7 +67,7 @@ class Part:
             return cls(int(d["shard"]), int(d["num_shards"]), tuple(int(x) for x in d["gallery_range"]),
                        tuple(int(x) for x in d["query_range"]), d["gallery"].astype(np.float32),
                        [str(h) for h in d["hashes"]], d["queries"].astype(np.float32), d["logits"].astype(np.float32),
-                       float(d["embed_seconds"]))
+                       float(d["embed_seconds"]), int(d["embedded"]) if "embedded" in d else -1)
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -107,17 +109,23 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
     q0, q1 = shard_range(len(query_items), shard, num_shards)
     label = f" (shard {shard + 1}/{num_shards})" if num_shards > 1 else ""
     started = time.perf_counter()
-    hashes: list[str] = []
-    gallery, _ = embed_dataset(model, ImageFiles(gallery_items[g0:g1], root, bundle.preprocess), cfg.embed_batch_size,
-                               f"extract: embedding gallery{label}", workers=cfg.workers,
-                               on_batch=lambda inputs: hashes.extend(hashing.to_hex(hashing.phash_inputs(inputs))))
+    # Features train kept (keyed by file checksum and backbone) skip the backbone; only the head runs on them.
+    trunk, store = Trunk(model, cfg.backbone_runtime, cfg.threads), open_store(cfg.feature_store, model)
+    features, hashes, embedded = item_features(gallery_items[g0:g1], root, bundle.preprocess, trunk, store,
+                                               batch=cfg.embed_batch_size, workers=cfg.workers,
+                                               desc=f"extract: embedding gallery{label}")
+    gallery, _ = head_outputs(model, features)
     embed_seconds = time.perf_counter() - started
     queries = np.zeros((0, model.dim), dtype=np.float32)
     logits = np.zeros((0, model.args.num_classes), dtype=np.float32)
     if q1 > q0:
-        queries, logits = embed_dataset(model, ImageFiles(query_items[q0:q1], root, bundle.preprocess), cfg.embed_batch_size,
-                                        f"extract: embedding queries{label}", workers=cfg.workers)
-    return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds)
+        features, _, _ = item_features(query_items[q0:q1], root, bundle.preprocess, trunk, store,
+                                       batch=cfg.embed_batch_size, workers=cfg.workers,
+                                       desc=f"extract: embedding queries{label}")
+        queries, logits = head_outputs(model, features)
+    print(f"extract: {g1 - g0 - embedded} of {g1 - g0} gallery images reused train's backbone features{label}")
+    return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds,
+                embedded)
 
 
 def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts: list[Part],
@@ -146,6 +154,8 @@ def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts:
     probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
     embed_seconds = sum(p.embed_seconds for p in parts)  # summed over shards: images per second of one process
     metrics = {"gallery_size": float(len(items)), "embed_images_per_second": len(items) / max(embed_seconds, 1e-9),
+               **({"gallery_images_through_backbone": float(sum(p.embedded for p in parts))}
+                  if all(p.embedded >= 0 for p in parts) else {}),
                "index_build_seconds": time.perf_counter() - started, **effort_metrics}
     queries = np.concatenate([p.queries for p in parts])
     if query_items:
@@ -186,4 +196,4 @@ def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: Inde
     """Accuracy, Precision@1/@10, mAP@R (exact search) and the Annoy index's recall@k against exact search."""
     metrics = {"accuracy": float((logits.argmax(1) == query_labels).mean())} if logits.shape[1] else {}
     metrics |= retrieval_metrics(queries, query_labels, gallery, gallery_labels)
-    return metrics | index_recall(queries, gallery, index, search_k, k)
+    return metrics | index_recall(queries, gallery, index, search_k, k, query_labels, gallery_labels)

@@ -24,7 +24,9 @@ from imgsim.manifest import Item, Manifest
 from imgsim.metrics import retrieval_metrics
 from imgsim.nn import augment, distributed
 from imgsim.nn.data import ImageFiles, Transformed, label_ids, make_loader
+from imgsim.nn.feature_store import item_features, open_store
 from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.trunk import Trunk
 from imgsim.stages.settings import TrainConfig
 
 HEAD_BATCH, HEAD_LR = 256, 2e-3  # features are small: large batches cost nothing and steady AdamW
@@ -53,32 +55,15 @@ class Features:
     labels: NDArray[np.int64]
 
 
-def fingerprint(model: EmbeddingNet) -> str:
-    """Identifies the frozen trunk's weights and input normalisation, so a cache never outlives its backbone."""
-    digest = hashlib.sha256(f"{model.args.backbone}:{model.args.feature_levels}".encode())
-    for name, tensor in sorted(model.trunk.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(model.mean.numpy().tobytes() + model.std.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cached_features(model: EmbeddingNet, dataset: Dataset, key: str, folder: Path, *, workers: int,
+def cached_features(trunk: Trunk, dataset: Dataset, key: str, folder: Path, *, workers: int,
                     desc: str, seed: int = 0) -> NDArray[np.float32]:
-    """The trunk's pooled features of ``dataset``, computed once per ``key`` and kept in ``folder``."""
+    """The trunk's pooled features of ``dataset`` (augmented views), computed once per ``key`` and kept in
+    ``folder``."""
     path = folder / f"features-{key}.npy"
     if path.exists():
         return np.load(path)
-    rows, device = [], next(model.parameters()).device
-    # Channels-last: 1.7x the images per second of lite0's inference on a 2-core CPU (12 -> 21 img/s at 224 px).
-    # Inference only: training keeps the default format (see TrainConfig.channels_last).
-    trunk = model.eval().to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        for images, _ in tqdm(make_loader(dataset, 64, workers=workers, seed=seed), desc=desc, unit="batch",
-                              mininterval=1.0):
-            x = (images.to(device).float() / 255.0).contiguous(memory_format=torch.channels_last)
-            rows.append(trunk.forward_features(x).cpu().numpy())
-    model.to(memory_format=torch.contiguous_format)
+    rows = [trunk(images.numpy()) for images, _ in tqdm(make_loader(dataset, 64, workers=workers, seed=seed),
+                                                          desc=desc, unit="batch", mininterval=1.0)]
     out = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(path) as tmp:
@@ -92,30 +77,30 @@ class HeadData:
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest, model: EmbeddingNet, train_items: list[Item]) -> None:
         root, classes = cfg.data_dir or manifest.root, manifest.classes
-        folder, trunk = Path(cfg.checkpoint_dir) / "cache", fingerprint(model)
-        pre = model.preprocess
-        plain = ImageFiles(train_items, root, pre, labels=label_ids(train_items, classes))
+        trunk, pre = Trunk(model, cfg.backbone_runtime, cfg.threads), model.preprocess
+        store, folder = open_store(cfg.feature_store, model), Path(cfg.checkpoint_dir) / "cache"
+        labels = label_ids(train_items, classes)
 
-        def features(dataset: Dataset, what: str, name: str, seed: int = 0) -> NDArray[np.float32]:
-            key = hashlib.sha256(f"{trunk}:{what}".encode()).hexdigest()[:16]
-            return cached_features(model, dataset, key, folder, workers=cfg.workers, desc=f"train: embedding {name}",
-                                   seed=seed)
+        def plain(items: list[Item], name: str) -> NDArray[np.float32]:
+            # Kept per image in the feature store, where extract finds them (no image through the backbone twice).
+            return item_features(items, root, pre, trunk, store, workers=cfg.workers, desc=f"train: embedding {name}")[0]
 
-        parts = [features(plain, plain.key(), "train images")]
-        load = ImageFiles(train_items, root, pre, labels=plain.labels, size=round(pre.size * 1.15))
+        parts = [plain(train_items, "train images")]
+        load = ImageFiles(train_items, root, pre, labels=labels, size=round(pre.size * 1.15))
         for view in range(cfg.head_views):
             seed = cfg.seed * 1000 + view
             torch.manual_seed(seed)  # transforms in the main process (workers=0); workers seed from the loader's
             views = Transformed(load, augment.photo_transform(pre.size, cfg.crop_scale, cfg.color_jitter))
-            parts.append(features(views, f"{load.key()}:{seed}:{cfg.crop_scale}:{cfg.color_jitter}",
-                                  f"train view {view + 1}/{cfg.head_views}", seed=seed))
-        self.train = Features(np.concatenate(parts), np.tile(plain.labels, len(parts)))
+            what = f"{store.key}:{load.key()}:{seed}:{cfg.crop_scale}:{cfg.color_jitter}"
+            parts.append(cached_features(trunk, views, hashlib.sha256(what.encode()).hexdigest()[:16], folder,
+                                         workers=cfg.workers, desc=f"train: embedding view {view + 1}/{cfg.head_views}",
+                                         seed=seed))
+        self.train = Features(np.concatenate(parts), np.tile(labels, len(parts)))
         sample = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_items))[:cfg.select_gallery_items])
-        self.gallery = Features(parts[0][sample], plain.labels[sample])
+        self.gallery = Features(parts[0][sample], labels[sample])
         eval_items = manifest.split("eval")
-        evals = ImageFiles(eval_items, root, pre, labels=label_ids(eval_items, classes))
-        self.eval = Features(features(evals, evals.key(), "eval images") if eval_items else
-                             np.zeros((0, parts[0].shape[1]), np.float32), evals.labels)
+        self.eval = Features(plain(eval_items, "eval images") if eval_items else
+                             np.zeros((0, parts[0].shape[1]), np.float32), label_ids(eval_items, classes))
 
     def evaluate(self, model: EmbeddingNet) -> dict[str, float]:
         """Eval accuracy and mAP@R of the eval features against the train sample, through the head only."""

@@ -11,7 +11,7 @@ from imgsim.changes import MAX_CHANGE_FRACTION, MAX_CHANGES
 from imgsim.config import setting
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import ANNOY, DEFAULT_SEARCH_K, check_backend
-from imgsim.modelspec import AUTO, HEADS, MODES, check_backbone, check_levels, resolve_augment
+from imgsim.modelspec import AUTO, BACKBONE_RUNTIMES, HEADS, MODES, check_backbone, check_levels, resolve_augment
 
 SELECT_METRICS = ("auto", "map_at_r", "accuracy", "last")
 
@@ -94,6 +94,11 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels-last memory format (faster on GPUs; crashed intermittently in "
                                   "oneDNN's backward on CPU)", "compute")
     threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
+    feature_store: str = setting("auto", "folder of backbone features kept per image (file checksum x backbone): "
+                                 "train writes them, extract reuses them; auto: $IMGSIM_FEATURE_STORE, else "
+                                 "checkpoints/features; empty: keep none", "compute")
+    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: onnxruntime, torch; auto: "
+                                    "onnxruntime on a CPU, torch on a GPU", "compute")
     seed: int = setting(42, "random seed (initialisation, order, augmentation)", "data")
     checkpoint_dir: str = setting("checkpoints/train", "folder for the per-epoch checkpoint", "tracking")
     resume: bool = setting(False, "continue from the checkpoint in checkpoint_dir", "tracking")
@@ -122,6 +127,7 @@ class TrainConfig:
             raise ValueError(f"keep_features must be within [0, 1) (-1: auto), got {self.keep_features}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_runtime(self.backbone_runtime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +160,11 @@ class ExtractConfig:
     seed: int = setting(42, "random seed (query sample, plot sample)", "data")
     threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
     workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
+    feature_store: str = setting("auto", "folder of backbone features kept per image (file checksum x backbone): "
+                                 "train writes them, extract reuses them; auto: $IMGSIM_FEATURE_STORE, else "
+                                 "checkpoints/features; empty: keep none", "compute")
+    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: onnxruntime, torch; auto: "
+                                    "onnxruntime on a CPU, torch on a GPU", "compute")
     gallery_name: str = setting(GALLERY_NAME, "register the bundle as a version of this gallery; empty: do not",
                                 "tracking")
     gallery_alias: str = setting(GALLERY_ALIAS, "point this alias at the new version; empty: leave it alone",
@@ -172,6 +183,12 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         check_backend(self.index)
+        check_runtime(self.backbone_runtime)
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in BACKBONE_RUNTIMES:
+        raise ValueError(f"backbone_runtime must be one of {', '.join(BACKBONE_RUNTIMES)}, got {runtime!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""Pooled backbone features kept per image, keyed by the file's sha256 and the backbone's fingerprint
+(:func:`imgsim.nn.trunk.fingerprint`): head-mode training keeps the plain view of every image it embeds, and extract
+runs only the head on them, so no image goes through the backbone twice."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from imgsim import atomic, hashing
+from imgsim.images import Preprocess
+from imgsim.manifest import Item
+from imgsim.nn import allocator
+from imgsim.nn.data import ImageFiles, make_loader
+from imgsim.nn.model import EmbeddingNet
+from imgsim.nn.trunk import Trunk, fingerprint
+
+
+class FeatureStore:
+    """A folder of parts, each a features file (``<key>-<part>.npy``, memory-mapped when read) and its ids
+    (``<key>-<part>.ids.npz``: sha256 and perceptual hash per row), written ids last so a part is whole or absent.
+    No folder: nothing is kept and every lookup misses."""
+
+    def __init__(self, folder: str | Path | None, key: str) -> None:
+        self.folder, self.key = (Path(folder) if folder else None), key
+        self._rows: list[NDArray[np.float32]] = []
+        self._where: dict[str, tuple[int, int, str]] = {}  # sha256 -> (part, row, perceptual hash)
+        for ids in sorted(self.folder.glob(f"{key}-*.ids.npz")) if self.folder and self.folder.is_dir() else []:
+            try:
+                with np.load(ids, allow_pickle=False) as d:
+                    shas, hashes = [str(s) for s in d["sha256"]], [str(h) for h in d["phash"]]
+                rows = np.load(ids.with_name(ids.name[:-len(".ids.npz")] + ".npy"), mmap_mode="r")
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged part is a miss: its images are embedded again
+            if rows.ndim != 2 or len(rows) != len(shas):
+                continue
+            part = len(self._rows)
+            self._rows.append(rows)
+            self._where.update({s: (part, r, h) for r, (s, h) in enumerate(zip(shas, hashes))})
+
+    def get(self, shas: Sequence[str]) -> tuple[NDArray[np.bool_], NDArray[np.float32] | None, list[str]]:
+        """Which of ``shas`` are kept, their features (in order; None when none are) and perceptual hashes."""
+        found = np.array([s in self._where for s in shas], dtype=bool)
+        spots = [self._where[s] for s in shas if s in self._where]
+        if not spots:
+            return found, None, []
+        return found, np.stack([self._rows[p][r] for p, r, _ in spots]).astype(np.float32), [h for *_, h in spots]
+
+    def put(self, shas: Sequence[str], features: NDArray[np.float32], hashes: Sequence[str]) -> None:
+        """Keep new rows as one more part (nothing without a folder or rows)."""
+        if self.folder is None or not len(shas):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Named by content: the same images give the same part, so two processes keeping them write equal files.
+        stem = f"{self.key}-{hashlib.sha256(''.join(shas).encode()).hexdigest()[:16]}"
+        with atomic.atomic_path(self.folder / f"{stem}.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(features, dtype=np.float32))
+        with atomic.atomic_path(self.folder / f"{stem}.ids.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, sha256=np.asarray(shas, dtype="U64"), phash=np.asarray(hashes, dtype="U16"))
+
+
+def item_features(items: Sequence[Item], root: str | Path, preprocess: Preprocess, trunk: Trunk,
+                  store: FeatureStore, *, batch: int = 64, workers: int = -1, desc: str = "embedding"
+                  ) -> tuple[NDArray[np.float32], list[str], int]:
+    """The features and perceptual hashes of ``items``: kept ones from the store, the rest decoded (in workers)
+    and run through the backbone, then kept. Returns them with how many images went through the backbone."""
+    allocator.keep_freed_memory()
+    found, kept, kept_hashes = store.get([it.sha256 for it in items])
+    missing = [items[i] for i in np.flatnonzero(~found)]
+    new_rows: list[NDArray[np.float32]] = []
+    new_hashes: list[str] = []
+    for images, _ in tqdm(make_loader(ImageFiles(missing, root, preprocess), batch, workers=workers), desc=desc,
+                          unit="batch", mininterval=1.0, disable=not missing):
+        batch_images = images.numpy()
+        new_hashes.extend(hashing.to_hex(hashing.phash_inputs(batch_images)))
+        new_rows.append(trunk(batch_images))
+    new = np.concatenate(new_rows) if new_rows else None
+    if new is not None:
+        store.put([it.sha256 for it in missing], new, new_hashes)
+    width = (kept if kept is not None else new).shape[1] if len(items) else 0
+    features = np.empty((len(items), width), dtype=np.float32)
+    hashes = [""] * len(items)
+    for rows, row_hashes, where in ((kept, kept_hashes, found), (new, new_hashes, ~found)):
+        if rows is not None:
+            features[where] = rows
+            for i, h in zip(np.flatnonzero(where), row_hashes):
+                hashes[i] = h
+    return features, hashes, len(missing)
+
+
+def head_outputs(model: EmbeddingNet, features: NDArray[np.float32], batch: int = 4096
+                 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Normalised embeddings and logits from pooled features: the rest of the network after the backbone."""
+    model = model.cpu().eval()
+    embeddings = np.empty((len(features), model.dim), dtype=np.float32)
+    logits = np.empty((len(features), model.args.num_classes), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(features), batch):
+            emb, logit = model.embed_features(torch.from_numpy(np.ascontiguousarray(features[start:start + batch])))
+            embeddings[start:start + len(emb)], logits[start:start + len(emb)] = emb.numpy(), logit.numpy()
+    return embeddings, logits
+
+
+DEFAULT_FOLDER = "checkpoints/features"
+
+
+def open_store(folder: str | Path | None, model: EmbeddingNet) -> FeatureStore:
+    """``model``'s store in ``folder`` (the ``feature_store`` setting: "auto" is $IMGSIM_FEATURE_STORE, else
+    DEFAULT_FOLDER; empty keeps nothing)."""
+    if folder == "auto":
+        folder = os.environ.get("IMGSIM_FEATURE_STORE") or DEFAULT_FOLDER
+    return FeatureStore(folder, fingerprint(model))
