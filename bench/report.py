@@ -111,6 +111,8 @@ def section() -> str:
     parts += shard_sections()
     parts += change_sections()
     parts += inflight_sections()
+    parts += reuse_sections()
+    parts += engine_memory_sections()
     return "\n".join(parts)
 
 
@@ -162,6 +164,48 @@ def inflight_sections() -> list[str]:
                                "normal_cap_503", "5xx_not_cap", "normal_p50_ms", "normal_p99_ms", "idle_pss_mb",
                                "peak_pss_mb", "growth_mb"]) + "\n"]
     return parts
+
+
+def reuse_sections() -> list[str]:
+    """The colour default's train and extract with the backbone on torch or ONNX Runtime, with and without reuse."""
+    runs = [r for r in (load(f"reuse-{name}") for name in ("tuxpaint", "oxygen", "wesnoth")) if r]
+    if not runs:
+        return []
+    parts = ["**20. No image embedded twice** — the colour default (head mode, every setting at its default but the "
+             "two compared) trained and extracted in one process per variant, one run per dev set, nothing cached "
+             "beforehand. `REV (before)`: the code before feature reuse (`--before REV`; extract at batch 64, because "
+             "its default pass of 512 images took the process past 18 GB and was killed). Then this code: "
+             "`torch-no-store` runs the backbone on eager torch (channels-last) in train and again in extract, "
+             "`onnxruntime-no-store` on ONNX Runtime, and `onnxruntime-store` is the default: ONNX Runtime, and "
+             "extract runs only the head on the features train kept, so only the test queries go through the "
+             "backbone. `extract_img_s`: images through the backbone per second of extract's gallery embedding, "
+             "decoding and perceptual hashes included. P@1 and mAP@R by exact search, `served_p@1` through the index "
+             "at its tuned effort. ONNX Runtime and channels-last torch are level on these two cores (in isolation, "
+             "one process each, 640 Wesnoth images with a decoding worker: 62 and 53 img/s; within one pipeline "
+             "process the order flipped); the saving is in not embedding twice. `python -m bench.reuse --dataset NAME "
+             "--before REV`:\n"]
+    for run in runs:
+        rows = [{**r, "served_p@1": r.get("served_precision_at_1")} for r in run["rows"]]
+        parts += [f"{run['dataset']} ({run['images']:,} images):\n",
+                  table(rows, ["variant", "train_s", "extract_s", "total_s", "gallery_embedded", "extract_img_s",
+                               "precision_at_1", "served_p@1", "map_at_r", "index_recall_at_10"]) + "\n"]
+    return parts
+
+
+def engine_memory_sections() -> list[str]:
+    """A serving process's memory with a colour bundle by ONNX Runtime's images per pass and arena."""
+    mem = load("engine_memory")
+    if not mem:
+        return []
+    return ["**21. A serving process's memory with a colour bundle** — the Wesnoth colour-default bundle (Lite0 at "
+            "224 px, 1,408 dimensions, 1,451 items) loaded as a server loads it (verifying its 32 probes), then one "
+            "request of 32 images; one fresh process per row, without torch, one ONNX Runtime thread. ONNX "
+            "Runtime's CPU arena keeps the largest pass's activations for the process's life, so the images per "
+            "pass fix each server process's memory; the serving engine now runs one image per pass "
+            "(`imgsim.serve.runtime.RUN_CHUNK`), where it ran the probes, and any request, in one. `python -m "
+            "bench.engine_memory --bundle FOLDER`:\n",
+            table(mem["rows"], ["images_per_pass", "arena", "loaded_pss_mb", "after_32_images_pss_mb",
+                                "p50_1_image_ms", "p50_32_images_ms"]) + "\n"]
 
 
 def index_backend_sections() -> list[str]:

@@ -121,3 +121,22 @@ def test_the_real_server_answers_without_torch_installed(good_bundle, pipeline_r
         assert status.status_code == 503 and "use runtime 'onnx'" in status.json()["status"]["info"]
     finally:
         torch_srv.stop()
+
+
+def test_the_engine_runs_a_batch_one_pass_of_run_chunk_images_at_a_time(good_bundle, monkeypatch):
+    """ONNX Runtime's arena keeps the largest pass for good: a 32-image request must not fix a server's memory at
+    32 images' activations. The answer is the same as one pass's."""
+    from imgsim.bundle import ServingBundle
+    from imgsim.serve import runtime
+
+    engine = ServingBundle.load(good_bundle).engine
+    images = np.random.default_rng(1).integers(0, 256, (9, *engine.session.get_inputs()[0].shape[1:]), dtype=np.uint8)
+    passes, run = [], engine.session.run
+    monkeypatch.setattr(engine, "session", type("Spy", (), {"run": lambda self, out, feeds: (
+        passes.append(len(feeds[runtime.INPUT])) or run(out, feeds))})())
+    embedding, logits = engine(images)
+    assert passes and max(passes) <= runtime.RUN_CHUNK and sum(passes) == len(images)
+    monkeypatch.setattr(runtime, "RUN_CHUNK", len(images))
+    whole, whole_logits = engine(images)
+    assert passes[-1] == len(images) and np.abs(whole - embedding).max() <= 1e-5
+    assert embedding.shape == (9, whole.shape[1]) and logits.shape == whole_logits.shape

@@ -12,6 +12,10 @@ from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 
 INPUT, OUTPUTS = "images", ("embedding", "logits")
+# Images per ONNX Runtime pass. Its CPU arena keeps the largest pass's activations for the process's life: a
+# request of max_batch images, or the bundle's 32 probes in one pass, would otherwise fix every server process's
+# memory at that peak (docs/benchmarks.md, section 21); smaller passes cost no throughput on a CPU.
+RUN_CHUNK = 1
 
 
 class OnnxModel:
@@ -40,5 +44,8 @@ class OnnxModel:
 
     def __call__(self, inputs: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Normalised embeddings and logits of a uint8 batch (N, C, H, W)."""
-        embedding, logits = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(inputs, dtype=np.uint8)})
-        return embedding, logits
+        if len(inputs) <= RUN_CHUNK:
+            embedding, logits = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(inputs, dtype=np.uint8)})
+            return embedding, logits
+        parts = [self(inputs[i:i + RUN_CHUNK]) for i in range(0, len(inputs), RUN_CHUNK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
