@@ -57,7 +57,7 @@ def test_help_shows_each_setting_once_in_its_stage_and_group(capsys):
                   "extract: index:", "extract: distributed:"):
         assert title in text
     assert "--batch_size" not in text  # the underscore spelling (for mlflow run -P) is accepted, not listed
-    assert "training images per optimizer step" in text and "images per forward pass while embedding" in text
+    assert "training images per optimizer step" in text and "images decoded per batch while embedding" in text
     assert "random seed of the split [sets it for split, train, extract]" in text
 
 

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from imgsim.errors import ImgsimError
 from imgsim.nn.data import ImageFiles
 from imgsim.nn.embed import embed_dataset
 from imgsim.nn.feature_store import FeatureStore, head_outputs, item_features, open_store
@@ -81,8 +82,8 @@ def test_images_train_never_saw_and_other_backbones_go_through_the_backbone(trai
     model, other = bundle.build(), bundle.build()
     next(other.trunk.parameters()).data.add_(0.01)
     assert open_store(store, other).key != open_store(store, model).key
-    assert not open_store(store, other).get([it.sha256 for it in manifest.items])[0].any()
-    assert open_store(store, model).get([it.sha256 for it in manifest.split("train")])[0].all()
+    assert not open_store(store, other).find([it.sha256 for it in manifest.items])[0].any()
+    assert open_store(store, model).find([it.sha256 for it in manifest.split("train")])[0].all()
 
 
 def test_onnx_runtime_and_torch_give_the_same_features_and_a_damaged_part_is_a_miss(trained, tmp_path):
@@ -99,7 +100,31 @@ def test_onnx_runtime_and_torch_give_the_same_features_and_a_damaged_part_is_a_m
                                                workers=0, desc="")
     assert embedded == len(items)
     (part,) = folder.glob("*.npy")
-    part.write_bytes(part.read_bytes()[:100])  # cut short: a crashed copy, a full disk
-    again, again_hashes, embedded = item_features(items, manifest.root, bundle.preprocess, Trunk(model),
-                                                  FeatureStore(folder, store.key), workers=0, desc="")
-    assert embedded == len(items) and again_hashes == hashes and np.abs(again - features).max() <= 1e-5
+    (ids,) = folder.glob("*.ids.npz")
+    for damaged, cut in ((part, 100), (ids, 50)):  # cut short: a crashed copy, a full disk
+        whole = damaged.read_bytes()
+        damaged.write_bytes(whole[:cut])
+        again, again_hashes, embedded = item_features(items, manifest.root, bundle.preprocess, Trunk(model),
+                                                      FeatureStore(folder, store.key), workers=0, desc="")
+        assert embedded == len(items) and again_hashes == hashes and np.abs(again - features).max() <= 1e-5
+        damaged.write_bytes(whole)
+    assert len(FeatureStore(folder, store.key)) == len(items)
+
+
+def test_a_kept_image_changed_since_split_is_refused_and_a_store_that_cannot_be_written_is_only_a_warning(
+        trained, tmp_path, capsys):
+    bundle, manifest, store = trained
+    model, items = bundle.build(), manifest.split("train")
+    copied = tmp_path / "images"
+    shutil.copytree(manifest.root, copied)
+    (copied / items[3].path).write_bytes((copied / items[4].path).read_bytes())
+    with pytest.raises(ImgsimError, match="changed since split") as refused:
+        item_features(items, copied, bundle.preprocess, Trunk(model), open_store(store, model), workers=0, desc="")
+    assert items[3].path in str(refused.value)
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the store's folder should be")
+    features, _, embedded = item_features(items[:4], manifest.root, bundle.preprocess, Trunk(model),
+                                          open_store(blocked, model), workers=0, desc="")
+    assert embedded == 4 and features.shape[0] == 4
+    assert "could not keep 4 images' features" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import PIL
 import torch
 from numpy.typing import NDArray
 from torch import nn
@@ -26,14 +27,16 @@ OPSET = 17
 # ONNX Runtime's features may differ from torch's by float32 rounding (~1e-6 of their scale); a wrong export by more.
 PARITY = 1e-4
 CHUNK = 32
+# Part of every kept feature's key: raise it when decoding or pooling changes what a file's features are.
+FEATURES_VERSION = 1
 
 
 def fingerprint(model: EmbeddingNet) -> str:
     """Identifies what turns a file into features: the trunk's weights, the input normalisation and the
     preprocessing, so a cached feature never outlives its backbone."""
     pre = model.preprocess
-    digest = hashlib.sha256(json.dumps([model.args.backbone, model.args.feature_levels, pre.size, pre.channels,
-                                        pre.resize]).encode())
+    digest = hashlib.sha256(json.dumps([FEATURES_VERSION, PIL.__version__, model.args.backbone,
+                                        model.args.feature_levels, pre.size, pre.channels, pre.resize]).encode())
     for name, tensor in sorted(model.trunk.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -60,13 +63,14 @@ class Trunk:
             raise ImgsimError(f"backbone_runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.device = distributed.device()
         self.model = model.eval()
-        # ONNX Runtime is the faster of the two on a CPU (docs/benchmarks.md, section 20); a GPU stays with torch.
+        # On a CPU the two are level (docs/benchmarks.md, section 20) and ONNX Runtime needs no channels-last copy of
+        # the model; a GPU stays with torch.
         self.runtime = runtime if runtime != "auto" else "torch" if self.device.type != "cpu" else "onnxruntime"
         self.threads, self.session = threads, None  # exported at the first batch: all features kept, no export
         self._channels_last: EmbeddingNet | None = None
 
     def _export(self, threads: int) -> ort.InferenceSession:
-        pre, net = self.model.preprocess, self.model.cpu()
+        pre, net = self.model.preprocess, copy.deepcopy(self.model).cpu()  # the caller's model stays where it is
         probe = np.random.default_rng(0).integers(0, 256, (2, pre.channels, pre.size, pre.size), dtype=np.uint8)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()

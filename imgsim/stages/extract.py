@@ -111,9 +111,12 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
     started = time.perf_counter()
     # Features train kept (keyed by file checksum and backbone) skip the backbone; only the head runs on them.
     trunk, store = Trunk(model, cfg.backbone_runtime, cfg.threads), open_store(cfg.feature_store, model)
+    # New features are kept only for a backbone train kept some of (a frozen one): a fine-tuned model's are never
+    # asked for again.
+    keep = len(store) > 0
     features, hashes, embedded = item_features(gallery_items[g0:g1], root, bundle.preprocess, trunk, store,
                                                batch=cfg.embed_batch_size, workers=cfg.workers,
-                                               desc=f"extract: embedding gallery{label}")
+                                               desc=f"extract: embedding gallery{label}", keep_new=keep)
     gallery, _ = head_outputs(model, features)
     embed_seconds = time.perf_counter() - started
     queries = np.zeros((0, model.dim), dtype=np.float32)
@@ -121,7 +124,7 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
     if q1 > q0:
         features, _, _ = item_features(query_items[q0:q1], root, bundle.preprocess, trunk, store,
                                        batch=cfg.embed_batch_size, workers=cfg.workers,
-                                       desc=f"extract: embedding queries{label}")
+                                       desc=f"extract: embedding queries{label}", keep_new=keep)
         queries, logits = head_outputs(model, features)
     print(f"extract: {g1 - g0 - embedded} of {g1 - g0} gallery images reused train's backbone features{label}")
     return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds,

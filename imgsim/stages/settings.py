@@ -152,7 +152,7 @@ class ExtractConfig:
                                    "until it does; 0: serve at search_k as given", "index")
     # Not batch_size: `imgsim main` takes every stage's settings as flags, and train's batch_size is the
     # optimizer's, a different thing.
-    embed_batch_size: int = setting(512, "images per forward pass while embedding (memory, not results)",
+    embed_batch_size: int = setting(512, "images decoded per batch while embedding (memory, not results)",
                                     "compute")
     max_queries: int = setting(0, "evaluate on at most this many query images; 0: the whole query split",
                                "evaluation")
