@@ -168,27 +168,34 @@ def inflight_sections() -> list[str]:
 
 def reuse_sections() -> list[str]:
     """The colour default's train and extract with the backbone on torch or ONNX Runtime, with and without reuse."""
-    runs = [r for r in (load(f"reuse-{name}") for name in ("tuxpaint", "oxygen", "wesnoth")) if r]
+    sets = ("tuxpaint", "oxygen", "wesnoth")
+    runs = [r for r in (load(f"reuse-{name}") for name in sets) if r]
     if not runs:
         return []
+    columns = ["variant", "train_s", "extract_s", "total_s", "gallery_embedded", "extract_img_s", "precision_at_1",
+               "served_p@1", "map_at_r", "index_recall_at_10"]
     parts = ["**20. No image embedded twice** — the colour default (head mode, every setting at its default but the "
              "two compared) trained and extracted in one process per variant, one run per dev set, nothing cached "
              "beforehand. `REV (before)`: the code before feature reuse (`--before REV`; extract at batch 64, because "
              "its default pass of 512 images took the process past 18 GB and was killed). Then this code: "
              "`torch-no-store` runs the backbone on eager torch (channels-last) in train and again in extract, "
-             "`onnxruntime-no-store` on ONNX Runtime, and `onnxruntime-store` is the default: ONNX Runtime, and "
-             "extract runs only the head on the features train kept, so only the test queries go through the "
-             "backbone. `extract_img_s`: images through the backbone per second of extract's gallery embedding, "
-             "decoding and perceptual hashes included. P@1 and mAP@R by exact search, `served_p@1` through the index "
-             "at its tuned effort. ONNX Runtime and channels-last torch are level on these two cores (in isolation, "
-             "one process each, 640 Wesnoth images with a decoding worker: 62 and 53 img/s; within one pipeline "
-             "process the order flipped); the saving is in not embedding twice. `python -m bench.reuse --dataset NAME "
-             "--before REV`:\n"]
+             "`onnxruntime-no-store` on ONNX Runtime, and `torch-store` is the default: extract runs only the head "
+             "on the features train kept, so only the test queries go through the backbone. `extract_img_s`: images "
+             "through the backbone per second of extract's gallery embedding, decoding and perceptual hashes "
+             "included. P@1 and mAP@R by exact search, `served_p@1` through the index at its tuned effort. `python -m "
+             "bench.reuse --dataset NAME --before REV` (Tux Paint and Oxygen: `--variants torch-store`):\n"]
     for run in runs:
         rows = [{**r, "served_p@1": r.get("served_precision_at_1")} for r in run["rows"]]
-        parts += [f"{run['dataset']} ({run['images']:,} images):\n",
-                  table(rows, ["variant", "train_s", "extract_s", "total_s", "gallery_embedded", "extract_img_s",
-                               "precision_at_1", "served_p@1", "map_at_r", "index_recall_at_10"]) + "\n"]
+        parts += [f"{run['dataset']} ({run['images']:,} images):\n", table(rows, columns) + "\n"]
+    other = [r for r in (load(f"reuse-{name}-onnxruntime") for name in sets) if r]
+    if other:
+        rows = [{"dataset": run["dataset"], **r, "served_p@1": r.get("served_precision_at_1")}
+                for run in other for r in run["rows"]]
+        parts += ["The same with the backbone on ONNX Runtime (`--variants onnxruntime-store --tag -onnxruntime`, "
+                  "earlier runs): the same speed, but its features differ from torch's by float rounding, and the "
+                  "head trained on them lands elsewhere within seed noise (on Oxygen 0.013 mAP@R below the run "
+                  "before it), so `backbone_runtime=auto` is torch:\n",
+                  table(rows, ["dataset", *columns]) + "\n"]
     return parts
 
 

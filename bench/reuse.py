@@ -1,12 +1,12 @@
 """Bench 20: the colour default's train and extract stages as they were and with no image embedded twice, side by
 side in one run on a colour dev set (bench/colour_sets.py), every setting at its default but the two compared:
 
-- ``torch-no-store``: eager torch runs the backbone, nothing is kept: train embeds, extract embeds again (before);
+- ``torch-no-store``: eager torch runs the backbone, nothing is kept: train embeds, extract embeds again;
 - ``onnxruntime-no-store``: ONNX Runtime runs the backbone, nothing is kept (extraction's images per second);
-- ``onnxruntime-store``: the default: extract reuses the features train kept and embeds only the images train
-  never saw (the test split's queries).
+- ``torch-store``, the default, and ``onnxruntime-store``: extract reuses the features train kept and embeds only
+  the images train never saw (the test split's queries).
 
-python -m bench.reuse [--dataset oxygen] [--before REV]   -> bench/results/reuse-<dataset>.json
+python -m bench.reuse [--dataset oxygen] [--before REV] [--tag T]   -> bench/results/reuse-<dataset>[T].json
 
 ``--before REV`` adds a first row: the same measurement on commit REV's code (a git worktree, this environment), how
 the stages ran before this bench existed, with extract's batch at BEFORE_BATCH.
@@ -29,7 +29,7 @@ from bench import colour_sets
 from bench.common import RESULTS, save, table
 
 VARIANTS = {"torch-no-store": ("torch", False), "onnxruntime-no-store": ("onnxruntime", False),
-            "onnxruntime-store": ("onnxruntime", True)}
+            "onnxruntime-store": ("onnxruntime", True), "torch-store": ("torch", True)}
 # The earlier code embedded extract's default batch of 512 images in one torch pass, which at 224 px took a process
 # past 18 GB and was killed here; 64 runs at the same speed within the machine.
 BEFORE_BATCH = 64
@@ -96,7 +96,9 @@ def measure_at(rev: str, dataset: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=list(colour_sets.SOURCES), default="oxygen")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default="torch-no-store,onnxruntime-no-store,torch-store",
+                        help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--tag", default="", help="suffix of the result file (another comparison)")
     parser.add_argument("--before", default="", help="also measure this commit's code (e.g. the last one before "
                         "feature reuse)")
     args = parser.parse_args()
@@ -112,7 +114,7 @@ def main() -> None:
     print(f"\n{args.dataset}: {len(manifest.items)} images, {len(manifest.classes)} classes; "
           f"{torch.get_num_threads()} threads")
     print(table(rows, COLUMNS))
-    print(f"wrote {save(f'reuse-{args.dataset}', {'dataset': args.dataset, 'images': len(manifest.items), 'before': args.before, 'rows': rows})}")
+    print(f"wrote {save(f'reuse-{args.dataset}{args.tag}', {'dataset': args.dataset, 'images': len(manifest.items), 'before': args.before, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ IN_WHEEL = {"efficientnet_lite0": 1280}
 PRETRAINED = {**TORCHVISION, **IN_WHEEL}
 BACKBONES = (SMALL, *PRETRAINED)
 HEADS = ("cosine", "arcface", "linear")
-# What runs the backbone while embedding (imgsim.nn.trunk): auto is ONNX Runtime on a CPU, torch on a GPU.
+# What runs the backbone while embedding (imgsim.nn.trunk): auto is torch.
 BACKBONE_RUNTIMES = ("auto", "onnxruntime", "torch")
 # What the train stage does with the backbone: see imgsim.stages.settings.TrainConfig.mode.
 AUTO, MODES = "auto", ("auto", "head", "full", "none")

@@ -1,5 +1,5 @@
-"""The backbone's pooled features of uint8 image batches, on ONNX Runtime on a CPU or torch on a GPU: what head-mode
-training caches and extract feeds the head (docs/benchmarks.md, section 20, has the two runtimes side by side)."""
+"""The backbone's pooled features of uint8 image batches, on torch or ONNX Runtime: what head-mode training keeps
+and extract feeds the head (docs/benchmarks.md, section 20, has the two runtimes side by side)."""
 
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ class Trunk:
             raise ImgsimError(f"backbone_runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.device = distributed.device()
         self.model = model.eval()
-        # On a CPU the two are level (docs/benchmarks.md, section 20) and ONNX Runtime needs no channels-last copy of
-        # the model; a GPU stays with torch.
-        self.runtime = runtime if runtime != "auto" else "torch" if self.device.type != "cpu" else "onnxruntime"
+        # Torch: on a CPU the two are level (docs/benchmarks.md, section 20), and torch's features are the ones the
+        # torch model gives, so a head trains exactly as it did on them.
+        self.runtime = "torch" if runtime == "auto" else runtime
         self.threads, self.session = threads, None  # exported at the first batch: all features kept, no export
         self._channels_last: EmbeddingNet | None = None
 

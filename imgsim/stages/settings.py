@@ -97,8 +97,8 @@ class TrainConfig:
     feature_store: str = setting("auto", "folder of backbone features kept per image (file checksum x backbone): "
                                  "train writes them, extract reuses them; auto: $IMGSIM_FEATURE_STORE, else "
                                  "checkpoints/features; empty: keep none", "compute")
-    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: onnxruntime, torch; auto: "
-                                    "onnxruntime on a CPU, torch on a GPU", "compute")
+    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: torch (channels-last), "
+                                    "onnxruntime (an export checked against torch); auto: torch", "compute")
     seed: int = setting(42, "random seed (initialisation, order, augmentation)", "data")
     checkpoint_dir: str = setting("checkpoints/train", "folder for the per-epoch checkpoint", "tracking")
     resume: bool = setting(False, "continue from the checkpoint in checkpoint_dir", "tracking")
@@ -163,8 +163,8 @@ class ExtractConfig:
     feature_store: str = setting("auto", "folder of backbone features kept per image (file checksum x backbone): "
                                  "train writes them, extract reuses them; auto: $IMGSIM_FEATURE_STORE, else "
                                  "checkpoints/features; empty: keep none", "compute")
-    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: onnxruntime, torch; auto: "
-                                    "onnxruntime on a CPU, torch on a GPU", "compute")
+    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: torch (channels-last), "
+                                    "onnxruntime (an export checked against torch); auto: torch", "compute")
     gallery_name: str = setting(GALLERY_NAME, "register the bundle as a version of this gallery; empty: do not",
                                 "tracking")
     gallery_alias: str = setting(GALLERY_ALIAS, "point this alias at the new version; empty: leave it alone",
