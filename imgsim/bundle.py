@@ -14,9 +14,10 @@ from numpy.typing import NDArray
 
 from imgsim import atomic
 from imgsim.changes import CHANGE_FILES, Changes
+from imgsim.effort import RECALL_TARGET
 from imgsim.errors import ImgsimError
 from imgsim.index import ANNOY, DEFAULT_SEARCH_K, EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, IndexBundle
-from imgsim.modelspec import MODEL_JSON, ONNX_FILE, WEIGHTS, ModelSpec, file_sha256
+from imgsim.modelspec import INT8, MODEL_JSON, ONNX_FILE, WEIGHTS, ModelSpec, cpu_int8, file_sha256
 
 if TYPE_CHECKING:  # torch is only needed to write a bundle or to serve with runtime="torch"
     from imgsim.nn.model import ModelBundle
@@ -37,6 +38,8 @@ GALLERY_NAME, GALLERY_ALIAS = "imgsim-gallery", "serving"
 # The loaded model must reproduce the probe embeddings recorded at extract (both float32 on the CPU: torch
 # and ONNX Runtime agree to ~1e-6) to this largest absolute difference...
 PROBE_PARITY = 1e-4
+# An int8 model.onnx: integer kernels differ by instruction set, so some room (against float32: 0.01-0.2).
+PROBE_PARITY_INT8 = 2e-3
 # ...and those must match the index's own vectors to this cosine distance (1 - cos): the gallery may have been
 # embedded in larger batches or on a GPU (TF32); another model of the same shape differs by 0.05 or more.
 PROBE_TOLERANCE = 1e-3
@@ -109,6 +112,9 @@ class ServingBundle:
     torch_model: "ModelBundle | None" = None  # the torch model: given to save, loaded only for runtime="torch"
     engine: Engine | None = dataclasses.field(default=None, repr=False)  # set by load
     onnx_parity: float | None = None  # ONNX Runtime vs torch at export, largest absolute difference
+    # An int8 model.onnx: how it was made (bundle.json's onnx.quantization; empty: float32) and its bytes to save.
+    quantization: dict = dataclasses.field(default_factory=dict)
+    onnx_model: bytes | None = dataclasses.field(default=None, repr=False)
     # Lineage of a living gallery (imgsim.stages.gallery): the image root its paths are relative to, the parent
     # bundle (None for extract's), and what the change added, removed and skipped.
     lineage: dict = dataclasses.field(default_factory=dict)  # stored as bundle.json's "gallery"
@@ -120,6 +126,7 @@ class ServingBundle:
     # files' checksums ("files": the base must be exactly that version) and its size. Stored as "base".
     base: dict = dataclasses.field(default_factory=dict)
     model_folder: Path | None = None  # where the model files were read from (the base's folder for changes)
+    recall_target: float = RECALL_TARGET  # what the effort was tuned to (0: as given); a rebuilt index is too
 
     def save(self, out_dir: str | Path, *, model_from: str | Path | None = None) -> Path:
         """Write the whole bundle into ``out_dir`` (the torch weights, their ONNX export checked against them,
@@ -138,7 +145,10 @@ class ServingBundle:
                 from imgsim.nn.onnx_export import export_onnx
 
                 self.torch_model.save(tmp)
-                self.onnx_parity = export_onnx(self.torch_model, tmp / ONNX_FILE, self.probes.inputs)
+                if self.onnx_model is not None:
+                    (tmp / ONNX_FILE).write_bytes(self.onnx_model)  # inside the atomic folder
+                else:
+                    self.onnx_parity = export_onnx(self.torch_model, tmp / ONNX_FILE, self.probes.inputs)
             self.index.save(tmp)
             self.probes.save(tmp / PROBES_FILE)
             self.files = {name: file_sha256(tmp / name) for name in FILES}
@@ -175,14 +185,15 @@ class ServingBundle:
             "index": {"backend": self.index.backend, "dim": self.index.dim, "metric": self.index.metric,
                       "n_trees": self.index.n_trees,
                       "count": len(self.index.items), "next_id": self.index.next_id, "search_k": self.search_k,
-                      "recall_at_10": self.index_recall},
+                      "recall_at_10": self.index_recall, "recall_target": self.recall_target},
             "gallery": self.lineage,
             **({"shard": self.shard} if self.shard else {}),
             **({"base": self.base, "changes": {"added": len(self.index.changes.added_items),
                                                "removed": len(self.index.changes.removed)}}
                if self.index.changes is not None else {}),
-            "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE},
-            "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY},
+            "probes": {"count": len(self.probes.ids), "tolerance": PROBE_TOLERANCE, "parity": self.probe_parity},
+            "onnx": {"opset": OPSET, "parity_max_abs": self.onnx_parity, "tolerance": PARITY,
+                     **({"quantization": self.quantization} if self.quantization else {})},
             "files": {name: self.files[name] for name in
                       (CHANGES_VERSION_FILES if self.index.changes is not None else FILES)},
         }
@@ -235,10 +246,15 @@ class ServingBundle:
             bundle = cls(spec, index, probes, source, int(meta["index"].get("search_k", DEFAULT_SEARCH_K)),
                          meta["index"].get("recall_at_10"), files,
                          onnx_parity=meta.get("onnx", {}).get("parity_max_abs"),
+                         quantization=_quantization(meta, folder),
+                         recall_target=float(meta["index"].get("recall_target", RECALL_TARGET)),
                          lineage=dict(meta.get("gallery") or {}), shard=dict(meta.get("shard") or {}),
                          base=dict(meta.get("base") or {}), model_folder=Path(base[1] if base else folder))
         except (KeyError, ValueError, TypeError) as exc:
             raise BundleError(f"bundle {folder} cannot be read ({exc!r}); re-export it") from None
+        if bundle.quantization and runtime == "torch":
+            raise BundleError(f"bundle {folder} serves an int8 model.onnx; its torch weights are float32 and embed "
+                              "differently from its index: use runtime 'onnx'")
         try:
             bundle.engine = _open_engine(bundle, model_dir, runtime, threads)
         except ImgsimError as exc:
@@ -259,16 +275,27 @@ class ServingBundle:
             raise BundleError("bundle is inconsistent: " + "; ".join(problems) + ". Re-export the bundle from one "
                               "extract run, so that model and index come from the same model.")
 
+    @property
+    def probe_parity(self) -> float:
+        """How far the loaded model may embed the probes from what extract recorded (largest absolute difference)."""
+        return PROBE_PARITY_INT8 if self.quantization else PROBE_PARITY
+
+    def _int8_note(self) -> str:
+        made_on, here = self.quantization.get("cpu_int8", "unknown"), cpu_int8()
+        return (f"; it is an int8 model, made on a CPU with {made_on}" + (f" and run here on one with {here}, whose "
+                "int8 kernels may compute differently: serve a float32 bundle on these machines" if made_on != here
+                else ""))
+
     def _disagreements(self) -> list[str]:
         recorded = self.probes.embeddings
         problems = []
         model_file = ONNX_FILE if self.torch_model is None else WEIGHTS
         recomputed = self.engine(self.probes.inputs)[0]
         diff = float(np.abs(recomputed - recorded).max(initial=0.0)) if np.all(np.isfinite(recomputed)) else np.inf
-        if diff > PROBE_PARITY:
+        if diff > self.probe_parity:
             problems.append(f"{model_file} is not the model that built this index: it embeds the {len(recorded)} probe "
                             f"images differently from extract (largest difference {diff:.3g}, tolerance "
-                            f"{PROBE_PARITY:g})")
+                            f"{self.probe_parity:g})" + (self._int8_note() if self.quantization else ""))
         # Probes whose image a later gallery version removed still check the model, not the index.
         rows = [self.index.row(int(i)) for i in self.probes.ids]
         present = np.asarray([r is not None for r in rows], dtype=bool)
@@ -320,6 +347,15 @@ def _open_engine(bundle: ServingBundle, folder: Path, runtime: str, threads: int
     bundle.torch_model = ModelBundle.load(folder)
     net = bundle.torch_model.build()
     return lambda inputs: embed_array(net, inputs)
+
+
+def _quantization(meta: dict, folder: str | Path) -> dict:
+    """bundle.json's record of an int8 model.onnx; an arithmetic this imgsim does not know is refused."""
+    quantization = dict(meta.get("onnx", {}).get("quantization") or {})
+    if quantization and quantization.get("precision") != INT8:
+        raise BundleError(f"bundle {folder} serves a model in {str(quantization.get('precision'))[:20]!r}, which this "
+                          "imgsim does not know: it was made by a newer one")
+    return quantization
 
 
 def _worst(distances: NDArray[np.float64]) -> float:
@@ -404,12 +440,14 @@ def _check_files(folder: Path, meta: dict, name: str | Path, names: tuple[str, .
 
 
 def build_probes(model, index: IndexBundle, read: Callable[[int], NDArray[np.uint8]],
-                 gallery: NDArray[np.float32] | None = None, seed: int = 42) -> Probes:
-    """Probes for a fresh index; with ``gallery`` (the batched extract embeddings) also check that the serving
-    path (one small batch, no DataLoader) embeds exactly as extract did."""
+                 gallery: NDArray[np.float32] | None = None, seed: int = 42, engine: Engine | None = None) -> Probes:
+    """Probes for a fresh index, embedded by ``engine`` (the model served), else the torch ``model``; with
+    ``gallery`` (the batched extract embeddings) also check that the serving path (one small batch, no
+    DataLoader) embeds exactly as extract did."""
     from imgsim.nn.embed import embed_array
 
-    probes = Probes.take(lambda x: embed_array(model, x)[0], read, index, seed=seed)
+    embed = engine or (lambda x: embed_array(model, x))
+    probes = Probes.take(lambda x: embed(x)[0], read, index, seed=seed)
     if gallery is not None:
         worst = _worst(cosine_distances(gallery[probes.ids], probes.embeddings))
         if worst > PROBE_TOLERANCE:

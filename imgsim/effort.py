@@ -13,11 +13,13 @@ import dataclasses
 import numpy as np
 from numpy.typing import NDArray
 
-from imgsim.index import ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, IndexBundle
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, IndexBundle
 from imgsim.metrics import exact_topk, recall_at_k
 
 MAX_DOUBLINGS = 8  # 1500 -> 384,000 Annoy nodes, efSearch 32 -> 8192, nprobe 16 -> every list
 SAMPLE = 500  # gallery vectors as queries: recall to about +-0.005 at 0.99
+# extract's recall_target by default, and what an index rebuilt by a gallery change or cut into shards is tuned to.
+RECALL_TARGET = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ def tune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search
     def recall_at(value: int) -> float:
         put(value)
         approx = [index.search(q, k, value if index.backend == ANNOY else search_k)[0] for q in queries]
-        return recall_at_k(approx, exact, min(k, len(gallery)))
+        return recall_at_k(approx, exact, min(k, len(gallery)), queries, gallery)
 
     value = get()
     recall = recall_at(value)
@@ -53,6 +55,20 @@ def tune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search
         value = min(cap, value * 2)
         recall = recall_at(value)
     return Effort(value if index.backend == ANNOY else search_k, value, recall, recall >= target)
+
+
+def retune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search_k: int, seed: int = 42,
+           what: str = "the rebuilt index") -> tuple[int, float | None]:
+    """A rebuilt index's (search_k, measured recall): tuned to ``target`` from the default start, not from the
+    tuned ``search_k`` it replaces (a start only ever doubles, so rebuilds would creep towards exact search);
+    ``search_k`` as given, unmeasured, where ``target`` is 0."""
+    if target <= 0:
+        return search_k, None
+    effort = tune(index, gallery, target, min(search_k, DEFAULT_SEARCH_K), seed)
+    if not effort.reached:
+        print(f"{what} reaches recall@10 {effort.recall:.3f} at its largest effort ({effort.value}), short of its "
+              f"recall_target {target}")
+    return effort.search_k, effort.recall
 
 
 def _knob(index: IndexBundle, search_k: int):

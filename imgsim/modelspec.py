@@ -24,6 +24,9 @@ BACKBONES = (SMALL, *PRETRAINED)
 HEADS = ("cosine", "arcface", "linear")
 # What runs the backbone while embedding (imgsim.nn.trunk): auto is torch.
 BACKBONE_RUNTIMES = ("auto", "onnxruntime", "torch")
+# The served model's arithmetic (ExtractConfig.precision): int8 is imgsim.nn.quantize's.
+FP32, INT8 = "fp32", "int8"
+PRECISIONS = (FP32, INT8)
 # What the train stage does with the backbone: see imgsim.stages.settings.TrainConfig.mode.
 AUTO, MODES = "auto", ("auto", "head", "full", "none")
 # backbone=auto on colour images or an unlabelled folder: the pretrained route that won on the colour dev sets
@@ -155,3 +158,12 @@ def resolve_augment(mode: str, pretrained: bool) -> str:
     if mode not in AUGMENT_MODES:
         raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {mode!r}")
     return ("photo" if pretrained else "shift") if mode == "auto" else mode
+
+
+def cpu_int8() -> str:
+    """The x86 int8 dot-product instructions this CPU has (what ONNX Runtime's int8 kernels differ by)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "avx2") if f in flags) or "none of avx2/vnni"

@@ -22,6 +22,7 @@ import numpy as np
 
 from imgsim import atomic
 from imgsim.bundle import BUNDLE_JSON, BundleError, ServingBundle
+from imgsim.effort import retune
 from imgsim.errors import ImgsimError
 from imgsim.index import IndexBundle
 
@@ -68,8 +69,15 @@ def shard_bundle(source: str | Path, out: str | Path, shards: int) -> dict:
         for role, i, rows in parts:
             part = IndexBundle.build(embeddings[rows], [items[r] for r in rows], n_trees=index.n_trees,
                                      next_id=index.next_id, backend=index.backend)
-            bundle = ServingBundle(whole.spec, part, whole.probes, dict(whole.source), whole.search_k,
-                                   whole.index_recall, onnx_parity=whole.onnx_parity, lineage=dict(whole.lineage),
+            search_k, recall = whole.search_k, whole.index_recall
+            if role == SHARD:  # a rebuilt index: its effort measured again, as extract measures it
+                search_k, measured = retune(part, embeddings[rows], whole.recall_target, whole.search_k,
+                                            what=f"shard-bundle: shard {i}'s index")
+                recall = whole.index_recall if measured is None else measured
+            bundle = ServingBundle(whole.spec, part, whole.probes, dict(whole.source), search_k,
+                                   recall, onnx_parity=whole.onnx_parity,
+                                   quantization=whole.quantization, lineage=dict(whole.lineage),
+                                   recall_target=whole.recall_target,
                                    shard={"role": role, **({"index": i} if role == SHARD else {}), **common})
             bundle.save(tmp / part_name(role, i), model_from=whole.model_folder)
         for role, i, _ in parts:  # the probe check of every part, before the folder replaces the old one

@@ -28,7 +28,8 @@ from imgsim.serve import seldon_wire
 
 from imgsim.bundle import BUNDLE_JSON, ServingBundle
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.index import FAISS_FLAT, IndexBundle
+from imgsim.index import ANNOY, FAISS_FLAT, IndexBundle
+from imgsim.metrics import exact_topk, recall_at_k
 from imgsim.serve.graph import EmbedService, Merger, ShardAnswerError, ShardService
 from imgsim.serve.settings import ServiceConfig
 from imgsim.sharded import part_name, shard_bundle
@@ -79,6 +80,34 @@ def test_shard_bundle_partitions_the_gallery_into_parts_that_each_verify(flat, s
     assert {item.id for item in embedder.index.items} <= set(whole.probes.ids.tolist())
     assert embedder.shard["labels"] == sorted({item.label for item in whole.index.items})
     assert summary["bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+
+
+def _weak(pipeline_run, tmp_path) -> Path:
+    """The pipeline's gallery served at an effort far too low (one Annoy tree, 10 nodes a query)."""
+    annoy = pipeline_bundle(pipeline_run, tmp_path / "annoy")
+    whole = ServingBundle.load(annoy)
+    whole.index = IndexBundle.build(np.asarray(whole.index.embeddings), whole.index.items, n_trees=1,
+                                    next_id=whole.index.next_id, backend=ANNOY)
+    whole.search_k = 10
+    return whole.save(tmp_path / "weak", model_from=annoy)
+
+
+def _served_recall(bundle: ServingBundle, search_k: int) -> float:
+    vectors = np.asarray(bundle.index.embeddings)
+    queries = vectors[np.random.default_rng(0).permutation(len(vectors))[:200]]
+    served = [bundle.index.search(q, 10, search_k)[0] for q in queries]
+    return recall_at_k(served, exact_topk(queries, vectors, 10), 10, queries, vectors)
+
+
+def test_a_rebuilt_index_is_tuned_again_to_the_recall_target(pipeline_run, tmp_path):
+    # Each shard's index and a gallery change's rebuilt index measure their own effort, as extract does.
+    weak = _weak(pipeline_run, tmp_path)
+    shard_bundle(weak, tmp_path / "parts", 2)
+    rebuilt = remove_images(ServingBundle.load(weak), RemoveConfig(bundle="", ids="0", full=True)).bundle
+    for part in [ServingBundle.load(tmp_path / "parts" / part_name("shard", i)) for i in range(2)] + [rebuilt]:
+        assert _served_recall(part, 10) < 0.9  # the weak bundle's effort would fall short
+        assert part.search_k > 10 and part.index_recall >= 0.99
+        assert _served_recall(part, part.search_k) >= 0.98
 
 
 def test_bad_sharding_requests_say_what_is_wrong(flat, sharded, tmp_path):

@@ -35,6 +35,26 @@ def test_recall_at_k():
     assert recall_at_k([[1, 2, 9], [4, 5, 6]], exact, 3) == pytest.approx((2 / 3 + 1) / 2)
 
 
+def test_recall_counts_a_copy_tied_with_the_kth_item_but_nothing_less_similar():
+    # rows 0 and 1 are the same image, tied second; exact search kept row 0, the index may return row 1
+    gallery, query = unit([1, 0], [1, 0], [0.9, 0.3], [0.6, 0.8]), unit([0.9, 0.3])
+    exact = np.array([[2, 0]])
+    assert exact_topk(query, gallery, 2)[0, 0] == 2
+    assert recall_at_k([[2, 1]], exact, 2) == pytest.approx(0.5)  # by ids alone: the copy is a miss
+    assert recall_at_k([[2, 1]], exact, 2, query, gallery) == 1.0
+    assert recall_at_k([[2, 3]], exact, 2, query, gallery) == pytest.approx(0.5)
+    assert recall_at_k([[1, -1]], exact, 2, query, gallery) == pytest.approx(0.5)  # a short answer
+
+
+def test_tied_copies_cannot_stand_in_for_a_better_item_or_count_twice():
+    # the best match (row 0) above ten identical copies; exact top-3 is row 0 and two copies
+    gallery = unit([1, 0], *([[0.9, 0.4]] * 10))
+    query, exact = unit([1, 0.01]), np.array([[0, 1, 2]])
+    assert recall_at_k([[3, 4, 5]], exact, 3, query, gallery) == pytest.approx(2 / 3)  # missed the best one
+    assert recall_at_k([[1, 1, 1]], exact, 3, query, gallery) == pytest.approx(1 / 3)  # one copy, once
+    assert recall_at_k([[0, 5, 9]], exact, 3, query, gallery) == 1.0
+
+
 def test_full_gallery_map_by_hand():
     # ranking for the query: relevant, irrelevant, relevant -> AP = (1/1 + 2/3) / 2
     gallery = unit([1, 0], [0.9, 0.3], [0.5, 0.8])

@@ -67,7 +67,9 @@ def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, ma
     with tempfile.TemporaryDirectory() as tmp:
         serving = ServingBundle(bundle.spec, result.index, result.probes, ref, result.search_k,
                                 result.metrics.get("index_recall_at_10"), torch_model=bundle,
-                                lineage={"root": str(root), "run_id": run_id})
+                                lineage={"root": str(root), "run_id": run_id}, recall_target=cfg.recall_target,
+                                **({"onnx_model": result.int8.onnx, "quantization": result.int8.record(),
+                                    "onnx_parity": result.int8.export_parity} if result.int8 else {}))
         saved = serving.save(Path(tmp) / BUNDLE_ARTIFACT)
         bundle_sha256 = file_sha256(saved / BUNDLE_JSON)  # what the registry vouches for, from the bytes logged
         mlflow.log_artifacts(str(saved), BUNDLE_ARTIFACT)

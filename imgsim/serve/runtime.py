@@ -21,17 +21,20 @@ RUN_CHUNK = 1
 class OnnxModel:
     """An ONNX Runtime session on the CPU with a fixed number of threads (one per server worker by default)."""
 
-    def __init__(self, path: str | Path, preprocess: Preprocess, threads: int = 1) -> None:
+    def __init__(self, path: str | Path | bytes, preprocess: Preprocess, threads: int = 1) -> None:
+        """``path``: the model file, or its bytes."""
+        name = "model.onnx" if isinstance(path, bytes) else Path(path).name
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind types: bad file, unknown opset, ...
-            raise ImgsimError(f"{Path(path).name} cannot be run by onnxruntime {ort.__version__}: "
+            raise ImgsimError(f"{name} cannot be run by onnxruntime {ort.__version__}: "
                               f"{str(exc).strip().splitlines()[0][:300]}") from None
-        self._check_signature(Path(path).name, preprocess)
+        self._check_signature(name, preprocess)
 
     def _check_signature(self, name: str, preprocess: Preprocess) -> None:
         inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]

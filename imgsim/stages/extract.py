@@ -17,8 +17,11 @@ from imgsim.manifest import SPLITS, Manifest
 from imgsim.effort import tune
 from imgsim.metrics import index_recall, retrieval_metrics
 from imgsim.nn.data import ImageFiles, label_ids
-from imgsim.nn.feature_store import head_outputs, item_features, open_store
+from imgsim.modelspec import INT8
+from imgsim.nn.embed import embed_array
+from imgsim.nn.feature_store import FeatureStore, head_outputs, item_features, open_store
 from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.quantize import Int8Model, calibration_rows, int8_model
 from imgsim.nn.trunk import Trunk
 from imgsim.stages.settings import ExtractConfig
 
@@ -33,6 +36,7 @@ class ExtractResult:
     queries: NDArray[np.float32]
     query_items: list
     search_k: int = -1  # the effort the index serves with (Annoy's; faiss keeps its own in the file)
+    int8: Int8Model | None = None  # the model served and embedded with, where precision=int8
 
 
 @dataclasses.dataclass
@@ -82,7 +86,17 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
     Without labels (an unlabelled folder, or an embed-only model) label metrics are skipped; the index's
     recall against exact search is always measured."""
     model = bundle.build()  # once: the embedding and the probes use the same network
-    return assemble(cfg, bundle, manifest, [embed_part(cfg, bundle, manifest, 0, 1, model)], model)
+    int8 = quantized(cfg, bundle, manifest) if cfg.precision == INT8 else None
+    return assemble(cfg, bundle, manifest, [embed_part(cfg, bundle, manifest, 0, 1, model, int8)], model, int8)
+
+
+def quantized(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Int8Model:
+    """The int8 serving model, calibrated on a seeded sample of the gallery."""
+    gallery_items, _ = _items(cfg, bundle, manifest)
+    files = ImageFiles(gallery_items, cfg.data_dir or manifest.root, bundle.preprocess)
+    rows = calibration_rows(len(gallery_items), cfg.seed)
+    print(f"extract: quantizing the model to int8, calibrated on {len(rows)} gallery images")
+    return int8_model(bundle, np.stack([files.read(int(r)) for r in rows]), cfg.threads or torch.get_num_threads())
 
 
 def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple[list, list]:
@@ -99,8 +113,9 @@ def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple
 
 
 def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shard: int, num_shards: int,
-               model: EmbeddingNet | None = None) -> Part:
-    """Embed shard ``shard`` of ``num_shards``: its slice of the gallery and of the queries."""
+               model: EmbeddingNet | None = None, int8: Int8Model | None = None) -> Part:
+    """Embed shard ``shard`` of ``num_shards``: its slice of the gallery and of the queries (with ``int8``, by
+    that model alone)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     gallery_items, query_items = _items(cfg, bundle, manifest)
@@ -109,15 +124,20 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
     q0, q1 = shard_range(len(query_items), shard, num_shards)
     label = f" (shard {shard + 1}/{num_shards})" if num_shards > 1 else ""
     started = time.perf_counter()
-    # Features train kept (keyed by file checksum and backbone) skip the backbone; only the head runs on them.
-    trunk, store = Trunk(model, cfg.backbone_runtime, cfg.threads), open_store(cfg.feature_store, model)
+    if int8 is None:
+        # Features train kept (keyed by file checksum and backbone) skip the backbone; only the head runs on them.
+        trunk, store = Trunk(model, cfg.backbone_runtime, cfg.threads), open_store(cfg.feature_store, model)
+        finish = lambda features: head_outputs(model, features)  # noqa: E731
+    else:  # the int8 model embeds every image: kept features are the float32 backbone's
+        trunk, store = int8.outputs, FeatureStore(None, INT8)
+        finish = lambda both: (both[:, :model.dim], both[:, model.dim:])  # noqa: E731
     # New features are kept only for a backbone train kept some of (a frozen one): a fine-tuned model's are never
     # asked for again.
     keep = len(store) > 0
     features, hashes, embedded = item_features(gallery_items[g0:g1], root, bundle.preprocess, trunk, store,
                                                batch=cfg.embed_batch_size, workers=cfg.workers,
                                                desc=f"extract: embedding gallery{label}", keep_new=keep)
-    gallery, _ = head_outputs(model, features)
+    gallery, _ = finish(features)
     embed_seconds = time.perf_counter() - started
     queries = np.zeros((0, model.dim), dtype=np.float32)
     logits = np.zeros((0, model.args.num_classes), dtype=np.float32)
@@ -125,14 +145,15 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
         features, _, _ = item_features(query_items[q0:q1], root, bundle.preprocess, trunk, store,
                                        batch=cfg.embed_batch_size, workers=cfg.workers,
                                        desc=f"extract: embedding queries{label}", keep_new=keep)
-        queries, logits = head_outputs(model, features)
-    print(f"extract: {g1 - g0 - embedded} of {g1 - g0} gallery images reused train's backbone features{label}")
+        queries, logits = finish(features)
+    if int8 is None:
+        print(f"extract: {g1 - g0 - embedded} of {g1 - g0} gallery images reused train's backbone features{label}")
     return Part(shard, num_shards, (g0, g1), (q0, q1), gallery, hashes, queries, logits, embed_seconds,
                 embedded)
 
 
 def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts: list[Part],
-             model: EmbeddingNet | None = None) -> ExtractResult:
+             model: EmbeddingNet | None = None, int8: Int8Model | None = None) -> ExtractResult:
     """Join the parts (every shard exactly once, in order), build the index and probes, and evaluate."""
     gallery_items, query_items = _items(cfg, bundle, manifest)
     check_parts(parts, len(gallery_items), len(query_items))
@@ -154,12 +175,16 @@ def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts:
             print(f"extract: the {cfg.index} index reaches recall@10 {effort.recall:.3f} at its largest effort "
                   f"({effort.value}), short of recall_target {cfg.recall_target}: more n_trees, or index=faiss-hnsw "
                   "or faiss-flat")
-    probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed)
+    probes = build_probes(model, index, ImageFiles(gallery_items, root, bundle.preprocess).read, gallery, cfg.seed,
+                          int8.engine if int8 else None)
     embed_seconds = sum(p.embed_seconds for p in parts)  # summed over shards: images per second of one process
     metrics = {"gallery_size": float(len(items)), "embed_images_per_second": len(items) / max(embed_seconds, 1e-9),
                **({"gallery_images_through_backbone": float(sum(p.embedded for p in parts))}
                   if all(p.embedded >= 0 for p in parts) else {}),
                "index_build_seconds": time.perf_counter() - started, **effort_metrics}
+    if int8 is not None:  # how far int8 moved the served embeddings from the float32 model's
+        cosine = (embed_array(model, probes.inputs)[0] * probes.embeddings).sum(axis=1)
+        metrics |= {"int8_probe_cosine_mean": float(cosine.mean()), "int8_probe_cosine_min": float(cosine.min())}
     queries = np.concatenate([p.queries for p in parts])
     if query_items:
         logits = np.concatenate([p.logits for p in parts])
@@ -168,7 +193,7 @@ def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts:
     else:  # no labelled queries: the index is still checked against exact search, on a sample of the gallery
         sample = gallery[np.random.default_rng(cfg.seed).permutation(len(gallery))[:1000]]
         metrics |= index_recall(sample, gallery, index, search_k)
-    return ExtractResult(index, probes, metrics, queries, query_items, search_k)
+    return ExtractResult(index, probes, metrics, queries, query_items, search_k, int8)
 
 
 def check_parts(parts: list[Part], n_gallery: int, n_queries: int) -> None:

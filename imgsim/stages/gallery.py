@@ -17,6 +17,7 @@ from tqdm import tqdm
 from imgsim import duplicates, hashing
 from imgsim.bundle import PROBE_COUNT, Probes, ServingBundle
 from imgsim.changes import Changes, fits
+from imgsim.effort import retune
 from imgsim.errors import ImgsimError
 from imgsim.index import GalleryItem, IndexBundle
 from imgsim.metrics import index_recall
@@ -137,14 +138,19 @@ def _next_index(parent: ServingBundle, vectors: NDArray[np.float32], added: list
 def _finish(parent: ServingBundle, index: IndexBundle, probes: Probes, added: list[GalleryItem],
             removed: list[GalleryItem], skipped, report, seed: int, new_rows: NDArray[np.int64],
             root: str | Path) -> Change:
-    metrics = _recall(index, parent.search_k, seed, new_rows)
+    search_k = parent.search_k
+    if index.changes is None:  # a rebuilt index: its effort measured again, as extract measures it
+        search_k, _ = retune(index, np.asarray(index.embeddings), parent.recall_target, parent.search_k, seed,
+                             "gallery: the rebuilt index")
+    metrics = _recall(index, search_k, seed, new_rows)
     # A version of changes names its base: the parent's own base, or the parent itself when it is whole (where
     # it is stored is the caller's to fill in: imgsim.runs.gallery).
     base = {} if index.changes is None else dict(parent.base) or \
         {"uri": "", "files": dict(parent.files), "count": len(parent.index.items)}
-    bundle = ServingBundle(parent.spec, index, probes, dict(parent.source), parent.search_k,
-                           metrics["index_recall_at_10"], onnx_parity=parent.onnx_parity, lineage={"root": str(root)},
-                           base=base)
+    bundle = ServingBundle(parent.spec, index, probes, dict(parent.source), search_k,
+                           metrics["index_recall_at_10"], onnx_parity=parent.onnx_parity,
+                           quantization=parent.quantization, lineage={"root": str(root)}, base=base,
+                           recall_target=parent.recall_target)
     return Change(bundle, added, removed, skipped, report, metrics | {"gallery_size": float(len(index.items))})
 
 
