@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgsim.effort import tune
-from imgsim.index import ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, GalleryItem, IndexBundle
+from imgsim.effort import retune, tune
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, GalleryItem, IndexBundle
 from imgsim.metrics import exact_topk, recall_at_k
 
 
@@ -59,3 +59,14 @@ def test_exact_search_needs_no_effort_and_an_unreachable_target_is_said():
     assert tune(_index(vectors, FAISS_FLAT), vectors, 0.999, -1).recall == 1.0
     short = tune(_index(vectors, ANNOY, n_trees=1), vectors, 1.01, 10)  # a target no effort can meet
     assert not short.reached and short.value > 10
+
+
+def test_a_rebuilt_index_is_tuned_from_the_default_effort_not_from_the_one_it_replaces(capsys):
+    vectors = _gallery()
+    index = _index(vectors, ANNOY)
+    crept = 64 * tune(index, vectors, 0.99, DEFAULT_SEARCH_K).search_k  # what doubling from each tuned value gives
+    search_k, recall = retune(index, vectors, 0.99, crept)
+    assert DEFAULT_SEARCH_K <= search_k < crept and recall >= 0.99
+    assert retune(index, vectors, 0.0, crept) == (crept, None)  # recall_target 0: served as given, not measured
+    retune(_index(vectors, ANNOY, n_trees=1), vectors, 1.01, 10)
+    assert "short of its recall_target 1.01" in capsys.readouterr().out

@@ -82,16 +82,6 @@ def test_shard_bundle_partitions_the_gallery_into_parts_that_each_verify(flat, s
     assert summary["bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-def _weak(pipeline_run, tmp_path) -> Path:
-    """The pipeline's gallery served at an effort far too low (one Annoy tree, 10 nodes a query)."""
-    annoy = pipeline_bundle(pipeline_run, tmp_path / "annoy")
-    whole = ServingBundle.load(annoy)
-    whole.index = IndexBundle.build(np.asarray(whole.index.embeddings), whole.index.items, n_trees=1,
-                                    next_id=whole.index.next_id, backend=ANNOY)
-    whole.search_k = 10
-    return whole.save(tmp_path / "weak", model_from=annoy)
-
-
 def _served_recall(bundle: ServingBundle, search_k: int) -> float:
     vectors = np.asarray(bundle.index.embeddings)
     queries = vectors[np.random.default_rng(0).permutation(len(vectors))[:200]]
@@ -99,15 +89,22 @@ def _served_recall(bundle: ServingBundle, search_k: int) -> float:
     return recall_at_k(served, exact_topk(queries, vectors, 10), 10, queries, vectors)
 
 
-def test_a_rebuilt_index_is_tuned_again_to_the_recall_target(pipeline_run, tmp_path):
-    # Each shard's index and a gallery change's rebuilt index measure their own effort, as extract does.
-    weak = _weak(pipeline_run, tmp_path)
-    shard_bundle(weak, tmp_path / "parts", 2)
-    rebuilt = remove_images(ServingBundle.load(weak), RemoveConfig(bundle="", ids="0", full=True)).bundle
-    for part in [ServingBundle.load(tmp_path / "parts" / part_name("shard", i)) for i in range(2)] + [rebuilt]:
-        assert _served_recall(part, 10) < 0.9  # the weak bundle's effort would fall short
-        assert part.search_k > 10 and part.index_recall >= 0.99
-        assert _served_recall(part, part.search_k) >= 0.98
+def test_a_rebuilt_index_is_measured_again_at_the_recall_target_its_bundle_records(pipeline_run, tmp_path):
+    # Each shard's index and a gallery change's rebuilt index: tuned and measured as extract does, never the
+    # whole's figures copied; a bundle served as given (recall_target 0) keeps its effort.
+    annoy = pipeline_bundle(pipeline_run, tmp_path / "annoy")
+    whole = ServingBundle.load(annoy)
+    whole.index_recall, whole.search_k = 0.5, 10  # figures a rebuilt index must not inherit
+    for target in (0.99, 0.0):
+        whole.recall_target = target
+        weak = whole.save(tmp_path / f"weak-{target}", model_from=annoy)
+        shard_bundle(weak, tmp_path / f"parts-{target}", 2)
+        parts = [ServingBundle.load(tmp_path / f"parts-{target}" / part_name("shard", i)) for i in range(2)]
+        rebuilt = remove_images(ServingBundle.load(weak), RemoveConfig(bundle="", ids="0", full=True)).bundle
+        for part in [*parts, rebuilt]:
+            assert part.recall_target == target
+            assert _served_recall(part, part.search_k) >= 0.98 if target else part.search_k == 10
+        assert all(p.index_recall >= 0.99 for p in parts) if target else all(p.index_recall == 0.5 for p in parts)
 
 
 def test_bad_sharding_requests_say_what_is_wrong(flat, sharded, tmp_path):
