@@ -113,6 +113,11 @@ def section() -> str:
     parts += inflight_sections()
     parts += reuse_sections()
     parts += engine_memory_sections()
+    parts += int8_sections()
+    parts += pod_memory_sections()
+    parts += serving_precision_sections()
+    parts += crossover_sections()
+    parts += index_10m_sections()
     return "\n".join(parts)
 
 
@@ -213,6 +218,96 @@ def engine_memory_sections() -> list[str]:
             "bench.engine_memory --bundle FOLDER`:\n",
             table(mem["rows"], ["images_per_pass", "arena", "loaded_pss_mb", "after_32_images_pss_mb",
                                 "p50_1_image_ms", "p50_32_images_ms"]) + "\n"]
+
+
+def int8_sections() -> list[str]:
+    """The colour default's retrieval quality and pace in float32 and int8, per dev set."""
+    runs = [r for r in (load(f"int8-{name}") for name in ("tuxpaint", "oxygen", "wesnoth")) if r]
+    if not runs:
+        return []
+    quality = [{"dataset": run["dataset"], **r} for run in runs for r in run["rows"]]
+    rates = [{"dataset": run["dataset"], **r} for run in runs for r in run["extraction"]]
+    latency = [{"dataset": run["dataset"], **r} for run in runs for r in run["latency"]]
+    return ["**22. int8** — the colour default (one head-mode model per dev set, every setting at its default) "
+            "extracted twice: `fp32` (the default: the head on the features train kept) and `int8` "
+            "(`precision=int8`: ONNX Runtime's static quantization of the served model's backbone, QDQ with "
+            "per-channel weights and MinMax activation ranges from 256 gallery images, the head in float32; that "
+            "model embeds gallery and queries and is what the bundle serves). `d_`: against fp32 in the same run; "
+            "`probe_cos`: cosine of the int8 and float32 embeddings of the bundle's 32 probe images. "
+            "`python -m bench.int8 --dataset NAME`:\n",
+            table(quality, ["dataset", "precision", "precision_at_1", "d_p@1", "map_at_r", "d_map_at_r",
+                            "served_precision_at_1", "index_recall_at_10", "extract_s", "int8_probe_cosine_mean",
+                            "int8_probe_cosine_min"]) + "\n",
+            "The same runs' pace on 256 decoded gallery images, each path in a fresh process: images per second "
+            "as extract runs it (64 images a call, all cores), and one image's latency on one thread as a server "
+            "process runs the model (`ratio` against the first row of each dataset):\n",
+            table(rates, ["dataset", "path", "images_per_second", "ratio"]) + "\n",
+            table(latency, ["dataset", "model", "p50_ms", "p99_ms", "ratio"]) + "\n"]
+
+
+def serving_precision_sections() -> list[str]:
+    """A colour bundle's query latency and throughput on both servers, float32 against int8."""
+    run = load("serving_precision")
+    if not run:
+        return []
+    return ["**24. A colour bundle served in float32 and int8** — the Oxygen colour-default model's bundle at each "
+            "precision (the same gallery), one single-image query at a time and 16 at once, each server for real "
+            "on loopback with bench 3's worker settings (one ONNX Runtime thread a worker); the load generator "
+            "shares the 2 cores. `python -m bench.serving_precision --fp32 FOLDER --int8 FOLDER`:\n",
+            table(run["rows"], ["precision", "server", "protocol", "concurrency", "errors", "rps", "p50_ms",
+                                "p99_ms", "p50_of_fp32", "rps_of_fp32"]) + "\n"]
+
+
+def pod_memory_sections() -> list[str]:
+    from bench import pod_memory
+
+    return pod_memory.sections() if load("pod_memory") else []
+
+
+def crossover_sections() -> list[str]:
+    """Exact search against tuned approximate indexes at 1,408 dimensions, by gallery size."""
+    run = load("crossover")
+    if not run:
+        return []
+    return [f"**25. Exact search or an index, at {run['bundle_dim']:,} dimensions** — a colour bundle's embeddings "
+            f"(Oxygen's) tiled with noise to each size, {run['queries']} other noisy copies as queries; each index "
+            "built as extract builds it and its effort tuned to recall@10 0.99 (`imgsim.effort`), then one query at "
+            "a time on one core. `p50_of_flat`: against exact search (faiss-flat) at the same size. On these tiled "
+            "vectors (each image about 140 noisy copies at 10⁵) HNSW needed its largest efSearch from 30,000 items "
+            "and fell short at 10⁵, which extract says when it happens. `python -m bench.crossover --bundle FOLDER`:\n",
+            table(run["rows"], ["items", "backend", "effort", "recall_at_10", "p50_ms", "p99_ms", "p50_of_flat",
+                                "build_s"]) + "\n"]
+
+
+def index_10m_sections() -> list[str]:
+    """IVF-PQ and the project's IVF (8-bit) at 10^7 vectors, built streamed."""
+    run = load("index_10m")
+    if not run:
+        return []
+    best = [{"index": name, **(r or {"nprobe": None})} for name, r in run["cheapest_at_target"].items()]
+    at = run["disk_and_memory_at_1408d"]
+    estimate = [{"index": f"ivfpq{e['m']}", "bytes_per_item": e["bytes_per_item"], "index_gb": e["index_gb"]}
+                for e in at["ivfpq"]] + [{"index": "faiss-ivf (sq8)", **{k: at["faiss_ivf_sq8"][k] for k in
+                                                                       ("bytes_per_item", "index_gb")}}]
+    return [f"**26. 10⁷ items** — {run['n']:,} vectors of {run['dim']} dimensions (the demo's embeddings tiled with "
+            f"noise, written {run['chunk_rows']:,} rows at a time to a {run['data_file_bytes'] / 1e9:.1f} GB file "
+            f"and never in memory whole), {run['queries']:,} other noisy copies as queries. Each index built in fresh "
+            "processes: k-means on a sample and every row's list (shared by the indexes with the same list count), "
+            "then codes trained on the sample and rows added a chunk at a time; `peak_rss_mib`: the build's. "
+            "Searched one query at a time on one core: R × 10 candidates re-ranked exactly on their rows read from "
+            "the file (in page cache). `python -m bench.index_10m --work DIR`:\n",
+            table(run["builds"], ["index", "lists", "code_bytes", "train_points", "coarse_train_s", "assign_s",
+                                  "encoder_train_s", "encode_s", "build_s", "bytes_per_item", "peak_rss_mib"]) + "\n",
+            "The settings swept up to 64 lists searched a query (`nprobe`; the JSON has up to 256), R × 10 "
+            "re-ranked:\n",
+            table([r for r in run["search"] if r["nprobe"] <= 64],
+                  ["index", "nprobe", "refine", "recall_at_10", "p50_ms", "p99_ms", "qps_1"]) + "\n",
+            f"The cheapest setting reaching recall@10 {run['target_recall']} per index (none: not reached):\n",
+            table(best, ["index", "nprobe", "refine", "recall_at_10", "p50_ms", "p99_ms"]) + "\n",
+            f"At the colour default's {at['dim']:,} dimensions the same 10⁷ items would need (by formula, not "
+            f"measured) {at['raw_float32_on_disk_gb']:.0f} GB of float32 vectors on disk for re-ranking, and in "
+            "memory:\n",
+            table(estimate, ["index", "bytes_per_item", "index_gb"]) + "\n"]
 
 
 def index_backend_sections() -> list[str]:
