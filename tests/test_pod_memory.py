@@ -9,6 +9,7 @@ import math
 import re
 
 import pytest
+import yaml
 
 from tests.test_deploy import REPO, sdep
 
@@ -73,3 +74,11 @@ def test_capacity_doc_quotes_the_measured_figures():
         for figure in (f"{row['idle_pss_mb']:,.0f} MiB", f"{row['after_pss_mb']:,.0f} MiB",
                        f"{row['after_pss_mb'] / limit:.0%}"):
             assert figure in line, f"docs/capacity.md's {row['server']} row does not quote {figure}: {line}"
+
+
+def test_the_figures_were_measured_with_the_chart_s_current_worker_settings():
+    # More workers or threads would hold more: figures measured with other settings say nothing of this chart.
+    server = yaml.safe_load((REPO / "charts" / "imgsim" / "values.yaml").read_text())["server"]
+    recorded = json.loads(RESULTS.read_text())["chart"]["server"]
+    assert recorded and {key: server[key] for key in recorded} == recorded, (
+        "the chart's server settings changed since bench/pod_memory.py measured: run it again")
