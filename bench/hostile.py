@@ -87,11 +87,16 @@ def server_pids(leader: int) -> list[int]:
 
 def pss_mb(leader: int) -> float:
     """Proportional set size of all the server's processes: shared pages (the mmapped index) counted once."""
+    return smaps_mb(leader, "Pss")
+
+
+def smaps_mb(leader: int, field: str) -> float:
+    """One smaps_rollup ``field`` (Pss, Rss, ...) summed over the server's processes, in MB."""
     total = 0
     for pid in server_pids(leader):
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+                total += sum(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
         except OSError:
             pass
     return total / 1024

@@ -38,7 +38,7 @@ import requests
 import yaml
 
 from bench.common import RESULTS, save, table
-from bench.hostile import PeakSampler, encode, pss_mb, server_pids
+from bench.hostile import PeakSampler, encode, pss_mb, server_pids, smaps_mb
 from bench.index_backends import tiled
 from imgsim.bundle import BUNDLE_JSON, ServingBundle, read_meta
 from imgsim.index import GalleryItem, IndexBundle
@@ -148,14 +148,7 @@ def query_images(bundle: Path) -> list[bytes]:
 
 def rss_mb(leader: int) -> float:
     """Resident set size summed over the server's processes (shared pages counted in each: for reference)."""
-    total = 0
-    for pid in server_pids(leader):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += sum(int(line.split()[1]) for line in f if line.startswith("Rss:"))
-        except OSError:
-            pass
-    return total / 1024
+    return smaps_mb(leader, "Rss")
 
 
 def rest_queries(call, images: list[bytes], clients: int, total: int) -> int:

@@ -60,8 +60,9 @@ def quantize_int8(fp32: str | Path, out: str | Path, calibration: NDArray[np.uin
             quantize_static(prepared, str(target), _Images(calibration), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
-            convs = [n for n in onnx.load(str(target)).graph.node if n.op_type == "Conv"]
-            quantized = {n.output[0] for n in onnx.load(str(target)).graph.node if n.op_type == "DequantizeLinear"}
+            nodes = onnx.load(str(target)).graph.node
+            convs = [n for n in nodes if n.op_type == "Conv"]
+            quantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
             if not any(n.input[1] in quantized for n in convs):  # no backbone node matched: nothing is int8
                 raise ImgsimError(f"quantization left every convolution in float32 (no node under {TRUNK_PREFIX!r}); "
                                   "this is a bug in imgsim, please report it")
