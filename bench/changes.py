@@ -25,16 +25,18 @@ import numpy as np
 
 from bench.common import DATA, save, table
 from bench.hostile import demo_bundle
-from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON
 from imgsim.changes import MAX_CHANGE_FRACTION, MAX_CHANGES
 from imgsim.fashion_mnist import prepare
-from imgsim.index import BACKENDS, IndexBundle
+from imgsim.index import BACKENDS, GalleryIndex
 from imgsim.metrics import index_recall
 from imgsim.modelspec import file_sha256
 from imgsim.runs import tracking
 from imgsim.runs.export import fetched_version
 from imgsim.runs.gallery import run_gallery_add, run_gallery_remove
 from imgsim.serve.search import Searcher
+from imgsim.stages.bundle_writer import write_bundle
 from imgsim.stages.settings import AddConfig, RemoveConfig
 from support.store import mlflow_store
 
@@ -60,14 +62,14 @@ def _p50_ms(uris: list[str], queries: np.ndarray) -> list[float]:
     return np.median(times, axis=1).tolist()
 
 
-def _index_seconds(whole: IndexBundle, changed: IndexBundle) -> tuple[float, float]:
+def _index_seconds(whole: GalleryIndex, changed: ServingBundle) -> tuple[float, float]:
     """Making the changed version's index: from the base and the changes, against rebuilding it whole."""
     started = time.perf_counter()
-    changed.changes.index(changed.next_id)
+    changed.changes.index(changed.index.next_id)
     from_changes = time.perf_counter() - started
     started = time.perf_counter()
-    IndexBundle.build(np.asarray(changed.embeddings), changed.items, n_trees=whole.n_trees, next_id=changed.next_id,
-                      backend=whole.backend)
+    GalleryIndex.build(np.asarray(changed.index.embeddings), changed.index.items, n_trees=whole.n_trees,
+                       next_id=changed.index.next_id, backend=whole.backend)
     return from_changes, time.perf_counter() - started
 
 
@@ -99,9 +101,9 @@ def main() -> None:
         tracking.setup()
         for backend in BACKENDS:
             whole_dir = Path(tmp) / backend
-            source.index = IndexBundle.build(vectors, source.index.items, n_trees=source.index.n_trees,
-                                             next_id=source.index.next_id, backend=backend)
-            source.save(whole_dir, model_from=source.model_folder)
+            source.index = GalleryIndex.build(vectors, source.index.items, n_trees=source.index.n_trees,
+                                              next_id=source.index.next_id, backend=backend)
+            write_bundle(source, whole_dir, model_from=source.model_folder)
             v1 = _register(whole_dir, f"bench-{backend}")
             found = {"1: the whole gallery": {"seconds": "", "MB stored": f"{_mb(whole_dir):.1f}", "uri": v1,
                                               "recall@10": round(index_recall(
@@ -121,7 +123,7 @@ def main() -> None:
                                "recall@10": summary["index_recall_at_10"]}
             p50 = _p50_ms([f["uri"] for f in found.values()], queries)
             with fetched_version(f"models:/bench-{backend}/2") as (folder, _):
-                from_changes, rebuilt = _index_seconds(source.index, ServingBundle.load(folder).index)
+                from_changes, rebuilt = _index_seconds(source.index, ServingBundle.load(folder))
             for (step, f), ms in zip(found.items(), p50):
                 index_s = {"add 525 (1 %) as changes": f"{from_changes:.3f}",
                            "add 525 (1 %) whole (full)": f"{rebuilt:.2f}"}.get(step, "")

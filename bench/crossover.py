@@ -20,7 +20,7 @@ import numpy as np
 from bench.common import save, table
 from bench.index_backends import tiled
 from imgsim.effort import tune
-from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, GalleryItem, IndexBundle
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, GalleryIndex, GalleryItem
 from imgsim.metrics import exact_topk, recall_at_k
 
 K, QUERIES, N_TREES, TARGET = 10, 200, 20, 0.99
@@ -29,7 +29,7 @@ K, QUERIES, N_TREES, TARGET = 10, 200, 20, 0.99
 def row(backend: str, gallery: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> dict:
     items = [GalleryItem(i, "", "", "", "") for i in range(len(gallery))]
     started = time.perf_counter()
-    index = IndexBundle.build(gallery, items, n_trees=N_TREES, seed=42, backend=backend)
+    index = GalleryIndex.build(gallery, items, n_trees=N_TREES, seed=42, backend=backend)
     build_s = time.perf_counter() - started
     effort = tune(index, gallery, TARGET, DEFAULT_SEARCH_K)
     found, times = [], []

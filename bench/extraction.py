@@ -12,7 +12,7 @@ import torch
 from bench.common import RESULTS, protocol_manifest, require, save, table
 from imgsim.nn.data import load_items
 from imgsim.nn.embed import embed_batches
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 
 N, BATCH, REPEATS = 10000, 512, 3
 
@@ -29,7 +29,7 @@ def best_rate(fn, n: int) -> float:
 
 def main() -> None:
     require("model")
-    bundle = ModelBundle.load(RESULTS / "model")
+    bundle = TrainedModel.load(RESULTS / "model")
     model = bundle.build()
     manifest = protocol_manifest()
     items = manifest.split("train")[:N]

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from bench.common import save, table
-from imgsim.index import BACKENDS, IndexBundle
+from imgsim.index import BACKENDS, GalleryIndex
 from imgsim.metrics import recall_at_k
 from imgsim.serve import search
 from imgsim.serve.search import Filter, Searcher
@@ -50,8 +50,8 @@ def main() -> None:
     item_ids = np.asarray([item.id for item in searcher.index.items])
     rows, default_limit = [], search.EXACT_FILTER_ITEMS
     for backend in BACKENDS:
-        searcher.index = IndexBundle.build(vectors, searcher.index.items, n_trees=searcher.index.n_trees,
-                                           backend=backend)
+        searcher.index = GalleryIndex.build(vectors, searcher.index.items, n_trees=searcher.index.n_trees,
+                                            backend=backend)
         cases = {"none": lambda q: None, "1 label": lambda q: Filter(frozenset(labels[:1])),
                  "2 labels": lambda q: Filter(frozenset(labels[:2])),
                  "exclude its 10 nearest": lambda q: Filter(None, frozenset(

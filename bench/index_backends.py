@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.common import save, table
 from imgsim.index import (ANNOY, BACKENDS, DEFAULT_SEARCH_K, FAISS_HNSW, FAISS_IVF, HNSW_EF_SEARCH, INDEX_FILE,
-                          IVF_NPROBE, IndexBundle)
+                          IVF_NPROBE, GalleryIndex)
 from imgsim.metrics import exact_topk, recall_at_k
 
 K, N_QUERIES, N_TREES, NOISE = 10, 1000, 20, 0.01
@@ -51,14 +51,14 @@ def tiled(base: np.ndarray, n: int, seed: int) -> np.ndarray:
 BUILD = """
 import json, sys, time
 import numpy as np
-from imgsim.index import GalleryItem, IndexBundle
+from imgsim.index import GalleryIndex, GalleryItem
 backend, path, folder, n_trees = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 status = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key))) * 1024
 before = status("VmRSS:")
 vectors = np.load(path)
 items = [GalleryItem(i, "", "", "", "") for i in range(len(vectors))]
 started = time.perf_counter()
-index = IndexBundle.build(vectors, items, n_trees=n_trees, backend=backend)
+index = GalleryIndex.build(vectors, items, n_trees=n_trees, backend=backend)
 seconds = time.perf_counter() - started
 index.save(folder)
 print(json.dumps({"build_s": seconds, "peak_build_mib": (status("VmHWM:") - before) / 2**20}))
@@ -72,7 +72,7 @@ def build(backend: str, vectors_path: Path, folder: Path) -> dict:
     return {**json.loads(out.splitlines()[-1]), "index_bytes": (folder / INDEX_FILE).stat().st_size}
 
 
-def timed_search(index: IndexBundle, queries: np.ndarray, search_k: int, threads: int) -> tuple[np.ndarray, float]:
+def timed_search(index: GalleryIndex, queries: np.ndarray, search_k: int, threads: int) -> tuple[np.ndarray, float]:
     """Per-query latencies (s) and overall queries/second with ``threads`` client threads."""
     def one(q):
         started = time.perf_counter()
@@ -89,7 +89,7 @@ def timed_search(index: IndexBundle, queries: np.ndarray, search_k: int, threads
     return np.asarray(lat), len(queries) / (time.perf_counter() - started)
 
 
-def recall(index: IndexBundle, queries: np.ndarray, truth: np.ndarray, search_k: int) -> float:
+def recall(index: GalleryIndex, queries: np.ndarray, truth: np.ndarray, search_k: int) -> float:
     return recall_at_k([index.search(q, K, search_k)[0] for q in queries], truth, K)
 
 
@@ -121,7 +121,7 @@ def main() -> None:
             for backend in args.backends.split(","):
                 folder = Path(tmp) / backend
                 built = build(backend, path, folder)
-                index = IndexBundle.load(folder, n_trees=N_TREES, backend=backend)
+                index = GalleryIndex.load(folder, n_trees=N_TREES, backend=backend)
                 search_k = DEFAULT_SEARCH_K if backend == ANNOY else -1
                 if backend == FAISS_HNSW:
                     chosen = index.ann.index.hnsw.efSearch

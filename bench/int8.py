@@ -94,9 +94,9 @@ def child(kind: str, name: str, work: Path) -> dict:
 
 def measure(kind: str, name: str, work: Path) -> dict:
     """One path's images per second (extract's way, BATCH images a call, all cores), or one model's latency."""
-    from imgsim.nn.model import ModelBundle
+    from imgsim.nn.model import TrainedModel
 
-    images, bundle = np.load(work / "images.npy"), ModelBundle.load(work / "model")
+    images, bundle = np.load(work / "images.npy"), TrainedModel.load(work / "model")
     if kind == "latency":
         engine = OnnxModel(work / f"{name}.onnx", bundle.preprocess, 1)
         engine(images[:1])

@@ -48,7 +48,7 @@ def child(mode: str, root: str, size: int) -> None:
     from imgsim.modelspec import ModelArgs
     from imgsim.nn.data import load_items
     from imgsim.nn.embed import embed_batches
-    from imgsim.nn.model import EmbeddingNet, ModelBundle
+    from imgsim.nn.model import EmbeddingNet, TrainedModel
     from imgsim.split import SplitConfig, split_dataset
     from imgsim.stages.extract import extract
     from imgsim.stages.settings import ExtractConfig
@@ -57,7 +57,7 @@ def child(mode: str, root: str, size: int) -> None:
     manifest = split_dataset(SplitConfig(data_dir=root, labels="none"))
     pre = Preprocess(size=size, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     args = ModelArgs(num_classes=0, widths=(8, 16, 32), depths=(1, 1, 1), embedding_dim=64)
-    bundle = ModelBundle(args, pre, [], EmbeddingNet(args, pre).state_dict())
+    bundle = TrainedModel(args, pre, [], EmbeddingNet(args, pre).state_dict())
     started = time.perf_counter()
     if mode == "streamed":
         extract(ExtractConfig(n_trees=10, workers=1, embed_batch_size=256), bundle, manifest)

@@ -40,8 +40,10 @@ import yaml
 from bench.common import RESULTS, save, table
 from bench.hostile import PeakSampler, encode, pss_mb, server_pids, smaps_mb
 from bench.index_backends import tiled
-from imgsim.bundle import BUNDLE_JSON, ServingBundle, read_meta
-from imgsim.index import GalleryItem, IndexBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON, read_meta
+from imgsim.index import GalleryIndex, GalleryItem
+from imgsim.stages.bundle_writer import write_bundle
 from support.servers import REPO, Server, start_mlserver, start_server
 
 CHART = REPO / "charts" / "imgsim"
@@ -125,13 +127,12 @@ def grown(source: Path, items: int, work: Path) -> Path:
                          o.label, o.split, hashlib.sha256(f"{source.name}/{j}".encode()).hexdigest(), o.phash)
              for j, o in zip(range(items - len(originals)), itertools.cycle(originals))]
     print(f"building a {items:,}-item {src.index.backend} index from {source} ...", flush=True)
-    index = IndexBundle.build(vectors, [*originals, *extra], n_trees=src.index.n_trees, seed=SEED,
-                              backend=src.index.backend)
-    bundle = ServingBundle(src.spec, index, src.probes, dict(src.source), src.search_k, None,
-                           onnx_parity=src.onnx_parity, quantization=dict(src.quantization),
-                           lineage=dict(src.lineage))
+    index = GalleryIndex.build(vectors, [*originals, *extra], n_trees=src.index.n_trees, seed=SEED,
+                               backend=src.index.backend)
+    bundle = ServingBundle(src.spec, index, src.probes, src.source, src.search_k, None,
+                           onnx_parity=src.onnx_parity, quantization=dict(src.quantization), lineage=src.lineage)
     work.mkdir(parents=True, exist_ok=True)
-    bundle.save(out, model_from=src.model_folder or source)
+    write_bundle(bundle, out, model_from=src.model_folder or source)
     ServingBundle.load(out)  # verified: probes, model and index agree
     return out
 

@@ -393,7 +393,7 @@ def scale_sections() -> list[str]:
             "then merged; the 2 cores shared as 1 process × 2 torch threads or 2 × 1; `python -m bench.scale`:\n",
             table(scale["extraction"], ["processes", "torch threads each", "images", "wall seconds", "images/s",
                                         "vs 1 process", "merge seconds"]),
-            "\nThe merge's index build (IndexBundle.build, 20 trees, 128-d unit vectors), each size in its own "
+            "\nThe merge's index build (GalleryIndex.build, 20 trees, 128-d unit vectors), each size in its own "
             "process:\n",
             table(scale["merge"], ["embeddings", "build seconds", "peak MB", "of which the data", "index files MB",
                                    "bytes per item"]) + "\n"]

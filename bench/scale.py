@@ -6,7 +6,7 @@ time and memory for 10^5 and 10^6 embeddings.
 Extraction: 20,000 Fashion-MNIST gallery images and 2,000 queries, the demo model, each configuration as real
 `imgsim extract` shard processes against one MLflow store. The machine's cores are shared fairly: one process
 with 2 torch threads, or two processes with 1 each (each with one decoding worker). Merge: synthetic unit
-vectors (128-d, the demo model's size) through IndexBundle.build with extract's 20 trees, each size in its
+vectors (128-d, the demo model's size) through GalleryIndex.build with extract's 20 trees, each size in its
 own process so its peak memory (VmHWM) is its own.
 """
 
@@ -33,7 +33,7 @@ GALLERY, QUERIES = 20_000, 2_000
 BUILD = """
 import json, sys, time
 import numpy as np
-from imgsim.index import GalleryItem, IndexBundle
+from imgsim.index import GalleryIndex, GalleryItem
 
 def status_mb(key):  # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child reports its parent's
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -46,7 +46,7 @@ vectors = rng.standard_normal((n, dim), dtype=np.float32)
 vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
 items = [GalleryItem(i, f"{i}.png", "", "train", "") for i in range(n)]
 started = time.perf_counter()
-index = IndexBundle.build(vectors, items, n_trees=20)
+index = GalleryIndex.build(vectors, items, n_trees=20)
 seconds = time.perf_counter() - started
 index.save(sys.argv[2])
 size = sum(p.stat().st_size for p in __import__("pathlib").Path(sys.argv[2]).iterdir())

@@ -22,10 +22,12 @@ import numpy as np
 
 from bench.common import save, table
 from imgsim.bundle import ServingBundle
-from imgsim.index import BACKENDS, IndexBundle
+from imgsim.index import BACKENDS, GalleryIndex
 from imgsim.serve.graph import Merger
 from imgsim.serve.search import Searcher
-from imgsim.sharded import part_name, shard_bundle
+from imgsim.sharded import part_name
+from imgsim.stages.bundle_writer import write_bundle
+from imgsim.stages.sharding import shard_bundle
 
 K, N_QUERIES = 10, 1000
 
@@ -57,9 +59,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
         for backend in BACKENDS:
             whole_dir = Path(tmp) / backend
-            source.index = IndexBundle.build(vectors, source.index.items, n_trees=source.index.n_trees,
-                                             next_id=source.index.next_id, backend=backend)
-            source.save(whole_dir, model_from=args.bundle)
+            source.index = GalleryIndex.build(vectors, source.index.items, n_trees=source.index.n_trees,
+                                              next_id=source.index.next_id, backend=backend)
+            write_bundle(source, whole_dir, model_from=args.bundle)
             started = time.perf_counter()
             summary = shard_bundle(whole_dir, Path(tmp) / f"{backend}-sharded", args.shards)
             shard_s = time.perf_counter() - started

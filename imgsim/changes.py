@@ -2,7 +2,7 @@
 and the ids removed since. Nothing of the base is rewritten, so a change of 1 % of the gallery writes about 1 % of
 it; the model files and the base's index are shared with the base version, which the changes name by checksum.
 
-In memory the base's index and the changes answer as one :class:`~imgsim.index.IndexBundle`: rows are the base's
+In memory the base's index and the changes answer as one :class:`~imgsim.index.GalleryIndex`: rows are the base's
 remaining rows, in order, then the added ones; a search asks the base's index (over-fetching past removed items)
 and searches the added vectors exactly, then merges. Any backend works this way, Annoy's immutable index too.
 Searching the changes costs time that grows with them, so past a limit (:func:`fits`) a change writes the whole
@@ -20,21 +20,14 @@ from numpy.typing import NDArray
 
 from imgsim import atomic
 from imgsim.errors import ImgsimError
-from imgsim.index import (GalleryItem, IndexBundle, angular_from_cosine, cosines, read_items, row_blocks, top_in_blocks,
-                          write_items)
+from imgsim.index import (GalleryIndex, GalleryItem, angular_from_cosine, cosines, read_items, row_blocks,
+                          top_in_blocks, write_items)
 
 ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS = "added.npy", "added.csv", "removed.npy"
 CHANGE_FILES = (ADDED_VECTORS, ADDED_ITEMS, REMOVED_IDS)
-# Added plus removed images past which a change writes the whole gallery again: a fraction of the base, and at
-# most MAX_CHANGES. The added vectors are scanned exactly on every query: 10,491 of them (a fifth of the demo
-# gallery) in 0.21 ms on one core, about what Annoy's search of the base costs (0.26 ms); 200,000 would take 7.3 ms.
-# Removed items are over-fetched past, so they count too.
+# Changes past which the whole gallery is written again: the added vectors are scanned on every query (section 18).
 MAX_CHANGE_FRACTION, MAX_CHANGES = 0.2, 20_000
-# A query whose base neighbourhood is crowded with removed items (less than CROWDED of the base's first answer
-# remains), or for which asking the base's index for EXACT_AFTER items still leaves fewer than k, is ranked exactly
-# over the remaining base items, EXACT_BLOCK (imgsim.index) rows at a time: only queries near removed images pay
-# for it. The base is asked for CROWDED_SAMPLE items at least, and only an answer that long is judged crowded: two
-# removed items next to a k=1 query are no crowd (a fraction of 2 says nothing), and 32 cost the index what 2 do.
+# A query crowded by removed items (less than CROWDED of CROWDED_SAMPLE left) is ranked exactly (ChangedIndex._base_search).
 CROWDED, CROWDED_SAMPLE, EXACT_AFTER = 0.5, 32, 4096
 
 
@@ -47,7 +40,7 @@ def fits(changes: int, base: int) -> bool:
 class Changes:
     """What a gallery version changed since its base: added vectors (A x D, unit) and items, removed base ids."""
 
-    base: IndexBundle
+    base: GalleryIndex
     added: NDArray[np.float32]
     added_items: list[GalleryItem]
     removed: NDArray[np.int64]  # ids of base items, sorted
@@ -72,7 +65,7 @@ class Changes:
                 np.save(f, self.removed)
 
     @classmethod
-    def load(cls, base: IndexBundle, folder: Path) -> "Changes":
+    def load(cls, base: GalleryIndex, folder: Path) -> "Changes":
         try:
             changes = cls(base, np.load(folder / ADDED_VECTORS), read_items(folder / ADDED_ITEMS),
                           np.load(folder / REMOVED_IDS))
@@ -81,7 +74,7 @@ class Changes:
                 from None
         return changes
 
-    def index(self, next_id: int) -> IndexBundle:
+    def index(self, next_id: int) -> GalleryIndex:
         """The base and these changes as one index (rows: the base's remaining rows, then the added ones)."""
         base = self.base
         removed_rows = [base.row(int(i)) for i in self.removed]
@@ -95,8 +88,8 @@ class Changes:
                               "were made on another base version")
         keep = np.setdiff1d(np.arange(len(base.items), dtype=np.int64), np.asarray(removed_rows, dtype=np.int64))
         items = [base.items[r] for r in keep] + list(self.added_items)
-        return IndexBundle(RowView(base.embeddings, keep, self.added), items, base.n_trees,
-                           ChangedIndex(base, keep, self.added), next_id=next_id, changes=self)
+        return GalleryIndex(RowView(base.embeddings, keep, self.added), items, base.n_trees,
+                            ChangedIndex(base, keep, self.added), next_id=next_id)
 
 
 class RowView:
@@ -140,7 +133,7 @@ class ChangedIndex:
     """The base's nearest-neighbour search with its removed items left out, merged with an exact search over the
     added vectors. Answers in the rows of :class:`RowView` and in angular distance, like every backend."""
 
-    def __init__(self, base: IndexBundle, keep: NDArray[np.int64], added: NDArray[np.float32]) -> None:
+    def __init__(self, base: GalleryIndex, keep: NDArray[np.int64], added: NDArray[np.float32]) -> None:
         self.name, self.base, self.keep, self.added = base.backend, base, keep, added
         self.to_row = np.full(len(base.items), -1, dtype=np.int64)
         self.to_row[keep] = np.arange(len(keep))
@@ -194,5 +187,5 @@ class ChangedIndex:
         return out
 
     def save(self, path: Path) -> None:
-        raise ImgsimError("a gallery version of changes is saved as its changes (ServingBundle.save); to write one "
-                          "index of its own, rebuild it (IndexBundle.build)")
+        raise ImgsimError("a gallery version of changes is saved as its changes (write_bundle); to write one "
+                          "index of its own, rebuild it (GalleryIndex.build)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +15,8 @@ import yaml
 from imgsim.errors import ImgsimError
 
 C = TypeVar("C")
+# How a setting left to be chosen (None in its dataclass) is spelt in flags, YAML, -P and --help.
+AUTO = "auto"
 
 
 # The concerns settings are grouped by in --help, in this order.
@@ -87,10 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: frozenset
         if _base_type(cls, field.name) is bool:
             groups[name].add_argument(*flags, dest=field.name, default=None, nargs="?", const="true", metavar="BOOL",
                                       help=f"{text} (true/false, the flag alone means true; default: "
-                                           f"{_show(field.default)})")
+                                           f"{show(field.default)})")
         else:
             groups[name].add_argument(*flags, dest=field.name, default=None, metavar=field.name.upper(),
-                                      help=f"{text} (default: {_show(field.default) or 'empty'})")
+                                      help=f"{text} (default: {show(field.default) or 'empty'})")
 
 
 def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, Any] | None = None) -> C:
@@ -104,7 +107,7 @@ def resolve(cls: type[C], config_file: str | None = None, overrides: dict[str, A
     if unknown:
         raise ImgsimError(f"unknown setting(s) {unknown} for {cls.__name__}; valid ones: {sorted(names)}")
     try:
-        return cls(**{k: _convert(v, _base_type(cls, k), k) for k, v in values.items()})
+        return cls(**{k: _convert(v, _base_type(cls, k), k, is_auto(cls, k)) for k, v in values.items()})
     except (TypeError, ValueError) as exc:
         raise ImgsimError(f"invalid {cls.__name__}: {exc}") from None
 
@@ -122,7 +125,7 @@ def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
 
 def to_params(cfg: Any) -> dict[str, str]:
     """Flat string params for MLflow."""
-    return {k: _show(v) for k, v in dataclasses.asdict(cfg).items()}
+    return {k: show(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def read_yaml(path: str) -> dict:
@@ -138,10 +141,20 @@ def read_yaml(path: str) -> dict:
 
 def _base_type(cls: type, name: str) -> Any:
     hint = typing.get_type_hints(cls)[name]
+    if is_auto(cls, name):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint
 
 
-def _convert(value: Any, kind: Any, name: str) -> Any:
+def is_auto(cls: type, name: str) -> bool:
+    """Whether the setting may be left ``auto`` (None): its type is ``X | None``."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _convert(value: Any, kind: Any, name: str, auto: bool = False) -> Any:
+    if auto and (value is None or (isinstance(value, str) and value.strip().lower() == AUTO)):
+        return None
     if kind is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         parsed = [_number(str(x).strip()) for x in items if str(x).strip()]
@@ -179,7 +192,9 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    if value is None:
+        return AUTO
     if isinstance(value, bool):
         return str(value).lower()
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -17,9 +17,7 @@ from imgsim.errors import BadInput, ImgsimError
 from imgsim.hashing import DEFAULT_HASH_DISTANCE, HASH_SIDE, from_hex, grey_thumbnail, near_pairs, phash_grey
 from imgsim.images import DEFAULT_MAX_PIXELS
 
-# ...and, where embeddings exist, the two images' embeddings lie within this cosine distance: a
-# classification embedding alone would call any two sandals near copies, the hash alone would call two
-# blank images near copies; both together are rarely wrong.
+# ...and their embeddings lie this close: either alone calls two sandals or two blank images copies, both rarely.
 DEFAULT_EMBEDDING_DISTANCE = 0.05
 
 
@@ -206,7 +204,8 @@ def find_in_bundle(folder: str | Path, hash_distance: int = DEFAULT_HASH_DISTANC
                    embedding_distance: float = DEFAULT_EMBEDDING_DISTANCE) -> tuple[DuplicateReport, Path | None]:
     """Exact and near duplicate groups among a gallery's items, from what the bundle stores (sha256, perceptual
     hash, embedding): no image is read. Also returns the gallery's image root, if recorded."""
-    from imgsim.bundle import load_index, read_meta
+    from imgsim.bundle_base import load_index
+    from imgsim.bundle_format import read_meta
 
     meta = read_meta(folder)
     index = load_index(folder)[0]

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 from numpy.typing import NDArray
 
-from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, IndexBundle
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, GalleryIndex
 from imgsim.metrics import exact_topk, recall_at_k
 
 MAX_DOUBLINGS = 8  # 1500 -> 384,000 Annoy nodes, efSearch 32 -> 8192, nprobe 16 -> every list
@@ -33,7 +33,7 @@ class Effort:
     reached: bool
 
 
-def tune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search_k: int, seed: int = 42,
+def tune(index: GalleryIndex, gallery: NDArray[np.float32], target: float, search_k: int, seed: int = 42,
          k: int = 10) -> Effort:
     """Raise ``index``'s effort from its start (``search_k`` for Annoy, the file's value for faiss) until recall@k
     on a sample of ``gallery`` (its rows) reaches ``target``; faiss indexes keep the value chosen."""
@@ -57,7 +57,7 @@ def tune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search
     return Effort(value if index.backend == ANNOY else search_k, value, recall, recall >= target)
 
 
-def retune(index: IndexBundle, gallery: NDArray[np.float32], target: float, search_k: int, seed: int = 42,
+def retune(index: GalleryIndex, gallery: NDArray[np.float32], target: float, search_k: int, seed: int = 42,
            what: str = "the rebuilt index") -> tuple[int, float | None]:
     """A rebuilt index's (search_k, measured recall): tuned to ``target`` from the default start, not from the
     tuned ``search_k`` it replaces (a start only ever doubles, so rebuilds would creep towards exact search);
@@ -71,7 +71,7 @@ def retune(index: IndexBundle, gallery: NDArray[np.float32], target: float, sear
     return effort.search_k, effort.recall
 
 
-def _knob(index: IndexBundle, search_k: int):
+def _knob(index: GalleryIndex, search_k: int):
     """(read, write, largest useful value) of the backend's effort."""
     backend, n = index.backend, len(index.items)
     if backend == ANNOY:  # (passed to every search: nothing to write)

@@ -9,9 +9,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 HASH_SIDE = 32  # the image is reduced to 32 x 32 grey levels, then the 8 x 8 lowest DCT frequencies are kept
-# Near copies: at most this many of the 64 perceptual-hash bits differ. Re-encoding (JPEG quality 75), a
-# resize to half or a 1% crop moves 0-4 bits; different Fashion-MNIST garments of one class rarely come
-# within 4 (bench/gallery.py reports the counts). 0 keeps only hash-identical pairs; -1 turns it off.
+# Near copies differ in at most this many of 64 hash bits: re-encodings do, distinct garments rarely (section 12).
 DEFAULT_HASH_DISTANCE = 4
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 

@@ -79,9 +79,7 @@ def _reduce(img: Image.Image, smallest_side: int) -> Image.Image:
         img = _canonical_mode(img)  # 1 byte per pixel either way, then reducible
     factor = min(img.size) // smallest_side
     if factor >= 4 and img.mode in ("P", "PA"):
-        # Palette indices cannot be averaged, and expanding a transparent palette image to RGBA first costs
-        # four full-size buffers (a 4 kB 40 MP PNG peaked at ~700 MB). Sample every step-th pixel down to
-        # about twice the size needed, still as indices; the box average below then smooths the rest.
+        # Palette indices cannot be averaged and expanding to RGBA costs four full-size buffers: subsample first.
         step = factor // 2
         sampled = img.resize((img.width // step, img.height // step), Image.Resampling.NEAREST)
         sampled.info = img.info  # transparency and EXIF orientation

@@ -1,4 +1,4 @@
-"""The IndexBundle artifact: gallery embeddings, their items (stable ids), and the nearest-neighbour index over
+"""The GalleryIndex artifact: gallery embeddings, their items (stable ids), and the nearest-neighbour index over
 them, in one of the BACKENDS (Annoy by default; faiss's exact and HNSW indexes where faiss-cpu is installed)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from annoy import AnnoyIndex
@@ -15,32 +15,18 @@ from numpy.typing import NDArray
 from imgsim import atomic
 from imgsim.errors import ImgsimError
 
-if TYPE_CHECKING:
-    from imgsim.changes import Changes
-
 # index.ann: the approximate-nearest-neighbour index in its backend's own format (bundle.json names the backend).
 INDEX_FILE, ITEMS_FILE, EMBEDDINGS_FILE = "index.ann", "items.csv", "embeddings.npy"
 ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF = "annoy", "faiss-flat", "faiss-hnsw", "faiss-ivf"
 BACKENDS = (ANNOY, FAISS_FLAT, FAISS_HNSW, FAISS_IVF)
 ITEM_FIELDS = ("id", "path", "label", "split", "sha256", "phash")
-# Annoy nodes inspected per query: with extract's 20 trees, recall@10 0.994 at 6.7x exact single-query speed
-# on 60k items (bench/index_speed.py); 10 trees / 1250 is faster (8.5x) but only just reaches 0.99.
-# -1 would be Annoy's own default, n_trees * k, far less exact.
+# Annoy nodes inspected per query with extract's 20 trees (docs/benchmarks.md section 2); -1: Annoy's own, less exact.
 DEFAULT_SEARCH_K = 1500
-# faiss-hnsw: 32 links per node, efConstruction 80; efSearch 32 is the smallest that reaches recall@10 0.99 on
-# the demo's own embeddings (0.997; faiss's default 16 gives 0.980) and on them tiled to 10^5 and 10^6 items
-# (bench/index_backends.py).
+# faiss-hnsw: efSearch 32 is the least that reaches the recall target on the demo's embeddings (section 15).
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 32
-# faiss-ivf: the vectors in 8-bit scalar quantization (1 byte per dimension) in inverted lists, 4 sqrt(n) lists
-# (at most 4096; k-means trains on 40 points per list), IVF_NPROBE lists searched per query, and its
-# IVF_REFINE x k candidates re-ranked exactly with the memory-mapped embeddings: recall@10 0.995 on the demo's
-# embeddings at 153 B per item in memory (HNSW: 784). Product quantization (IVFPQ) was measured and left out:
-# on these embeddings 16-64 bytes per vector reach only recall@10 0.78-0.98 even re-ranking 10 x k, and training
-# its codebooks took 29-129 s at 52k items against 2 s here (bench/index_backends.py).
+# faiss-ivf: 8-bit vectors in 4 sqrt(n) inverted lists, IVF_REFINE x k candidates re-ranked exactly (section 15).
 IVF_LISTS_PER_SQRT, IVF_MAX_LISTS, IVF_TRAIN_PER_LIST, IVF_NPROBE, IVF_REFINE = 4, 4096, 40, 16, 4
-# Rows an exact search ranks at a time: 8 MB of 128-d float32 vectors gathered at most, whatever the filter's or the
-# gallery's size (a label of 10^6 items would otherwise be gathered whole, 512 MB, per query). 65,536-row blocks
-# ranked a 100k-item label no faster (17 ms either way, 2 shared cores) and held 35 MB instead of 9.
+# Rows an exact search ranks at a time: its memory stays flat whatever the filter's or the gallery's size.
 EXACT_BLOCK = 16_384
 
 
@@ -101,7 +87,7 @@ class AnnoyBackend:
 class FaissBackend:
     """faiss on inner product (cosine: the embeddings are unit vectors): ``faiss-flat`` searches exactly,
     ``faiss-hnsw`` walks a graph (HNSW_* above), ``faiss-ivf`` scans the nearest inverted lists of quantized
-    vectors (IVF_* above; IndexBundle.search re-ranks its candidates exactly). Distances are reported as Annoy's
+    vectors (IVF_* above; GalleryIndex.search re-ranks its candidates exactly). Distances are reported as Annoy's
     angular sqrt(2 - 2 cos), so every backend answers alike."""
 
     def __init__(self, name: str, index) -> None:
@@ -148,7 +134,7 @@ class FaissBackend:
     def load(cls, name: str, path: Path) -> "FaissBackend":
         faiss = _faiss(name)
         try:  # memory-mapped, so server workers share its pages, where the index type allows it and it pays
-            # (a memory-mapped IVF index searched 20x slower, 1.2 vs 0.06 ms: it is small, so it is read instead)
+            # (not IVF: memory-mapped it searched far slower, and it is small enough to read)
             index = faiss.read_index(str(path)) if name == FAISS_IVF else \
                 faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
@@ -166,7 +152,7 @@ Backend = AnnoyBackend | FaissBackend
 @dataclasses.dataclass(frozen=True)
 class GalleryItem:
     """One indexed image. ``id`` is stable across gallery versions and never reused; the item's position in
-    ``IndexBundle.items`` (its *row*) is its row in the embeddings and its Annoy item id, which change."""
+    ``GalleryIndex.items`` (its *row*) is its row in the embeddings and its Annoy item id, which change."""
 
     id: int
     path: str
@@ -177,7 +163,7 @@ class GalleryItem:
 
 
 @dataclasses.dataclass
-class IndexBundle:
+class GalleryIndex:
     """Embeddings (N x D float32, L2-normalised), their items, and a nearest-neighbour index over them; row i of
     each is the same image. The index's ids are rows (dense: Annoy allocates up to the largest id), items carry
     stable ids. ``n_trees`` is Annoy's; the faiss backends keep their parameters in their file."""
@@ -188,9 +174,6 @@ class IndexBundle:
     ann: Backend
     metric: str = "angular"
     next_id: int = -1  # the id the next added image gets; -1: one past the largest id in items
-    # A gallery version stored as changes over a base version (imgsim.changes): what ``ann`` and ``embeddings``
-    # put together; None for an index of its own.
-    changes: "Changes | None" = None
 
     def __post_init__(self) -> None:
         largest = max((item.id for item in self.items), default=-1)
@@ -213,7 +196,7 @@ class IndexBundle:
 
     @classmethod
     def build(cls, embeddings: NDArray[np.float32], items: Sequence[GalleryItem], *, n_trees: int = 50,
-              seed: int = 42, next_id: int = -1, backend: str = ANNOY) -> "IndexBundle":
+              seed: int = 42, next_id: int = -1, backend: str = ANNOY) -> "GalleryIndex":
         """Build the index; angular distance on unit vectors ranks exactly like cosine similarity."""
         check_backend(backend)
         if len(embeddings) != len(items) or len(items) == 0:
@@ -228,7 +211,8 @@ class IndexBundle:
     def search(self, vector: NDArray[np.float32], k: int, search_k: int = -1) -> tuple[list[int], list[float]]:
         """Rows (not ids: see ``items[row].id``) and angular distances (sqrt(2 - 2 cos)) of the ``k`` nearest
         gallery items; ``search_k`` is Annoy's search effort (faiss-hnsw's and faiss-ivf's are in their file)."""
-        if self.backend != FAISS_IVF or self.changes is not None:  # (changes: the base's search re-ranks)
+        # Only faiss-ivf's own file re-ranks here: an index over a version of changes re-ranks in its base's search.
+        if not (isinstance(self.ann, FaissBackend) and self.ann.name == FAISS_IVF):
             return self.ann.search(vector, k, search_k)
         # The quantized index proposes IVF_REFINE x k candidates; their stored vectors rank them exactly.
         return exact_top(self.embeddings, np.asarray(self.ann.search(vector, k * IVF_REFINE, search_k)[0],
@@ -246,7 +230,7 @@ class IndexBundle:
         write_items(out / ITEMS_FILE, self.items)
 
     @classmethod
-    def load(cls, in_dir: str | Path, n_trees: int, next_id: int = -1, backend: str = ANNOY) -> "IndexBundle":
+    def load(cls, in_dir: str | Path, n_trees: int, next_id: int = -1, backend: str = ANNOY) -> "GalleryIndex":
         """Open an index folder written by ``backend``; the index file is memory-mapped where the backend allows,
         so server workers share its pages."""
         folder = Path(in_dir)
@@ -274,7 +258,7 @@ def write_items(path: Path, items: Sequence[GalleryItem]) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(ITEM_FIELDS)
-            # Plain tuples: dataclasses.astuple deep-copies every field (1.3 s for 52k items).
+            # Plain tuples: dataclasses.astuple deep-copies every field, which is slow at gallery sizes.
             writer.writerows((i.id, i.path, i.label, i.split, i.sha256, i.phash) for i in items)
 
 

@@ -82,7 +82,7 @@ def recall_at_k(approx: list[list[int]], exact: NDArray[np.int64], k: int = 10,
 def index_recall(queries: NDArray[np.float32], gallery: NDArray[np.float32], index, search_k: int = -1,
                  k: int = 10, query_labels: NDArray[np.int64] | None = None,
                  gallery_labels: NDArray[np.int64] | None = None) -> dict[str, float]:
-    """An ``IndexBundle``'s recall@k against exact search over ``gallery`` (its rows), for ``queries``; with labels
+    """An ``GalleryIndex``'s recall@k against exact search over ``gallery`` (its rows), for ``queries``; with labels
     also the precision@1 and @k of what the index serves (the exact metrics rank the whole gallery)."""
     exact = exact_topk(queries, gallery, k)
     approx = [index.search(q, k, search_k)[0] for q in queries]

@@ -11,6 +11,11 @@ from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 
 MODEL_JSON, WEIGHTS, ONNX_FILE = "model.json", "weights.pt", "model.onnx"
+# The ONNX opset imgsim exports with, recorded in bundle.json (imgsim.nn.onnx_export, imgsim.nn.trunk).
+OPSET = 17
+# Largest difference allowed between ONNX Runtime's and torch's outputs for the same images: float32 rounding
+# passes, a wrong export does not.
+PARITY = 1e-4
 
 SMALL = "resnet_small"
 # torchvision backbones: name -> pooled feature dimension (imgsim.nn.backbones cuts each before its classifier).
@@ -22,28 +27,24 @@ IN_WHEEL = {"efficientnet_lite0": 1280}
 PRETRAINED = {**TORCHVISION, **IN_WHEEL}
 BACKBONES = (SMALL, *PRETRAINED)
 HEADS = ("cosine", "arcface", "linear")
-# What runs the backbone while embedding (imgsim.nn.trunk): auto is torch.
-BACKBONE_RUNTIMES = ("auto", "onnxruntime", "torch")
+# What runs the backbone while embedding (imgsim.nn.trunk); left auto, torch.
+BACKBONE_RUNTIMES = ("onnxruntime", "torch")
 # The served model's arithmetic (ExtractConfig.precision): int8 is imgsim.nn.quantize's.
 FP32, INT8 = "fp32", "int8"
 PRECISIONS = (FP32, INT8)
 # What the train stage does with the backbone: see imgsim.stages.settings.TrainConfig.mode.
-AUTO, MODES = "auto", ("auto", "head", "full", "none")
-# backbone=auto on colour images or an unlabelled folder: the pretrained route that won on the colour dev sets
-# (bench/quality.py); on grayscale images: the small ResNet from scratch (Fashion-MNIST's tuned default).
+MODES = ("head", "full", "none")
+# backbone=auto on colour images or an unlabelled folder (docs/benchmarks.md section 6); grayscale takes SMALL.
 PRETRAINED_DEFAULT = "efficientnet_lite0"
-# What the backbone's features are: "last", its last layer pooled (every backbone); "stages", that plus the mean-
-# pooled output of each middle stage (efficientnet_lite0: its 40, 80, 112 and 192-channel stages). Textures and
-# shapes the last layer has pooled away: with the head on them, P@1 on Tux Paint rose from 0.79 to 0.83, above
-# the ImageNet features' own 0.82 (docs/benchmarks.md section 6).
+# "last": the last layer pooled; "stages": also each middle stage's, which keep textures the last pools away.
 LEVELS = ("last", "stages")
 STAGE_CHANNELS = {"efficientnet_lite0": (40, 80, 112, 192)}
 
 
-def check_backbone(name: str, *, auto: bool = False) -> None:
-    """A clear error for a backbone we do not build (``auto`` allows "auto": chosen from the data)."""
-    if name not in BACKBONES and not (auto and name == AUTO):
-        raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join((AUTO, *BACKBONES) if auto else BACKBONES)}")
+def check_backbone(name: str) -> None:
+    """A clear error for a backbone we do not build."""
+    if name not in BACKBONES:
+        raise ImgsimError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
 def feature_dim(name: str, widths: tuple[int, ...], levels: str = "last") -> int:
@@ -52,14 +53,11 @@ def feature_dim(name: str, widths: tuple[int, ...], levels: str = "last") -> int
     return last + (sum(STAGE_CHANNELS[name]) if levels == "stages" else 0)
 
 
-def check_levels(levels: str, backbone: str, *, auto: bool = False) -> None:
-    """A clear error for feature levels a backbone does not have (``auto`` allows "auto")."""
-    if levels == AUTO and auto:
-        return
+def check_levels(levels: str, backbone: str | None) -> None:
+    """A clear error for feature levels a backbone does not have (``backbone`` None: not chosen yet)."""
     if levels not in LEVELS:
-        raise ImgsimError(f"feature_levels must be one of {', '.join(((AUTO,) if auto else ()) + LEVELS)}, "
-                          f"got {levels!r}")
-    if levels == "stages" and backbone not in STAGE_CHANNELS and backbone != AUTO:
+        raise ImgsimError(f"feature_levels must be one of {', '.join(LEVELS)}, got {levels!r}")
+    if levels == "stages" and backbone is not None and backbone not in STAGE_CHANNELS:
         raise ImgsimError(f"feature_levels=stages is built for {', '.join(STAGE_CHANNELS)}, not {backbone}; "
                           "use feature_levels=last")
 
@@ -147,17 +145,8 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-AUGMENT_MODES = ("auto", "none", "shift", "photo")
+AUGMENT_MODES = ("none", "shift", "photo")
 
-
-def resolve_augment(mode: str, pretrained: bool) -> str:
-    """``auto``: crops and colour jitter when fine-tuning a pretrained backbone at its full size; shifts and flips
-    for scratch training at 28-32 px, which won on both colour dev sets (bench/sweep.py: mAP@R 0.40 vs 0.34 and
-    0.43 vs 0.32). true/false are kept for old configs."""
-    mode = {"true": "auto", "false": "none"}.get(mode.lower(), mode.lower())
-    if mode not in AUGMENT_MODES:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {mode!r}")
-    return ("photo" if pretrained else "shift") if mode == "auto" else mode
 
 
 def cpu_int8() -> str:

@@ -1,10 +1,10 @@
-"""Seldon Core v1 adapter: turn REST/gRPC messages into imgsim service calls and back."""
+"""Seldon Core v1 adapter: where a v1 request (REST or gRPC: binData, jsonData, meta.tags) becomes a ``Query``, and
+the service's ``Answer`` a Seldon message (jsonData, or strData when compact, with meta.tags and meta.metrics)."""
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import signal
 import threading
 from typing import Any, Callable
@@ -17,13 +17,33 @@ from seldon_core.proto import prediction_pb2
 from seldon_core.utils import json_to_seldon_message
 from werkzeug.exceptions import HTTPException
 
-from imgsim.errors import BadInput, ImgsimError
+from imgsim.errors import BadInput
+from imgsim.serve import inputs
 from imgsim.serve import seldon as seldon_compat
-from imgsim.serve.inputs import decode_base64
+from imgsim.serve.limits import body_limit
+from imgsim.serve.query import (COUNTER, INDEX_SIZE, REJECTED, Answer, Encoded, Metric, Query, filters_of,
+                                is_rejection, metrics_of, status_for)
 from imgsim.serve.service import SimilarityService
 from imgsim.serve.settings import ServiceConfig
 
-log = logging.getLogger(__name__)
+REASONS = {400: "BAD_REQUEST", 502: "BAD_GATEWAY", 503: "NOT_READY"}  # Seldon's words beside status_for's codes
+
+
+class RejectedCount:
+    """Requests refused as bad input since the last drain (Seldon's custom metrics read it); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._n += 1
+
+    def drain(self) -> int:
+        with self._lock:
+            n, self._n = self._n, 0
+            return n
 
 
 class ModelServer:
@@ -36,8 +56,9 @@ class ModelServer:
         """``params``: the SeldonDeployment graph's parameters, any of ServiceConfig's settings (checked there:
         an unknown name or a bad value stops the server with a message naming it)."""
         self.service = self.service_class(ServiceConfig.from_sources(**params))
+        self.rejected = RejectedCount()
         _survive_sighup()
-        self.model_error_handler = _error_blueprint(self.service.cfg.max_request_bytes, self._live_metadata)
+        self.model_error_handler = _error_blueprint(body_limit(self.service.cfg), self._live_metadata)
 
     def load(self) -> None:
         self.service.load()
@@ -47,23 +68,22 @@ class ModelServer:
         try:
             json_data, bin_data, tags = _parse_proto(request) if is_proto else _parse_rest(request)
             compact = _compact(tags) and self.compact_answers
-            answer, timings = self.service.handle(json_data, bin_data, tags)
-        except BadInput as exc:
-            self.service.rejected.add()
-            raise SeldonMicroserviceException(str(exc), status_code=400, reason="BAD_REQUEST") from None
-        except ImgsimError as exc:
-            raise SeldonMicroserviceException(str(exc), status_code=503, reason="NOT_READY") from None
-        except Exception:  # noqa: BLE001 - the client gets a generic message; the log keeps the trace
-            log.exception("imgsim: unexpected failure while answering a request")
-            raise SeldonMicroserviceException("internal error; see the server log", status_code=500,
-                                              reason="INTERNAL_ERROR") from None
-        metrics = self._request_metrics(answer, timings)
-        # The version that answered (not the newest); a graph node's answer also holds its message's fields.
-        tags = {k: v for k, v in answer.items() if isinstance(v, str)}
+            answer = self.answer(json_data, bin_data, tags)
+        except Exception as exc:  # noqa: BLE001 - each gets its status; a client never sees a trace
+            code, message = status_for(exc)
+            if is_rejection(code):
+                self.rejected.add()
+            raise seldon_error(code, message) from None
+        metrics = self._request_metrics(answer)
         if is_proto:
-            return _proto_answer(answer, tags, metrics, compact)
-        payload = {"strData": json.dumps(answer)} if compact else {"jsonData": answer}
-        return {**payload, "meta": {"tags": tags, "metrics": metrics}}
+            return _proto_answer(answer.body, answer.identity, metrics, compact)
+        payload = {"strData": json.dumps(answer.body)} if compact else {"jsonData": answer.body}
+        return {**payload, "meta": {"tags": answer.identity, "metrics": metrics}}
+
+    def answer(self, json_data: Any, bin_data: bytes | None, tags: dict) -> Answer:
+        """A request's answer; a graph's index shard reads the embedder's message instead (IndexShard)."""
+        self.service.serving()  # not ready: 503 for any request, a malformed one too, before its query is read
+        return self.service.answer(query_of(json_data, bin_data, tags))
 
     def health_status(self) -> dict:
         if not self.service.ready:
@@ -76,22 +96,17 @@ class ModelServer:
 
     def metrics(self) -> list[dict]:
         """Called by Seldon on health checks: flushes rejected-request counts and reports the index size."""
-        gauge = {"type": "GAUGE", "key": "imgsim_index_size",
-                 "value": float(self.service.versions().get("index_size") or 0)}  # a shard's own, an embedder's all
-        return [gauge, *self._rejected()]
+        return [{"type": "GAUGE", "key": INDEX_SIZE, "value": self.service.index_size}, *self._rejected()]
 
     def _rejected(self) -> list[dict]:
         # A rejected request raises before any response carries metrics, so its count waits for the next one.
-        rejected = self.service.rejected.drain()
-        return [{"type": "COUNTER", "key": "imgsim_rejected_requests_total", "value": rejected}] if rejected else []
+        rejected = self.rejected.drain()
+        return [_seldon_metric(Metric(COUNTER, REJECTED, rejected))] if rejected else []
 
-    def _request_metrics(self, answer: dict, timings: dict) -> list[dict]:
+    def _request_metrics(self, answer: Answer) -> list[dict]:
         # Seldon takes TIMER values in milliseconds and exports them to Prometheus in seconds. Each metric is
         # an IPC round trip to Seldon's metrics manager, so the index-size gauge is left to health checks.
-        metrics = [{"type": "TIMER", "key": f"imgsim_{name.removesuffix('_ms')}_seconds", "value": value}
-                   for name, value in timings.items()]
-        metrics.append({"type": "COUNTER", "key": "imgsim_queries_total", "value": len(answer["results"])})
-        return metrics + self._rejected()
+        return [_seldon_metric(m) for m in metrics_of(answer)] + self._rejected()
 
     def init_metadata(self) -> dict:
         # Seldon calls this once before load(); the adapter answers /metadata from it on every call instead
@@ -145,6 +160,17 @@ def _proto_answer(answer: dict, tags: dict[str, str], metrics: list[dict], compa
     return message
 
 
+def _seldon_metric(metric: Metric) -> dict:
+    """A metric as meta.metrics carries it; Seldon exports a counter under its key as given, so the key has _total."""
+    key = f"{metric.name}_total" if metric.kind == COUNTER else metric.name
+    return {"type": metric.kind.upper(), "key": key, "value": metric.value}
+
+
+def seldon_error(code: int, message: str) -> SeldonMicroserviceException:
+    """A status from ``status_for`` as Seldon answers it (REST: the status; gRPC: imgsim.serve.seldon maps it)."""
+    return SeldonMicroserviceException(message, status_code=code, reason=REASONS.get(code, "INTERNAL_ERROR"))
+
+
 def _parse_rest(request: Any) -> tuple[Any, bytes | None, dict]:
     if not isinstance(request, dict):
         raise BadInput("the body must be a JSON object with binData or jsonData")
@@ -152,7 +178,7 @@ def _parse_rest(request: Any) -> tuple[Any, bytes | None, dict]:
     tags = meta.get("tags") if isinstance(meta, dict) else None
     bin_data = request.get("binData")
     # Seldon passes a multipart file as base64 bytes and a JSON binData as a base64 string.
-    bin_data = None if bin_data is None else decode_base64(bin_data, "binData")
+    bin_data = None if bin_data is None else inputs.decode_base64(bin_data, "binData")
     return request.get("jsonData"), bin_data, tags if isinstance(tags, dict) else {}
 
 
@@ -169,11 +195,38 @@ def _parse_proto(request: prediction_pb2.SeldonMessage) -> tuple[Any, bytes | No
     raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
 
 
-def _error_blueprint(max_request_bytes: int, metadata: Callable[[], dict | None]) -> Blueprint:
+def query_of(json_data: Any, bin_data: bytes | None, tags: dict) -> Query:
+    """The query a v1 request asks: an image as binData, or jsonData with one of image (base64), images (base64
+    list), path or id; k, labels and exclude_ids from jsonData, else from meta.tags (where a binData query has them)."""
+    fields = json_data if isinstance(json_data, dict) else {}
+    raw_k = fields.get("k") if fields.get("k") is not None else tags.get("k")
+    k = None if raw_k is None else inputs.integer(raw_k, "k")
+    source = fields if "labels" in fields or "exclude_ids" in fields else tags
+    where = filters_of(source.get("labels"), source.get("exclude_ids"))
+    if bin_data is not None:
+        return Query(k, where, images=[bin_data])
+    if not isinstance(json_data, dict):
+        raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
+    forms = [key for key in ("image", "images", "path", "id") if key in json_data]
+    if len(forms) != 1:
+        raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
+    if forms == ["id"]:
+        return Query(k, where, id=inputs.integer(json_data["id"], "id"))
+    if forms == ["path"]:  # null: refused where any bad path is, after "path queries are disabled"
+        return Query(k, where, path="" if json_data["path"] is None else json_data["path"])
+    if forms == ["image"]:  # decoded as it is read, so imgsim_decode_seconds counts its base64 too
+        return Query(k, where, images=Encoded([json_data["image"]], lambda b, i: inputs.decode_base64(b, "image")))
+    batch = json_data["images"]
+    if not isinstance(batch, list) or not batch:
+        raise BadInput("'images' must be a non-empty list of base64 strings")
+    return Query(k, where, images=Encoded(batch, lambda b, i: inputs.decode_base64(b, f"images[{i}]")))
+
+
+def _error_blueprint(limit: int, metadata: Callable[[], dict | None]) -> Blueprint:
     """Seldon registers this on its Flask app: a body-size limit, HTTP errors as JSON with their own code, and
     /metadata answered from the loaded bundle (Seldon's own route serves what it saw before load())."""
     blueprint = Blueprint("imgsim_errors", __name__)
-    blueprint.record_once(lambda state: state.app.config.update(MAX_CONTENT_LENGTH=max_request_bytes))
+    blueprint.record_once(lambda state: state.app.config.update(MAX_CONTENT_LENGTH=limit))
 
     @blueprint.before_app_request
     def _live_metadata():
@@ -191,8 +244,8 @@ def _error_blueprint(max_request_bytes: int, metadata: Callable[[], dict | None]
         env = request.environ
         if env.get("CONTENT_LENGTH") or not env.get("wsgi.input_terminated"):
             return
-        body = env["wsgi.input"].read(max_request_bytes + 1)
-        if len(body) > max_request_bytes:
+        body = env["wsgi.input"].read(limit + 1)
+        if len(body) > limit:
             abort(413)
         env["wsgi.input"], env["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
 

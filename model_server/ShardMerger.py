@@ -7,12 +7,13 @@ from typing import Any
 
 from flask import jsonify
 from google.protobuf import json_format
-from ModelServer import _error_blueprint, _proto_answer
-from seldon_core.flask_utils import SeldonMicroserviceException
+from ModelServer import _error_blueprint, _proto_answer, seldon_error
 from seldon_core.proto import prediction_pb2
 
-from imgsim.errors import BadInput, ImgsimError
-from imgsim.serve.graph import Merger, ShardAnswerError, merger_body_limit
+from imgsim.errors import BadInput
+from imgsim.serve.graph import Merger, ShardAnswerError
+from imgsim.serve.limits import body_limit
+from imgsim.serve.query import identity_of, status_for
 from imgsim.serve.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ class ShardMerger:
 
     def __init__(self, **params: Any) -> None:
         cfg = ServiceConfig.from_sources(**params)
-        self.merger, self.body_limit = Merger.from_config(cfg), merger_body_limit(cfg)
+        # Its one body carries every shard's answer, each within what a node accepts.
+        self.merger, self.body_limit = Merger.from_config(cfg), body_limit(cfg, messages=cfg.shards)
         self.model_error_handler = _error_blueprint(self.body_limit, self.init_metadata)
         self.model_error_handler.app_errorhandler(413)(self._answers_too_large)
 
@@ -32,19 +34,14 @@ class ShardMerger:
         try:
             answers = _proto_answers(request) if is_proto else _rest_answers(request)
             answer = self.merger.merge(answers)
-        except BadInput as exc:  # from _rest_answers alone: a body that is no SeldonMessageList is the caller's fault
-            raise SeldonMicroserviceException(str(exc), status_code=400, reason="BAD_REQUEST") from None
-        except ShardAnswerError as exc:  # Seldon's executor passes a node's status on: the client did nothing wrong
-            log.error("imgsim merger: %s", exc)
-            raise SeldonMicroserviceException(str(exc), status_code=502, reason="BAD_GATEWAY") from None
-        except ImgsimError as exc:  # a shard missing or twice, or shards of different galleries: the deployment
-            log.error("imgsim merger: %s", exc)
-            raise SeldonMicroserviceException(str(exc), status_code=503, reason="NOT_READY") from None
-        except Exception:  # noqa: BLE001 - the client gets a generic message; the log keeps the trace
-            log.exception("imgsim merger: unexpected failure while merging")
-            raise SeldonMicroserviceException("internal error; see the merger's log", status_code=500,
-                                              reason="INTERNAL_ERROR") from None
-        tags = {k: v for k, v in answer.items() if isinstance(v, str)}
+        except Exception as exc:  # noqa: BLE001 - each gets its status; a client never sees a trace
+            # 400: a body that is no SeldonMessageList (the caller's fault); 502: a shard's unusable answer; 503: a
+            # shard missing or twice, or shards of different galleries (the deployment's fault).
+            code, message = status_for(exc, "the merger's log")
+            if code in (502, 503):
+                log.error("imgsim merger: %s", message)
+            raise seldon_error(code, message) from None
+        tags = identity_of(answer)
         if is_proto:
             return _proto_answer(answer, tags, [], compact=False)
         return {"jsonData": answer, "meta": {"tags": tags}}

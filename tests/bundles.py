@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgsim.bundle import BUNDLE_JSON, FILES, ServingBundle, build_probes
-from imgsim.index import IndexBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON, FILES, ModelSource
+from imgsim.index import GalleryIndex
 from imgsim.modelspec import file_sha256
 from imgsim.nn.embed import embed_array
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.model import EmbeddingNet, TrainedModel
 from imgsim.runs.export import export_bundle
+from imgsim.stages.bundle_writer import build_probes, write_bundle
 from support.store import mlflow_store
 
 
@@ -35,11 +37,11 @@ def other_model_bundle(good: Path, out: Path) -> Path:
     first = ServingBundle.load(good)
     torch.manual_seed(123)
     net = EmbeddingNet(first.spec.args, first.spec.preprocess).eval()
-    other = ModelBundle(first.spec.args, first.spec.preprocess, first.spec.classes, net.state_dict(), {})
+    other = TrainedModel(first.spec.args, first.spec.preprocess, first.spec.classes, net.state_dict(), {})
     inputs = {int(i): x for i, x in zip(first.probes.ids, first.probes.inputs)}
     # Embed every gallery item the way the other model would (probe inputs stand in for the rest).
     fill = first.probes.inputs[0]
     vectors = embed_array(net, np.stack([inputs.get(i, fill) for i in range(len(first.index.items))]))[0]
-    index = IndexBundle.build(vectors, first.index.items, n_trees=first.index.n_trees)
+    index = GalleryIndex.build(vectors, first.index.items, n_trees=first.index.n_trees)
     probes = build_probes(net, index, lambda i: inputs.get(i, fill), vectors)
-    return ServingBundle(other.spec, index, probes, {"uri": "other"}, torch_model=other).save(out)
+    return write_bundle(ServingBundle(other.spec, index, probes, ModelSource("other"), torch_model=other), out)

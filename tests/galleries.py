@@ -6,7 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from imgsim.bundle import ServingBundle, read_meta
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import Lineage, read_meta
 from imgsim.runs.export import fetched_version
 from imgsim.runs.gallery import run_gallery_add, run_gallery_remove
 from imgsim.stages.settings import AddConfig, RemoveConfig
@@ -25,7 +26,7 @@ def load_version(uri: str) -> ServingBundle:
     with fetched_version(uri) as (folder, version):
         bundle = ServingBundle.load(folder)
         bundle.version = version
-        bundle.lineage = read_meta(folder)["gallery"]
+        bundle.lineage = Lineage.from_json(read_meta(folder)["gallery"])
         return bundle
 
 

@@ -1,4 +1,5 @@
-"""imgsim's import graph from the source (AST): which module imports which, at import time or inside a function."""
+"""imgsim's import graph from the source (AST): which module imports which, at import time, inside a function or
+for type annotations only (under ``if TYPE_CHECKING:``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class Import:
     importer: str  # imgsim.serve.service
     imported: str  # imgsim.serve.search, torch, mlflow.tracking
     line: int
-    at_import_time: bool  # False: inside a function (runs when called)
+    at_import_time: bool  # False: inside a function (runs when called) or for annotations only
+    type_only: bool = False  # under `if TYPE_CHECKING:`: never run, but the modules still depend on each other
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -31,25 +33,29 @@ def imports(package: Path = PACKAGE) -> list[Import]:
     found: list[Import] = []
     for name, path in known.items():
         tree = ast.parse(path.read_text(), str(path))
-        _walk(tree, name, path.name == "__init__.py", known, True, found)
+        _walk(tree, name, path.name == "__init__.py", known, True, False, found)
     return found
 
 
-def _walk(node: ast.AST, name: str, is_package: bool, known: dict[str, Path], top: bool, found: list[Import]) -> None:
+def _walk(node: ast.AST, name: str, is_package: bool, known: dict[str, Path], top: bool, typing: bool,
+          found: list[Import]) -> None:
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.If) and _is_type_checking(child.test):
-            continue  # annotations only: never imported at run time
+            # Annotations only: never imported at run time, yet a dependency all the same.
+            _walk(ast.Module(body=child.body, type_ignores=[]), name, is_package, known, False, True, found)
+            _walk(ast.Module(body=child.orelse, type_ignores=[]), name, is_package, known, top, typing, found)
+            continue
         if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            _walk(child, name, is_package, known, False, found)
+            _walk(child, name, is_package, known, False, typing, found)
             continue
         if isinstance(child, ast.Import):
-            found += [Import(name, a.name, child.lineno, top) for a in child.names]
+            found += [Import(name, a.name, child.lineno, top, typing) for a in child.names]
         elif isinstance(child, ast.ImportFrom):
             base = _resolve(child, name, is_package)
             for a in child.names:  # `from imgsim import tracking` imports the module imgsim.tracking
                 target = f"{base}.{a.name}"
-                found.append(Import(name, target if target in known else base, child.lineno, top))
-        _walk(child, name, is_package, known, top, found)
+                found.append(Import(name, target if target in known else base, child.lineno, top, typing))
+        _walk(child, name, is_package, known, top, typing, found)
 
 
 def _resolve(node: ast.ImportFrom, name: str, is_package: bool) -> str:

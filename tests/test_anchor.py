@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgsim.bundle import BUNDLE_JSON, BundleError
+from imgsim.bundle_format import BUNDLE_JSON, BundleError
 from imgsim.errors import redact
 from imgsim.modelspec import file_sha256
 from imgsim.runs import export, tracking

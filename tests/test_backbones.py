@@ -11,7 +11,7 @@ from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.modelspec import ModelArgs
 from imgsim.nn import backbones, weights
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.model import EmbeddingNet, TrainedModel
 
 RGB = Preprocess(size=64, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -111,7 +111,7 @@ def test_scratch_backbone_takes_no_weights_and_unknown_backbones_are_named():
 def test_an_imgsim_model_lends_its_backbone(tmp_path):
     args = ModelArgs(num_classes=2, backbone="resnet18", embedding_dim=8)
     model = EmbeddingNet(args, RGB)
-    ModelBundle(args, RGB, ["a", "b"], model.state_dict()).save(tmp_path / "model")
+    TrainedModel(args, RGB, ["a", "b"], model.state_dict()).save(tmp_path / "model")
     trunk = weights.load_backbone_weights("resnet18", str(tmp_path / "model"))
     assert torch.equal(trunk["conv1.weight"], model.trunk.conv1.weight)
     with pytest.raises(ImgsimError, match="backbone resnet18, not mobilenet_v3_large"):

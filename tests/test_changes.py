@@ -17,23 +17,24 @@ from mlflow.tracking import MlflowClient
 
 from imgsim import changes as changes_module
 from imgsim import index as index_module
-from imgsim.bundle import BASE_DIR, BUNDLE_JSON, CHANGES_VERSION_FILES, BundleError, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BASE_DIR, BUNDLE_JSON, CHANGES_VERSION_FILES, BundleError
 from imgsim.changes import MAX_CHANGE_FRACTION, Changes, fits
 from imgsim.duplicates import find_in_bundle
 from imgsim.errors import ImgsimError
 from imgsim.explore.gallery import Gallery
-from imgsim.index import ANNOY, BACKENDS, FAISS_FLAT, GalleryItem, IndexBundle, cosines
+from imgsim.index import ANNOY, BACKENDS, FAISS_FLAT, GalleryIndex, GalleryItem, cosines
 from imgsim.metrics import exact_topk
 from imgsim.modelspec import file_sha256
 from imgsim.runs import export, rollout, tracking
 from imgsim.runs.export import export_bundle, fetched_version, resolve_bundle
 from imgsim.serve.search import Searcher
-from imgsim.sharded import shard_bundle
+from imgsim.stages.sharding import shard_bundle
 from tests.galleries import add, load_version, new_images, remove
 from tests.test_index_backends import clustered, items
 
 
-def _changed(base: IndexBundle, vectors: np.ndarray, removed_rows: list[int]) -> tuple[IndexBundle, IndexBundle]:
+def _changed(base: GalleryIndex, vectors: np.ndarray, removed_rows: list[int]) -> tuple[GalleryIndex, GalleryIndex]:
     """(the base with these changes, the same gallery rebuilt as one faiss-flat index)."""
     n = len(base.items)
     added = [GalleryItem(5000 + i, f"new-{i}.png", "", "added", f"{i:064x}") for i in range(len(vectors))]
@@ -41,12 +42,12 @@ def _changed(base: IndexBundle, vectors: np.ndarray, removed_rows: list[int]) ->
     index = changes.index(next_id=5000 + len(vectors))
     keep = np.setdiff1d(np.arange(n), removed_rows)
     whole = np.concatenate([np.asarray(base.embeddings)[keep], vectors])
-    rebuilt = IndexBundle.build(whole, [base.items[r] for r in keep] + added, backend=FAISS_FLAT)
+    rebuilt = GalleryIndex.build(whole, [base.items[r] for r in keep] + added, backend=FAISS_FLAT)
     return index, rebuilt
 
 
 def test_an_exact_base_with_changes_answers_exactly_like_the_rebuilt_gallery():
-    base = IndexBundle.build(clustered(600), items(600), backend=FAISS_FLAT)
+    base = GalleryIndex.build(clustered(600), items(600), backend=FAISS_FLAT)
     removed = list(range(0, 600, 7))  # 86 removed, among them many a query's nearest
     index, rebuilt = _changed(base, clustered(40, seed=3), removed)
     assert index.items == rebuilt.items and len(index.ann) == len(rebuilt.items) == 600 - 86 + 40
@@ -65,7 +66,7 @@ def test_an_exact_base_with_changes_answers_exactly_like_the_rebuilt_gallery():
 def test_any_sequence_of_changes_keeps_rows_vectors_and_ids_in_step(steps):
     """Adds and removes in any order (removing base items and items added earlier): the rows of items,
     embeddings and indexed vectors stay the same images, and the nearest item of a stored vector is itself."""
-    base = IndexBundle.build(clustered(120, seed=5), items(120), backend=FAISS_FLAT)
+    base = GalleryIndex.build(clustered(120, seed=5), items(120), backend=FAISS_FLAT)
     vectors, added, removed, next_id = np.zeros((0, base.dim), np.float32), [], set(), 5000
     for is_add, seed in steps:
         if is_add:
@@ -91,7 +92,7 @@ def test_any_sequence_of_changes_keeps_rows_vectors_and_ids_in_step(steps):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != FAISS_FLAT])
 def test_approximate_bases_keep_their_recall_with_changes(backend):
-    base = IndexBundle.build(clustered(3000), items(3000), n_trees=10, backend=backend)
+    base = GalleryIndex.build(clustered(3000), items(3000), n_trees=10, backend=backend)
     index, rebuilt = _changed(base, clustered(300, seed=6), list(range(0, 3000, 11)))
     queries = clustered(200, seed=7)
     truth = exact_topk(queries, np.asarray(rebuilt.embeddings), 10)
@@ -104,7 +105,7 @@ def test_approximate_bases_keep_their_recall_with_changes(backend):
 def test_removing_a_query_s_whole_neighbourhood_still_answers_k_nearest_remaining(backend):
     """A fifth of the base removed, all of it around the queries (a whole class gone): the answers are the
     exact k nearest of what remains, however deep the base's index has to be asked (or, past that, exactly)."""
-    base = IndexBundle.build(clustered(20_000, seed=8), items(20_000), n_trees=20, backend=backend)
+    base = GalleryIndex.build(clustered(20_000, seed=8), items(20_000), n_trees=20, backend=backend)
     vectors = np.asarray(base.embeddings)
     centre = vectors[0]
     removed = np.argsort(-(vectors @ centre))[:4000]  # the 4,000 items nearest the queries
@@ -128,7 +129,7 @@ def test_k1_next_to_two_removed_items_asks_the_index_instead_of_scanning_the_bas
     """Two removed items are no crowd: a query for its single nearest item whose two nearest base items are gone
     is answered by the base's index, not by a scan of every remaining base item (as when 2 of an answer of 2 made
     the neighbourhood 'crowded')."""
-    base = IndexBundle.build(clustered(600), items(600), backend=FAISS_FLAT)
+    base = GalleryIndex.build(clustered(600), items(600), backend=FAISS_FLAT)
     query = np.asarray(base.embeddings)[10]
     index, rebuilt = _changed(base, np.zeros((0, base.dim), np.float32), sorted(base.search(query, 2)[0]))
     scanned = _scanned(monkeypatch)
@@ -143,7 +144,7 @@ def test_k1_next_to_two_removed_items_asks_the_index_instead_of_scanning_the_bas
 def test_a_crowded_neighbourhood_is_ranked_exactly_a_block_at_a_time(monkeypatch, k):
     """The 40 items nearest a query removed: the remaining base is scanned exactly, never more than EXACT_BLOCK
     rows at once and each row once, and answers as the rebuilt gallery does."""
-    base = IndexBundle.build(clustered(600), items(600), backend=FAISS_FLAT)
+    base = GalleryIndex.build(clustered(600), items(600), backend=FAISS_FLAT)
     query = np.asarray(base.embeddings)[10]
     index, rebuilt = _changed(base, clustered(5, seed=2), sorted(base.search(query, 40)[0]))
     monkeypatch.setattr(index_module, "EXACT_BLOCK", 50)
@@ -156,7 +157,7 @@ def test_a_crowded_neighbourhood_is_ranked_exactly_a_block_at_a_time(monkeypatch
 
 
 def test_changes_made_on_another_base_are_refused():
-    base = IndexBundle.build(clustered(50), items(50), backend=ANNOY)
+    base = GalleryIndex.build(clustered(50), items(50), backend=ANNOY)
     with pytest.raises(ImgsimError, match="remove ids \\[7\\] that the base gallery does not hold"):
         Changes(base, np.zeros((0, base.dim), np.float32), [], np.asarray([7])).index(5000)
     clash = [GalleryItem(1003, "x.png", "", "added", "")]
@@ -187,8 +188,8 @@ def test_a_small_change_stores_only_what_changed_and_serves(living, tmp_path):
     gone = [v2.index.items[0], v2.index.items[-1]]
     summary = remove(living, ids=f"{gone[0].id},{gone[1].id}")
     v3 = load_version(living["uri"])
-    assert summary["stored"] == "changes" and v3.base["uri"] == f"models:/{living['name']}/1"
-    assert len(v3.index.changes.added_items) == 2 and v3.index.changes.removed.tolist() == [gone[0].id]
+    assert summary["stored"] == "changes" and v3.base.uri == f"models:/{living['name']}/1"
+    assert len(v3.changes.added_items) == 2 and v3.changes.removed.tolist() == [gone[0].id]
     assert [it.id for it in v3.index.items] == [it.id for it in v2.index.items if it not in gone]
     assert v3.gallery_sha256 not in (v1.gallery_sha256, v2.gallery_sha256)
     # Served through its URI (the base fetched with it), and as one exported folder that needs no MLflow.
@@ -210,7 +211,7 @@ def test_a_small_change_stores_only_what_changed_and_serves(living, tmp_path):
     summary = add(living, paths=",".join(new_images(living["incoming"], 1, start=900)), full=True)
     assert summary["stored"] == "whole" and not load_version(living["uri"]).base
     add(living, paths=",".join(new_images(living["incoming"], 1, start=950)))
-    assert load_version(living["uri"]).base["uri"] == f"models:/{living['name']}/{summary['version']}"
+    assert load_version(living["uri"]).base.uri == f"models:/{living['name']}/{summary['version']}"
 
 
 def _resolve(tmp_path, uri: str, name: str, have=None):
@@ -231,10 +232,10 @@ def test_a_refresh_links_the_base_it_already_has_instead_of_downloading_it(livin
     v2 = _resolve(tmp_path, living["uri"], "v2", have=v1)
     assert inodes(v2 / BASE_DIR) == inodes(v1)
     served = ServingBundle.load(v2)
-    assert served.model_folder == v2 / BASE_DIR and len(served.index.changes.added_items) == 2
+    assert served.model_folder == v2 / BASE_DIR and len(served.changes.added_items) == 2
     remove(living, ids=str(served.index.items[0].id))
     v3 = _resolve(tmp_path, living["uri"], "v3", have=served.model_folder)
-    assert inodes(v3 / BASE_DIR) == inodes(v1) and ServingBundle.load(v3).index.changes.removed.size == 1
+    assert inodes(v3 / BASE_DIR) == inodes(v1) and ServingBundle.load(v3).changes.removed.size == 1
     not_the_base = shutil.copytree(v1, tmp_path / "not-the-base")  # whole, but its files are not the base's
     meta = json.loads((not_the_base / BUNDLE_JSON).read_text())
     meta["files"]["items.csv"] = "0" * 64
@@ -264,7 +265,7 @@ def test_a_base_that_cannot_be_linked_is_copied_or_else_downloaded(living, tmp_p
     for folder in (copied, downloaded):
         files = [f for f in (folder / BASE_DIR).rglob("*") if f.is_file()]
         assert files and not {f.stat().st_ino for f in files} & originals
-        assert len(ServingBundle.load(folder).index.changes.added_items) == 2
+        assert len(ServingBundle.load(folder).changes.added_items) == 2
     assert sorted(p.name for p in downloaded.iterdir()) == sorted(p.name for p in copied.iterdir())  # no base.link
 
 

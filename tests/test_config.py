@@ -1,5 +1,7 @@
 """Config: dataclass defaults < YAML file < command line, with clear errors."""
 
+import dataclasses
+
 import pytest
 
 from imgsim import config
@@ -30,6 +32,33 @@ def test_comma_separated_tuples_and_flag_booleans():
     ({"augment": "perhaps"}, "augment must be one of"),
 ])
 def test_bad_settings_name_the_problem(overrides, message):
+    with pytest.raises(ImgsimError, match=message):
+        config.resolve(TrainConfig, None, overrides)
+
+
+def test_auto_is_none_in_the_dataclass_and_spelt_auto_everywhere_else(tmp_path):
+    auto = [f.name for f in dataclasses.fields(TrainConfig) if config.is_auto(TrainConfig, f.name)]
+    assert {"epochs", "batch_size", "lr", "backbone", "widths", "keep_features", "cache", "workers"} <= set(auto)
+    assert all(getattr(TrainConfig(), name) is None for name in auto)
+    path = tmp_path / "train.yaml"
+    path.write_text("epochs: auto\nbackbone: AUTO\nlr: 0.05\n")
+    ns = build_parser().parse_args(["train", "--config", str(path), "--batch-size", "auto", "--cache", "auto",
+                                    "--widths", "auto", "--lr", "auto"])  # what `mlflow run -P lr=auto` passes
+    cfg = config.from_namespace(TrainConfig, ns)
+    assert (cfg.epochs, cfg.backbone, cfg.batch_size, cfg.cache, cfg.widths, cfg.lr) == (None,) * 6
+    assert config.to_params(cfg)["epochs"] == "auto" and config.to_params(TrainConfig(epochs=3))["epochs"] == "3"
+    text = _help(["train", "--help"])
+    assert "(default: auto)" in text and "-1:" not in text and "0: auto" not in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": "0"}, "epochs must be at least 1, or auto"),  # 0 means only zero, and zero epochs train nothing
+    ({"max_train_items": 0}, "max_train_items must be at least 1, or auto"),
+    ({"workers": -1}, "workers must be 0 or more"),
+    ({"label_smoothing": -1}, r"label_smoothing must be within \[0, 1\) or auto"),
+    ({"widths": ""}, "widths and depths list one number per stage, or are auto"),
+])
+def test_the_old_auto_spellings_are_refused_by_name(overrides, message):
     with pytest.raises(ImgsimError, match=message):
         config.resolve(TrainConfig, None, overrides)
 

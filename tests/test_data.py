@@ -1,5 +1,6 @@
 """The streaming data path: per-item decoding in DataLoader workers, the on-disk cache, framing and the recipe."""
 
+import dataclasses
 import io
 import os
 
@@ -10,10 +11,11 @@ from PIL import Image
 
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess, decode_image
-from imgsim.manifest import Item
+from imgsim.manifest import Item, Manifest
 from imgsim.nn import recipe
 from imgsim.nn.data import ImageArray, ImageFiles, cache_images, channel_stats, load_items, make_loader
 from imgsim.split import SplitConfig, split_dataset
+from imgsim.stages.plan import plan
 from imgsim.stages.settings import TrainConfig
 
 PRE = Preprocess(size=24, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -96,17 +98,23 @@ def test_jpeg_draft_decoding_matches_a_full_decode_after_resizing():
     assert np.abs(a - b).mean() < 6
 
 
-def test_the_recipe_scales_with_the_collection(manifest):
-    def items(n, side):
-        return [Item(f"{i}.png", "a", "train", "0" * 64, side, side) for i in range(n)]
+def test_the_plan_scales_with_the_collection(manifest, tmp_path):
+    def planned(n, side, **given):
+        items = [Item(f"{i}.png", "a", "train" if i % 10 else "eval", "0" * 64, side, side) for i in range(n)]
+        return plan(TrainConfig(**given), Manifest(str(tmp_path), ["a"], items, [], {}))
 
-    fashion = recipe.schedule(TrainConfig(), items(66_500, 28))
+    fashion = planned(73_889, 28)  # 66,500 training images, grayscale (the files are absent: no colour found)
+    assert (fashion.backbone, fashion.mode, fashion.channels, fashion.image_size) == ("resnet_small", "full", 1, 28)
     assert (fashion.batch_size, fashion.epochs, fashion.lr) == (128, 12, 0.2)
     assert (fashion.widths, fashion.depths) == ((32, 64, 128), (1, 1, 1))  # the tuned Fashion-MNIST network
-    small = recipe.schedule(TrainConfig(), items(500, 300))
+    assert fashion.cache and fashion.augment == "shift" and fashion.select_metric == "map_at_r"
+    small = planned(556, 300)
     assert (small.batch_size, small.epochs, small.lr) == (32, 100, 0.05)  # 2000 steps, capped at 100 epochs
-    assert recipe.schedule(TrainConfig(), items(3000, 300)).epochs == 22
-    assert (small.widths, small.depths) == ((32, 64, 128, 256), (1, 1, 1, 1))
-    given = recipe.schedule(TrainConfig(epochs=3, batch_size=8, lr=0.01, widths=(8, 16), depths=(2, 2)), items(500, 300))
+    assert planned(3334, 300).epochs == 22
+    assert (small.widths, small.depths, small.image_size) == ((32, 64, 128, 256), (1, 1, 1, 1), 32)
+    given = planned(556, 300, epochs=3, batch_size=8, lr=0.01, widths=(8, 16), depths=(2, 2), max_train_items=100)
     assert (given.epochs, given.batch_size, given.lr, given.widths, given.depths) == (3, 8, 0.01, (8, 16), (2, 2))
+    assert given.max_train_items == 100 and small.max_train_items == 500
+    assert None not in (getattr(small, f.name) for f in dataclasses.fields(small) if f.name not in ("patience",
+                                                                                                      "threads"))
     assert recipe.auto_size(manifest.items) == 32 and not recipe.is_colour(manifest.items, manifest.root)

@@ -158,4 +158,13 @@ def test_gallery_changes_block_runs_as_written(tmp_path):
     current = ServingBundle.load(project / "bundles" / "current")  # the changes of version 5 over 1, with it
     items = {item.path for item in current.index.items}
     assert "bag/t10k-00018.png" in items and "bag/t10k-00069.png" in items and "bag/t10k-00030.png" not in items
-    assert current.base["uri"] == "models:/imgsim-gallery/1" and current.index.changes.removed.size == 2
+    assert current.base.uri == "models:/imgsim-gallery/1" and current.changes.removed.size == 2
+
+
+def test_the_settings_tables_are_generated_from_the_declarations():
+    from imgsim.cli import settings_doc
+
+    page = settings_doc.PAGE.read_text()
+    assert settings_doc.render(page) == page, "docs/settings.md is stale: python -m imgsim.cli.settings_doc --write"
+    stale = page.replace("| `epochs` | `auto` |", "| `epochs` | `0` |")
+    assert stale != page and settings_doc.render(stale) == page

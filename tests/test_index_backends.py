@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from imgsim import config
-from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON
 from imgsim.errors import ImgsimError
 from imgsim.index import (BACKENDS, FAISS_FLAT, FAISS_HNSW, FAISS_IVF, HNSW_EF_SEARCH, IVF_NPROBE, GalleryItem,
-                          IndexBundle, check_backend, cosine_from_angular, cosines)
+                          GalleryIndex, check_backend, cosine_from_angular, cosines)
 from imgsim.metrics import exact_topk
 from imgsim.runs.export import export_bundle
 from imgsim.runs.extract import run_extract
@@ -37,8 +38,8 @@ def items(n: int) -> list[GalleryItem]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_saves_loads_and_answers_like_exact_search(backend, tmp_path):
     gallery, queries = clustered(3000), clustered(100, seed=1)
-    IndexBundle.build(gallery, items(len(gallery)), n_trees=10, backend=backend).save(tmp_path)
-    index = IndexBundle.load(tmp_path, n_trees=10, backend=backend)
+    GalleryIndex.build(gallery, items(len(gallery)), n_trees=10, backend=backend).save(tmp_path)
+    index = GalleryIndex.load(tmp_path, n_trees=10, backend=backend)
     assert index.backend == backend and len(index.ann) == len(gallery)
     if backend == FAISS_HNSW:  # its search effort travels in the file
         assert index.ann.index.hnsw.efSearch == HNSW_EF_SEARCH
@@ -63,7 +64,7 @@ def test_every_backend_saves_loads_and_answers_like_exact_search(backend, tmp_pa
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_gallery_smaller_than_k_returns_what_it_has(backend):
     gallery = clustered(3)
-    rows, dists = IndexBundle.build(gallery, items(3), n_trees=2, backend=backend).search(gallery[1], 10, -1)
+    rows, dists = GalleryIndex.build(gallery, items(3), n_trees=2, backend=backend).search(gallery[1], 10, -1)
     assert sorted(rows) == [0, 1, 2] and rows[0] == 1 and len(dists) == 3
 
 
@@ -90,12 +91,12 @@ def test_an_item_s_cosine_does_not_depend_on_the_rows_it_is_scored_with(dim):
 def test_an_unknown_backend_or_a_file_of_another_backend_is_a_clear_error(tmp_path):
     with pytest.raises(ImgsimError, match=r"unknown index backend 'faiss-ivfpq'; choose one of annoy, faiss-flat"):
         config.resolve(ExtractConfig, None, {"index": "faiss-ivfpq"})
-    IndexBundle.build(clustered(50), items(50), n_trees=2).save(tmp_path / "annoy")
+    GalleryIndex.build(clustered(50), items(50), n_trees=2).save(tmp_path / "annoy")
     with pytest.raises(ImgsimError, match="cannot open the faiss-hnsw index in .*annoy.*rebuild it with the extract"):
-        IndexBundle.load(tmp_path / "annoy", n_trees=2, backend=FAISS_HNSW)
-    IndexBundle.build(clustered(50), items(50), n_trees=2, backend=FAISS_FLAT).save(tmp_path / "flat")
+        GalleryIndex.load(tmp_path / "annoy", n_trees=2, backend=FAISS_HNSW)
+    GalleryIndex.build(clustered(50), items(50), n_trees=2, backend=FAISS_FLAT).save(tmp_path / "flat")
     with pytest.raises(ImgsimError, match="IndexFlatIP, not the faiss-hnsw index bundle.json names"):
-        IndexBundle.load(tmp_path / "flat", n_trees=2, backend=FAISS_HNSW)
+        GalleryIndex.load(tmp_path / "flat", n_trees=2, backend=FAISS_HNSW)
 
 
 def test_a_faiss_backend_without_faiss_installed_says_what_to_install(monkeypatch):

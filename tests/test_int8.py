@@ -11,11 +11,14 @@ import onnx
 import pytest
 from PIL import Image
 
-from imgsim.bundle import BUNDLE_JSON, ONNX_FILE, BundleError, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON, BundleError, Lineage, ModelSource
+from imgsim.modelspec import ONNX_FILE
 from imgsim.nn.data import ImageFiles
 from imgsim.nn.quantize import TRUNK_PREFIX
 from imgsim.serve.runtime import OnnxModel
 from imgsim.split import SplitConfig, split_dataset
+from imgsim.stages.bundle_writer import write_bundle
 from imgsim.stages.extract import extract
 from imgsim.stages.gallery import add_images
 from imgsim.stages.settings import AddConfig, ExtractConfig, TrainConfig
@@ -38,9 +41,10 @@ def int8_run(tmp_path_factory):
 
 
 def _save(bundle, manifest, result, folder):
-    return ServingBundle(bundle.spec, result.index, result.probes, {"uri": "test"}, result.search_k,
-                         torch_model=bundle, onnx_model=result.int8.onnx, quantization=result.int8.record(),
-                         lineage={"root": str(manifest.root)}).save(folder)
+    return write_bundle(ServingBundle(bundle.spec, result.index, result.probes, ModelSource("test"), result.search_k,
+                                      torch_model=bundle, onnx_model=result.int8.onnx,
+                                      quantization=result.int8.record(), lineage=Lineage(root=str(manifest.root))),
+                        folder)
 
 
 def test_the_served_model_is_int8_in_the_backbone_and_float32_in_the_head(int8_run):
@@ -84,7 +88,7 @@ def test_a_gallery_change_embeds_with_the_int8_model_and_stays_int8(int8_run, tm
     new.parent.mkdir(exist_ok=True)
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(new)
     change = add_images(parent, AddConfig(bundle="", label="added"), [str(new)])
-    child = ServingBundle.load(change.bundle.save(tmp_path / "child"), base=tmp_path / "b")
+    child = ServingBundle.load(write_bundle(change.bundle, tmp_path / "child"), base=tmp_path / "b")
     assert child.quantization == parent.quantization
     added = child.index.row(change.added[0].id)
     image = bundle.preprocess.decode(new.read_bytes())
@@ -99,9 +103,9 @@ def test_the_float32_export_in_an_int8_bundle_is_refused(int8_run, tmp_path):
 
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(bundle, fp32, result.probes.inputs)
-    folder = ServingBundle(bundle.spec, result.index, result.probes, {"uri": "test"}, result.search_k,
-                           torch_model=bundle, onnx_model=fp32.read_bytes(),
-                           quantization=result.int8.record()).save(tmp_path / "b")
+    folder = write_bundle(ServingBundle(bundle.spec, result.index, result.probes, ModelSource("test"), result.search_k,
+                                        torch_model=bundle, onnx_model=fp32.read_bytes(),
+                                        quantization=result.int8.record()), tmp_path / "b")
     with pytest.raises(BundleError, match="model.onnx is not the model that built this index"):
         ServingBundle.load(folder)
 

@@ -1,4 +1,4 @@
-"""The embedding ResNet: shapes, normalisation, no NaNs, and the ModelBundle round trip."""
+"""The embedding ResNet: shapes, normalisation, no NaNs, and the TrainedModel round trip."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from imgsim.errors import ImgsimError
 from imgsim.images import Preprocess
 from imgsim.modelspec import ModelArgs
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.model import EmbeddingNet, TrainedModel
 
 PRE = Preprocess(size=28, channels=1, mean=(0.3,), std=(0.3,))
 
@@ -33,8 +33,8 @@ def test_colour_and_larger_inputs():
 def test_bundle_round_trip_gives_identical_outputs(tmp_path):
     args = ModelArgs(num_classes=3, widths=(4, 8), depths=(1, 1), embedding_dim=8)
     model = EmbeddingNet(args, PRE).eval()
-    bundle = ModelBundle(args, PRE, ["a", "b", "c"], model.state_dict(), {"epochs": 1})
-    loaded = ModelBundle.load(bundle.save(tmp_path / "m"))
+    bundle = TrainedModel(args, PRE, ["a", "b", "c"], model.state_dict(), {"epochs": 1})
+    loaded = TrainedModel.load(bundle.save(tmp_path / "m"))
     x = torch.rand(2, 1, 28, 28)
     assert loaded.classes == ["a", "b", "c"] and loaded.preprocess == PRE and loaded.args == args
     assert torch.allclose(loaded.build().embed(x), model.embed(x))
@@ -52,4 +52,4 @@ def test_bad_model_args_are_rejected(kwargs, message):
 
 def test_loading_a_folder_without_a_model_is_clear(tmp_path):
     with pytest.raises(ImgsimError, match="no usable imgsim model"):
-        ModelBundle.load(tmp_path)
+        TrainedModel.load(tmp_path)

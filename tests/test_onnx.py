@@ -11,11 +11,13 @@ import pytest
 import requests
 import torch
 
-from imgsim.bundle import BundleError, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BundleError
 from imgsim.images import Preprocess
 from imgsim.modelspec import BACKBONES, SMALL, ModelArgs
-from imgsim.nn.model import EmbeddingNet, ModelBundle
-from imgsim.nn.onnx_export import PARITY, export_onnx
+from imgsim.nn.model import EmbeddingNet, TrainedModel
+from imgsim.modelspec import PARITY
+from imgsim.nn.onnx_export import export_onnx
 from imgsim.serve.runtime import OnnxModel
 from support.servers import start_server
 from tests.bundles import pipeline_bundle, rerecord_checksums
@@ -28,7 +30,7 @@ def test_every_backbone_exports_to_onnx_that_matches_torch(backbone, tmp_path):
     pre = Preprocess(size=28, channels=1) if small else Preprocess(size=64, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     args = ModelArgs(num_classes=0 if backbone == "resnet18" else 4, backbone=backbone,
                      embedding_dim=0 if backbone == "resnet18" else 16, widths=(8, 16), depths=(1, 1))
-    model = ModelBundle(args, pre, [] if backbone == "resnet18" else list("abcd"), EmbeddingNet(args, pre).state_dict())
+    model = TrainedModel(args, pre, [] if backbone == "resnet18" else list("abcd"), EmbeddingNet(args, pre).state_dict())
     inputs = np.random.default_rng(0).integers(0, 256, (5, pre.channels, pre.size, pre.size), dtype=np.uint8)
     parity = export_onnx(model, tmp_path / "model.onnx", inputs)
     assert parity <= PARITY

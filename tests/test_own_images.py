@@ -12,7 +12,7 @@ import torchvision
 
 from imgsim.errors import ImgsimError
 from imgsim.manifest import Manifest
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs import tracking
 from imgsim.runs.export import export_bundle
 from imgsim.runs.main import run_main
@@ -67,7 +67,7 @@ def test_unlabelled_embed_only_pipeline_search_and_server(tmp_path, weights_file
         assert metrics["gallery_size"] == 16 and 0 < metrics["index_recall_at_10"] <= 1
         assert not {"accuracy", "precision_at_1", "map_at_r"} & set(metrics)
         bundle = export_bundle(result["bundle_uri"], tmp_path / "bundle")
-    model = ModelBundle.load(bundle)
+    model = TrainedModel.load(bundle)
     assert model.classes == [] and model.args.num_classes == 0 and model.args.embedding_dim == 0
     assert model.preprocess.mean == (0.485, 0.456, 0.406) and model.preprocess.resize == round(256 * 32 / 224)
     searcher = Searcher(bundle)
@@ -101,9 +101,9 @@ def test_fine_tuning_keeps_a_frozen_backbone_and_stores_its_preprocessing(tmp_pa
                                       checkpoint_dir=str(tmp_path / "c"), register_name="", **SMALL_PRETRAINED),
                           ExtractConfig(n_trees=3, plot_points=16))
         with tracking.fetched(result["model_uri"], "model") as folder:
-            model = ModelBundle.load(folder)
+            model = TrainedModel.load(folder)
     state = model.state_dict
-    assert model.args.backbone == "resnet18" and model.config["augment"] == "auto"
+    assert model.args.backbone == "resnet18" and model.config["augment"] == "photo"
     assert torch.equal(state["trunk.conv1.weight"], original["conv1.weight"])  # frozen for the one epoch
     assert torch.equal(state["trunk.layer4.1.conv2.weight"], original["layer4.1.conv2.weight"])
     assert model.preprocess.channels == 3 and model.preprocess.std == (0.229, 0.224, 0.225)

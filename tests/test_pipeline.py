@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from imgsim.bundle import BUNDLE_JSON, BundleError, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON, BundleError
 from imgsim.errors import ImgsimError
 from imgsim.manifest import Manifest
 from imgsim.modelspec import file_sha256
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs import tracking
 from imgsim.runs.export import export_bundle, resolve_bundle
 from imgsim.runs.extract import run_extract
@@ -49,10 +50,10 @@ def test_runs_log_metrics_params_plots_and_a_registered_model(pipeline_run, tmp_
         assert {"embeddings_tsne.png", "query_neighbours.png"} <= plots
         assert client.list_artifacts(result["train"], "plots")[0].path.endswith("training_curves.png")
         assert result["model_uri"] == "models:/imgsim/1"
-        bundle = ModelBundle.load(tracking.download(result["model_uri"], "model", tmp_path / "registered"))
+        bundle = TrainedModel.load(tracking.download(result["model_uri"], "model", tmp_path / "registered"))
         assert bundle.classes == ["circle", "square", "stripes"] and bundle.preprocess.size == 32
         assert bundle.config["manifest_uri"] == f"runs:/{result['split']}/split"
-        by_run = ModelBundle.load(tracking.download(f"runs:/{result['train']}/model", "model", tmp_path / "run"))
+        by_run = TrainedModel.load(tracking.download(f"runs:/{result['train']}/model", "model", tmp_path / "run"))
         assert by_run.classes == bundle.classes
 
 
@@ -62,7 +63,7 @@ def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run, tmp
         folder, _ = resolve_bundle(pipeline_run["result"]["bundle_uri"], tmp_path)
     bundle = ServingBundle.load(folder)
     index = bundle.index
-    assert bundle.source["name"] == "imgsim" and bundle.source["version"] == "1"
+    assert bundle.source.name == "imgsim" and bundle.source.version == "1"
     searcher = Searcher(folder)
     for item in index.items[:: max(1, len(index.items) // 8)]:
         data = (root / item.path).read_bytes()
@@ -76,7 +77,7 @@ def test_bundle_ids_map_to_the_right_files_and_find_themselves(pipeline_run, tmp
 def test_models_uri_resolves_to_the_index_built_from_it(pipeline_run, tmp_path):
     with mlflow_store(pipeline_run["work"]):
         out = export_bundle("models:/imgsim/1", tmp_path / "bundle")
-    assert ServingBundle.load(out).source["run_id"] == pipeline_run["result"]["train"]
+    assert ServingBundle.load(out).source.run_id == pipeline_run["result"]["train"]
 
 
 def test_export_and_extract_leave_no_downloads_behind(pipeline_run, tmp_path, monkeypatch):

@@ -222,6 +222,7 @@ BAD_REQUESTS = [
     ({"jsonData": {"images": "not-a-list"}}, "must be a non-empty list"),
     ({"jsonData": {"images": [b64(b"x")] * 40}}, "at most 32 per request"),
     ({"jsonData": {"path": 42}}, "'path' must be a non-empty string"),
+    ({"jsonData": {"path": None}}, "'path' must be a non-empty string"),
     ({"jsonData": {"path": "../images-outside.png"}}, "outside the gallery root"),
     ({"jsonData": {"path": "/etc/passwd"}}, "outside the gallery root"),
     ({"jsonData": {"path": "stripes/outside.png"}}, "outside the gallery root"),  # symlink escaping the root
@@ -379,6 +380,8 @@ def test_mismatched_bundle_stays_not_ready_and_is_not_retried(bundle, tmp_path, 
         assert "not retried" in status.json()["status"]["info"]
         answer = rest(srv, {"jsonData": {"id": 0}})
         assert answer.status_code == 503
+        for malformed in ({"id": "seven"}, {"id": 0, "k": 0}, {}):  # not ready wins over what is wrong with a query
+            assert rest(srv, {"jsonData": malformed}).status_code == 503, malformed
         with pytest.raises(grpc.RpcError) as err:
             grpc_json(srv, {"id": 0})
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

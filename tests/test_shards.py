@@ -13,7 +13,7 @@ import pytest
 
 from imgsim.bundle import ServingBundle
 from imgsim.errors import ImgsimError
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs.export import fetched_bundle
 from imgsim.runs.extract import run_extract
 from imgsim.stages.extract import shard_range
@@ -42,11 +42,10 @@ def _shards(model_uri: str, group: str, shards, num_shards: int = 3, index_env: 
         assert proc.returncode == 0, out[-3000:]
 
 
-def _bundle(run_id: str) -> ServingBundle:
+def _bundle(run_id: str) -> tuple[ServingBundle, str]:
+    """The bundle an extract run wrote, and its model's fingerprint (the values of its weights)."""
     with fetched_bundle(f"runs:/{run_id}") as folder:
-        bundle = ServingBundle.load(folder)
-        bundle.source["fingerprint"] = ModelBundle.load(folder).fingerprint()
-        return bundle
+        return ServingBundle.load(folder), TrainedModel.load(folder).fingerprint()
 
 
 def _extract_runs() -> int:
@@ -59,16 +58,16 @@ def test_three_shards_and_a_merge_equal_one_process(pipeline_run):
     with mlflow_store(pipeline_run["work"]):
         model = pipeline_run["result"]["model_uri"]
         _shards(model, group, range(3), index_env=True)
-        merged = _bundle(run_extract(ExtractConfig(merge=group, gallery_name="")))
+        merged, merged_model = _bundle(run_extract(ExtractConfig(merge=group, gallery_name="")))
         single_id = run_extract(ExtractConfig(model_uri=model, gallery_name=""))
-        single = _bundle(single_id)
+        single, single_model = _bundle(single_id)
         merge_run = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
                                        filter_string=f"tags.`imgsim.shard_group` = '{group}' and "
                                                      "tags.`imgsim.stage` = 'extract'")[0]
         single_metrics = mlflow.get_run(single_id).data.metrics
     assert merged.index.items == single.index.items  # same ids, paths, labels, hashes, in the same order
     np.testing.assert_allclose(np.asarray(merged.index.embeddings), np.asarray(single.index.embeddings), atol=1e-5)
-    assert merged.source["fingerprint"] == single.source["fingerprint"]  # the same model's values
+    assert merged_model == single_model  # the same model's values
     assert len(merge_run.data.tags["imgsim.shard_runs"].split(",")) == 3
     for key in ("map_at_r", "precision_at_10", "accuracy"):
         assert merge_run.data.metrics[key] == pytest.approx(single_metrics[key], abs=1e-6)

@@ -19,7 +19,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from imgsim.bundle import BUNDLE_JSON
+from imgsim.bundle_format import BUNDLE_JSON
 from imgsim.modelspec import file_sha256
 from imgsim.runs import tracking
 from support.servers import start_server, start_tracking_server

@@ -13,7 +13,7 @@ import torch
 
 from imgsim.manifest import Manifest
 from imgsim.nn.checkpoint import FILENAME as CHECKPOINT
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs import tracking
 from imgsim.split import SplitConfig, split_dataset
 from tests.conftest import make_image_folder, mlflow_store
@@ -77,7 +77,7 @@ def test_torchrun_two_processes_on_cpu_with_gloo(tmp_path, manifest_dir):
         tracking.setup()
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
         assert len(runs) == 1 and runs[0].data.params["world_size"] == "2"
-        bundle = ModelBundle.load(tracking.download("models:/ddp-model/1", "model", tmp_path / "model"))
+        bundle = TrainedModel.load(tracking.download("models:/ddp-model/1", "model", tmp_path / "model"))
     model = bundle.build()
     x = torch.rand(4, 1, 32, 32)
     assert torch.isfinite(model(x)).all() and model.embed(x).shape == (4, 16)

@@ -76,7 +76,7 @@ def _tracking_users(ns):
 def add_parsers(sub) -> None:
     """Living with a deployment: gallery changes, duplicates, rollout and the search page."""
     from imgsim import duplicates
-    from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
+    from imgsim.bundle_format import GALLERY_ALIAS, GALLERY_NAME
     from imgsim.serve.page import UiConfig
     from imgsim.stages.settings import AddConfig, RemoveConfig
     gallery = sub.add_parser("gallery", help="add or remove gallery images without retraining (a new bundle version)")

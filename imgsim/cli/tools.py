@@ -25,7 +25,7 @@ def _export(ns):
 
 
 def _shard_bundle(ns):
-    from imgsim.sharded import shard_bundle
+    from imgsim.stages.sharding import shard_bundle
     summary = shard_bundle(ns.bundle, ns.out, ns.shards)
     print(f"sharded gallery {summary['gallery']} written to {summary['out']}: {summary['items']} images in "
           f"{summary['shards']} shards of {min(summary['shard_items'])}-{max(summary['shard_items'])}, plus the "

@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgsim.explore.gallery import Gallery
-from imgsim.index import ANNOY, BACKENDS, INDEX_FILE, GalleryItem, IndexBundle
+from imgsim.index import ANNOY, BACKENDS, INDEX_FILE, GalleryIndex, GalleryItem
 from imgsim.metrics import exact_topk, recall_at_k
 
 
@@ -72,10 +72,10 @@ def annoy_grid(vectors: NDArray[np.float32], queries: NDArray[np.float32], truth
 
 
 def _timed_build(vectors: NDArray[np.float32], items: list[GalleryItem], n_trees: int, seed: int,
-                 backend: str) -> tuple[IndexBundle, float, float]:
+                 backend: str) -> tuple[GalleryIndex, float, float]:
     """A fresh index, the seconds its build took, and its file's size in MB."""
     started = time.perf_counter()
-    index = IndexBundle.build(vectors, items, n_trees=n_trees, seed=seed, backend=backend)
+    index = GalleryIndex.build(vectors, items, n_trees=n_trees, seed=seed, backend=backend)
     build = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         index.save(tmp)

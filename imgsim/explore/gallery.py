@@ -10,9 +10,10 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from imgsim.bundle import load_index, read_meta
+from imgsim.bundle_base import load_index
+from imgsim.bundle_format import read_meta
 from imgsim.errors import BadInput
-from imgsim.index import DEFAULT_SEARCH_K, IndexBundle
+from imgsim.index import DEFAULT_SEARCH_K, GalleryIndex
 from imgsim.modelspec import ModelSpec
 
 
@@ -20,7 +21,7 @@ from imgsim.modelspec import ModelSpec
 class Gallery:
     """A bundle's index and where its images are, loaded without a model (exploring needs only vectors)."""
 
-    index: IndexBundle
+    index: GalleryIndex
     root: Path | None
     search_k: int
     n_trees: int

@@ -10,7 +10,7 @@ import ctypes
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-THRESHOLD = 1 << 30  # blocks up to 1 GiB come from (and go back to) the heap; the process keeps its peak
+THRESHOLD = 1 << 30  # blocks up to this come from (and go back to) the heap; the process keeps its peak
 
 _done = False
 

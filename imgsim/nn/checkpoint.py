@@ -12,8 +12,8 @@ from imgsim import atomic
 from imgsim.errors import ImgsimError
 
 FILENAME = "last.pt"
-# Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = {"resume", "resume_if_present", "run_name"}
+# Settings that may change between an interrupted run and its --resume (workers: a restarted pod's node may differ).
+RESUMABLE_CHANGES = {"resume", "resume_if_present", "run_name", "workers", "threads"}
 
 
 def save(path: Path, config: dict, model, optimizer, schedule, state: dict) -> None:

@@ -96,10 +96,10 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, order: Sequence[int] | None = None, workers: int = -1,
+def make_loader(dataset: Dataset, batch_size: int, *, order: Sequence[int] | None = None, workers: int | None = None,
                 seed: int = 0) -> DataLoader:
-    """A DataLoader over ``dataset`` in ``order`` (default: as stored); ``workers`` -1 = :func:`default_workers`."""
-    workers = default_workers() if workers < 0 else workers
+    """A DataLoader over ``dataset`` in ``order`` (default: as stored); ``workers`` None: :func:`default_workers`."""
+    workers = default_workers() if workers is None else workers
     batched = isinstance(dataset, ImageArray)  # already decoded: batches come from one array read, no workers needed
     return DataLoader(dataset, batch_size=batch_size, sampler=list(order) if order is not None else None,
                       num_workers=0 if batched else workers, collate_fn=_identity if batched else None,
@@ -111,7 +111,7 @@ def _identity(batch):
     return batch
 
 
-def cache_images(dataset: ImageFiles, folder: str | Path, *, workers: int = -1, desc: str = "decoding") -> ImageArray:
+def cache_images(dataset: ImageFiles, folder: str | Path, *, workers: int | None = None, desc: str = "decoding") -> ImageArray:
     """Decode ``dataset`` once into a memory-mapped uint8 file under ``folder`` (reused while the files and the
     preprocessing are unchanged); pages are read on demand, so it never has to fit in memory."""
     path = Path(folder) / f"images-{dataset.key()}.npy"
@@ -127,7 +127,7 @@ def cache_images(dataset: ImageFiles, folder: str | Path, *, workers: int = -1, 
 
 
 def load_items(items: Sequence[Item], root: str | Path, preprocess: Preprocess, *, desc: str = "loading",
-               max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = -1) -> NDArray[np.uint8]:
+               max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> NDArray[np.uint8]:
     """Decode ``items`` under ``root`` into an in-memory (N, C, H, W) uint8 array (for small sets: baselines, tests)."""
     dataset = ImageFiles(items, root, preprocess, max_pixels=max_pixels)
     out = np.empty((len(items), preprocess.channels, preprocess.size, preprocess.size), dtype=np.uint8)

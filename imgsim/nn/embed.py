@@ -16,7 +16,7 @@ from imgsim.nn.model import EmbeddingNet
 
 
 def embed_dataset(model: EmbeddingNet, dataset: Dataset, batch_size: int = 512, desc: str = "embedding", *,
-                  workers: int = -1, on_batch: Callable[[NDArray[np.uint8]], None] | None = None
+                  workers: int | None = None, on_batch: Callable[[NDArray[np.uint8]], None] | None = None
                   ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Normalised embeddings and logits of a dataset, streamed through a DataLoader (workers decode) into
     preallocated arrays: memory holds the outputs and a few batches, never the images. ``on_batch`` sees each

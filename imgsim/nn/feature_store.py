@@ -98,7 +98,7 @@ def _unchanged(items: Sequence[Item], root: str | Path) -> None:
 
 
 def item_features(items: Sequence[Item], root: str | Path, preprocess: Preprocess, trunk: Trunk,
-                  store: FeatureStore, *, batch: int = 64, workers: int = -1, desc: str = "embedding",
+                  store: FeatureStore, *, batch: int = 64, workers: int | None = None, desc: str = "embedding",
                   keep_new: bool = True) -> tuple[NDArray[np.float32], list[str], int]:
     """The features and perceptual hashes of ``items``: kept ones from the store, the rest decoded (in workers)
     and run through the backbone, then kept (``keep_new``). Returns them with how many images went through the
@@ -149,8 +149,13 @@ DEFAULT_FOLDER = "checkpoints/features"
 
 
 def open_store(folder: str | Path | None, model: EmbeddingNet) -> FeatureStore:
-    """``model``'s store in ``folder`` (the ``feature_store`` setting: "auto" is $IMGSIM_FEATURE_STORE, else
-    DEFAULT_FOLDER; empty keeps nothing)."""
-    if folder == "auto":
-        folder = os.environ.get("IMGSIM_FEATURE_STORE") or DEFAULT_FOLDER
-    return FeatureStore(folder, fingerprint(model))
+    """``model``'s store in ``folder`` (the ``feature_store`` setting: None is :func:`store_folder`'s choice;
+    empty keeps nothing)."""
+    return FeatureStore(store_folder(folder), fingerprint(model))
+
+
+def store_folder(folder: str | Path | None) -> str | Path:
+    """The feature store's folder: as given, or left auto, $IMGSIM_FEATURE_STORE, else DEFAULT_FOLDER."""
+    if folder is None:
+        return os.environ.get("IMGSIM_FEATURE_STORE") or DEFAULT_FOLDER
+    return folder

@@ -1,4 +1,4 @@
-"""The embedding network (a backbone, its pre-logits layer as the embedding, a classifier) and its ModelBundle."""
+"""The embedding network (a backbone, its pre-logits layer as the embedding, a classifier) and its TrainedModel."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _angular_margin(cos: torch.Tensor, labels: torch.Tensor, margin: float) -> t
 
 
 @dataclasses.dataclass
-class ModelBundle:
+class TrainedModel:
     """Weights plus everything needed to use them: architecture, preprocessing, class names, config."""
 
     args: ModelArgs
@@ -149,7 +149,7 @@ class ModelBundle:
         return digest.hexdigest()
 
     @classmethod
-    def load(cls, in_dir: str | Path) -> "ModelBundle":
+    def load(cls, in_dir: str | Path) -> "TrainedModel":
         """Load from a bundle folder or an MLflow model folder (files under ``extra_files/``)."""
         folder = Path(in_dir)
         if not (folder / MODEL_JSON).exists() and (folder / "extra_files" / MODEL_JSON).exists():

@@ -13,13 +13,10 @@ from torch import nn
 from imgsim import atomic
 from imgsim.nn.embed import embed_array
 from imgsim.errors import ImgsimError
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.modelspec import OPSET, PARITY
+from imgsim.nn.model import EmbeddingNet, TrainedModel
 from imgsim.serve.runtime import INPUT, OUTPUTS, OnnxModel
 
-OPSET = 17
-# Largest absolute difference allowed between ONNX Runtime's and torch's embeddings of the same images (both
-# on the CPU in float32: they agree to ~1e-6; a wrong export differs by 0.01 or more).
-PARITY = 1e-4
 
 
 class _Serving(nn.Module):
@@ -33,7 +30,7 @@ class _Serving(nn.Module):
         return self.net.embed_images(images)
 
 
-def export_onnx(model: ModelBundle, path: str | Path, check_inputs: NDArray[np.uint8]) -> float:
+def export_onnx(model: TrainedModel, path: str | Path, check_inputs: NDArray[np.uint8]) -> float:
     """Write ``path`` atomically if ONNX Runtime matches torch on ``check_inputs``; returns the largest difference."""
     net = model.build()
     serving = _Serving(net).eval()  # export restores the mode it found: eval, so BatchNorm uses running stats

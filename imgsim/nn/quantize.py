@@ -22,11 +22,11 @@ from numpy.typing import NDArray
 from imgsim import atomic
 from imgsim.errors import ImgsimError
 from imgsim.modelspec import INT8, cpu_int8
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.nn.onnx_export import export_onnx
 from imgsim.serve.runtime import INPUT, OnnxModel
 
-# Images the activation ranges are taken from: 64 cost Oxygen 0.05 of P@1 against 256 in a first check.
+# Images the activation ranges are taken from (fewer cost P@1: docs/benchmarks.md, "Where the defaults come from").
 CALIBRATION_IMAGES = 256
 # Nodes under this prefix are the backbone (EmbeddingNet.trunk in the exported graph); the rest is the head.
 TRUNK_PREFIX = "/trunk/"
@@ -90,7 +90,7 @@ class Int8Model:
         return np.concatenate(self.engine(images), axis=1)
 
 
-def int8_model(model: ModelBundle, calibration: NDArray[np.uint8], threads: int) -> Int8Model:
+def int8_model(model: TrainedModel, calibration: NDArray[np.uint8], threads: int) -> Int8Model:
     """Export ``model`` (checked against torch), quantize it on ``calibration`` images and open it."""
     with tempfile.TemporaryDirectory(prefix="imgsim-int8-") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"

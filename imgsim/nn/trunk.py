@@ -9,7 +9,6 @@ import json
 import os
 import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -19,13 +18,11 @@ from numpy.typing import NDArray
 from torch import nn
 
 from imgsim.errors import ImgsimError
+from imgsim.modelspec import BACKBONE_RUNTIMES as RUNTIMES
+from imgsim.modelspec import OPSET, PARITY
 from imgsim.nn import distributed
 from imgsim.nn.model import EmbeddingNet
 
-from imgsim.modelspec import BACKBONE_RUNTIMES as RUNTIMES
-OPSET = 17
-# ONNX Runtime's features may differ from torch's by float32 rounding (~1e-6 of their scale); a wrong export by more.
-PARITY = 1e-4
 CHUNK = 32
 # Part of every kept feature's key: raise it when decoding or pooling changes what a file's features are.
 FEATURES_VERSION = 1
@@ -58,14 +55,14 @@ class _Features(nn.Module):
 class Trunk:
     """Calls the frozen backbone on uint8 batches (N, C, H, W) and returns float32 features (N, F)."""
 
-    def __init__(self, model: EmbeddingNet, runtime: str = "auto", threads: int = 0) -> None:
-        if runtime not in RUNTIMES:
+    def __init__(self, model: EmbeddingNet, runtime: str | None = None, threads: int | None = None) -> None:
+        if runtime is not None and runtime not in RUNTIMES:
             raise ImgsimError(f"backbone_runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.device = distributed.device()
         self.model = model.eval()
         # Torch: on a CPU the two are level (docs/benchmarks.md, section 20), and torch's features are the ones the
         # torch model gives, so a head trains exactly as it did on them.
-        self.runtime = "torch" if runtime == "auto" else runtime
+        self.runtime = runtime or "torch"
         self.threads, self.session = threads, None  # exported at the first batch: all features kept, no export
         self._channels_last: EmbeddingNet | None = None
 
@@ -85,6 +82,7 @@ class Trunk:
         with torch.inference_mode():
             want = _Features(net)(torch.from_numpy(probe)).numpy()
         got = session.run(None, {"images": probe})[0]
+        # PARITY relative to the features' scale: pooled features are not unit vectors.
         if np.abs(got - want).max() > PARITY * max(1.0, float(np.abs(want).max())):
             raise ImgsimError(f"the ONNX export of backbone {net.args.backbone} disagrees with torch; run with "
                               "backbone_runtime=torch, and please report it")
@@ -103,8 +101,7 @@ class Trunk:
     def __call__(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         if self.runtime == "onnxruntime" and self.session is None:
             self.session = self._export(self.threads)
-        # At most CHUNK images a pass: ONNX Runtime's arena keeps the largest batch's activations for good (a batch
-        # of 512 at 224 px grew a process past 22 GB), and larger passes are no faster on a CPU.
+        # At most CHUNK images a pass: ONNX Runtime's arena keeps the largest pass's activations for good.
         return np.concatenate([self._run(images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)]) \
             if len(images) else self._run(images)
 

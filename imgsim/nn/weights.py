@@ -97,9 +97,9 @@ def _is_imgsim_model(path: Path) -> bool:
 
 def _trunk_of_imgsim_model(folder: Path, backbone: str, source: str) -> dict[str, torch.Tensor]:
     """Fine-tune on from an earlier imgsim model: its trunk becomes the starting backbone."""
-    from imgsim.nn.model import ModelBundle
+    from imgsim.nn.model import TrainedModel
 
-    model = ModelBundle.load(folder)
+    model = TrainedModel.load(folder)
     if model.args.backbone != backbone:
         raise ImgsimError(f"weights {source} is an imgsim model with backbone {model.args.backbone}, "
                           f"not {backbone}; choose backbone={model.args.backbone} or other weights")

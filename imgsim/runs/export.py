@@ -13,7 +13,8 @@ from typing import Iterator
 from imgsim import atomic
 from mlflow.exceptions import MlflowException
 
-from imgsim.bundle import BASE_DIR, BUNDLE_JSON, BundleError, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BASE_DIR, BUNDLE_JSON, BundleError
 from imgsim.errors import ImgsimError, redact
 from imgsim.modelspec import file_sha256
 from imgsim.runs import tracking
@@ -103,7 +104,7 @@ def export_bundle(uri: str, out: str | Path) -> Path:
     with fetched_bundle(uri) as source, atomic.atomic_dir(out) as staging:
         bundle = ServingBundle.load(source)  # refuse to export a bundle that would not serve
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        if bundle.index.changes is not None and not (staging / BASE_DIR).exists():  # its base found elsewhere
+        if bundle.changes is not None and not (staging / BASE_DIR).exists():  # its base found elsewhere
             shutil.copytree(bundle.model_folder, staging / BASE_DIR)
     return out
 

@@ -13,16 +13,18 @@ import mlflow
 import numpy as np
 
 from imgsim import config, plots
-from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON, Lineage, ModelSource
 from imgsim.errors import ImgsimError, redact
 from imgsim.images import decode_image
 from imgsim.index import INDEX_FILE
 from imgsim.manifest import Manifest
 from imgsim.modelspec import file_sha256
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs import tracking
 from imgsim.runs.common import log_params, start
 from imgsim.runs.export import BUNDLE_ARTIFACT
+from imgsim.stages.bundle_writer import write_bundle
 from imgsim.stages.extract import Part, assemble, embed_part, extract
 from imgsim.stages.settings import ExtractConfig
 
@@ -46,17 +48,17 @@ def run_extract(cfg: ExtractConfig) -> str:
         return run.info.run_id
 
 
-def _model_and_manifest(cfg: ExtractConfig) -> tuple[ModelBundle, Manifest, str, str]:
+def _model_and_manifest(cfg: ExtractConfig) -> tuple[TrainedModel, Manifest, str, str]:
     """The model, the manifest (the model's own unless one is given), its URI, and the model's fingerprint."""
     with tracking.fetched(cfg.model_uri, "model") as folder:
-        bundle = ModelBundle.load(folder)
+        bundle = TrainedModel.load(folder)
     manifest_uri = cfg.manifest_uri or bundle.config.get("manifest_uri", "")
     with tracking.fetched(manifest_uri, "manifest") as folder:
         manifest = Manifest.load(folder)
     return bundle, manifest, manifest_uri, bundle.fingerprint()
 
 
-def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, manifest_uri: str, result,
+def _log_extract(cfg: ExtractConfig, bundle: TrainedModel, manifest: Manifest, manifest_uri: str, result,
                  run_id: str) -> None:
     """Tags, metrics, the serving bundle, plots, and the gallery registration of an extract run."""
     ref = tracking.model_reference(cfg.model_uri)
@@ -65,12 +67,12 @@ def _log_extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, ma
     mlflow.log_metrics(result.metrics)
     root = Path(cfg.data_dir or manifest.root).expanduser().resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        serving = ServingBundle(bundle.spec, result.index, result.probes, ref, result.search_k,
+        serving = ServingBundle(bundle.spec, result.index, result.probes, ModelSource.from_json(ref), result.search_k,
                                 result.metrics.get("index_recall_at_10"), torch_model=bundle,
-                                lineage={"root": str(root), "run_id": run_id}, recall_target=cfg.recall_target,
+                                lineage=Lineage(root=str(root), run_id=run_id), recall_target=cfg.recall_target,
                                 **({"onnx_model": result.int8.onnx, "quantization": result.int8.record(),
                                     "onnx_parity": result.int8.export_parity} if result.int8 else {}))
-        saved = serving.save(Path(tmp) / BUNDLE_ARTIFACT)
+        saved = write_bundle(serving, Path(tmp) / BUNDLE_ARTIFACT)
         bundle_sha256 = file_sha256(saved / BUNDLE_JSON)  # what the registry vouches for, from the bytes logged
         mlflow.log_artifacts(str(saved), BUNDLE_ARTIFACT)
         mlflow.log_artifacts(str(_plot_extract(cfg, result, manifest, Path(tmp) / "plots")), "plots")

@@ -12,15 +12,17 @@ from pathlib import Path
 import mlflow
 
 from imgsim import config
-from imgsim.bundle import BUNDLE_JSON, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BUNDLE_JSON
 from imgsim.errors import ImgsimError
 from imgsim.index import ITEM_FIELDS
 from imgsim.modelspec import WEIGHTS, file_sha256
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs import tracking
 from imgsim.runs.common import log_params, start
 from imgsim.runs.export import BUNDLE_ARTIFACT, fetched_version, locate_bundle
 from imgsim.stages import gallery
+from imgsim.stages.bundle_writer import write_bundle
 from imgsim.stages.settings import AddConfig, RemoveConfig
 
 
@@ -32,7 +34,7 @@ def run_gallery_add(cfg: AddConfig, files: list[str] | None = None) -> dict:
         parent = ServingBundle.load(folder, threads=os.cpu_count() or 1)
         if cfg.model_uri:
             with tracking.fetched(cfg.model_uri, "model") as model_folder:
-                gallery.check_model(ModelBundle.load(parent.model_folder), ModelBundle.load(model_folder))
+                gallery.check_model(TrainedModel.load(parent.model_folder), TrainedModel.load(model_folder))
         change = gallery.add_images(parent, cfg, files, as_changes=_lasting(pinned))
         return _log_change("gallery_add", cfg, change, parent, pinned, version)
 
@@ -63,7 +65,7 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
     if not change.added and not change.removed:
         print(f"{stage}: nothing to change ({len(change.skipped)} skipped); no new version written")
         return summary | {"run_id": None, "version": None}
-    parent = {"uri": cfg.bundle, "version": parent_version, "run_id": parent_bundle.lineage.get("run_id", ""),
+    parent = {"uri": cfg.bundle, "version": parent_version, "run_id": parent_bundle.lineage.run_id or "",
               "index_sha256": parent_bundle.gallery_sha256}
     with start(stage) as run:
         mlflow.set_tags({"imgsim.stage": stage, "imgsim.parent_bundle": cfg.bundle,
@@ -76,13 +78,15 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
         counts = {k: v for k, v in change.counts().items() if k != "gallery_size"}
         mlflow.log_metrics({f"{k}_images": float(v) for k, v in counts.items()} | change.metrics
                            | {f"duplicates_{k}": float(v) for k, v in change.duplicates.counts().items()})
-        change.bundle.lineage |= {"run_id": run.info.run_id, "parent": parent, "change": counts}
-        if change.bundle.base and not change.bundle.base["uri"]:
-            change.bundle.base["uri"] = parent_uri  # the parent, whole, is the base of this version of changes
-        if change.bundle.base:
-            mlflow.set_tag(tracking.BASE_TAG, change.bundle.base["uri"])
+        new = change.bundle
+        new.lineage = dataclasses.replace(new.lineage, run_id=run.info.run_id, parent=parent, change=counts)
+        if new.base is not None and not new.base.uri:
+            # The parent, whole, is the base of this version of changes.
+            new.base = dataclasses.replace(new.base, uri=parent_uri)
+        if new.base is not None:
+            mlflow.set_tag(tracking.BASE_TAG, new.base.uri)
         with tempfile.TemporaryDirectory() as tmp:
-            saved = change.bundle.save(Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_bundle.model_folder)
+            saved = write_bundle(new, Path(tmp) / BUNDLE_ARTIFACT, model_from=parent_bundle.model_folder)
             stored = sum(f.stat().st_size for f in saved.iterdir())
             mlflow.log_metric("version_bytes", float(stored))
             bundle_sha256 = file_sha256(saved / BUNDLE_JSON)  # what the registry vouches for
@@ -94,13 +98,13 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
             # gallery this change was built from, by content, whichever URI named it.
             version = tracking.register_bundle(
                 cfg.register_name, run.info.run_id, mlflow.get_artifact_uri(BUNDLE_ARTIFACT), cfg.alias,
-                bundle_sha256=bundle_sha256, index_sha256=change.bundle.gallery_sha256,
-                base=change.bundle.base.get("uri", ""), base_sha256=_base_sha256(change.bundle, parent_bundle),
+                bundle_sha256=bundle_sha256, index_sha256=new.gallery_sha256,
+                base=new.base.uri if new.base is not None else "", base_sha256=_base_sha256(new, parent_bundle),
                 parent=tracking.Parent(parent["index_sha256"], parent_version if _names(cfg.bundle, cfg.register_name) else ""))
             mlflow.set_tag("imgsim.gallery_version", version)
     return summary | {"run_id": run.info.run_id, "version": version,
                       "index_recall_at_10": round(change.metrics["index_recall_at_10"], 4),
-                      "stored": "changes" if change.bundle.base else "whole", "stored_bytes": stored,
+                      "stored": "changes" if new.base is not None else "whole", "stored_bytes": stored,
                       "bundle_uri": f"models:/{cfg.register_name}/{version}" if version else
                       f"runs:/{run.info.run_id}/{BUNDLE_ARTIFACT}"}
 
@@ -108,11 +112,11 @@ def _log_change(stage: str, cfg, change: gallery.Change, parent_bundle: ServingB
 def _base_sha256(version: ServingBundle, parent: ServingBundle) -> str:
     """The sha256 of the bundle.json of a version of changes' base: the parent's model folder holds the base (the
     parent itself when whole, its own base when changes), checked to be the very version the changes name."""
-    if not version.base:
+    if version.base is None:
         return ""
     meta = parent.model_folder / BUNDLE_JSON
-    if json.loads(meta.read_text()).get("files") != version.base.get("files"):
-        raise ImgsimError(f"the base version {version.base.get('uri')} is not the one the changes were made on; "
+    if json.loads(meta.read_text()).get("files") != version.base.files:
+        raise ImgsimError(f"the base version {version.base.uri} is not the one the changes were made on; "
                           "nothing was registered: run the change again")
     return file_sha256(meta)
 
@@ -132,5 +136,5 @@ def _write_change_report(change: gallery.Change, out: Path) -> Path:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows)
-    change.duplicates.write(out, change.bundle.lineage.get("root") or None)
+    change.duplicates.write(out, change.bundle.lineage.root or None)
     return out

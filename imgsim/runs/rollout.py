@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 from imgsim.errors import ImgsimError
-from imgsim.sharded import EMBEDDER, SHARD, part_name
+from imgsim.bundle_format import EMBEDDER, SHARD
+from imgsim.sharded import part_name
 
 GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
 ANNOTATION = "imgsim.io/bundle"  # what the user asked for (a models:/ URI, say), beside the storage URI it became

@@ -233,7 +233,7 @@ def _check_alias(client: MlflowClient, name: str, alias: str, parent: Parent) ->
 def _index_sha256(client: MlflowClient, version) -> str:
     """A registered bundle version's index checksum: its tag, or (versions registered before the tag) the
     bundle.json it was registered with, one small file; "" if neither can be read."""
-    from imgsim.bundle import BUNDLE_JSON
+    from imgsim.bundle_format import BUNDLE_JSON
     from imgsim.index import INDEX_FILE
 
     if (version.tags or {}).get(INDEX_TAG):

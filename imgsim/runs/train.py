@@ -13,11 +13,12 @@ from imgsim import config, plots
 from imgsim.manifest import Manifest
 from imgsim.modelspec import MODEL_JSON, WEIGHTS
 from imgsim.nn import distributed
-from imgsim.nn.model import ModelBundle
+from imgsim.nn.model import TrainedModel
 from imgsim.runs import tracking
 from imgsim.runs.common import log_params
 from imgsim.stages.settings import TrainConfig
-from imgsim.stages.train import embed_only, read_checkpoint, resolve_schedule, resumes, train_model
+from imgsim.stages.plan import plan
+from imgsim.stages.train import embed_only, read_checkpoint, resumes, train_model
 
 
 def run_train(cfg: TrainConfig) -> tuple[str, str]:
@@ -30,24 +31,25 @@ def run_train(cfg: TrainConfig) -> tuple[str, str]:
         tracking.setup()
     with tracking.fetched(cfg.manifest_uri, "manifest") as folder:
         manifest = Manifest.load(folder)
-    cfg = resolve_schedule(cfg, manifest)  # log the batch size, epochs and lr actually used, not "0 = auto"
+    resolved = plan(cfg, manifest)  # every auto setting chosen once: what trains, and what is logged
     if not distributed.is_main():
-        if cfg.mode == "full":  # head and none run on rank 0 alone: there is nothing worth sharding
-            train_model(cfg, manifest)
+        if resolved.mode == "full":  # head and none run on rank 0 alone: there is nothing worth sharding
+            train_model(resolved, manifest)
         distributed.shutdown()
         return "", ""
-    previous = read_checkpoint(cfg) if resumes(cfg) else None
+    previous = read_checkpoint(resolved) if resumes(resolved) else None
     run_id = previous.get("mlflow_run_id") if previous else None
     with mlflow.start_run(run_id=run_id, run_name=cfg.run_name or "train", nested=mlflow.active_run() is not None) as run:
         mlflow.set_tag("imgsim.stage", "train")
         mlflow.set_tag("imgsim.manifest_uri", cfg.manifest_uri)
         if run_id is None:
-            log_params(config.to_params(cfg) | {"world_size": str(distributed.world())})
-        if cfg.mode == "none":  # an unlabelled folder, or asked for: the pretrained backbone as is
-            bundle, history = embed_only(cfg, manifest), []
+            log_params(config.to_params(resolved) | {"world_size": str(distributed.world())})
+            mlflow.log_dict({"given": config.to_params(cfg), "resolved": config.to_params(resolved)}, "train_plan.json")
+        if resolved.mode == "none":  # an unlabelled folder, or asked for: the pretrained backbone as is
+            bundle, history = embed_only(resolved, manifest), []
             mlflow.set_tag("imgsim.embed_only", "true")
         else:
-            result = train_model(cfg, manifest, on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
+            result = train_model(resolved, manifest, on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch),
                                  extra_state={"mlflow_run_id": run.info.run_id})
             bundle, history = result.bundle, result.history
         bundle.config["manifest_uri"] = cfg.manifest_uri
@@ -68,7 +70,7 @@ def _best(history: list[dict]) -> dict[str, float]:
     return {f"best_{k}": max(h[k] for h in history) for k in keys if history and k in history[0]}
 
 
-def _log_model(bundle: ModelBundle, register_name: str) -> str:
+def _log_model(bundle: TrainedModel, register_name: str) -> str:
     """Log the MLflow pytorch model with our bundle files alongside; register it when a name is set."""
     model = bundle.build()
     p = bundle.preprocess

@@ -23,8 +23,7 @@ from imgsim.errors import BadInput
 HEADER = "inference-header-content-length"
 NUMERIC = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
            "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
-# Far above any query here (at most max_batch images, or one id or path), and what bounds the Python lists a small
-# binary body expands into: 14 MB of FP16 as lists cost 600 MB and seconds.
+# Far above any query here, and the bound on the Python lists a small binary body expands into (40x its size).
 MAX_ELEMENTS, MAX_DIMS = 4096, 8
 
 

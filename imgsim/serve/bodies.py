@@ -16,6 +16,8 @@ from flask import Request, Response
 from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 from werkzeug.wsgi import ClosingIterator
 
+from imgsim.serve.limits import too_large
+
 RETRY_AFTER_S = 5  # what a refused client is told to wait: a normal upload is relayed well within it
 SMALL_SLOTS = 256  # bodies within the small routes' limit held at once, so large uploads cannot lock them out
 
@@ -39,7 +41,7 @@ class BoundedBody:
         limit = self.limits.get(environ.get("PATH_INFO", ""), self.default)
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared.isdigit() and int(declared) > limit:
-            return self._refuse(environ, start_response, 413, f"the request body is larger than {limit} bytes")
+            return self._refuse(environ, start_response, 413, too_large(limit))
         has_body = (declared.isdigit() and int(declared) > 0) or "HTTP_TRANSFER_ENCODING" in environ
         # A body no larger than every other route's limit (a "more like this" query, form fields) has slots of its own.
         slots = self._free_small if declared.isdigit() and int(declared) <= self.default else self._free

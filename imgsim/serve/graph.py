@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from imgsim.bundle_format import EMBEDDER, SHARD
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.index import cosine_from_angular
 from imgsim.serve import inputs
-from imgsim.serve.search import MAX_FILTER_IDS, Searcher
+from imgsim.serve.query import Answer, Query, UpstreamError, filters_of
+from imgsim.serve.search import Filter, Searcher
 from imgsim.serve.service import SimilarityService, ms_since
 from imgsim.serve.settings import ServiceConfig
-from imgsim.sharded import EMBEDDER, SHARD, check_part
+from imgsim.sharded import check_part
 
 
 def _graph_settings(cfg: ServiceConfig, node: str) -> None:
@@ -43,15 +45,13 @@ class EmbedService(SimilarityService):
     def accept(self, searcher: Searcher, where: str) -> None:
         check_part(searcher.bundle, EMBEDDER, 0, self.cfg.shards, where)
 
-    def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
-        searcher = self.serving()
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        k, where, query = self.parse(json_data, bin_data, tags, searcher)
-        if isinstance(query, int):
-            raise BadInput("a sharded gallery answers image queries only ('id' needs the item's shard): send the "
-                           "image, or its 'path'")
-        embeddings, probs = self.embed(query, searcher, started, timings)
+    def answer_id(self, item_id: int, searcher: Searcher, k: int, where: Filter | None) -> Answer:
+        raise BadInput("a sharded gallery answers image queries only ('id' needs the item's shard): send the "
+                       "image, or its 'path'")
+
+    def answer_embedded(self, embeddings: np.ndarray, probs: np.ndarray, searcher: Searcher, k: int,
+                        where: Filter | None, timings: dict[str, float]) -> Answer:
+        """The embedder's message for the shards: the query's embeddings, predicted classes, k and filter."""
         # float32 -> Python float -> JSON -> float32 is exact, so each shard ranks the very vector embedded here.
         results = []
         for embedding, p in zip(embeddings, probs):
@@ -60,8 +60,12 @@ class EmbedService(SimilarityService):
                             {"label": searcher.classes[best], "probability": float(p[best])}})
         query_fields = {"k": k, "labels": None if where is None or where.labels is None else sorted(where.labels),
                         "exclude_ids": [] if where is None else sorted(where.exclude_ids)}
-        return {"results": results, "query": query_fields, "gallery": searcher.bundle.shard["gallery"],
-                **_identity(searcher)}, timings
+        return Answer({"results": results, "query": query_fields, "gallery": searcher.bundle.shard.gallery,
+                       **_identity(searcher)}, timings)
+
+
+NOT_A_MESSAGE = ("an index shard answers the embedder's message (jsonData with 'results' and 'query'); send queries "
+                 "to the graph, not to a shard")
 
 
 class ShardService(SimilarityService):
@@ -74,24 +78,27 @@ class ShardService(SimilarityService):
     def accept(self, searcher: Searcher, where: str) -> None:
         check_part(searcher.bundle, SHARD, self.cfg.shard, self.cfg.shards, where)
 
-    def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
+    def answer(self, query: Query) -> Answer:
+        """Refused: a shard holds part of the gallery, so its answer to a client's query would miss the rest."""
+        raise BadInput(NOT_A_MESSAGE)
+
+    def rank(self, message: Any) -> Answer:
+        """This shard's nearest items for each embedding of the embedder's ``message`` (the graph's own JSON,
+        not a client's query)."""
         searcher = self.serving()
         started = time.perf_counter()
-        if not isinstance(json_data, dict) or not isinstance(json_data.get("results"), list) or \
-                not isinstance(json_data.get("query"), dict):
-            raise BadInput("an index shard answers the embedder's message (jsonData with 'results' and 'query'); "
-                           "send queries to the graph, not to a shard")
-        gallery = searcher.bundle.shard["gallery"]
-        if json_data.get("gallery") != gallery:
-            raise ImgsimError(f"the embedder serves gallery {str(json_data.get('gallery'))[:20]!r}, shard "
+        if not isinstance(message, dict) or not isinstance(message.get("results"), list) or \
+                not isinstance(message.get("query"), dict):
+            raise BadInput(NOT_A_MESSAGE)
+        gallery = searcher.bundle.shard.gallery
+        if message.get("gallery") != gallery:
+            raise ImgsimError(f"the embedder serves gallery {str(message.get('gallery'))[:20]!r}, shard "
                               f"{self.cfg.shard} serves {gallery!r}: roll out one sharded gallery to every node")
-        query, results = json_data["query"], json_data["results"]
+        query, results = message["query"], message["results"]
         if not 1 <= len(results) <= self.cfg.max_batch:
             raise BadInput(f"'results' must hold 1 to {self.cfg.max_batch} embeddings, got {len(results)}")
-        k = inputs.integer(query.get("k"), "k")
-        if not 1 <= k <= self.cfg.max_k:
-            raise BadInput(f"k must be between 1 and {self.cfg.max_k}, got {k}")
-        where = inputs.filter_of(query.get("labels"), query.get("exclude_ids") or None, MAX_FILTER_IDS)
+        k = self.k_within(inputs.integer(query.get("k"), "k"), searcher)
+        where = filters_of(query.get("labels"), query.get("exclude_ids") or None)
         items, answers = searcher.index.items, []
         for i, result in enumerate(results):
             vector = _embedding(result, searcher.index.dim, i)
@@ -101,7 +108,7 @@ class ShardService(SimilarityService):
                             "predicted": result.get("predicted")})
         answer = {"results": answers, "query": query, "gallery": gallery, "shard": self.cfg.shard,
                   "shards": self.cfg.shards, "items": searcher.size, **_identity(searcher)}
-        return answer, {"search_ms": ms_since(started)}
+        return Answer(answer, {"search": ms_since(started)})
 
 
 def _embedding(result: Any, dim: int, i: int) -> np.ndarray:
@@ -129,14 +136,8 @@ MAX_ID = 2**53  # ids travel as doubles over gRPC: exact only below 2**53
 IDENTITY = ("model_name", "model_version", "model_sha256", "bundle_version")
 
 
-class ShardAnswerError(ImgsimError):
+class ShardAnswerError(UpstreamError):
     """A shard's answer the merger cannot use: the graph's fault, not the client's (HTTP 502)."""
-
-
-def merger_body_limit(cfg: ServiceConfig) -> int:
-    """The merger's request-body limit: its one body carries every shard's answer."""
-    # One shard's answer (max_batch x max_k neighbours) is far below what a node accepts; the merger gets N of them.
-    return cfg.max_request_bytes * cfg.shards
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,10 @@ if TYPE_CHECKING:  # the page imports this module without the search stack
     from imgsim.serve.search import Filter
 
 
-def read_gallery_file(gallery_root: str | Path, path: Any, max_bytes: int) -> bytes:
-    """Read a file named by a client only if it really lies inside ``gallery_root``; ``BadInput`` otherwise."""
+def read_gallery_file(gallery_root: str | Path, path: Any, max_bytes: int,
+                      missing: type[BadInput] = BadInput) -> bytes:
+    """Read a file named by a client only if it really lies inside ``gallery_root``; ``BadInput`` otherwise, and
+    ``missing`` for a file inside it that does not exist (the page's thumbnails: its 404)."""
     if not isinstance(path, str) or not path or "\x00" in path:
         raise BadInput("'path' must be a non-empty string")
     root = Path(gallery_root).resolve()
@@ -33,9 +35,10 @@ def read_gallery_file(gallery_root: str | Path, path: Any, max_bytes: int) -> by
     if root not in real.parents:
         raise outside
     try:
-        if not real.is_file():  # inside the root, saying which is fine
-            raise BadInput(f"path {short(path)} " + ("is not a regular file" if real.exists() else
-                                                      "does not exist in the gallery"))
+        if not real.exists():  # inside the root, saying which is fine
+            raise missing(f"path {short(path)} does not exist in the gallery")
+        if not real.is_file():
+            raise BadInput(f"path {short(path)} is not a regular file")
         if real.stat().st_size > max_bytes:
             raise BadInput(f"path {short(path)} is larger than {max_bytes} bytes")
         return real.read_bytes()

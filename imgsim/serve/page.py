@@ -24,6 +24,8 @@ from imgsim.serve import protocols
 from imgsim.serve.bodies import RETRY_AFTER_S, BoundedBody, ImageJson, InMemoryRequest, upload_bytes
 from imgsim.serve.process import memory_limit
 from imgsim.serve.inputs import read_gallery_file
+from imgsim.serve.limits import SMALL_BODY, too_large, upload_limit
+from imgsim.serve.query import NotFound, status_for
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "page_static"
@@ -81,7 +83,7 @@ class UiConfig:
         # Per worker: (limit - idle processes - their thumbnail caches) / (workers x one query's worst case, twice
         # its largest body: the body, plus allocator slack and the relay's pieces; bench/hostile_page.py --stalls).
         idle = IDLE_PROCESS_BYTES * (self.workers + 1) + self.thumbnail_cache_bytes * self.workers
-        return max(1, (limit - idle) // (self.workers * 2 * (self.max_image_bytes + SMALL_BODY)))
+        return max(1, (limit - idle) // (self.workers * 2 * upload_limit(self.max_image_bytes)))
 
     @classmethod
     def from_env(cls, **params: Any) -> "UiConfig":
@@ -90,11 +92,10 @@ class UiConfig:
 
 
 ENV_PREFIX = "IMGSIM_UI_"
-SMALL_BODY = 64 * 1024  # every route but the upload: a JSON id, form fields
 MAX_LABELS_FIELD = 2000  # characters of the "only labels" field that are read
 QUOTED = 100  # characters of a client's text an error message quotes
 DEFAULT_IN_FLIGHT = 16  # queries held at once per worker where the container has no memory limit
-IDLE_PROCESS_BYTES = 48 * 2**20  # a page process at rest (gunicorn's arbiter or a worker; ~40 MB PSS measured)
+IDLE_PROCESS_BYTES = 48 * 2**20  # a page process at rest (gunicorn's arbiter or a worker), a little above its measured PSS
 MAX_ID = 2**63 - 1  # gallery ids are int64 on the wire (protocol v2)
 SECURITY_HEADERS = {
     # Everything the page uses is its own (no inline script or style); the query preview is a blob: URL.
@@ -109,9 +110,10 @@ SECURITY_HEADERS = {
 def create_app(cfg: UiConfig | None = None) -> Flask:
     cfg = cfg or UiConfig.from_env()
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = cfg.max_image_bytes + SMALL_BODY  # the image plus the form fields
+    upload = upload_limit(cfg.max_image_bytes)  # every other route: SMALL_BODY
+    app.config["MAX_CONTENT_LENGTH"] = upload
     app.request_class = InMemoryRequest
-    app.wsgi_app = BoundedBody(app.wsgi_app, {"/api/search": cfg.max_image_bytes + SMALL_BODY}, SMALL_BODY,
+    app.wsgi_app = BoundedBody(app.wsgi_app, {"/api/search": upload}, SMALL_BODY,
                               SECURITY_HEADERS, slots=cfg.in_flight_slots(), deadline_s=cfg.body_deadline_s)
     thumbnails = app.extensions["imgsim.thumbnails"] = ThumbnailCache(cfg)
 
@@ -180,15 +182,15 @@ def create_app(cfg: UiConfig | None = None) -> Flask:
             return _error(404, "no gallery root configured: thumbnails are off")
         try:
             png = thumbnails.get(rel)
-        except BadInput as exc:
-            return _error(404 if "does not exist" in str(exc) else 400, str(exc))
+        except BadInput as exc:  # (a file not in the gallery is NotFound: 404)
+            return _error(*status_for(exc))
         return Response(png, mimetype="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):  # JSON like every other answer, not Werkzeug's HTML pages
         if exc.code == 413:
             return _error(413, f"the image is larger than {cfg.max_image_bytes // 2**20} MB"
-                          if request.path == "/api/search" else f"the request body is larger than {SMALL_BODY} bytes")
+                          if request.path == "/api/search" else too_large(SMALL_BODY))
         return _error(exc.code or 500, exc.description or exc.name)
 
     return app
@@ -264,7 +266,7 @@ class ThumbnailCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        data = read_gallery_file(self.cfg.gallery_root, rel, self.cfg.max_image_bytes)
+        data = read_gallery_file(self.cfg.gallery_root, rel, self.cfg.max_image_bytes, missing=NotFound)
         with self._slots:
             img = decode_image(data, max_pixels=self.cfg.max_pixels, draft=THUMB_SIDE)
         img.thumbnail((THUMB_SIDE, THUMB_SIDE))

@@ -1,4 +1,4 @@
-"""Protocol-independent request handling for the similarity server: validate, decode, search, shape."""
+"""The similarity server's core: load and follow the gallery's bundle, and answer a protocol-free ``Query``."""
 
 from __future__ import annotations
 
@@ -13,35 +13,19 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from imgsim.bundle import BundleError
+from imgsim.bundle_format import BundleError
 from imgsim import logs
 from imgsim.errors import BadInput, ImgsimError, redact
 from imgsim.serve import inputs, process
-from imgsim.serve.search import MAX_FILTER_IDS, Filter, Searcher, make_answer
+from imgsim.serve.query import Answer, Query, index_size_of
+from imgsim.serve.search import Filter, Searcher, make_answer
 from imgsim.serve.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
 
 
-class RejectedCount:
-    """Requests refused as bad input since the last drain (Seldon's custom metrics read it); thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._n = 0
-
-    def add(self) -> None:
-        with self._lock:
-            self._n += 1
-
-    def drain(self) -> int:
-        with self._lock:
-            n, self._n = self._n, 0
-            return n
-
-
 class SimilarityService:
-    """Holds the loaded bundle and answers parsed requests; no knowledge of HTTP or gRPC."""
+    """Holds the loaded bundle and answers queries; knows no protocol (the adapters decode their wire into a Query)."""
 
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
@@ -51,7 +35,6 @@ class SimilarityService:
         self.load_error: str | None = None
         self.load_failed_for_good = False
         self._last_failure = ""
-        self.rejected = RejectedCount()
         self._decode_slots = threading.BoundedSemaphore(max(1, cfg.max_concurrent_decodes))
         self._refresh_lock = threading.Lock()
         self._loaded_key: str | None = None
@@ -113,7 +96,7 @@ class SimilarityService:
     def _source_key(self) -> str | None:
         """What identifies the newest version at the source: the registry version an alias names now, or the
         bundle.json checksum of a bundle folder; None when the source cannot change (a pinned version, a run)."""
-        from imgsim.bundle import BUNDLE_JSON
+        from imgsim.bundle_format import BUNDLE_JSON
         from imgsim.runs import tracking
         from imgsim.runs.export import locate_bundle
 
@@ -216,30 +199,30 @@ class SimilarityService:
         searcher = self.searcher
         return searcher.bundle.identity() if searcher else {}
 
-    def handle(self, json_data: Any, bin_data: bytes | None, tags: dict) -> tuple[dict, dict[str, float]]:
-        """Answer one request; returns (answer, timings in ms). Raises ``BadInput`` for client errors."""
-        searcher = self.serving()
+    def answer(self, query: Query) -> Answer:
+        """Answer ``query`` from the version serving now, within this server's limits. Every protocol's adapter
+        ends here (a graph's embedder too: it overrides ``answer_id`` and ``answer_embedded``). Raises ``BadInput``
+        for what the client got wrong, ``ImgsimError`` when not ready."""
         started = time.perf_counter()
-        k, where, query = self.parse(json_data, bin_data, tags, searcher)
-        return self.answer(searcher, k, where, query, started)
-
-    def answer(self, searcher: Searcher, k: int, where: Filter | None, query: Iterable[bytes] | int,
-               started: float) -> tuple[dict, dict[str, float]]:
-        """Answer a parsed query (images, or the gallery id it names) from ``searcher``; (answer, timings in ms)
-        since ``started``. Every protocol's adapter ends here."""
+        searcher = self.serving()
+        k, where = self.limits(query, searcher)
+        if query.id is not None:
+            return self.answer_id(query.id, searcher, k, where)
         timings: dict[str, float] = {}
-        if isinstance(query, int):
-            return make_answer(searcher, [searcher.search_id(query, k, where)]), timings
-        embeddings, probs = self.embed(query, searcher, started, timings)
+        embeddings, probs = self.embed(self.images(query), searcher, started, timings)
+        return self.answer_embedded(embeddings, probs, searcher, k, where, timings)
+
+    def answer_id(self, item_id: int, searcher: Searcher, k: int, where: Filter | None) -> Answer:
+        """The answer to a query by gallery id, within checked limits."""
+        return Answer(make_answer(searcher, [searcher.search_id(item_id, k, where)]))
+
+    def answer_embedded(self, embeddings: np.ndarray, probs: np.ndarray, searcher: Searcher, k: int,
+                        where: Filter | None, timings: dict[str, float]) -> Answer:
+        """The answer to a query by images, once embedded; adds ``search`` milliseconds to ``timings``."""
         started = time.perf_counter()
         results = [searcher.rank(e, p, k, where) for e, p in zip(embeddings, probs)]
-        timings["search_ms"] = ms_since(started)
-        return make_answer(searcher, results), timings
-
-    def options(self, params: dict, searcher: Searcher) -> tuple[int, Filter | None]:
-        """A query's k and filter from named parameters (``k``, ``labels``, ``exclude_ids``), as the Open
-        Inference Protocol's request parameters carry them."""
-        return self._k(params.get("k"), None, searcher.gallery_size), self._filter(params, {}, searcher)
+        timings["search"] = ms_since(started)
+        return Answer(make_answer(searcher, results), timings)
 
     def serving(self) -> Searcher:
         """The version this request is answered from, even if a refresh switches meanwhile."""
@@ -248,47 +231,46 @@ class SimilarityService:
             raise ImgsimError(f"not ready: {self.load_error or 'still loading'}")
         return searcher
 
-    def parse(self, json_data: Any, bin_data: bytes | None, tags: dict,
-              searcher: Searcher) -> tuple[int, Filter | None, Iterable[bytes] | int]:
-        """A query's k, filter, and images (the encoded bytes, read lazily) or the gallery id it names."""
-        k = self._k(json_data.get("k") if isinstance(json_data, dict) else None, tags.get("k"), searcher.gallery_size)
-        where = self._filter(json_data if isinstance(json_data, dict) else {}, tags, searcher)
-        if bin_data is not None:
-            return k, where, [bin_data]
-        if not isinstance(json_data, dict):
-            raise BadInput("send an image as binData, or jsonData with one of image, images, path or id")
-        forms = [key for key in ("image", "images", "path", "id") if key in json_data]
-        if len(forms) != 1:
-            raise BadInput("jsonData needs exactly one of 'image' (base64), 'images' (list of base64), 'path' or 'id'")
-        if forms == ["id"]:
-            return k, where, inputs.integer(json_data["id"], "id")
-        return k, where, self._json_payloads(json_data, forms[0])
+    def limits(self, query: Query, searcher: Searcher) -> tuple[int, Filter | None]:
+        """The query's k (the default when it names none; at most the gallery's size) and its filter, checked
+        against this server's max_k and the gallery's labels."""
+        k = self.k_within(query.k, searcher)
+        if query.filters is not None:
+            searcher.check_filter(query.filters)
+        return k, query.filters
+
+    def k_within(self, k: int | None, searcher: Searcher) -> int:
+        k = self.cfg.default_k if k is None else k
+        if not 1 <= k <= self.cfg.max_k:
+            raise BadInput(f"k must be between 1 and {self.cfg.max_k}, got {k}")
+        return min(k, searcher.gallery_size)
+
+    def images(self, query: Query) -> Iterable[bytes]:
+        """The encoded images of an image or path query, within the per-request batch limit."""
+        if query.path is not None:
+            return [self.gallery_file(query.path)]
+        if len(query.images) > self.cfg.max_batch:
+            raise BadInput(f"'images' has {len(query.images)} entries; at most {self.cfg.max_batch} per request")
+        return query.images
 
     def embed(self, payloads: Iterable[bytes], searcher: Searcher, started: float,
               timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Decode and embed a query's images: embeddings and class probabilities. Adds ``decode_ms`` (since
-        ``started``, the request's parsing included) and ``embed_ms`` to ``timings``."""
+        """Decode and embed a query's images: embeddings and class probabilities. Adds ``decode`` (since
+        ``started``) and ``embed`` milliseconds to ``timings``."""
         batch = self._preprocess(payloads, searcher)
-        timings["decode_ms"] = ms_since(started)
+        timings["decode"] = ms_since(started)
         started = time.perf_counter()
         embeddings, probs = searcher.embed_inputs(batch)
-        timings["embed_ms"] = ms_since(started)
+        timings["embed"] = ms_since(started)
         return embeddings, probs
+
+    @property
+    def index_size(self) -> float:
+        """The index-size gauge's value now (every server reports it)."""
+        return index_size_of(self.versions())
 
     def accept(self, searcher: Searcher, where: str) -> None:
         """Raise ``BundleError`` if this server must not serve the loaded bundle (a graph node's wrong part)."""
-
-    def _json_payloads(self, data: dict, form: str) -> Iterable[bytes]:
-        if form == "image":
-            return [inputs.decode_base64(data["image"], "image")]
-        if form == "path":
-            return [self.gallery_file(data["path"])]
-        batch = data["images"]
-        if not isinstance(batch, list) or not batch:
-            raise BadInput("'images' must be a non-empty list of base64 strings")
-        if len(batch) > self.cfg.max_batch:
-            raise BadInput(f"'images' has {len(batch)} entries; at most {self.cfg.max_batch} per request")
-        return (inputs.decode_base64(b, f"images[{i}]") for i, b in enumerate(batch))  # one at a time
 
     def _preprocess(self, payloads: Iterable[bytes], searcher: Searcher) -> np.ndarray:
         """Decode each image straight to the model's input size, one at a time, so a request holds at most one
@@ -307,22 +289,6 @@ class SimilarityService:
         if not self.cfg.gallery_root:
             raise BadInput("path queries are disabled on this server (no gallery_root configured); send the image bytes")
         return inputs.read_gallery_file(self.cfg.gallery_root, path, self.cfg.max_image_bytes)
-
-    @staticmethod
-    def _filter(json_data: dict, tags: dict, searcher: Searcher) -> Filter | None:
-        """``labels`` / ``exclude_ids`` from jsonData, else from meta.tags (how a binData query carries them)."""
-        source = json_data if "labels" in json_data or "exclude_ids" in json_data else tags
-        where = inputs.filter_of(source.get("labels"), source.get("exclude_ids"), MAX_FILTER_IDS)
-        if where is not None:
-            searcher.check_filter(where)
-        return where
-
-    def _k(self, from_json: Any, from_tags: Any, size: int) -> int:
-        raw = from_json if from_json is not None else from_tags
-        k = self.cfg.default_k if raw is None else inputs.integer(raw, "k")
-        if not 1 <= k <= self.cfg.max_k:
-            raise BadInput(f"k must be between 1 and {self.cfg.max_k}, got {k}")
-        return min(k, size)
 
 
 def _load_failure(exc: Exception, uri: str) -> tuple[str, bool, bool]:

@@ -32,8 +32,7 @@ class ServiceConfig:
     max_image_bytes: int = setting(8 * 1024 * 1024, "largest encoded image", "limits")
     max_request_bytes: int = setting(16 * 1024 * 1024, "largest request body", "limits")
     max_batch: int = setting(32, "most images in one request", "limits")
-    # A 12 MP image costs at most ~100 MB while it is decoded and reduced, and JPEG photos of any size
-    # draft-decode below it; split's 40 MP would let one request cost several times that.
+    # JPEG photos of any size draft-decode below it; split's larger limit would let one request cost several times.
     max_pixels: int = setting(SERVING_MAX_PIXELS, "most pixels one image may decode to (after JPEG draft scaling)",
                               "limits")
     max_request_pixels: int = setting(48_000_000, "most pixels over all of a request's images", "limits")

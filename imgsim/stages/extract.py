@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from imgsim.bundle import Probes, build_probes
+from imgsim.bundle_format import Probes
 from imgsim.errors import ImgsimError
-from imgsim.index import GalleryItem, IndexBundle
+from imgsim.index import GalleryIndex, GalleryItem
 from imgsim.manifest import SPLITS, Manifest
 from imgsim.effort import tune
 from imgsim.metrics import index_recall, retrieval_metrics
@@ -20,9 +20,10 @@ from imgsim.nn.data import ImageFiles, label_ids
 from imgsim.modelspec import INT8
 from imgsim.nn.embed import embed_array
 from imgsim.nn.feature_store import FeatureStore, head_outputs, item_features, open_store
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.model import EmbeddingNet, TrainedModel
 from imgsim.nn.quantize import Int8Model, calibration_rows, int8_model
 from imgsim.nn.trunk import Trunk
+from imgsim.stages.bundle_writer import build_probes
 from imgsim.stages.settings import ExtractConfig
 
 
@@ -30,7 +31,7 @@ from imgsim.stages.settings import ExtractConfig
 class ExtractResult:
     """The built index with its probe set, evaluation metrics, and the query embeddings used for plots."""
 
-    index: IndexBundle
+    index: GalleryIndex
     probes: Probes
     metrics: dict[str, float]
     queries: NDArray[np.float32]
@@ -80,7 +81,7 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     return int(bounds[shard]), int(bounds[shard + 1])
 
 
-def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> ExtractResult:
+def extract(cfg: ExtractConfig, bundle: TrainedModel, manifest: Manifest) -> ExtractResult:
     """Embed gallery and queries, build the index, and measure classification and retrieval quality.
 
     Without labels (an unlabelled folder, or an embed-only model) label metrics are skipped; the index's
@@ -90,7 +91,7 @@ def extract(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Extr
     return assemble(cfg, bundle, manifest, [embed_part(cfg, bundle, manifest, 0, 1, model, int8)], model, int8)
 
 
-def quantized(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> Int8Model:
+def quantized(cfg: ExtractConfig, bundle: TrainedModel, manifest: Manifest) -> Int8Model:
     """The int8 serving model, calibrated on a seeded sample of the gallery."""
     gallery_items, _ = _items(cfg, bundle, manifest)
     files = ImageFiles(gallery_items, cfg.data_dir or manifest.root, bundle.preprocess)
@@ -99,7 +100,7 @@ def quantized(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> In
     return int8_model(bundle, np.stack([files.read(int(r)) for r in rows]), cfg.threads or torch.get_num_threads())
 
 
-def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple[list, list]:
+def _items(cfg: ExtractConfig, bundle: TrainedModel, manifest: Manifest) -> tuple[list, list]:
     """The gallery and query items of ``manifest``, in the order every shard and the merge agree on."""
     if bundle.classes and list(manifest.classes) != list(bundle.classes):
         raise ImgsimError(f"the model was trained on classes {bundle.classes} but the manifest has "
@@ -112,7 +113,7 @@ def _items(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest) -> tuple
     return gallery_items, query_items
 
 
-def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shard: int, num_shards: int,
+def embed_part(cfg: ExtractConfig, bundle: TrainedModel, manifest: Manifest, shard: int, num_shards: int,
                model: EmbeddingNet | None = None, int8: Int8Model | None = None) -> Part:
     """Embed shard ``shard`` of ``num_shards``: its slice of the gallery and of the queries (with ``int8``, by
     that model alone)."""
@@ -152,7 +153,7 @@ def embed_part(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, shar
                 embedded)
 
 
-def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts: list[Part],
+def assemble(cfg: ExtractConfig, bundle: TrainedModel, manifest: Manifest, parts: list[Part],
              model: EmbeddingNet | None = None, int8: Int8Model | None = None) -> ExtractResult:
     """Join the parts (every shard exactly once, in order), build the index and probes, and evaluate."""
     gallery_items, query_items = _items(cfg, bundle, manifest)
@@ -163,7 +164,7 @@ def assemble(cfg: ExtractConfig, bundle: ModelBundle, manifest: Manifest, parts:
     items = [GalleryItem(i, it.path, it.label, it.split, it.sha256, h)
              for i, (it, h) in enumerate(zip(gallery_items, hashes, strict=True))]
     started = time.perf_counter()
-    index = IndexBundle.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed, backend=cfg.index)
+    index = GalleryIndex.build(gallery, items, n_trees=cfg.n_trees, seed=cfg.seed, backend=cfg.index)
     search_k, effort_metrics = cfg.search_k, {}
     if cfg.recall_target > 0:
         tuning = time.perf_counter()
@@ -219,7 +220,7 @@ def check_parts(parts: list[Part], n_gallery: int, n_queries: int) -> None:
                               "from another manifest or gallery_splits; no bundle was written")
 
 
-def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: IndexBundle,
+def evaluate(queries, logits, query_labels, gallery, gallery_labels, index: GalleryIndex,
              search_k: int = -1, k: int = 10) -> dict[str, float]:
     """Accuracy, Precision@1/@10, mAP@R (exact search) and the Annoy index's recall@k against exact search."""
     metrics = {"accuracy": float((logits.argmax(1) == query_labels).mean())} if logits.shape[1] else {}

@@ -15,21 +15,22 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from imgsim import duplicates, hashing
-from imgsim.bundle import PROBE_COUNT, Probes, ServingBundle
+from imgsim.bundle import ServingBundle
+from imgsim.bundle_format import BaseRef, Lineage, Probes
 from imgsim.changes import Changes, fits
 from imgsim.effort import retune
 from imgsim.errors import ImgsimError
-from imgsim.index import GalleryItem, IndexBundle
+from imgsim.index import GalleryIndex, GalleryItem
 from imgsim.metrics import index_recall
 from imgsim.stages import intake
+from imgsim.stages.bundle_writer import PROBE_COUNT
 from imgsim.stages.settings import AddConfig, RemoveConfig
 
 if TYPE_CHECKING:  # torch only where a model is compared
-    from imgsim.nn.model import ModelBundle
+    from imgsim.nn.model import TrainedModel
 
 ADDED_SPLIT = "added"
-# Gallery vectors each version's recall@10 is measured with (half of them new, when added): 5,000 neighbours,
-# a standard error of ~0.001 at recall 0.995, in ~0.5 s on 52k items (exact search is what costs).
+# Gallery vectors each version's recall@10 is measured with: enough neighbours for a small standard error.
 RECALL_QUERIES = 500
 
 
@@ -88,11 +89,11 @@ def add_images(parent: ServingBundle, cfg: AddConfig, files: list[str] | None = 
     report = duplicates.DuplicateReport([p.pair for p in pairs], len(found))
     if not added:
         return Change(parent, [], [], skipped, report, {})
-    index = _next_index(parent, embeddings, added, set(), seed=cfg.seed, next_id=first + len(added),
-                        full=cfg.full or not as_changes)
+    index, changes = _next_index(parent, embeddings, added, set(), seed=cfg.seed, next_id=first + len(added),
+                                 full=cfg.full or not as_changes)
     probes = _top_up(parent.probes, index, added, inputs[new_rows], embeddings)
     new = len(parent.index.items) + np.arange(len(added))
-    return _finish(parent, index, probes, added, [], skipped, report, cfg.seed, new, root)
+    return _finish(parent, index, changes, probes, added, [], skipped, report, cfg.seed, new, root)
 
 
 def remove_images(parent: ServingBundle, cfg: RemoveConfig, *, as_changes: bool = True) -> Change:
@@ -103,24 +104,25 @@ def remove_images(parent: ServingBundle, cfg: RemoveConfig, *, as_changes: bool 
         raise ImgsimError(f"removing all {len(rows)} images would leave an empty gallery; a gallery needs at least "
                           "one image. Nothing was changed.")
     removed = [parent.index.items[r] for r in rows]
-    index = _next_index(parent, np.zeros((0, parent.index.dim), dtype=np.float32), [], {item.id for item in removed},
-                        seed=cfg.seed, next_id=parent.index.next_id, full=cfg.full or not as_changes)
+    index, changes = _next_index(parent, np.zeros((0, parent.index.dim), dtype=np.float32), [],
+                                 {item.id for item in removed}, seed=cfg.seed, next_id=parent.index.next_id,
+                                 full=cfg.full or not as_changes)
     # Probes of removed images stay: they still prove the model; the index is checked on the others.
-    return _finish(parent, index, parent.probes, [], removed, [], duplicates.DuplicateReport([], 0), cfg.seed,
-                   np.zeros(0, dtype=np.int64), parent.lineage.get("root", ""))
+    return _finish(parent, index, changes, parent.probes, [], removed, [], duplicates.DuplicateReport([], 0), cfg.seed,
+                   np.zeros(0, dtype=np.int64), parent.lineage.root or "")
 
 
 def _whole(parent: ServingBundle) -> None:
-    if parent.shard:
+    if parent.shard is not None:
         raise ImgsimError("this bundle is one part of a sharded gallery: change the whole gallery's bundle, then "
                           "shard the new version again (imgsim shard-bundle)")
 
 
 def _next_index(parent: ServingBundle, vectors: NDArray[np.float32], added: list[GalleryItem], removed: set[int],
-                *, seed: int, next_id: int, full: bool) -> IndexBundle:
-    """The parent's changes over its base plus this change's, as one index; rebuilt as a whole when asked or when
-    the changes have outgrown a version of changes (imgsim.changes.fits)."""
-    prior = parent.index.changes
+                *, seed: int, next_id: int, full: bool) -> tuple[GalleryIndex, Changes | None]:
+    """The parent's changes over its base plus this change's, as one index and those changes; rebuilt as a whole
+    (no changes) when asked or when the changes have outgrown a version of changes (imgsim.changes.fits)."""
+    prior = parent.changes
     base = prior.base if prior is not None else parent.index
     vectors = np.concatenate([prior.added, vectors]) if prior is not None else vectors
     items = (prior.added_items if prior is not None else []) + added
@@ -130,31 +132,30 @@ def _next_index(parent: ServingBundle, vectors: NDArray[np.float32], added: list
                       np.union1d(prior.removed if prior is not None else [], from_base))
     index = changes.index(next_id)
     if not full and fits(len(changes), len(base.items)):
-        return index
-    return IndexBundle.build(np.asarray(index.embeddings), index.items, n_trees=base.n_trees, seed=seed,
-                             next_id=next_id, backend=base.backend)
+        return index, changes
+    return GalleryIndex.build(np.asarray(index.embeddings), index.items, n_trees=base.n_trees, seed=seed,
+                              next_id=next_id, backend=base.backend), None
 
 
-def _finish(parent: ServingBundle, index: IndexBundle, probes: Probes, added: list[GalleryItem],
-            removed: list[GalleryItem], skipped, report, seed: int, new_rows: NDArray[np.int64],
-            root: str | Path) -> Change:
+def _finish(parent: ServingBundle, index: GalleryIndex, changes: Changes | None, probes: Probes,
+            added: list[GalleryItem], removed: list[GalleryItem], skipped, report, seed: int,
+            new_rows: NDArray[np.int64], root: str | Path) -> Change:
     search_k = parent.search_k
-    if index.changes is None:  # a rebuilt index: its effort measured again, as extract measures it
+    if changes is None:  # a rebuilt index: its effort measured again, as extract measures it
         search_k, _ = retune(index, np.asarray(index.embeddings), parent.recall_target, parent.search_k, seed,
                              "gallery: the rebuilt index")
     metrics = _recall(index, search_k, seed, new_rows)
     # A version of changes names its base: the parent's own base, or the parent itself when it is whole (where
     # it is stored is the caller's to fill in: imgsim.runs.gallery).
-    base = {} if index.changes is None else dict(parent.base) or \
-        {"uri": "", "files": dict(parent.files), "count": len(parent.index.items)}
-    bundle = ServingBundle(parent.spec, index, probes, dict(parent.source), search_k,
+    base = None if changes is None else parent.base or BaseRef("", dict(parent.files), len(parent.index.items))
+    bundle = ServingBundle(parent.spec, index, probes, parent.source, search_k,
                            metrics["index_recall_at_10"], onnx_parity=parent.onnx_parity,
-                           quantization=parent.quantization, lineage={"root": str(root)}, base=base,
-                           recall_target=parent.recall_target)
+                           quantization=parent.quantization, lineage=Lineage(root=str(root)), base=base,
+                           recall_target=parent.recall_target, changes=changes)
     return Change(bundle, added, removed, skipped, report, metrics | {"gallery_size": float(len(index.items))})
 
 
-def _recall(index: IndexBundle, search_k: int, seed: int, new_rows: NDArray[np.int64]) -> dict[str, float]:
+def _recall(index: GalleryIndex, search_k: int, seed: int, new_rows: NDArray[np.int64]) -> dict[str, float]:
     """Recall@10 against exact search at the bundle's search_k, on gallery vectors as queries: half of them new
     ones when images were added, so both the old and the new part of the index are measured."""
     n = len(index.items)
@@ -179,7 +180,7 @@ def _folder_label(path: str, classes: list[str]) -> str:
     return top if top in classes else ""
 
 
-def _top_up(probes: Probes, index: IndexBundle, added: list[GalleryItem], inputs: NDArray[np.uint8],
+def _top_up(probes: Probes, index: GalleryIndex, added: list[GalleryItem], inputs: NDArray[np.uint8],
             embeddings: NDArray[np.float32]) -> Probes:
     """Keep the parent's probes; when removals left fewer than PROBE_COUNT of them in the gallery, add new ones
     from the images just added (their inputs and embeddings are at hand)."""
@@ -192,7 +193,7 @@ def _top_up(probes: Probes, index: IndexBundle, added: list[GalleryItem], inputs
                            inputs[pick], embeddings[pick])
 
 
-def _rows_to_remove(index: IndexBundle, ids: list[str], paths: list[str]) -> list[int]:
+def _rows_to_remove(index: GalleryIndex, ids: list[str], paths: list[str]) -> list[int]:
     if not ids and not paths:
         raise ImgsimError("name the images to remove: --ids 12,57 or --paths class/a.png,class/b.png")
     rows, unknown = [], []
@@ -212,7 +213,7 @@ def _rows_to_remove(index: IndexBundle, ids: list[str], paths: list[str]) -> lis
     return sorted(set(rows))
 
 
-def check_model(parent: "ModelBundle", given: "ModelBundle") -> None:
+def check_model(parent: "TrainedModel", given: "TrainedModel") -> None:
     """Refuse a change that names another model than the one that built the bundle (compared by weight values)."""
     ours, theirs = parent.fingerprint(), given.fingerprint()
     if theirs != ours:

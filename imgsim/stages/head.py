@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,32 +18,17 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from imgsim import atomic
-from imgsim.errors import ImgsimError
 from imgsim.manifest import Item, Manifest
 from imgsim.metrics import retrieval_metrics
 from imgsim.nn import augment, distributed
 from imgsim.nn.data import ImageFiles, Transformed, label_ids, make_loader
 from imgsim.nn.feature_store import item_features, open_store
-from imgsim.nn.model import EmbeddingNet, ModelBundle
+from imgsim.nn.model import EmbeddingNet
 from imgsim.nn.trunk import Trunk
-from imgsim.stages.settings import TrainConfig
+from imgsim.stages.plan import TrainPlan
 
-HEAD_BATCH, HEAD_LR = 256, 2e-3  # features are small: large batches cost nothing and steady AdamW
-HEAD_HIDDEN, HEAD_STEPS = 512, 2000
-# The views' crop: none. Queries and the gallery are whole images; on the three colour dev sets, views of the
-# whole image (flipped, colour-jittered) raised mAP@R over crops of at least 35 % of it (0.806 -> 0.811 Tux
-# Paint, 0.694 -> 0.736 Oxygen, 0.811 -> 0.843 Wesnoth; means of two seeds) at the same P@1.
-HEAD_CROP = 1.0
-PROTOTYPE_INIT, PROTOTYPE_LR = 0.01, 3.0  # see _optimizer
-# The trained embedding learns the collection's classes and forgets what the backbone saw: on Tux Paint its top hit
-# fell below the untrained features' own. With the features' normalised copy kept beside it at this share of the
-# similarity, P@1 rose on Tux Paint and Oxygen and held on Wesnoth, where mAP@R paid most (docs/benchmarks.md
-# section 6). Without a trained embedding (embedding_dim=0) there is nothing to keep it beside.
-HEAD_KEEP = 0.3
-# Label smoothing: more than full training's 0.1. The head fits the cached training rows' classes quickly, and
-# smoothing keeps it from pulling each class to a point: 0.2 raised mAP@R on all three colour dev sets and P@1 on
-# Tux Paint and Oxygen (0.3 no further; 0 lost 0.04 mAP@R on Oxygen; docs/benchmarks.md section 6).
-HEAD_SMOOTHING = 0.2
+# Class prototypes start short and learn fast, so they keep pace with the embedding (see _optimizer).
+PROTOTYPE_INIT, PROTOTYPE_LR = 0.01, 3.0
 
 
 @dataclasses.dataclass
@@ -75,8 +59,8 @@ def cached_features(trunk: Trunk, dataset: Dataset, key: str, folder: Path, *, w
 class HeadData:
     """Features of the train split (plain + ``head_views`` augmented views), its gallery sample and eval split."""
 
-    def __init__(self, cfg: TrainConfig, manifest: Manifest, model: EmbeddingNet, train_items: list[Item]) -> None:
-        root, classes = cfg.data_dir or manifest.root, manifest.classes
+    def __init__(self, cfg: TrainPlan, manifest: Manifest, model: EmbeddingNet, train_items: list[Item]) -> None:
+        root, classes = cfg.data_dir, manifest.classes
         trunk, pre = Trunk(model, cfg.backbone_runtime, cfg.threads), model.preprocess
         store, folder = open_store(cfg.feature_store, model), Path(cfg.checkpoint_dir) / "cache"
         labels = label_ids(train_items, classes)
@@ -120,82 +104,57 @@ def _embed(model: EmbeddingNet, x: NDArray[np.float32]) -> tuple[NDArray[np.floa
         return emb.numpy(), logits.numpy()
 
 
-def _optimizer(cfg: TrainConfig, model: EmbeddingNet) -> torch.optim.AdamW:
-    """AdamW over the embedding layer and the classifier, with the class prototypes of a cosine (or arcface)
-    classifier started short and fast. Only a prototype's direction counts, and AdamW moves each weight by about
-    lr per step, so a prototype turns at about lr / its norm: from nn.Linear's initialisation (norm ~0.6) they
-    trailed the embedding they are meant to pull into shape. Starting them at norm ~0.1 (PROTOTYPE_INIT) and at
-    PROTOTYPE_LR x lr raised mAP@R on all three colour dev sets (docs/benchmarks.md section 6)."""
+def _optimizer(plan: TrainPlan, model: EmbeddingNet) -> torch.optim.AdamW:
+    """AdamW over the embedding layer and the classifier. Only a prototype's direction counts and AdamW moves each
+    weight by about lr a step, so prototypes start short (PROTOTYPE_INIT) and learn at PROTOTYPE_LR x lr: from
+    nn.Linear's initialisation they trailed the embedding they shape (docs/benchmarks.md section 6)."""
     rest = model.head_parameters()
-    groups = [{"params": rest, "lr": cfg.lr}]
+    groups = [{"params": rest, "lr": plan.lr}]
     if model.classifier is not None and model.args.head != "linear":
         prototypes = model.classifier.weight
         with torch.no_grad():
-            prototypes.normal_(0.0, PROTOTYPE_INIT, generator=torch.Generator().manual_seed(cfg.seed))
-        groups = [{"params": [p for p in rest if p is not prototypes], "lr": cfg.lr},
-                  {"params": [prototypes], "lr": cfg.lr * PROTOTYPE_LR}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.head_weight_decay)
+            prototypes.normal_(0.0, PROTOTYPE_INIT, generator=torch.Generator().manual_seed(plan.seed))
+        groups = [{"params": [p for p in rest if p is not prototypes], "lr": plan.lr},
+                  {"params": [prototypes], "lr": plan.lr * PROTOTYPE_LR}]
+    return torch.optim.AdamW(groups, lr=plan.lr, weight_decay=plan.head_weight_decay)
 
 
-def schedule(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    """Where the config leaves them auto: batch HEAD_BATCH, lr HEAD_LR, views uncropped (HEAD_CROP), the
-    features kept at HEAD_KEEP, label smoothing HEAD_SMOOTHING, and epochs
-    for HEAD_STEPS AdamW steps over the feature rows (plain + augmented views), at least 10. An epoch of a small
-    collection is a few steps: capping epochs instead (60) left 540 steps on the Oxygen icons (mAP@R 0.620
-    against 0.630)."""
-    batch = cfg.batch_size or HEAD_BATCH
-    steps = max(1, math.ceil(n_train * (1 + cfg.head_views) / batch))
-    epochs = cfg.epochs or max(10, math.ceil(HEAD_STEPS / steps))
-    hidden = HEAD_HIDDEN if cfg.embedding_hidden < 0 else cfg.embedding_hidden
-    select = "last" if cfg.select_metric == "auto" else cfg.select_metric
-    return dataclasses.replace(cfg, batch_size=batch, epochs=epochs, lr=cfg.lr or HEAD_LR, embedding_hidden=hidden,
-                               select_metric=select, crop_scale=cfg.crop_scale or HEAD_CROP,
-                               keep_features=(HEAD_KEEP if cfg.embedding_dim else 0.0) if cfg.keep_features < 0 else
-                               cfg.keep_features,
-                               label_smoothing=HEAD_SMOOTHING if cfg.label_smoothing < 0 else cfg.label_smoothing)
+class HeadWork:
+    """The embedding layer and classifier over the cached features: the :class:`~imgsim.stages.train.Work` of
+    ``mode=head``. The backbone runs once, here, before the first epoch."""
 
+    checkpoint_seconds = 30.0  # hundreds of sub-second epochs: a checkpoint each would cost more than they do
 
-def train_head(cfg: TrainConfig, manifest: Manifest, model: EmbeddingNet, train_items: list[Item], *,
-               on_epoch=None, epoch_metrics=None):
-    """Train the embedding layer and classifier on cached features; returns (bundle, history)."""
-    data = HeadData(cfg, manifest, model.to(distributed.device()), train_items)
-    model = model.cpu()  # the head trains on the cached features, which are small
-    epochs, batch = cfg.epochs, cfg.batch_size
-    optimizer = _optimizer(cfg, model)
-    steps = math.ceil(len(data.train.x) / batch)
-    lrs = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                              total_steps=epochs * steps, pct_start=0.1)
-    x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.labels)
-    best, best_state, history = -math.inf, None, []
-    for epoch in range(1, epochs + 1):
-        started, model = time.perf_counter(), model.train()
-        order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(len(x)))
+    def __init__(self, plan: TrainPlan, manifest: Manifest, model: EmbeddingNet) -> None:
+        items = plan.train_items(manifest)
+        self.plan, self.data = plan, HeadData(plan, manifest, model.to(distributed.device()), items)
+        self.model = model.cpu()  # the head trains on the cached features, which are small
+        self.optimizer = _optimizer(plan, self.model)
+        steps = math.ceil(len(self.data.train.x) / plan.batch_size)
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups], total_steps=plan.epochs * steps,
+            pct_start=0.1)
+        self.x, self.y = torch.from_numpy(self.data.train.x), torch.from_numpy(self.data.train.labels)
+        print(f"train: the head trains for {plan.epochs} epochs on {len(self.x)} cached feature rows "
+              f"({1 + plan.head_views} views of {len(items)} images)")
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        model, x, y = self.model.train(), self.x, self.y
+        order = torch.from_numpy(np.random.default_rng(self.plan.seed + epoch).permutation(len(x)))
         total, correct = 0.0, 0
-        for rows in order.split(batch):
+        for rows in order.split(self.plan.batch_size):
             if len(rows) < 2:  # batch norm needs two rows
                 continue
-            feats = F.dropout(x[rows], cfg.head_dropout, training=True)
+            feats = F.dropout(x[rows], self.plan.head_dropout, training=True)
             logits = model.head(model.embedding(feats), y[rows])
-            loss = F.cross_entropy(logits, y[rows], label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(logits, y[rows], label_smoothing=self.plan.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            lrs.step()
+            self.optimizer.step()
+            self.schedule.step()
             total += loss.item() * len(rows)
             correct += (logits.argmax(1) == y[rows]).sum().item()
-        metrics = {"train_loss": total / len(x), "train_accuracy": correct / len(x), **data.evaluate(model),
-                   "lr": lrs.get_last_lr()[-1], "epoch_seconds": time.perf_counter() - started}
-        if epoch_metrics:
-            metrics |= epoch_metrics(model.eval())
-        history.append({"epoch": epoch, **metrics})
-        score = epoch if cfg.select_metric == "last" or not len(data.eval.x) else metrics[f"eval_{cfg.select_metric}"]
-        if score > best:
-            best, best_state = score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if on_epoch:
-            on_epoch(epoch, metrics)
-    print(f"train: head trained for {epochs} epochs on {len(x)} cached feature rows "
-          f"({1 + cfg.head_views} views of {len(train_items)} images)")
-    config = dataclasses.asdict(cfg)
-    if best_state is None:
-        raise ImgsimError(f"nothing to train: epochs={cfg.epochs}")
-    return ModelBundle(model.args, model.preprocess, list(manifest.classes), best_state, config), history
+        return total / len(x), correct / len(x)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.data.evaluate(self.model)

@@ -15,11 +15,11 @@ from imgsim import duplicates, hashing
 from imgsim.bundle import ServingBundle
 from imgsim.errors import BadInput, ImgsimError
 from imgsim.folders import walk_files
-from imgsim.index import IndexBundle
+from imgsim.index import GalleryIndex
 
 
 def image_root(parent: ServingBundle, root: str) -> Path:
-    chosen = root or parent.lineage.get("root", "")
+    chosen = root or parent.lineage.root or ""
     if not chosen:
         raise ImgsimError("this bundle does not record its image root (it predates living galleries): pass --root "
                           "DIR, the folder its gallery paths are relative to; added images must lie inside it")
@@ -88,7 +88,7 @@ class Found:
     b_index: int  # the new image's position among those embedded
 
 
-def drop_exact(index: IndexBundle, rel: list[str], sha: list[str]) -> tuple[list[int], list, list]:
+def drop_exact(index: GalleryIndex, rel: list[str], sha: list[str]) -> tuple[list[int], list, list]:
     """Rows of the files to embed: not byte-identical to a gallery image or to an earlier file of this change."""
     in_gallery = {item.sha256: item for item in index.items}
     seen: dict[str, int] = {}
@@ -107,7 +107,7 @@ def drop_exact(index: IndexBundle, rel: list[str], sha: list[str]) -> tuple[list
     return keep, skipped, pairs
 
 
-def near_copies(index: IndexBundle, rel: list[str], hashes: NDArray[np.uint64], embeddings: NDArray[np.float32],
+def near_copies(index: GalleryIndex, rel: list[str], hashes: NDArray[np.uint64], embeddings: NDArray[np.float32],
                 hash_distance: int, embedding_distance: float) -> list[Found]:
     """Each new image's closest near copy, in the gallery or earlier in this change (hash within
     ``hash_distance`` bits and embeddings within ``embedding_distance``)."""

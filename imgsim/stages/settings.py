@@ -6,130 +6,143 @@ from __future__ import annotations
 import dataclasses
 
 from imgsim import duplicates
-from imgsim.bundle import GALLERY_ALIAS, GALLERY_NAME
+from imgsim.bundle_format import GALLERY_ALIAS, GALLERY_NAME
 from imgsim.changes import MAX_CHANGE_FRACTION, MAX_CHANGES
 from imgsim.config import setting
 from imgsim.effort import RECALL_TARGET
 from imgsim.images import DEFAULT_MAX_PIXELS
 from imgsim.index import ANNOY, DEFAULT_SEARCH_K, check_backend
-from imgsim.modelspec import (AUTO, BACKBONE_RUNTIMES, FP32, HEADS, INT8, MODES, PRECISIONS, check_backbone,
-                              check_levels, resolve_augment)
+from imgsim.modelspec import (AUGMENT_MODES, BACKBONE_RUNTIMES, BACKBONES, FP32, HEADS, INT8, LEVELS, MODES,
+                              PRECISIONS, check_levels)
 
-SELECT_METRICS = ("auto", "map_at_r", "accuracy", "last")
+# Settings train and extract share (imgsim.cli.SAME_MEANING): one help each.
+FEATURE_STORE_HELP = ("folder of backbone features kept per image (file checksum x backbone): train writes them, "
+                      "extract reuses them; auto: $IMGSIM_FEATURE_STORE, else checkpoints/features; empty: keep none")
+BACKBONE_RUNTIME_HELP = ("what runs the backbone when embedding: torch (channels-last), onnxruntime (an export "
+                         "checked against torch); auto: torch")
+SELECT_METRICS = ("map_at_r", "accuracy", "last")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of the train stage (0 for image_size / channels: chosen from the data)."""
+    """The train stage's settings as given: None is ``auto``, chosen from the data by imgsim.stages.plan."""
 
     manifest_uri: str = setting("", "the split's manifest: runs:/<split run>/split, or a folder", "data")
     data_dir: str = setting("", "where the manifest's relative paths live, if not where split saw them", "data")
-    backbone: str = setting(AUTO, "network: auto (efficientnet_lite0 for colour images or no labels, else "
-                            "resnet_small), resnet_small (from scratch), efficientnet_lite0 (ImageNet weights "
-                            "installed), resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, convnext_tiny",
-                            "model")
-    weights: str = setting(AUTO, "backbone weights: auto (DEFAULT for efficientnet_lite0, whose weights are "
-                           "installed; else none), none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a file / "
-                           "s3:// / models:/ URI of a state dict", "model")
-    mode: str = setting(AUTO, "what trains: auto (head with pretrained weights, else full; none without labels), "
-                        "head (frozen backbone: the embedding layer and classifier train on cached features), full "
-                        "(every layer), none (the pretrained features as they are)", "model")
-    widths: tuple[int, ...] = setting((), "resnet_small's stage widths, comma-separated; empty: 32,64,128 below 32 "
-                                      "px, 32,64,128,256 from 32 px", "model")
-    depths: tuple[int, ...] = setting((), "resnet_small's blocks per stage, comma-separated; empty: one each", "model")
-    embedding_dim: int = setting(128, "size of the embedding (the last hidden layer)", "model")
-    embedding_hidden: int = setting(-1, "a hidden layer (Linear-BatchNorm-ReLU) of this width before the "
-                                    "embedding; -1: 512 in head mode, none otherwise; 0: none", "model")
-    feature_levels: str = setting(AUTO, "what the backbone's features are: last (its last layer, pooled), stages "
-                                  "(that plus each middle stage's output, pooled: efficientnet_lite0 only); auto: "
-                                  "stages in head mode on efficientnet_lite0, else last", "model")
-    keep_features: float = setting(-1.0, "the share of the backbone's own pooled features in the similarity: their "
-                                   "normalised copy follows the trained embedding, weighted so cosine similarity is "
-                                   "(1 - share) x the trained part's + share x the features'; -1: 0.3 in head "
-                                   "mode, else 0", "model")
+    backbone: str | None = setting(None, "network: auto (efficientnet_lite0 for colour images or no labels, else "
+                                   "resnet_small), resnet_small (from scratch), efficientnet_lite0 (ImageNet weights "
+                                   "installed), resnet18, resnet50, mobilenet_v3_large, efficientnet_b0, "
+                                   "convnext_tiny", "model")
+    weights: str | None = setting(None, "backbone weights: auto (DEFAULT for efficientnet_lite0, whose weights are "
+                                  "installed; else none), none, a torchvision name (IMAGENET1K_V1, DEFAULT), or a "
+                                  "file / s3:// / models:/ URI of a state dict", "model")
+    mode: str | None = setting(None, "what trains: auto (head with pretrained weights, else full; none without "
+                               "labels), head (frozen backbone: the embedding layer and classifier train on cached "
+                               "features), full (every layer), none (the pretrained features as they are)", "model")
+    widths: tuple[int, ...] | None = setting(None, "resnet_small's stage widths, comma-separated; auto: 32,64,128 "
+                                             "below 32 px, 32,64,128,256 from 32 px", "model")
+    depths: tuple[int, ...] | None = setting(None, "resnet_small's blocks per stage, comma-separated; auto: one "
+                                             "each", "model")
+    embedding_dim: int = setting(128, "size of the embedding (the last hidden layer); 0: none, the backbone's "
+                                 "features are the embedding", "model")
+    embedding_hidden: int | None = setting(None, "a hidden layer (Linear-BatchNorm-ReLU) of this width before the "
+                                           "embedding; auto: 512 in head mode, none otherwise; 0: none", "model")
+    feature_levels: str | None = setting(None, "what the backbone's features are: last (its last layer, pooled), "
+                                         "stages (that plus each middle stage's output, pooled: efficientnet_lite0 "
+                                         "only); auto: stages in head mode on efficientnet_lite0, else last", "model")
+    keep_features: float | None = setting(None, "the share of the backbone's own pooled features in the similarity: "
+                                          "their normalised copy follows the trained embedding, weighted so cosine "
+                                          "similarity is (1 - share) x the trained part's + share x the features'; "
+                                          "auto: 0.3 in head mode with an embedding, else 0", "model")
     head: str = setting("cosine", "classifier head on the embedding: cosine, arcface or linear", "model")
     scale: float = setting(16.0, "logit scale of the cosine and arcface heads", "model")
     margin: float = setting(0.2, "arcface's angular margin, in radians", "model")
-    image_size: int = setting(0, "input side in px; 0: the median image side within [28, 32] from scratch, the "
-                              "weights' own size when pretrained", "data")
-    channels: int = setting(0, "input channels; 0: 3 if the images have colour (or the backbone is pretrained), "
-                            "else 1", "data")
-    epochs: int = setting(0, "passes over the training split; 0: enough for ~2000 optimizer steps, 12 to 100 "
-                          "(12 for Fashion-MNIST); in head mode over the cached features, at least 10",
-                          "optimisation")
-    batch_size: int = setting(0, "training images per optimizer step; 0: 32 below 10k training images, else 128 "
-                              "(head mode: 256 feature rows)",
-                              "optimisation")
-    lr: float = setting(0.0, "peak learning rate (SGD + Nesterov, one-cycle schedule); 0: 0.2 x batch_size / 128 "
-                        "(head mode: AdamW, 0.002)",
-                        "optimisation")
+    image_size: int | None = setting(None, "input side in px; auto: the median image side within [28, 32] from "
+                                     "scratch, the weights' own size when pretrained", "data")
+    channels: int | None = setting(None, "input channels, 1 or 3; auto: 3 if the images have colour (or the "
+                                   "backbone is pretrained), else 1", "data")
+    epochs: int | None = setting(None, "passes over the training split; auto: enough for ~2000 optimizer steps, 12 "
+                                 "to 100 (12 for Fashion-MNIST); in head mode over the cached features, at least 10",
+                                 "optimisation")
+    batch_size: int | None = setting(None, "training images per optimizer step; auto: 32 below 10k training "
+                                     "images, else 128 (head mode: 256 feature rows)", "optimisation")
+    lr: float | None = setting(None, "peak learning rate (SGD + Nesterov, one-cycle schedule); auto: 0.2 x "
+                               "batch_size / 128 (head mode: AdamW, 0.002)", "optimisation")
     backbone_lr_scale: float = setting(0.1, "pretrained backbones learn at lr x this; scratch backbones at lr",
                                        "optimisation")
     freeze_epochs: int = setting(0, "keep a pretrained backbone frozen for the first N epochs while the new head "
                                  "settles", "optimisation")
     weight_decay: float = setting(5e-4, "SGD weight decay", "optimisation")
-    label_smoothing: float = setting(-1.0, "cross-entropy label smoothing; -1: 0.2 in head mode, 0.1 otherwise",
-                                     "optimisation")
-    augment: str = setting("auto", "training augmentation: auto (photo for pretrained backbones, else shift), "
-                           "none, shift, photo", "augmentation")
+    label_smoothing: float | None = setting(None, "cross-entropy label smoothing; auto: 0.2 in head mode, 0.1 "
+                                            "otherwise", "optimisation")
+    augment: str | None = setting(None, "training augmentation: auto (photo for pretrained backbones, else shift), "
+                                  "none, shift, photo", "augmentation")
     head_views: int = setting(2, "head mode: augmented views of each training image embedded besides the plain "
                               "one (photo crops, flips, jitter)", "augmentation")
     head_dropout: float = setting(0.5, "head mode: dropout on the cached features while training", "optimisation")
     head_weight_decay: float = setting(0.05, "head mode: AdamW weight decay", "optimisation")
-    crop_scale: float = setting(0.0, "photo: the smallest share of the image a random crop keeps; 1: no crop (the "
-                                "whole image); 0: 1 for head mode's views, 0.35 when training in full", "augmentation")
+    crop_scale: float | None = setting(None, "photo: the smallest share of the image a random crop keeps; 1: no "
+                                       "crop (the whole image); auto: 1 for head mode's views, 0.35 when training "
+                                       "in full", "augmentation")
     color_jitter: float = setting(0.2, "photo: brightness/contrast/saturation jitter (hue a quarter of it)",
                                   "augmentation")
-    select_metric: str = setting("auto", "which epoch's model is kept: the best by eval mAP@R (against a train "
-                                 "sample), by accuracy, or the last; auto: map_at_r, but last in head mode (hundreds "
-                                 "of cheap epochs: the best of many noisy evaluations of a small eval split was "
-                                 "worse than the annealed last)", "selection")
+    select_metric: str | None = setting(None, "which epoch's model is kept: the best by eval mAP@R (against a train "
+                                        "sample), by accuracy, or the last; auto: map_at_r, but last in head mode "
+                                        "and without an eval split", "selection")
     select_gallery_items: int = setting(2000, "training images the eval queries are ranked against for mAP@R",
                                         "selection")
-    patience: int = setting(0, "stop after this many epochs without a better select_metric; 0: never stop early",
-                            "selection")
-    max_train_items: int = setting(0, "train on a seeded subset of this many images (quick runs); 0: all", "data")
-    cache: str = setting("auto", "decoded-image cache on disk: auto (images up to 96 px), true, false", "compute")
-    workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
-    # Off by default: with torch 2.14.1's oneDNN on CPU, channels-last backward crashed (SIGSEGV)
-    # intermittently on small feature maps. bench/ measures whether it is worth it where it works.
+    patience: int | None = setting(None, "stop after this many epochs without a better select_metric; auto: "
+                                   "never stop early", "selection")
+    max_train_items: int | None = setting(None, "train on a seeded subset of this many images (quick runs); auto: "
+                                          "all", "data")
+    cache: bool | None = setting(None, "decoded-image cache on disk (full mode); auto: for images up to 96 px",
+                                 "compute")
+    workers: int | None = setting(None, "decoding processes; auto: all cores but one, at most 4", "compute")
+    # Off by default: with torch 2.14.1's oneDNN on CPU, channels-last backward crashed (SIGSEGV) intermittently.
     channels_last: bool = setting(False, "channels-last memory format (faster on GPUs; crashed intermittently in "
                                   "oneDNN's backward on CPU)", "compute")
-    threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
-    feature_store: str = setting("auto", "folder of backbone features kept per image (file checksum x backbone): "
-                                 "train writes them, extract reuses them; auto: $IMGSIM_FEATURE_STORE, else "
-                                 "checkpoints/features; empty: keep none", "compute")
-    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: torch (channels-last), "
-                                    "onnxruntime (an export checked against torch); auto: torch", "compute")
+    threads: int | None = setting(None, "torch intra-op threads; auto: torch's default", "compute")
+    feature_store: str | None = setting(None, FEATURE_STORE_HELP, "compute")
+    backbone_runtime: str | None = setting(None, BACKBONE_RUNTIME_HELP, "compute")
     seed: int = setting(42, "random seed (initialisation, order, augmentation)", "data")
     checkpoint_dir: str = setting("checkpoints/train", "folder for the per-epoch checkpoint", "tracking")
     resume: bool = setting(False, "continue from the checkpoint in checkpoint_dir", "tracking")
-    # What a cluster Job's restarted pods (torchrun --max-restarts, a Job retry) need, where the first attempt
-    # has nothing to resume.
+    # What a cluster Job's restarted pods need, where the first attempt has nothing to resume.
     resume_if_present: bool = setting(False, "resume only if checkpoint_dir holds a checkpoint, else start fresh",
                                       "distributed")
     register_name: str = setting("imgsim", "register the trained model under this name in MLflow", "tracking")
     run_name: str = setting("", "MLflow run name; empty: the stage's name", "tracking")
 
     def __post_init__(self) -> None:
+        # Configs written before the presets said augment: true/false; keep them meaning what they meant.
+        if isinstance(self.augment, str) and self.augment.lower() in ("true", "false"):
+            object.__setattr__(self, "augment", None if self.augment.lower() == "true" else "none")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.select_metric not in SELECT_METRICS:
-            raise ValueError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
-        resolve_augment(self.augment, False)
-        # Configs written before the presets said augment: true/false; keep them meaning what they meant.
-        object.__setattr__(self, "augment", {"true": "auto", "false": "none"}.get(self.augment.lower(), self.augment))
-        check_backbone(self.backbone, auto=True)
-        check_levels(self.feature_levels, self.backbone, auto=True)
-        if not 0 <= self.crop_scale <= 1:
-            raise ValueError(f"crop_scale must be within [0, 1] (0: auto), got {self.crop_scale}")
-        if not (0 <= self.label_smoothing < 1 or self.label_smoothing == -1):
-            raise ValueError(f"label_smoothing must be within [0, 1) (-1: auto), got {self.label_smoothing}")
-        if not (0 <= self.keep_features < 1 or self.keep_features == -1):
-            raise ValueError(f"keep_features must be within [0, 1) (-1: auto), got {self.keep_features}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        choices = {"select_metric": SELECT_METRICS, "mode": MODES, "backbone": BACKBONES, "feature_levels": LEVELS,
+                   "augment": AUGMENT_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of auto, {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.feature_levels is not None:
+            check_levels(self.feature_levels, self.backbone)
         check_runtime(self.backbone_runtime)
+        ranges = {"crop_scale": (0, 1, True), "label_smoothing": (0, 1, False), "keep_features": (0, 1, False)}
+        for name, (low, high, closed) in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not (low <= value <= high if closed else low <= value < high):
+                raise ValueError(f"{name} must be within [{low}, {high}{']' if closed else ')'} or auto, got {value}")
+        for name in ("image_size", "epochs", "batch_size", "patience", "max_train_items"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, or auto, got {getattr(self, name)}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3, or auto, got {self.channels}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be above 0, or auto, got {self.lr}")
+        if self.widths == () or self.depths == ():
+            raise ValueError("widths and depths list one number per stage, or are auto")
+        if self.workers is not None and self.workers < 0 or self.threads is not None and self.threads < 1:
+            raise ValueError("workers must be 0 or more, threads 1 or more, or auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +173,10 @@ class ExtractConfig:
                                "evaluation")
     plot_points: int = setting(2000, "embeddings drawn in the t-SNE picture", "evaluation")
     seed: int = setting(42, "random seed (query sample, plot sample)", "data")
-    threads: int = setting(0, "torch intra-op threads; 0: torch's default", "compute")
-    workers: int = setting(-1, "decoding processes; -1: all cores but one, at most 4", "compute")
-    feature_store: str = setting("auto", "folder of backbone features kept per image (file checksum x backbone): "
-                                 "train writes them, extract reuses them; auto: $IMGSIM_FEATURE_STORE, else "
-                                 "checkpoints/features; empty: keep none", "compute")
-    backbone_runtime: str = setting("auto", "what runs the backbone when embedding: torch (channels-last), "
-                                    "onnxruntime (an export checked against torch); auto: torch", "compute")
+    threads: int | None = setting(None, "torch intra-op threads; auto: torch's default", "compute")
+    workers: int | None = setting(None, "decoding processes; auto: all cores but one, at most 4", "compute")
+    feature_store: str | None = setting(None, FEATURE_STORE_HELP, "compute")
+    backbone_runtime: str | None = setting(None, BACKBONE_RUNTIME_HELP, "compute")
     precision: str = setting(FP32, "the served model's arithmetic, which also embeds the gallery: fp32, or int8 "
                              "(ONNX Runtime's static quantization of the backbone, calibrated on gallery images; "
                              "about twice as fast on a CPU, its results a little off fp32's)", "compute")
@@ -195,9 +205,9 @@ class ExtractConfig:
             raise ValueError("precision=int8 runs in one extract process: each shard would calibrate its own model")
 
 
-def check_runtime(runtime: str) -> None:
-    if runtime not in BACKBONE_RUNTIMES:
-        raise ValueError(f"backbone_runtime must be one of {', '.join(BACKBONE_RUNTIMES)}, got {runtime!r}")
+def check_runtime(runtime: str | None) -> None:
+    if runtime is not None and runtime not in BACKBONE_RUNTIMES:
+        raise ValueError(f"backbone_runtime must be one of auto, {', '.join(BACKBONE_RUNTIMES)}, got {runtime!r}")
 
 
 @dataclasses.dataclass(frozen=True)

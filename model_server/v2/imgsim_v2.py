@@ -1,5 +1,6 @@
 """Open Inference Protocol (KServe V2) adapter: an MLServer runtime over the same similarity service as the Seldon v1
-wrapper (model_server/ModelServer.py): the same bundle, limits, validation and answers.
+wrapper (model_server/ModelServer.py): the same bundle, limits, validation and answers. Here, and only here, a v2
+request becomes a ``Query`` (``query_of``) and the service's ``Answer`` typed tensors (``_response``).
 
 Request: one input tensor, ``images`` (BYTES, one element per encoded image: raw bytes over gRPC, base64 strings
 in REST JSON), ``id`` (INT64, a gallery id) or ``path`` (BYTES, a gallery path under gallery_root); request
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Any
 
 import imgsim_v2_metrics as metrics  # a module of its own: see there
@@ -24,9 +24,10 @@ from mlserver.errors import MLServerError
 from mlserver.types import (InferenceRequest, InferenceResponse, MetadataModelResponse, MetadataTensor, Parameters,
                             ResponseOutput)
 
-from imgsim.errors import BadInput, ImgsimError
+from imgsim.errors import BadInput
 from imgsim.serve import inputs
 from imgsim.serve.inputs import short
+from imgsim.serve.query import Answer, Encoded, Query, filters_of, is_rejection, status_for
 from imgsim.serve.service import SimilarityService
 from imgsim.serve.settings import ServiceConfig
 
@@ -62,7 +63,7 @@ class ImgsimRuntime(MLModel):
     async def load(self) -> bool:
         extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
         self.service = SimilarityService(ServiceConfig.from_sources(**extra))
-        metrics.index_size.set_function(self._gallery_size)
+        metrics.index_size.set_function(lambda: self.service.index_size if self.service is not None else 0.0)
         await asyncio.get_running_loop().run_in_executor(None, self.service.load)
         if not self.service.ready:  # kept registered and not ready, with the reason in the log (retried if it may pass)
             log.error("imgsim: NOT READY: %s", self.service.load_error)
@@ -89,53 +90,43 @@ class ImgsimRuntime(MLModel):
             if fmt not in FORMATS:
                 raise BadInput(f"parameter 'format' must be one of {', '.join(FORMATS)}, got {short(fmt)}")
             wanted = _requested(payload)
-            # Decoding and embedding off the event loop, so health checks and other requests go on meanwhile.
-            answer, timings = await asyncio.get_running_loop().run_in_executor(None, self._answer, payload, params)
-        except BadInput as exc:
-            metrics.rejected.labels(self.name).inc()
-            raise MLServerError(str(exc), 400) from None
-        except ImgsimError as exc:
-            raise MLServerError(str(exc), 503) from None
-        except Exception:  # noqa: BLE001 - the client gets a generic message; the log keeps the trace
-            log.exception("imgsim: unexpected failure while answering a request")
-            raise MLServerError("internal error; see the server log", 500) from None
-        for name, ms in timings.items():  # the v1 server's metrics, on MLServer's endpoint
-            metrics.stages[name.removesuffix("_ms")].labels(self.name).observe(ms / 1000)
-        metrics.queries.labels(self.name).inc(len(answer["results"]))
+            # Reading the query, decoding and embedding off the event loop: health checks and other requests go on.
+            answer = await asyncio.get_running_loop().run_in_executor(None, self._answer, payload, params)
+        except Exception as exc:  # noqa: BLE001 - each gets its status; a client never sees a trace
+            code, message = status_for(exc)
+            if is_rejection(code):
+                metrics.rejected.labels(self.name).inc()
+            raise MLServerError(message, code) from None
+        metrics.record(self.name, answer)  # the v1 server's metrics, on MLServer's endpoint
         return _response(self.name, answer, with_json=fmt == "json", wanted=wanted)
 
-    def _gallery_size(self) -> float:
-        return float(self.service.versions().get("index_size", 0) or 0) if self.service is not None else 0.0
+    def _answer(self, payload: InferenceRequest, params: dict) -> Answer:
+        self.service.serving()  # not ready: 503 for any request, a malformed one too, before its query is read
+        return self.service.answer(query_of(payload, params))
 
-    def _answer(self, payload: InferenceRequest, params: dict) -> tuple[dict, dict[str, float]]:
-        started = time.perf_counter()
-        searcher = self.service.serving()
-        k, where = self.service.options(params, searcher)
-        given = [i for i in payload.inputs if i.name in QUERY_INPUTS]
-        if len(given) != 1 or len(payload.inputs) != 1:
-            raise BadInput(f"send exactly one input tensor, one of {', '.join(QUERY_INPUTS)} (got "
-                           f"{short([i.name for i in payload.inputs])})")
-        tensor = given[0]
-        elements = tensor.data.root if tensor.data is not None else None
-        if not isinstance(elements, list) or not elements:
-            raise BadInput(f"input '{tensor.name}' needs a non-empty list of data")
-        if _params(tensor.parameters).get("content_type") == "base64" and tensor.name != "images":
-            elements = [inputs.decode_base64(e, tensor.name) for e in elements]  # (binary tensors arrive so)
-        if tensor.name == "id":
-            if len(elements) != 1:
-                raise BadInput("input 'id' takes one gallery id")
-            query: Any = inputs.integer(elements[0], "id")
-        elif tensor.name == "path":
-            if len(elements) != 1:
-                raise BadInput("input 'path' takes one gallery path")
-            query = [self.service.gallery_file(_text(elements[0], "path"))]
-        else:
-            if len(elements) > self.service.cfg.max_batch:
-                raise BadInput(f"'images' has {len(elements)} elements; at most {self.service.cfg.max_batch} per "
-                               "request")
-            base64_bytes = _params(tensor.parameters).get("content_type") == "base64"
-            query = (_image(e, i, base64_bytes) for i, e in enumerate(elements))
-        return self.service.answer(searcher, k, where, query, started)
+
+def query_of(payload: InferenceRequest, params: dict) -> Query:
+    """The query a v2 request asks: one input tensor, ``images`` (encoded images), ``id`` or ``path``; request
+    parameters ``k``, ``labels`` and ``exclude_ids``. The service checks them against its limits."""
+    k = None if params.get("k") is None else inputs.integer(params["k"], "k")
+    where = filters_of(params.get("labels"), params.get("exclude_ids"))
+    given = [i for i in payload.inputs if i.name in QUERY_INPUTS]
+    if len(given) != 1 or len(payload.inputs) != 1:
+        raise BadInput(f"send exactly one input tensor, one of {', '.join(QUERY_INPUTS)} (got "
+                       f"{short([i.name for i in payload.inputs])})")
+    tensor = given[0]
+    elements = tensor.data.root if tensor.data is not None else None
+    if not isinstance(elements, list) or not elements:
+        raise BadInput(f"input '{tensor.name}' needs a non-empty list of data")
+    base64_bytes = _params(tensor.parameters).get("content_type") == "base64"
+    if tensor.name == "images":
+        return Query(k, where, images=Encoded(elements, lambda e, i: _image(e, i, base64_bytes)))
+    if len(elements) != 1:  # before any is decoded: a long tensor is refused at the cost of its length
+        raise BadInput(f"input '{tensor.name}' takes one gallery {tensor.name}")
+    element = inputs.decode_base64(elements[0], tensor.name) if base64_bytes else elements[0]  # (binary tensors)
+    if tensor.name == "id":
+        return Query(k, where, id=inputs.integer(element, "id"))
+    return Query(k, where, path=_text(element, "path"))
 
 
 def _params(parameters: Parameters | None) -> dict:
@@ -185,8 +176,8 @@ def _text(element: Any, name: str) -> str:
     return element
 
 
-def _response(model_name: str, answer: dict, with_json: bool, wanted: list[str] | None = None) -> InferenceResponse:
-    results = answer["results"]
+def _response(model_name: str, answer: Answer, with_json: bool, wanted: list[str] | None = None) -> InferenceResponse:
+    results = answer.body["results"]
     width = max((len(r["neighbours"]) for r in results), default=0)
     ids = [[n["id"] for n in r["neighbours"]] + [-1] * (width - len(r["neighbours"])) for r in results]
     scores = [[n["score"] for n in r["neighbours"]] + [0.0] * (width - len(r["neighbours"])) for r in results]
@@ -195,15 +186,14 @@ def _response(model_name: str, answer: dict, with_json: bool, wanted: list[str] 
     predicted = [(r["predicted"] or {}).get("label", "").encode() for r in results]
     shape = [len(results), width]
     flat = [x for row in ids for x in row], [x for row in scores for x in row], [x for row in labels for x in row]
-    tags = {k: v for k, v in answer.items() if isinstance(v, str)}
     outputs = [ResponseOutput(name="ids", datatype="INT64", shape=shape, data=flat[0]),
                ResponseOutput(name="scores", datatype="FP32", shape=shape, data=flat[1]),
                ResponseOutput(name="labels", datatype="BYTES", shape=shape, data=flat[2]),
                ResponseOutput(name="predicted", datatype="BYTES", shape=[len(results)], data=predicted)]
     if with_json or (wanted and "answer" in wanted):
-        outputs.append(ResponseOutput(name="answer", datatype="BYTES", shape=[1], data=[json.dumps(answer).encode()],
+        outputs.append(ResponseOutput(name="answer", datatype="BYTES", shape=[1], data=[json.dumps(answer.body).encode()],
                                       parameters=Parameters(content_type="str")))
     if wanted is not None:
         by_name = {o.name: o for o in outputs}
         outputs = [by_name[name] for name in dict.fromkeys(wanted)]
-    return InferenceResponse(model_name=model_name, parameters=Parameters(**tags), outputs=outputs)
+    return InferenceResponse(model_name=model_name, parameters=Parameters(**answer.identity), outputs=outputs)

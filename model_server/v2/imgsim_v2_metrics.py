@@ -11,10 +11,21 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-STAGES = ("decode", "embed", "search")
+from imgsim.serve.query import INDEX_SIZE, QUERIES, REJECTED, STAGES, TIMER, Answer, metrics_of, stage_metric
 
-queries = Counter("imgsim_queries", "queries answered (one per image or id)", labelnames=["model_name"])
-rejected = Counter("imgsim_rejected_requests", "requests refused as bad input (400)", labelnames=["model_name"])
-index_size = Gauge("imgsim_index_size", "gallery images the serving version holds")
-stages = {stage: Histogram(f"imgsim_{stage}_seconds", f"time to {stage} a request's images",
+queries = Counter(QUERIES, "queries answered (one per image or id)", labelnames=["model_name"])
+rejected = Counter(REJECTED, "requests refused as bad input (400)", labelnames=["model_name"])
+index_size = Gauge(INDEX_SIZE, "gallery images the serving version holds")
+stages = {stage: Histogram(stage_metric(stage), f"time to {stage} a request's images",
                            labelnames=["model_name"]) for stage in STAGES}
+_by_name = {QUERIES: queries, **{stage_metric(stage): histogram for stage, histogram in stages.items()}}
+
+
+def record(model_name: str, answer: Answer) -> None:
+    """An answered request's metrics (imgsim.serve.query.metrics_of); timers observed in seconds, Prometheus' unit."""
+    for metric in metrics_of(answer):
+        instrument = _by_name[metric.name].labels(model_name)
+        if metric.kind == TIMER:
+            instrument.observe(metric.value / 1000)
+        else:
+            instrument.inc(metric.value)

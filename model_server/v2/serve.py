@@ -44,6 +44,7 @@ from mlserver.grpc.servicers import InferenceServicer
 from imgsim.errors import BadInput
 from imgsim.serve import binary_tensors
 from imgsim.serve.process import memory_limit
+from imgsim.serve.limits import SMALL_BODY, body_limit, too_large
 from imgsim.serve.settings import INFLIGHT_COPIES, ServiceConfig
 
 Scope = dict[str, Any]
@@ -54,7 +55,6 @@ Send = Callable[[Message], Awaitable[None]]
 CLOSED = re.compile(r"/v2/repository(/.*)?|/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate)_stream/?")
 INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate)/?")  # (generate: MLServer's alias)
 LENGTH = re.compile(rb"[0-9]{1,12}")
-SMALL_BODY = 64 * 1024  # counted by requests only: a query by id or path, or a thumbnail-sized image
 MAX_MESSAGE = 300  # characters of an error message: enough to say what is wrong, too few to echo a body
 MAX_ECHO = 100  # characters of MLServer's own messages (not found, validation), which quote what the client sent
 RETRY_AFTER_S = 1
@@ -72,7 +72,7 @@ class Guard:
     """ASGI middleware in front of MLServer's REST app (see the module's doc)."""
 
     def __init__(self, app, cfg: ServiceConfig) -> None:
-        self.app, self.cfg = app, cfg
+        self.app, self.cfg, self.limit = app, cfg, body_limit(cfg)
         self.requests, self.bytes_left = 0, inflight_bytes(cfg)  # one event loop: no lock needed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +90,7 @@ class Guard:
         if declared is not None and not LENGTH.fullmatch(declared):
             await _refuse(send, 400, "Content-Length must be a number of bytes")
             return
-        if declared is not None and int(declared) > self.cfg.max_request_bytes:
+        if declared is not None and int(declared) > self.limit:
             await _refuse(send, 413, self._too_big())
             return
         # A large body holds its share of the byte budget from its headers on (bounded memory whatever it sends);
@@ -167,7 +167,7 @@ class Guard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.cfg.max_request_bytes:
+            if size > self.limit:
                 raise _Refused(413, self._too_big())
             extra = _charge(size) - held[0]  # more than it declared: a chunked body
             if extra > 0:
@@ -182,7 +182,7 @@ class Guard:
                 return body
 
     def _too_big(self) -> str:
-        return f"the request body is larger than {self.cfg.max_request_bytes} bytes (IMGSIM_MAX_REQUEST_BYTES)"
+        return f"{too_large(self.limit)} (IMGSIM_MAX_REQUEST_BYTES)"
 
 
 _REWRITTEN = (b"content-type", b"content-length", binary_tensors.HEADER.encode())
@@ -195,7 +195,7 @@ class _Refused(Exception):
 
 
 def _charge(size: int) -> int:
-    """What a body of ``size`` bytes holds of ``max_inflight_bytes``: nothing while small."""
+    """What a body of ``size`` bytes holds of ``max_inflight_bytes``: nothing while small (counted by requests only)."""
     return 0 if size <= SMALL_BODY else size * INFLIGHT_COPIES
 
 
@@ -359,7 +359,7 @@ def close_management(cfg: ServiceConfig) -> None:
         setattr(InferenceServicer, rpc, _closed_rpc)
     InferenceServicer.ModelStreamInfer = _closed_stream
     grpc_server.aio = _LimitedServers(cfg.max_inflight_requests)
-    os.environ.setdefault("MLSERVER_GRPC_MAX_MESSAGE_LENGTH", str(cfg.max_request_bytes))
+    os.environ.setdefault("MLSERVER_GRPC_MAX_MESSAGE_LENGTH", str(body_limit(cfg)))
 
 
 if __name__ == "__main__":
