@@ -36,12 +36,16 @@ class BundleError(ImgsimError):
 
 
 def _present(record) -> dict:
-    """A record's fields in declaration order, those never set (None) left out, as bundle.json has always held them."""
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if getattr(record, f.name) is not None}
+    """A record's fields in declaration order, those never set (None) left out, as bundle.json has always held them,
+    then the keys this imgsim does not know, as it read them."""
+    fields = [f.name for f in dataclasses.fields(record) if f.name != "extra"]
+    return {**{name: getattr(record, name) for name in fields if getattr(record, name) is not None}, **record.extra}
 
 
 def _known(cls, data: dict) -> dict:
-    return {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+    """The fields ``cls`` declares, and every other key under ``extra``: a newer imgsim's keys survive a rewrite."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return {**{k: v for k, v in data.items() if k in names}, "extra": {k: v for k, v in data.items() if k not in names}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class ModelSource:
     version: str | None = None
     run_id: str | None = None
     kind: str | None = None
+    extra: dict = dataclasses.field(default_factory=dict)  # keys a newer imgsim wrote
 
     def to_json(self) -> dict:
         return _present(self)
@@ -72,6 +77,7 @@ class Lineage:
     run_id: str | None = None
     parent: dict | None = None  # uri, version, run_id and index_sha256 of the version changed
     change: dict[str, int] | None = None  # added, removed, skipped
+    extra: dict = dataclasses.field(default_factory=dict)  # keys a newer imgsim wrote
 
     def to_json(self) -> dict:
         return _present(self)

@@ -16,6 +16,7 @@ def test_file_overrides_defaults_and_cli_overrides_file(tmp_path):
     ns = build_parser().parse_args(["train", "--config", str(path), "--epochs", "5", "--augment", "false"])
     cfg = config.from_namespace(TrainConfig, ns)
     assert cfg.epochs == 5 and cfg.widths == (4, 8) and cfg.lr == 0.05 and cfg.augment == "none"
+    assert TrainConfig(augment="Photo").augment == "photo" and TrainConfig(augment="true").augment is None
     assert cfg.batch_size == TrainConfig().batch_size
 
 
@@ -57,6 +58,9 @@ def test_auto_is_none_in_the_dataclass_and_spelt_auto_everywhere_else(tmp_path):
     ({"workers": -1}, "workers must be 0 or more"),
     ({"label_smoothing": -1}, r"label_smoothing must be within \[0, 1\) or auto"),
     ({"widths": ""}, "widths and depths list one number per stage, or are auto"),
+    ({"embedding_hidden": -1}, "embedding_hidden must be 0 or more, or auto"),
+    ({"crop_scale": 0}, r"crop_scale must be within \(0, 1\] or auto"),
+    ({"head_views": -2}, "head_views must be 0 or more"),
 ])
 def test_the_old_auto_spellings_are_refused_by_name(overrides, message):
     with pytest.raises(ImgsimError, match=message):

@@ -26,7 +26,7 @@ class Scripted:
         self.model = torch.nn.Linear(1, 1)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
-        self.checkpoint_seconds, self.epochs = checkpoint_seconds, []
+        self.checkpoint_seconds, self.frozen, self.epochs = checkpoint_seconds, "", []
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         self.epochs.append(epoch)
@@ -78,12 +78,12 @@ def test_a_resumed_run_continues_where_the_checkpoint_ends_with_its_best_so_far(
         fit(_plan(tmp_path, resume=True, lr=0.5), Scripted())
 
 
-def test_slow_checkpoints_are_throttled_but_the_last_epoch_is_always_kept(tmp_path, monkeypatch):
+def test_slow_checkpoints_are_throttled_but_the_first_and_last_epochs_are_always_kept(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr("imgsim.nn.checkpoint.save", lambda path, config, model, opt, sch, state:
+    monkeypatch.setattr("imgsim.nn.checkpoint.save", lambda path, config, model, opt, sch, state, **kw:
                         saved.append(state["epoch"]))
     fit(_plan(tmp_path), Scripted(checkpoint_seconds=3600))
-    assert saved == [6]
+    assert saved == [1, 6]  # the first records the run to resume
 
 
 def test_without_an_eval_split_the_plan_keeps_the_last_epoch(tmp_path):
@@ -93,26 +93,55 @@ def test_without_an_eval_split_the_plan_keeps_the_last_epoch(tmp_path):
     assert best["weight"].item() == 6
 
 
-def test_head_mode_stops_with_patience_and_resumes_from_its_checkpoint(tmp_path, colour_manifest,  # noqa: F811
-                                                                       monkeypatch):
+def test_head_mode_stops_with_patience_and_resumes_exactly_from_its_checkpoint(tmp_path, colour_manifest,  # noqa: F811
+                                                                               monkeypatch):
     monkeypatch.setattr(head.HeadWork, "checkpoint_seconds", 0.0)
     quick = _quick(tmp_path, epochs=30, select_metric="accuracy", patience=2)
     result = train_model(quick, colour_manifest)
     assert len(result.history) < 30 and read_checkpoint(plan(quick, colour_manifest))["epoch"] == len(result.history)
 
+    cfg = _quick(tmp_path, epochs=6, checkpoint_dir=str(tmp_path / "whole"))
+    whole = train_model(cfg, colour_manifest).bundle
+
     def crash(epoch, metrics):
         if epoch == 4:
             raise KeyboardInterrupt
 
-    cfg = _quick(tmp_path, epochs=6)
+    cut = dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "cut"))
     with pytest.raises(KeyboardInterrupt):
-        train_model(cfg, colour_manifest, on_epoch=crash)
-    resumed = train_model(dataclasses.replace(cfg, resume=True), colour_manifest, on_epoch=crash_after(3))
+        train_model(cut, colour_manifest, on_epoch=crash)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert not any(k.startswith("trunk.") for k in saved["model"])  # the frozen backbone is rebuilt, not stored
+    resumed = train_model(dataclasses.replace(cut, resume=True), colour_manifest, on_epoch=crash_after(3))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
-    assert resumed.bundle.config["resume"] and resumed.history[-1]["train_accuracy"] > 0.5
+    # Dropout's random state travels with the checkpoint: the resumed run is the uninterrupted one.
+    assert all(torch.equal(whole.state_dict[k], resumed.bundle.state_dict[k]) for k in whole.state_dict)
 
 
 def crash_after(last: int):
     def check(epoch, metrics):
         assert epoch > last, f"epoch {epoch} ran again after the checkpoint had it"
     return check
+
+
+def test_a_checkpoint_from_before_the_plan_resumes_where_its_auto_spellings_differ(tmp_path):
+    from imgsim.nn import checkpoint
+
+    def crash(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_plan(tmp_path), Scripted(), on_epoch=crash)
+    path = tmp_path / "c" / checkpoint.FILENAME
+    old = torch.load(path, weights_only=True)
+    old.pop("format")
+    old["config"] |= {"workers": -1, "image_size": 0, "patience": 0, "cache": "auto", "data_dir": ""}
+    torch.save(old, path)
+    work = Scripted()
+    fit(_plan(tmp_path, resume=True), work)
+    assert work.epochs == [2, 3, 4, 5, 6]
+    old["config"]["lr"] = 9.0  # a setting given then and now differently is still refused
+    torch.save(old, path)
+    with pytest.raises(ImgsimError, match=r"settings \['lr'\] differ"):
+        fit(_plan(tmp_path, resume=True), Scripted())

@@ -82,7 +82,7 @@ def test_routes_that_cannot_work_say_what_to_do(tmp_path, colour_manifest):
         plan(TrainConfig(backbone="resnet_small"), unlabelled)
     with pytest.raises(ValueError, match="mode must be one of auto, head, full, none"):
         TrainConfig(mode="linear-probe")
-    with pytest.raises(ValueError, match=r"crop_scale must be within \[0, 1\] or auto, got 1.5"):
+    with pytest.raises(ValueError, match=r"crop_scale must be within \(0, 1\] or auto, got 1.5"):
         TrainConfig(crop_scale=1.5)
     with pytest.raises(ImgsimError, match="feature_levels=stages is built for efficientnet_lite0, not resnet18"):
         plan(TrainConfig(backbone="resnet18", weights="none", mode="full", feature_levels="stages"),
@@ -218,7 +218,8 @@ def test_kept_features_follow_the_trained_embedding_at_their_share_of_the_simila
     with pytest.raises(ImgsimError, match="keep_features must be within"):
         dataclasses.replace(bundle.args, embedding_dim=0, embedding_hidden=0)
     # Head mode without a trained embedding keeps nothing on auto, and says so when asked to.
-    assert plan(TrainConfig(embedding_dim=0), colour_manifest).keep_features == 0
+    no_embedding = plan(TrainConfig(embedding_dim=0), colour_manifest)
+    assert no_embedding.keep_features == 0 and no_embedding.embedding_hidden == 0  # no hidden layer before nothing
     with pytest.raises(ImgsimError, match=r"keep_features must be within \[0, 1\), and 0 without an embedding_dim"):
         train_model(_quick(tmp_path, epochs=1, embedding_dim=0, embedding_hidden=0, keep_features=0.3),
                     colour_manifest)

@@ -12,14 +12,24 @@ from imgsim import atomic
 from imgsim.errors import ImgsimError
 
 FILENAME = "last.pt"
-# Settings that may change between an interrupted run and its --resume (workers: a restarted pod's node may differ).
-RESUMABLE_CHANGES = {"resume", "resume_if_present", "run_name", "workers", "threads"}
+# Settings that may change between an interrupted run and its --resume: they change where and how fast, not what
+# trains (a restarted pod's node may have other cores, or another feature store mounted).
+RESUMABLE_CHANGES = {"resume", "resume_if_present", "run_name", "workers", "threads", "cache", "feature_store"}
+# Checkpoints before the train plan held settings with their auto spellings: those are not compared.
+LEGACY_AUTO = (0, -1, "auto", "", (), [])
+FORMAT = 2
 
 
-def save(path: Path, config: dict, model, optimizer, schedule, state: dict) -> None:
-    """Write everything needed to continue; a kill -9 mid-write leaves the previous file intact."""
-    payload = {"config": _plain(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "schedule": schedule.state_dict(), "state": _plain(state)}
+def save(path: Path, config: dict, model, optimizer, schedule, state: dict, *, frozen: str = "") -> None:
+    """Write everything needed to continue, the global RNG's state included; weights under ``frozen`` (a prefix:
+    a backbone that does not train) are left out. A kill -9 mid-write leaves the previous file intact."""
+    def kept(weights: dict) -> dict:
+        return {k: v for k, v in weights.items() if not (frozen and k.startswith(frozen))}
+
+    state = {**state, "best_state": kept(state["best_state"]) if state.get("best_state") else None,
+             "torch_rng": torch.get_rng_state()}
+    payload = {"format": FORMAT, "config": _plain(config), "model": kept(model.state_dict()),
+               "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "state": _plain(state)}
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -31,21 +41,29 @@ def read_state(path: Path) -> dict | None:
     return _load(path)["state"]
 
 
-def restore(path: Path, config: dict, model, optimizer, schedule) -> dict:
-    """Load model, optimizer and schedule state in place; refuse a checkpoint made with other settings."""
+def restore(path: Path, config: dict, model, optimizer, schedule, *, frozen: str = "") -> dict:
+    """Load model, optimizer, schedule and RNG state in place (the weights under ``frozen`` stay as built); refuse a
+    checkpoint made with other settings."""
     if not path.exists():
         raise ImgsimError(f"--resume was given but there is no checkpoint at {path}; run without --resume to start afresh")
     payload = _load(path)
-    then = payload["config"]
-    changed = sorted(k for k in config if k not in RESUMABLE_CHANGES and config[k] != then.get(k))
+    then, legacy = payload["config"], payload.get("format", 1) < FORMAT
+    changed = sorted(k for k in config if k not in RESUMABLE_CHANGES and config[k] != then.get(k)
+                     and not (legacy and then.get(k) in LEGACY_AUTO))
     if changed:
         why = " (the learning-rate schedule was built for the original epochs)" if "epochs" in changed else ""
         raise ImgsimError(f"cannot resume from {path}: settings {changed} differ from the interrupted run{why}; "
                           "resume with the same settings or use another checkpoint_dir")
-    model.load_state_dict(payload["model"])
+    built = {k: v for k, v in model.state_dict().items() if frozen and k.startswith(frozen)}
+    model.load_state_dict({**built, **payload["model"]})
     optimizer.load_state_dict(payload["optimizer"])
     schedule.load_state_dict(payload["schedule"])
-    return payload["state"]
+    state = payload["state"]
+    if state.get("best_state") is not None:
+        state["best_state"] = {**{k: v.clone() for k, v in built.items()}, **state["best_state"]}
+    if "torch_rng" in state:
+        torch.set_rng_state(state.pop("torch_rng"))
+    return state
 
 
 def _load(path: Path) -> dict:

@@ -25,6 +25,7 @@ class FullWork:
     """The network, its DDP wrapper, the optimizer over every layer, and the image loaders."""
 
     checkpoint_seconds = 0.0  # an epoch over images takes minutes: keep every one
+    frozen = ""  # every layer trains
 
     def __init__(self, plan: TrainPlan, manifest: Manifest, model: EmbeddingNet) -> None:
         self.plan, self.device = plan, distributed.device()

@@ -124,6 +124,7 @@ class HeadWork:
     ``mode=head``. The backbone runs once, here, before the first epoch."""
 
     checkpoint_seconds = 30.0  # hundreds of sub-second epochs: a checkpoint each would cost more than they do
+    frozen = "trunk."  # the backbone, as its weights built it: checkpoints hold the head only
 
     def __init__(self, plan: TrainPlan, manifest: Manifest, model: EmbeddingNet) -> None:
         items = plan.train_items(manifest)

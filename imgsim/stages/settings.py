@@ -115,8 +115,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Configs written before the presets said augment: true/false; keep them meaning what they meant.
-        if isinstance(self.augment, str) and self.augment.lower() in ("true", "false"):
-            object.__setattr__(self, "augment", None if self.augment.lower() == "true" else "none")
+        if isinstance(self.augment, str):
+            augment = self.augment.lower()
+            object.__setattr__(self, "augment", {"true": None, "false": "none"}.get(augment, augment))
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         choices = {"select_metric": SELECT_METRICS, "mode": MODES, "backbone": BACKBONES, "feature_levels": LEVELS,
@@ -127,11 +128,16 @@ class TrainConfig:
         if self.feature_levels is not None:
             check_levels(self.feature_levels, self.backbone)
         check_runtime(self.backbone_runtime)
-        ranges = {"crop_scale": (0, 1, True), "label_smoothing": (0, 1, False), "keep_features": (0, 1, False)}
-        for name, (low, high, closed) in ranges.items():
+        if self.crop_scale is not None and not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be within (0, 1] or auto, got {self.crop_scale}")
+        for name in ("label_smoothing", "keep_features"):
             value = getattr(self, name)
-            if value is not None and not (low <= value <= high if closed else low <= value < high):
-                raise ValueError(f"{name} must be within [{low}, {high}{']' if closed else ')'} or auto, got {value}")
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must be within [0, 1) or auto, got {value}")
+        for name in ("embedding_dim", "embedding_hidden", "freeze_epochs", "head_views"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more{', or auto' if name == 'embedding_hidden' else ''}, "
+                                 f"got {getattr(self, name)}")
         for name in ("image_size", "epochs", "batch_size", "patience", "max_train_items"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, or auto, got {getattr(self, name)}")

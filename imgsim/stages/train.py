@@ -42,7 +42,8 @@ class Work(Protocol):
     model: EmbeddingNet
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
-    checkpoint_seconds: float  # the least time between two checkpoints (the last epoch is always kept)
+    checkpoint_seconds: float  # the least time between two checkpoints (the first and last epochs are always kept)
+    frozen: str  # the prefix of the weights that do not train: left out of checkpoints
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass; the mean loss and accuracy over it."""
@@ -97,8 +98,8 @@ def fit(plan: TrainPlan, work: Work, *, on_epoch: EpochHook | None = None, extra
     state = {"epoch": 0, "best": -math.inf, "best_state": None, "history": [], "stale": 0, **(extra_state or {})}
     path, config = checkpoint_path(plan), dataclasses.asdict(plan)
     if resumes(plan):
-        state = checkpoint.restore(path, config, work.model, work.optimizer, work.schedule)
-    saved, saved_at = state["epoch"], time.monotonic()
+        state = checkpoint.restore(path, config, work.model, work.optimizer, work.schedule, frozen=work.frozen)
+    saved, saved_at = state["epoch"], -math.inf  # the first epoch is kept: it records the MLflow run to resume
     for epoch in range(state["epoch"] + 1, plan.epochs + 1):
         if plan.patience and state["stale"] >= plan.patience:
             print(f"train: stopping early after epoch {epoch - 1}: no better {plan.select_metric} for "
@@ -123,10 +124,10 @@ def fit(plan: TrainPlan, work: Work, *, on_epoch: EpochHook | None = None, extra
             if on_epoch:
                 on_epoch(epoch, metrics)
             if epoch == plan.epochs or time.monotonic() - saved_at >= work.checkpoint_seconds:
-                checkpoint.save(path, config, work.model, work.optimizer, work.schedule, state)
+                checkpoint.save(path, config, work.model, work.optimizer, work.schedule, state, frozen=work.frozen)
                 saved, saved_at = epoch, time.monotonic()
     if distributed.is_main() and saved != state["epoch"]:  # stopped early between two checkpoints
-        checkpoint.save(path, config, work.model, work.optimizer, work.schedule, state)
+        checkpoint.save(path, config, work.model, work.optimizer, work.schedule, state, frozen=work.frozen)
     if state["best_state"] is None:
         raise ImgsimError(f"nothing to train: epochs={plan.epochs} and the checkpoint already has {state['epoch']}")
     return state["best_state"], state["history"]
