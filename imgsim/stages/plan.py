@@ -140,7 +140,8 @@ def plan(cfg: TrainConfig, manifest: Manifest) -> TrainPlan:
         "lr": cfg.lr or (HEAD_LR if head else 0.2 * batch / 128),  # linear scaling from Fashion-MNIST's tuned lr
         "label_smoothing": cfg.label_smoothing if cfg.label_smoothing is not None else
         HEAD_SMOOTHING if head else SMOOTHING,
-        "augment": augment, "crop_scale": cfg.crop_scale if cfg.crop_scale is not None else HEAD_CROP if head else PHOTO_CROP,
+        "augment": augment,
+        "crop_scale": cfg.crop_scale if cfg.crop_scale is not None else HEAD_CROP if head else PHOTO_CROP,
         # Without an eval split there is nothing to select on; head mode's many cheap epochs anneal to the best.
         "select_metric": "last" if not manifest.split("eval") else cfg.select_metric or ("last" if head else
                                                                                            "map_at_r"),
