@@ -141,14 +141,17 @@ def read_yaml(path: str) -> dict:
 
 def _base_type(cls: type, name: str) -> Any:
     hint = typing.get_type_hints(cls)[name]
-    if is_auto(cls, name):
+    if _optional(hint):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint
 
 
 def is_auto(cls: type, name: str) -> bool:
     """Whether the setting may be left ``auto`` (None): its type is ``X | None``."""
-    hint = typing.get_type_hints(cls)[name]
+    return _optional(typing.get_type_hints(cls)[name])
+
+
+def _optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 

@@ -101,8 +101,8 @@ class TrainPlan:
 def plan(cfg: TrainConfig, manifest: Manifest) -> TrainPlan:
     """Every auto setting of ``cfg`` chosen from the manifest and the machine: the route (backbone, weights, mode,
     feature levels), the input (size, channels), the schedule (batch, epochs, lr) and the rest."""
-    root = cfg.data_dir or manifest.root
-    split = manifest.split("train") or manifest.items  # what the route and the input size look at
+    root, train = cfg.data_dir or manifest.root, manifest.split("train")
+    split = train or manifest.items  # what the route and the input size look at
     labelled = bool(manifest.classes)
     colour = _Once(lambda: is_colour(split, root, seed=cfg.seed))
     backbone = cfg.backbone or (PRETRAINED_DEFAULT if cfg.channels == 3 or (cfg.channels is None and colour())
@@ -116,7 +116,7 @@ def plan(cfg: TrainConfig, manifest: Manifest) -> TrainPlan:
     channels = cfg.channels or (3 if pretrained or colour() else 1)
     image_size = cfg.image_size or (pretrained_preprocess(backbone, weights)["size"] if pretrained else auto_size(split))
     stages = FOUR_STAGES if image_size >= 32 else THREE_STAGES
-    n_train = min(len(manifest.split("train")), cfg.max_train_items or len(manifest.split("train")))
+    n_train = min(len(train), cfg.max_train_items or len(train))
     head = mode == "head"
     batch = cfg.batch_size or (HEAD_BATCH if head else 32 if n_train < SMALL_SET else 128)
     if head:  # epochs over the feature rows (plain + views) for HEAD_STEPS AdamW steps
